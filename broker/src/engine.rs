@@ -1,0 +1,248 @@
+//! The engine: one implementation of every broker operation, shared by all
+//! transports. A transport decodes its request, calls one of these methods
+//! with the caller it authenticated at accept, and encodes the result.
+//!
+//! Request flow: Caller → Target (pin by pidfd) → Policy → Limits → Reaper →
+//! Audit. Every decision and every outcome is audited exactly once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::caller::Caller;
+use crate::error::EngineError;
+use crate::features::{KernelFeatures, KillPath};
+use crate::limits::{KillLimits, Limiter};
+use crate::policy::{BrokerFacts, Decision, Policy};
+use crate::reaper::{self, ReapReport};
+use crate::target::{self, TargetProcess, TargetSpec};
+
+/// Longest wait for the target's exit a client may ask for.
+pub const MAX_WAIT_FOR_EXIT: Duration = Duration::from_secs(10);
+
+/// Target of audit records, so they can be routed or filtered apart.
+pub const AUDIT_TARGET: &str = "reapd::audit";
+
+#[derive(Debug)]
+pub struct KillRequest {
+    pub target: TargetSpec,
+    pub wait_for_exit: Option<Duration>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PermissionReport {
+    pub decision: Decision,
+    pub target: TargetProcess,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KillReport {
+    pub target: TargetProcess,
+    pub rule: String,
+    pub reap: ReapReport,
+    /// The target was seen gone within the requested wait.
+    pub exited: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub broker_version: &'static str,
+    pub features: KernelFeatures,
+    pub kill_path: KillPath,
+}
+
+pub struct Engine {
+    features: KernelFeatures,
+    policy: ArcSwap<Policy>,
+    limits: ArcSwap<KillLimits>,
+    limiter: Arc<Limiter>,
+    broker: BrokerFacts,
+}
+
+impl Engine {
+    pub fn new(features: KernelFeatures, policy: Policy, limits: KillLimits) -> Self {
+        Engine {
+            features,
+            policy: ArcSwap::from_pointee(policy),
+            limits: ArcSwap::from_pointee(limits),
+            limiter: Arc::new(Limiter::default()),
+            broker: BrokerFacts {
+                pid: std::process::id() as i32,
+            },
+        }
+    }
+
+    pub fn features(&self) -> &KernelFeatures {
+        &self.features
+    }
+
+    /// Replaces the policy and limits atomically: a request sees either the
+    /// old pair or the new one, never a mix of the two policies.
+    pub fn replace_policy(&self, policy: Policy, limits: KillLimits) {
+        self.policy.store(Arc::new(policy));
+        self.limits.store(Arc::new(limits));
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            broker_version: env!("CARGO_PKG_VERSION"),
+            features: self.features.clone(),
+            kill_path: self.features.kill_path(),
+        }
+    }
+
+    /// The decision KillAndReap would make, with no side effect.
+    pub async fn check_permission(&self, caller: &Caller, spec: TargetSpec) -> Result<PermissionReport, EngineError> {
+        let started = Instant::now();
+        let features = self.features.clone();
+        let pinned = run_blocking(move || target::pin(spec, &features)).await;
+        let target = match pinned {
+            Ok(target) => target,
+            Err(err) => {
+                audit_refusal("check", caller, &err, started);
+                return Err(err);
+            }
+        };
+        let decision = self.policy.load().decide(caller, &target, self.broker);
+        audit_decision("check", caller, &target, &decision, started);
+        Ok(PermissionReport { decision, target })
+    }
+
+    /// Kills the target and reaps its memory, if the policy allows.
+    pub async fn kill_and_reap(&self, caller: &Caller, request: KillRequest) -> Result<KillReport, EngineError> {
+        let started = Instant::now();
+        let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
+        let features = self.features.clone();
+        let target = match run_blocking(move || target::pin(request.target, &features)).await {
+            Ok(target) => target,
+            Err(err) => {
+                audit_refusal("kill", caller, &err, started);
+                return Err(err);
+            }
+        };
+        let decision = self.policy.load().decide(caller, &target, self.broker);
+        audit_decision("kill", caller, &target, &decision, started);
+        if !decision.allowed {
+            return Err(EngineError::PermissionDenied(decision.reason));
+        }
+        let _in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
+            Ok(slot) => slot,
+            Err(err) => {
+                audit_refusal("kill", caller, &err, started);
+                return Err(err);
+            }
+        };
+
+        let path = self.features.kill_path();
+        let (target, reaped) = run_blocking(move || {
+            let report = reaper::kill_and_reap(&target, path);
+            Ok((target, report))
+        })
+        .await?;
+        let reap = match reaped {
+            Ok(report) => report,
+            Err(err) => {
+                audit_outcome_error(caller, &target, &err, started);
+                return Err(err);
+            }
+        };
+        let wait = wait.unwrap_or(Duration::ZERO);
+        let (target, exited) = run_blocking(move || {
+            let exited = target::wait_for_exit(std::os::fd::AsFd::as_fd(&target.pidfd), wait);
+            Ok((target, exited))
+        })
+        .await?;
+        let report = KillReport {
+            target,
+            rule: decision.rule,
+            reap,
+            exited,
+        };
+        audit_outcome(caller, &report, started);
+        Ok(report)
+    }
+}
+
+/// Runs blocking syscalls and /proc reads on tokio's blocking pool, so a slow
+/// reap never stalls other callers' requests.
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|join| Err(EngineError::Internal(format!("worker failed: {join}"))))
+}
+
+fn audit_decision(action: &str, caller: &Caller, target: &TargetProcess, decision: &Decision, started: Instant) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "decision",
+        action,
+        caller_pid = caller.pid,
+        caller_uid = caller.uid,
+        caller_real_uid = caller.real_uid,
+        caller_comm = %caller.comm,
+        target_pid = target.pid,
+        target_uid = target.ruid,
+        target_comm = %target.comm,
+        target_start_time = target.start_time,
+        allowed = decision.allowed,
+        rule = %decision.rule,
+        reason = %decision.reason,
+        elapsed_us = started.elapsed().as_micros() as u64,
+    );
+}
+
+fn audit_refusal(action: &str, caller: &Caller, err: &EngineError, started: Instant) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "decision",
+        action,
+        caller_pid = caller.pid,
+        caller_uid = caller.uid,
+        caller_comm = %caller.comm,
+        allowed = false,
+        reason = %err,
+        elapsed_us = started.elapsed().as_micros() as u64,
+    );
+}
+
+fn audit_outcome(caller: &Caller, report: &KillReport, started: Instant) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "outcome",
+        caller_pid = caller.pid,
+        caller_uid = caller.uid,
+        caller_comm = %caller.comm,
+        target_pid = report.target.pid,
+        target_uid = report.target.ruid,
+        target_comm = %report.target.comm,
+        outcome = report.reap.outcome.as_str(),
+        not_reaped_reason = %report.reap.not_reaped_reason,
+        kill_path = report.reap.kill_path.as_str(),
+        anon_bytes = report.reap.memory_before.anon_bytes,
+        bytes_released = report.reap.bytes_released,
+        kill_to_reap_us = report.reap.kill_to_reap.as_micros() as u64,
+        reap_retries = report.reap.reap_retries,
+        exited = report.exited,
+        elapsed_us = started.elapsed().as_micros() as u64,
+    );
+}
+
+fn audit_outcome_error(caller: &Caller, target: &TargetProcess, err: &EngineError, started: Instant) {
+    tracing::warn!(
+        target: AUDIT_TARGET,
+        event = "outcome",
+        caller_pid = caller.pid,
+        caller_uid = caller.uid,
+        caller_comm = %caller.comm,
+        target_pid = target.pid,
+        target_uid = target.ruid,
+        target_comm = %target.comm,
+        outcome = "failed",
+        error = %err,
+        elapsed_us = started.elapsed().as_micros() as u64,
+    );
+}

@@ -1,0 +1,238 @@
+//! The gRPC transport (`reapd.v1.Reaper`, plus `grpc.health.v1` and server
+//! reflection on the same socket). A thin adapter: decode, call the engine,
+//! encode. No decision is made here.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reapd_proto::v1 as pb;
+use reapd_proto::v1::reaper_server::{Reaper, ReaperServer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+
+use crate::caller::Caller;
+use crate::engine::{Capabilities, Engine, KillReport, KillRequest, PermissionReport};
+use crate::error::EngineError;
+use crate::features::KillPath;
+use crate::listener::{self, ConnectionCounter, ConnectionLimits, PeerStream};
+use crate::procfs::Memory;
+use crate::reaper::Outcome;
+use crate::target::{TargetProcess, TargetSpec};
+
+/// Largest request the broker decodes. Real requests are a few bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+impl Connected for PeerStream {
+    type ConnectInfo = Arc<Caller>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        Arc::clone(self.caller())
+    }
+}
+
+pub struct GrpcReaper {
+    engine: Arc<Engine>,
+}
+
+fn caller_of<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
+    request
+        .extensions()
+        .get::<Arc<Caller>>()
+        .cloned()
+        .ok_or_else(|| Status::internal("connection has no caller identity"))
+}
+
+fn target_spec(target: Option<pb::Target>) -> Result<TargetSpec, Status> {
+    let target = target.ok_or_else(|| Status::invalid_argument("target is required"))?;
+    if target.pid <= 0 {
+        return Err(Status::invalid_argument(format!(
+            "target.pid must be positive, got {}",
+            target.pid
+        )));
+    }
+    Ok(TargetSpec::Pid {
+        pid: target.pid,
+        start_time: target.start_time,
+    })
+}
+
+pub fn status_of(err: EngineError) -> Status {
+    let message = err.to_string();
+    match err {
+        EngineError::InvalidArgument(_) => Status::invalid_argument(message),
+        EngineError::NotFound(_) => Status::not_found(message),
+        EngineError::PermissionDenied(_) => Status::permission_denied(message),
+        EngineError::ProcessChanged(_) => Status::failed_precondition(message),
+        EngineError::RateLimited { retry_after, .. } => {
+            let mut status = Status::resource_exhausted(message);
+            if let Ok(value) = retry_after.as_millis().to_string().parse() {
+                status.metadata_mut().insert("retry-after-ms", value);
+            }
+            status
+        }
+        EngineError::Internal(_) => Status::internal(message),
+    }
+}
+
+fn process_info(target: &TargetProcess) -> pb::ProcessInfo {
+    pb::ProcessInfo {
+        pid: target.pid,
+        uid: target.ruid,
+        euid: target.euid,
+        suid: target.suid,
+        gid: target.gid,
+        comm: target.comm.clone(),
+        start_time: target.start_time,
+        cgroup: target.cgroup.clone(),
+    }
+}
+
+fn memory(memory: &Memory) -> pb::MemoryUsage {
+    pb::MemoryUsage {
+        anon_bytes: memory.anon_bytes,
+        file_bytes: memory.file_bytes,
+        shmem_bytes: memory.shmem_bytes,
+        swap_bytes: memory.swap_bytes,
+    }
+}
+
+fn kill_path(path: KillPath) -> pb::KillPath {
+    match path {
+        KillPath::ReapKill => pb::KillPath::ReapKill,
+        KillPath::KillThenMrelease => pb::KillPath::KillThenMrelease,
+        KillPath::KillOnly => pb::KillPath::KillOnly,
+    }
+}
+
+fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
+    let outcome = match report.reap.outcome {
+        Outcome::Reaped => pb::Outcome::Reaped,
+        Outcome::ExitedBeforeReap => pb::Outcome::ExitedBeforeReap,
+        Outcome::KilledNotReaped => pb::Outcome::KilledNotReaped,
+    };
+    pb::KillAndReapResponse {
+        outcome: outcome as i32,
+        not_reaped_reason: report.reap.not_reaped_reason,
+        kill_path: kill_path(report.reap.kill_path) as i32,
+        target: Some(process_info(&report.target)),
+        memory_before: Some(memory(&report.reap.memory_before)),
+        bytes_released: report.reap.bytes_released,
+        kill_to_reap_ns: report.reap.kill_to_reap.as_nanos() as u64,
+        exited: report.exited,
+        rule: report.rule,
+        reap_retries: report.reap.reap_retries,
+    }
+}
+
+fn permission_reply(report: PermissionReport) -> pb::CheckPermissionResponse {
+    pb::CheckPermissionResponse {
+        allowed: report.decision.allowed,
+        reason: report.decision.reason,
+        target: Some(process_info(&report.target)),
+    }
+}
+
+fn capabilities_reply(caps: Capabilities) -> pb::GetCapabilitiesResponse {
+    pb::GetCapabilitiesResponse {
+        broker_version: caps.broker_version.to_string(),
+        kernel_release: caps.features.kernel_release,
+        process_mrelease: caps.features.process_mrelease,
+        reap_kill_flag: caps.features.reap_kill_flag,
+        pidfd_get_info: caps.features.pidfd_get_info,
+        so_peerpidfd: caps.features.so_peerpidfd,
+        cgroup_kill: caps.features.cgroup_kill,
+        kill_path: kill_path(caps.kill_path) as i32,
+        has_cap_kill: caps.features.has_cap_kill,
+        notes: caps.features.notes,
+    }
+}
+
+#[tonic::async_trait]
+impl Reaper for GrpcReaper {
+    async fn kill_and_reap(
+        &self,
+        request: Request<pb::KillAndReapRequest>,
+    ) -> Result<Response<pb::KillAndReapResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let request = request.into_inner();
+        let kill = KillRequest {
+            target: target_spec(request.target)?,
+            wait_for_exit: request.wait_for_exit_ms.map(|ms| Duration::from_millis(ms.into())),
+        };
+        let report = self.engine.kill_and_reap(&caller, kill).await.map_err(status_of)?;
+        Ok(Response::new(kill_reply(report)))
+    }
+
+    async fn check_permission(
+        &self,
+        request: Request<pb::CheckPermissionRequest>,
+    ) -> Result<Response<pb::CheckPermissionResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let spec = target_spec(request.into_inner().target)?;
+        let report = self.engine.check_permission(&caller, spec).await.map_err(status_of)?;
+        Ok(Response::new(permission_reply(report)))
+    }
+
+    async fn get_capabilities(
+        &self,
+        _request: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
+        Ok(Response::new(capabilities_reply(self.engine.capabilities())))
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes, then finishes the
+/// calls in flight and returns.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    engine: Arc<Engine>,
+    limits: ConnectionLimits,
+    counter: Arc<ConnectionCounter>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ReaperServer<GrpcReaper>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+
+    let features = Arc::new(engine.features().clone());
+    let reaper = ReaperServer::new(GrpcReaper { engine })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 * 1024);
+
+    let (sender, receiver) = mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
+    let idle = limits.idle_timeout;
+    let acceptor = tokio::spawn(listener::accept_loop(
+        listener,
+        features,
+        limits,
+        counter,
+        move |accepted| {
+            match sender.try_send(Ok(PeerStream::new(accepted, idle))) {
+                Ok(()) => true,
+                // Backlog full: drop this connection rather than stall accept.
+                Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        },
+    ));
+
+    let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(16))
+        .concurrency_limit_per_connection(16)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .timeout(Duration::from_secs(30))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reaper)
+        .serve_with_incoming_shutdown(ReceiverStream::new(receiver), shutdown)
+        .await;
+    acceptor.abort();
+    result
+}

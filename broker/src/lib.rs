@@ -1,0 +1,27 @@
+//! reapd: a privileged broker that kills a process and reaps its memory at
+//! once, on behalf of unprivileged callers.
+//!
+//! Layout, in the order a request flows through it:
+//! - [`listener`]: Unix sockets, per-connection caller identity, connection caps.
+//! - [`caller`]: who is asking (SO_PEERCRED, SO_PEERGROUPS, SO_PEERPIDFD).
+//! - [`target`]: which process, pinned by a pidfd before any check.
+//! - [`policy`]: may this caller kill this target, and why.
+//! - [`limits`]: per-uid kill rate and in-flight caps.
+//! - [`reaper`]: the kill and the reap.
+//! - [`engine`]: ties the above together, audits, and is what transports call.
+//! - [`grpc`]: the gRPC transport.
+//! - [`features`]: kernel features probed once at start.
+//! - [`sys`]: the only `unsafe`: raw syscalls nobody else wraps.
+
+pub mod caller;
+pub mod engine;
+pub mod error;
+pub mod features;
+pub mod grpc;
+pub mod limits;
+pub mod listener;
+pub mod policy;
+pub mod procfs;
+pub mod reaper;
+pub mod sys;
+pub mod target;

@@ -1,0 +1,130 @@
+//! The `reapd` daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use reapd::engine::Engine;
+use reapd::features::KernelFeatures;
+use reapd::limits::KillLimits;
+use reapd::listener::{self, ConnectionCounter, ConnectionLimits};
+use reapd::policy::Policy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "reapd",
+    version,
+    about = "Kill a process and reap its memory at once, for unprivileged callers"
+)]
+struct Args {
+    /// Where to listen for gRPC.
+    #[arg(long, default_value = "/run/reapd/grpc.sock")]
+    grpc_socket: PathBuf,
+    /// Most connections open at once, all callers together.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Most connections open at once from one uid.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_uid: usize,
+    /// Close a connection after this many seconds without a byte from it.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Log format: "text", or "json" (one object per line).
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("REAPD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+
+    let features = KernelFeatures::probe();
+    for note in &features.notes {
+        tracing::warn!(note = %note, "kernel feature degraded");
+    }
+    tracing::info!(
+        kernel = %features.kernel_release,
+        kill_path = features.kill_path().as_str(),
+        process_mrelease = features.process_mrelease,
+        reap_kill_flag = features.reap_kill_flag,
+        pidfd_get_info = features.pidfd_get_info,
+        so_peerpidfd = features.so_peerpidfd,
+        cgroup_kill = features.cgroup_kill,
+        has_cap_kill = features.has_cap_kill,
+        "kernel features probed"
+    );
+
+    let listener = match listener::bind(&args.grpc_socket, 0o666) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(socket = %args.grpc_socket.display(), error = %err, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let limits = ConnectionLimits {
+        max_total: args.max_connections,
+        max_per_uid: args.max_connections_per_uid,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+    };
+    let engine = Arc::new(Engine::new(features, Policy::default(), KillLimits::default()));
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tracing::info!(socket = %args.grpc_socket.display(), "serving gRPC");
+        let counter = Arc::new(ConnectionCounter::default());
+        reapd::grpc::serve(listener, engine, limits, counter, shutdown_signal())
+            .await
+            .map_err(std::io::Error::other)
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "serving failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing calls in flight"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing calls in flight"),
+    }
+}

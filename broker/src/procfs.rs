@@ -1,0 +1,183 @@
+//! Readers for the few `/proc/PID/*` files the broker needs.
+//!
+//! A pid-named read is only meaningful when the caller re-validates it
+//! against a pidfd afterwards (the pid number cannot be reused while the
+//! pidfd's process still exists); see `target.rs`.
+
+use std::fs;
+use std::io;
+
+/// Fields of `/proc/PID/stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    /// Field 9: `PF_*` flags of the task.
+    pub flags: u64,
+    /// Field 22: clock ticks since boot at process start.
+    pub start_time: u64,
+}
+
+/// `PF_KTHREAD` from `include/linux/sched.h`.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
+
+impl Stat {
+    pub fn is_kernel_thread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
+    }
+}
+
+/// Parses `/proc/PID/stat`. `comm` may hold spaces and parentheses, so the
+/// fields after it are found from the last `)`.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    // After ") " the fields start at field 3 (state).
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    let field = |n: usize| rest.get(n - 3).copied();
+    Some(Stat {
+        comm,
+        state: field(3)?.chars().next()?,
+        ppid: field(4)?.parse().ok()?,
+        flags: field(9)?.parse().ok()?,
+        start_time: field(22)?.parse().ok()?,
+    })
+}
+
+pub fn read_stat(pid: i32) -> io::Result<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
+}
+
+/// Ids and memory from `/proc/PID/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Real, effective, saved, filesystem uid.
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub memory: Memory,
+}
+
+/// Resident and swapped memory in bytes. A process whose mm is gone (a
+/// zombie, a kernel thread) has none of these lines: all zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Memory {
+    pub anon_bytes: u64,
+    pub file_bytes: u64,
+    pub shmem_bytes: u64,
+    pub swap_bytes: u64,
+}
+
+impl Memory {
+    /// Memory a reap gives back to the system: private anonymous pages and
+    /// their swap. File pages stay in the page cache and shmem is shared, so
+    /// neither counts as released.
+    pub fn reapable_bytes(&self) -> u64 {
+        self.anon_bytes + self.swap_bytes
+    }
+}
+
+pub fn parse_status(text: &str) -> Option<Status> {
+    let mut status = Status::default();
+    let mut have_uid = false;
+    let mut have_gid = false;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let kib = || -> Option<u64> { value.split_whitespace().next()?.parse::<u64>().ok().map(|k| k * 1024) };
+        let ids = || -> Option<[u32; 4]> {
+            let v: Vec<u32> = value
+                .split_whitespace()
+                .map(|n| n.parse().ok())
+                .collect::<Option<_>>()?;
+            v.try_into().ok()
+        };
+        match key {
+            "Uid" => {
+                status.uids = ids()?;
+                have_uid = true;
+            }
+            "Gid" => {
+                status.gids = ids()?;
+                have_gid = true;
+            }
+            "RssAnon" => status.memory.anon_bytes = kib()?,
+            "RssFile" => status.memory.file_bytes = kib()?,
+            "RssShmem" => status.memory.shmem_bytes = kib()?,
+            "VmSwap" => status.memory.swap_bytes = kib()?,
+            _ => {}
+        }
+    }
+    (have_uid && have_gid).then_some(status)
+}
+
+pub fn read_status(pid: i32) -> io::Result<Status> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_status(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/status"))
+}
+
+/// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), or an
+/// empty string on a machine with no unified hierarchy.
+pub fn read_cgroup(pid: i32) -> io::Result<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_string())
+}
+
+pub fn read_oom_score_adj(pid: i32) -> io::Result<i32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))?;
+    text.trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "unparsable oom_score_adj"))
+}
+
+/// Where the cgroup2 hierarchy is mounted, from `/proc/self/mountinfo`
+/// (commonly `/sys/fs/cgroup`, `/sys/fs/cgroup/unified` on hybrid systems).
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <source> <super opts>"
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_hostile_comm() {
+        let text = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 10 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n";
+        let stat = parse_stat(text).unwrap();
+        assert_eq!(stat.comm, "a) b (c)");
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.ppid, 1);
+        assert_eq!(stat.start_time, 12345);
+        assert!(!stat.is_kernel_thread());
+    }
+
+    #[test]
+    fn stat_of_self() {
+        let stat = read_stat(std::process::id() as i32).unwrap();
+        assert!(stat.start_time > 0);
+    }
+
+    #[test]
+    fn status_fields() {
+        let text = "Name:\tx\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\n";
+        let status = parse_status(text).unwrap();
+        assert_eq!(status.uids, [1, 2, 3, 4]);
+        assert_eq!(status.gids, [5, 6, 7, 8]);
+        assert_eq!(status.memory.anon_bytes, 100 * 1024);
+        assert_eq!(status.memory.swap_bytes, 3 * 1024);
+        assert!(parse_status("Name: x\n").is_none());
+    }
+}

@@ -1,0 +1,183 @@
+//! Thin wrappers for the few Linux calls that neither `rustix` nor `libc`
+//! wrap: `process_mrelease(2)`, the `PIDFD_GET_INFO` ioctl, and the
+//! `SO_PEERPIDFD` / `SO_PEERGROUPS` socket options.
+//!
+//! This is the only module of the broker with `unsafe` code. Every function
+//! here is a direct syscall with no policy: callers decide what an errno means.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// `PROCESS_MRELEASE_REAP_KILL` from `include/uapi/linux/mman.h` (reapd's
+/// kernel series): kill the target and reap its address space atomically.
+pub const PROCESS_MRELEASE_REAP_KILL: u32 = 1 << 0;
+
+/// `SO_PEERGROUPS` (Linux 4.13): the peer's supplementary groups.
+const SO_PEERGROUPS: libc::c_int = 59;
+/// `SO_PEERPIDFD` (Linux 6.5): a pidfd for the peer process.
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// `PIDFD_INFO_*` request and reply mask bits (`include/uapi/linux/pidfd.h`).
+pub const PIDFD_INFO_PID: u64 = 1 << 0;
+pub const PIDFD_INFO_CREDS: u64 = 1 << 1;
+pub const PIDFD_INFO_CGROUPID: u64 = 1 << 2;
+
+/// `struct pidfd_info` as of its first version (`PIDFD_INFO_SIZE_VER0`, 64
+/// bytes, Linux 6.13). Later kernels append fields; the ioctl number carries
+/// the size we pass, so the kernel fills only these.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PidfdInfo {
+    pub mask: u64,
+    pub cgroupid: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub ppid: u32,
+    pub ruid: u32,
+    pub rgid: u32,
+    pub euid: u32,
+    pub egid: u32,
+    pub suid: u32,
+    pub sgid: u32,
+    pub fsuid: u32,
+    pub fsgid: u32,
+    pub spare0: u32,
+}
+
+const _: () = assert!(size_of::<PidfdInfo>() == 64);
+
+/// `_IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong = ioc_readwrite(0xFF, 11, size_of::<PidfdInfo>());
+
+const fn ioc_readwrite(kind: u32, nr: u32, size: usize) -> libc::c_ulong {
+    const IOC_READ_WRITE: u32 = 3;
+    ((IOC_READ_WRITE << 30) | ((size as u32) << 16) | (kind << 8) | nr) as libc::c_ulong
+}
+
+/// `process_mrelease(pidfd, flags)`.
+pub fn process_mrelease(pidfd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    // SAFETY: process_mrelease takes an int fd and an unsigned int by value;
+    // no memory is shared with the kernel.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_process_mrelease,
+            pidfd.as_raw_fd() as libc::c_long,
+            flags as libc::c_long,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `process_mrelease(-1, flags)`: the feature probe. The kernel checks flags
+/// before it looks the fd up, so EBADF means "flags known", EINVAL "flags
+/// unknown", ENOSYS "no such syscall". Never probe with other negative fds:
+/// -10000 and -10001 are PIDFD_SELF sentinels on newer kernels.
+pub fn probe_process_mrelease(flags: u32) -> io::Error {
+    // SAFETY: as in `process_mrelease`; fd -1 is never valid.
+    let ret = unsafe { libc::syscall(libc::SYS_process_mrelease, -1 as libc::c_long, flags as libc::c_long) };
+    if ret == 0 {
+        // Cannot happen for fd -1; report it as the "supported" answer.
+        io::Error::from_raw_os_error(libc::EBADF)
+    } else {
+        io::Error::last_os_error()
+    }
+}
+
+/// The `PIDFD_GET_INFO` ioctl (Linux 6.13): pid, credentials and cgroup id of
+/// the process behind `pidfd`. ESRCH once that process has been reaped.
+pub fn pidfd_get_info(pidfd: BorrowedFd<'_>, request_mask: u64) -> io::Result<PidfdInfo> {
+    let mut info = PidfdInfo {
+        mask: request_mask,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: `info` is a live, properly aligned `struct pidfd_info` of the
+    // size encoded in the ioctl number; the kernel writes at most that many
+    // bytes into it and keeps no reference after returning.
+    let ret = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info as *mut PidfdInfo) };
+    if ret == 0 {
+        Ok(info)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `getsockopt(SO_PEERPIDFD)`: a pidfd for the process that connected.
+pub fn peer_pidfd(socket: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` and `len` are live locals; the kernel writes an int and
+    // its length. On success the returned fd is new and owned by us.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            &mut fd as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: the kernel installed `fd` in our table for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `getsockopt(SO_PEERGROUPS)`: the peer's supplementary groups at connect.
+pub fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    // NGROUPS_MAX is 65536; start small and grow on ERANGE as the kernel asks.
+    let mut capacity = 64usize;
+    loop {
+        let mut groups: Vec<MaybeUninit<libc::gid_t>> = vec![MaybeUninit::uninit(); capacity];
+        let mut len = (capacity * size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` is a live buffer of `len` bytes; the kernel writes
+        // at most `len` bytes and stores the needed length in `len`.
+        let ret = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr() as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        let count = len as usize / size_of::<libc::gid_t>();
+        if ret == 0 {
+            return Ok(groups[..count.min(capacity)]
+                .iter()
+                // SAFETY: the kernel initialised the first `count` entries.
+                .map(|gid| unsafe { gid.assume_init() })
+                .collect());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ERANGE) && count > capacity && count <= 65536 {
+            capacity = count;
+            continue;
+        }
+        return Err(err);
+    }
+}
+
+/// The effective capability set of this process includes `cap` (a
+/// `CAP_*` bit number), read from `/proc/self/status` so no unsafe is needed.
+pub fn has_effective_capability(cap: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << cap) != 0)
+}
+
+/// `CAP_KILL`'s bit number.
+pub const CAP_KILL: u32 = 5;

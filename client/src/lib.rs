@@ -1,0 +1,344 @@
+//! Client for the reapd broker.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), reapd_client::Error> {
+//! let mut client = reapd_client::Client::connect("/run/reapd/grpc.sock").await?;
+//! let caps = client.capabilities().await?;
+//! println!("kill path: {}", caps.kill_path);
+//! let target = reapd_client::Target::pid(4242);
+//! if client.check_permission(target).await?.allowed {
+//!     let report = client.kill_and_reap(target, None).await?;
+//!     println!("{} bytes released", report.bytes_released);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! [`blocking::Client`] wraps the same calls for code without an async
+//! runtime.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use reapd_proto::v1 as pb;
+use reapd_proto::v1::reaper_client::ReaperClient;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The broker's default gRPC socket.
+pub const DEFAULT_SOCKET: &str = "/run/reapd/grpc.sock";
+
+/// Errors, one per status the broker documents, plus transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the broker at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("process changed: {0}")]
+    ProcessChanged(String),
+    #[error("rate limited: {message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("broker error ({code:?}): {message}")]
+    Other { code: tonic::Code, message: String },
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            tonic::Code::InvalidArgument => Error::InvalidArgument(message),
+            tonic::Code::NotFound => Error::NotFound(message),
+            tonic::Code::PermissionDenied => Error::PermissionDenied(message),
+            tonic::Code::FailedPrecondition => Error::ProcessChanged(message),
+            tonic::Code::ResourceExhausted => {
+                let retry_after = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis);
+                Error::RateLimited { message, retry_after }
+            }
+            code => Error::Other { code, message },
+        }
+    }
+}
+
+/// A process, by pid, optionally guarded by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub pid: i32,
+    /// Field 22 of `/proc/PID/stat`; see [`start_time_of`].
+    pub start_time: Option<u64>,
+}
+
+impl Target {
+    pub fn pid(pid: i32) -> Self {
+        Target { pid, start_time: None }
+    }
+
+    /// The target, guarded by the start time read now from `/proc`.
+    pub fn pinned(pid: i32) -> std::io::Result<Self> {
+        Ok(Target {
+            pid,
+            start_time: Some(start_time_of(pid)?),
+        })
+    }
+}
+
+impl From<Target> for pb::Target {
+    fn from(t: Target) -> Self {
+        pb::Target {
+            pid: t.pid,
+            start_time: t.start_time,
+        }
+    }
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks.
+pub fn start_time_of(pid: i32) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = text.rfind(')').map(|i| &text[i + 1..]).unwrap_or_default();
+    after_comm
+        .split_whitespace()
+        .nth(19)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub uid: u32,
+    pub euid: u32,
+    pub suid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub start_time: u64,
+    pub cgroup: String,
+}
+
+impl From<pb::ProcessInfo> for ProcessInfo {
+    fn from(p: pb::ProcessInfo) -> Self {
+        ProcessInfo {
+            pid: p.pid,
+            uid: p.uid,
+            euid: p.euid,
+            suid: p.suid,
+            gid: p.gid,
+            comm: p.comm,
+            start_time: p.start_time,
+            cgroup: p.cgroup,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct MemoryUsage {
+    pub anon_bytes: u64,
+    pub file_bytes: u64,
+    pub shmem_bytes: u64,
+    pub swap_bytes: u64,
+}
+
+impl From<pb::MemoryUsage> for MemoryUsage {
+    fn from(m: pb::MemoryUsage) -> Self {
+        MemoryUsage {
+            anon_bytes: m.anon_bytes,
+            file_bytes: m.file_bytes,
+            shmem_bytes: m.shmem_bytes,
+            swap_bytes: m.swap_bytes,
+        }
+    }
+}
+
+/// What KillAndReap did.
+#[derive(Debug, Clone, Serialize)]
+pub struct KillReport {
+    /// "reaped", "exited_before_reap" or "killed_not_reaped".
+    pub outcome: String,
+    pub not_reaped_reason: String,
+    /// "reap_kill", "kill_then_mrelease" or "kill_only".
+    pub kill_path: String,
+    pub target: Option<ProcessInfo>,
+    pub memory_before: MemoryUsage,
+    pub bytes_released: u64,
+    pub kill_to_reap_ns: u64,
+    pub exited: bool,
+    pub rule: String,
+    pub reap_retries: u32,
+}
+
+/// The answer to CheckPermission.
+#[derive(Debug, Clone, Serialize)]
+pub struct Permission {
+    pub allowed: bool,
+    pub reason: String,
+    pub target: Option<ProcessInfo>,
+}
+
+/// What the broker and its kernel can do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub broker_version: String,
+    pub kernel_release: String,
+    pub process_mrelease: bool,
+    pub reap_kill_flag: bool,
+    pub pidfd_get_info: bool,
+    pub so_peerpidfd: bool,
+    pub cgroup_kill: bool,
+    pub has_cap_kill: bool,
+    /// "reap_kill", "kill_then_mrelease" or "kill_only".
+    pub kill_path: String,
+    pub notes: Vec<String>,
+}
+
+fn outcome_name(value: i32) -> String {
+    match pb::Outcome::try_from(value) {
+        Ok(pb::Outcome::Reaped) => "reaped",
+        Ok(pb::Outcome::ExitedBeforeReap) => "exited_before_reap",
+        Ok(pb::Outcome::KilledNotReaped) => "killed_not_reaped",
+        _ => "unspecified",
+    }
+    .to_string()
+}
+
+fn kill_path_name(value: i32) -> String {
+    match pb::KillPath::try_from(value) {
+        Ok(pb::KillPath::ReapKill) => "reap_kill",
+        Ok(pb::KillPath::KillThenMrelease) => "kill_then_mrelease",
+        Ok(pb::KillPath::KillOnly) => "kill_only",
+        _ => "unspecified",
+    }
+    .to_string()
+}
+
+/// An async connection to the broker.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: ReaperClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the broker's gRPC socket at `path`.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref().to_path_buf();
+        let socket = path.clone();
+        // The URI is required by the API but unused: the connector below
+        // always dials the Unix socket. Its authority is what grpcio clients
+        // must also set (`grpc.default_authority`).
+        let channel = Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .map_err(|source| Error::Connect { path, source })?;
+        Ok(Client {
+            inner: ReaperClient::new(channel),
+        })
+    }
+
+    /// Kills `target` and reaps its memory. `wait_for_exit`: also wait up to
+    /// this long for the process to be gone.
+    pub async fn kill_and_reap(
+        &mut self,
+        target: Target,
+        wait_for_exit: Option<Duration>,
+    ) -> Result<KillReport, Error> {
+        let request = pb::KillAndReapRequest {
+            target: Some(target.into()),
+            wait_for_exit_ms: wait_for_exit.map(|w| w.as_millis().min(u32::MAX as u128) as u32),
+        };
+        let reply = self.inner.kill_and_reap(request).await?.into_inner();
+        Ok(KillReport {
+            outcome: outcome_name(reply.outcome),
+            not_reaped_reason: reply.not_reaped_reason,
+            kill_path: kill_path_name(reply.kill_path),
+            target: reply.target.map(Into::into),
+            memory_before: reply.memory_before.map(Into::into).unwrap_or_default(),
+            bytes_released: reply.bytes_released,
+            kill_to_reap_ns: reply.kill_to_reap_ns,
+            exited: reply.exited,
+            rule: reply.rule,
+            reap_retries: reply.reap_retries,
+        })
+    }
+
+    /// Whether the broker would kill `target` for this caller, and why.
+    pub async fn check_permission(&mut self, target: Target) -> Result<Permission, Error> {
+        let request = pb::CheckPermissionRequest {
+            target: Some(target.into()),
+        };
+        let reply = self.inner.check_permission(request).await?.into_inner();
+        Ok(Permission {
+            allowed: reply.allowed,
+            reason: reply.reason,
+            target: reply.target.map(Into::into),
+        })
+    }
+
+    pub async fn capabilities(&mut self) -> Result<Capabilities, Error> {
+        let reply = self
+            .inner
+            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .await?
+            .into_inner();
+        Ok(Capabilities {
+            broker_version: reply.broker_version,
+            kernel_release: reply.kernel_release,
+            process_mrelease: reply.process_mrelease,
+            reap_kill_flag: reply.reap_kill_flag,
+            pidfd_get_info: reply.pidfd_get_info,
+            so_peerpidfd: reply.so_peerpidfd,
+            cgroup_kill: reply.cgroup_kill,
+            has_cap_kill: reply.has_cap_kill,
+            kill_path: kill_path_name(reply.kill_path),
+            notes: reply.notes,
+        })
+    }
+}
+
+/// A blocking wrapper around [`Client`], with its own small runtime.
+pub mod blocking {
+    use super::*;
+
+    pub struct Client {
+        runtime: tokio::runtime::Runtime,
+        inner: super::Client,
+    }
+
+    impl Client {
+        pub fn connect(path: impl AsRef<Path>) -> Result<Self, Error> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime needs no resources that can run out");
+            let inner = runtime.block_on(super::Client::connect(path))?;
+            Ok(Client { runtime, inner })
+        }
+
+        pub fn kill_and_reap(&mut self, target: Target, wait_for_exit: Option<Duration>) -> Result<KillReport, Error> {
+            self.runtime.block_on(self.inner.kill_and_reap(target, wait_for_exit))
+        }
+
+        pub fn check_permission(&mut self, target: Target) -> Result<Permission, Error> {
+            self.runtime.block_on(self.inner.check_permission(target))
+        }
+
+        pub fn capabilities(&mut self) -> Result<Capabilities, Error> {
+            self.runtime.block_on(self.inner.capabilities())
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! reapd's wire types.
+//!
+//! `v1` is the gRPC API (package `reapd.v1`), generated from
+//! `reapd/v1/reaper.proto`. [`VARLINK_INTERFACE`] is the varlink IDL of the
+//! same API (`io.reapd.Reaper`).
+
+/// The `reapd.v1` gRPC API: messages, the `Reaper` client and server.
+pub mod v1 {
+    tonic::include_proto!("reapd.v1");
+
+    /// Encoded `FileDescriptorSet` for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("reapd_descriptor");
+}
