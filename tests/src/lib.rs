@@ -1,0 +1,381 @@
+//! Support for reapd's end-to-end tests: a broker on a private socket,
+//! victims with chosen credentials that hold real memory, clients run under
+//! other uids, and the kernel's own kill(2) as an oracle.
+//!
+//! Everything here needs root (CI runs as root). Children forked from the
+//! multi-threaded test process do only async-signal-safe work (raw syscalls,
+//! touching memory, pause) before they exit or exec.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// Directory holding the workspace's built binaries (`cargo build` first).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("REAPD_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // tests/ is one level below the workspace root; test binaries live in
+    // target/<profile>/deps, the workspace binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// A broker on a private socket, stopped on drop.
+pub struct Broker {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub grpc: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_with(&[], &[])
+    }
+
+    /// Starts `reapd` with extra `args`, run through `wrapper` (a command
+    /// and its args, e.g. the seccomp-errno helper) when it is not empty.
+    pub fn start_with(args: &[&str], wrapper: &[&str]) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("reapd-test")
+            .tempdir()
+            .expect("tempdir");
+        // Callers under other uids must reach the socket.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let grpc = dir.path().join("grpc.sock");
+        let log = dir.path().join("reapd.log");
+        let reapd = bin("reapd");
+        let mut command = if wrapper.is_empty() {
+            Command::new(&reapd)
+        } else {
+            let mut c = Command::new(wrapper[0]);
+            c.args(&wrapper[1..]).arg(&reapd);
+            c
+        };
+        command
+            .arg("--grpc-socket")
+            .arg(&grpc)
+            .args(args)
+            .env("REAPD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = command.spawn().expect("spawn reapd");
+        let broker = Broker { child, dir, grpc, log };
+        broker.wait_ready();
+        broker
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.grpc).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("broker did not come up; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Runs `reapctl --json ARGS` against this broker as `creds`.
+    pub fn reapctl(&self, creds: Creds, args: &[&str]) -> CtlResult {
+        let mut command = Command::new(bin("reapctl"));
+        command.arg("--socket").arg(&self.grpc).arg("--json").args(args);
+        let output = run_as(creds, &mut command);
+        CtlResult::from(output)
+    }
+
+    /// The broker is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        unsafe_kill(self.pid(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The result of one `reapctl --json` run.
+#[derive(Debug)]
+pub struct CtlResult {
+    pub code: i32,
+    pub json: Value,
+    pub stderr: String,
+}
+
+impl From<Output> for CtlResult {
+    fn from(output: Output) -> Self {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        CtlResult {
+            code: output.status.code().unwrap_or(-1),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Credentials for a process: real, effective, saved uid; gid; groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Creds {
+    pub ruid: u32,
+    pub euid: u32,
+    pub suid: u32,
+    pub gid: u32,
+    pub groups: &'static [u32],
+}
+
+impl Creds {
+    pub const ROOT: Creds = Creds {
+        ruid: 0,
+        euid: 0,
+        suid: 0,
+        gid: 0,
+        groups: &[],
+    };
+
+    pub const fn uid(uid: u32) -> Creds {
+        Creds {
+            ruid: uid,
+            euid: uid,
+            suid: uid,
+            gid: uid,
+            groups: &[],
+        }
+    }
+
+    pub const fn uids(ruid: u32, euid: u32, suid: u32) -> Creds {
+        Creds {
+            ruid,
+            euid,
+            suid,
+            gid: euid,
+            groups: &[],
+        }
+    }
+}
+
+/// Drops to `creds` in the current (single-threaded, freshly forked)
+/// process, with raw syscalls only.
+///
+/// # Safety
+/// Call only in a forked child before exec or _exit.
+unsafe fn become_creds(creds: Creds) -> bool {
+    let groups: &[u32] = creds.groups;
+    libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
+        && libc::syscall(libc::SYS_setresgid, creds.gid, creds.gid, creds.gid) == 0
+        && libc::syscall(libc::SYS_setresuid, creds.ruid, creds.euid, creds.suid) == 0
+}
+
+/// Runs `command` (waiting for it) with `creds`.
+pub fn run_as(creds: Creds, command: &mut Command) -> Output {
+    if creds != Creds::ROOT {
+        // SAFETY: pre_exec runs in the forked child before exec; become_creds
+        // makes only raw syscalls.
+        unsafe {
+            command.pre_exec(move || {
+                if become_creds(creds) {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    command.stdin(Stdio::null()).output().expect("run command")
+}
+
+/// A process with chosen credentials, optionally holding memory, killed
+/// and waited for on drop.
+pub struct Victim {
+    pub pid: i32,
+    waited: bool,
+}
+
+impl Victim {
+    /// Forks a child that takes `creds`, touches `bytes` of private
+    /// anonymous memory, then sleeps until killed.
+    pub fn spawn(creds: Creds, bytes: usize) -> Victim {
+        let (ready_r, ready_w) = pipe();
+        // SAFETY: fork in a test process; the child only makes raw syscalls,
+        // touches memory it mapped, and never returns.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            unsafe {
+                libc::close(ready_r);
+                if !become_creds(creds) {
+                    libc::_exit(90);
+                }
+                if bytes > 0 {
+                    let mem = libc::mmap(
+                        std::ptr::null_mut(),
+                        bytes,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    if mem == libc::MAP_FAILED {
+                        libc::_exit(91);
+                    }
+                    let mut offset = 0;
+                    while offset < bytes {
+                        *(mem as *mut u8).add(offset) = 1;
+                        offset += 4096;
+                    }
+                }
+                libc::write(ready_w, b"r".as_ptr() as *const libc::c_void, 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        unsafe { libc::close(ready_w) };
+        let mut byte = [0u8; 1];
+        let n = unsafe { libc::read(ready_r, byte.as_mut_ptr() as *mut libc::c_void, 1) };
+        unsafe { libc::close(ready_r) };
+        assert_eq!(n, 1, "victim {pid} did not get ready");
+        Victim { pid, waited: false }
+    }
+
+    /// Start time (field 22 of /proc/PID/stat).
+    pub fn start_time(&self) -> u64 {
+        start_time_of(self.pid).expect("victim stat")
+    }
+
+    /// The victim has not exited (it is not a zombie).
+    pub fn running(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with(|c| c != 'Z' && c != 'X')))
+            .unwrap_or(false)
+    }
+
+    /// Waits for the victim; returns the signal that killed it, if any.
+    pub fn wait(&mut self) -> Option<i32> {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let ret = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        self.waited = true;
+        (ret == self.pid && libc::WIFSIGNALED(status)).then(|| libc::WTERMSIG(status))
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        if !self.waited {
+            unsafe_kill(self.pid, libc::SIGKILL);
+            self.wait();
+        }
+    }
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a live 2-int array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    (fds[0], fds[1])
+}
+
+pub fn unsafe_kill(pid: i32, signal: i32) -> bool {
+    // SAFETY: kill(2) has no memory arguments.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// The kernel's answer: may a process with `creds` signal `pid`?
+/// Asked by a forked child that takes the credentials and calls kill(pid, 0).
+pub fn kernel_allows_kill(creds: Creds, pid: i32) -> bool {
+    // SAFETY: the child makes only raw syscalls and _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        unsafe {
+            if !become_creds(creds) {
+                libc::_exit(2);
+            }
+            let ok = libc::syscall(libc::SYS_kill, pid, 0) == 0;
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+    }
+    let mut status = 0;
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert!(libc::WIFEXITED(status));
+    match libc::WEXITSTATUS(status) {
+        0 => true,
+        1 => false,
+        other => panic!("oracle child failed to take {creds:?}: {other}"),
+    }
+}
+
+pub fn start_time_of(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Reads the broker's log until `needle` appears or `timeout` passes.
+pub fn wait_for_log(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(file) = std::fs::File::open(path) {
+            if BufReader::new(file)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains(needle))
+            {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Number of open fds of `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
