@@ -127,7 +127,7 @@ impl Engine {
         if !decision.allowed {
             return Err(EngineError::PermissionDenied(decision.reason));
         }
-        let _in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
+        let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
             Ok(slot) => slot,
             Err(err) => {
                 audit_refusal("kill", caller, &err, started);
@@ -135,33 +135,61 @@ impl Engine {
             }
         };
 
+        // Past this point the kill happens and is audited even if the client
+        // hangs up: the work runs in its own task, which the transport's
+        // request future (dropped on disconnect) only waits for.
         let path = self.features.kill_path();
-        let (target, reaped) = run_blocking(move || {
-            let report = reaper::kill_and_reap(&target, path);
-            Ok((target, report))
-        })
-        .await?;
-        let reap = match reaped {
-            Ok(report) => report,
-            Err(err) => {
-                audit_outcome_error(caller, &target, &err, started);
-                return Err(err);
-            }
-        };
-        let wait = wait.unwrap_or(Duration::ZERO);
-        let (target, exited) = run_blocking(move || {
-            let exited = target::wait_for_exit(std::os::fd::AsFd::as_fd(&target.pidfd), wait);
-            Ok((target, exited))
-        })
-        .await?;
-        let report = KillReport {
-            target,
-            rule: decision.rule,
-            reap,
-            exited,
-        };
-        audit_outcome(caller, &report, started);
-        Ok(report)
+        let audit_caller = CallerSummary::of(caller);
+        let rule = decision.rule;
+        let work = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let (target, reaped) = run_blocking(move || {
+                let report = reaper::kill_and_reap(&target, path);
+                Ok((target, report))
+            })
+            .await?;
+            let reap = match reaped {
+                Ok(report) => report,
+                Err(err) => {
+                    audit_outcome_error(&audit_caller, &target, &err, started);
+                    return Err(err);
+                }
+            };
+            let wait = wait.unwrap_or(Duration::ZERO);
+            let (target, exited) = run_blocking(move || {
+                let exited = target::wait_for_exit(std::os::fd::AsFd::as_fd(&target.pidfd), wait);
+                Ok((target, exited))
+            })
+            .await?;
+            let report = KillReport {
+                target,
+                rule,
+                reap,
+                exited,
+            };
+            audit_outcome(&audit_caller, &report, started);
+            Ok(report)
+        });
+        work.await
+            .unwrap_or_else(|join| Err(EngineError::Internal(format!("kill task failed: {join}"))))
+    }
+}
+
+/// The caller fields an outcome record needs, owned so the record can be
+/// written after the request that asked for it is gone.
+struct CallerSummary {
+    pid: i32,
+    uid: u32,
+    comm: String,
+}
+
+impl CallerSummary {
+    fn of(caller: &Caller) -> Self {
+        CallerSummary {
+            pid: caller.pid,
+            uid: caller.uid,
+            comm: caller.comm.clone(),
+        }
     }
 }
 
@@ -209,7 +237,7 @@ fn audit_refusal(action: &str, caller: &Caller, err: &EngineError, started: Inst
     );
 }
 
-fn audit_outcome(caller: &Caller, report: &KillReport, started: Instant) {
+fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) {
     tracing::info!(
         target: AUDIT_TARGET,
         event = "outcome",
@@ -231,7 +259,7 @@ fn audit_outcome(caller: &Caller, report: &KillReport, started: Instant) {
     );
 }
 
-fn audit_outcome_error(caller: &Caller, target: &TargetProcess, err: &EngineError, started: Instant) {
+fn audit_outcome_error(caller: &CallerSummary, target: &TargetProcess, err: &EngineError, started: Instant) {
     tracing::warn!(
         target: AUDIT_TARGET,
         event = "outcome",

@@ -1,0 +1,457 @@
+//! End to end over gRPC: real broker, real victims under other uids, real
+//! callers under other uids, the kernel's kill(2) as the oracle.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use reapd_e2e::{kernel_allows_kill, wait_for_log, Broker, Creds, Victim};
+
+const A: u32 = 61001;
+const B: u32 = 61002;
+const C: u32 = 61003;
+const MIB: usize = 1 << 20;
+
+#[test]
+fn capabilities_report_probed_features() {
+    let broker = Broker::start();
+    let caps = broker.reapctl(Creds::uid(A), &["caps"]);
+    assert_eq!(caps.code, 0, "{}", caps.stderr);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(caps.json["kernel_release"], kernel.trim());
+    assert_eq!(caps.json["process_mrelease"], true);
+    // The running kernel (6.18) has no PROCESS_MRELEASE_REAP_KILL.
+    assert_eq!(caps.json["reap_kill_flag"], false);
+    assert_eq!(caps.json["kill_path"], "kill_then_mrelease");
+    assert_eq!(caps.json["pidfd_get_info"], true);
+    assert_eq!(caps.json["so_peerpidfd"], true);
+    assert_eq!(caps.json["has_cap_kill"], true);
+}
+
+/// Target credential shapes: plain, differing real/effective/saved, a
+/// setuid-root program run by a user, and root.
+const TARGETS: &[Creds] = &[
+    Creds::uids(A, A, A),
+    Creds::uids(B, B, B),
+    Creds::uids(A, B, B),
+    Creds::uids(B, A, A),
+    Creds::uids(B, B, A),
+    Creds::uids(C, A, B),
+    Creds::uids(A, 0, 0),
+    Creds::uids(0, 0, 0),
+];
+
+/// Caller shapes (reapctl is exec'd, so its saved uid equals its euid).
+const CALLERS: &[Creds] = &[
+    Creds::uids(A, A, A),
+    Creds::uids(B, B, B),
+    Creds::uids(C, C, C),
+    Creds::uids(A, C, C),
+    Creds::uids(C, A, A),
+    Creds::uids(0, A, A),
+    Creds::uids(0, 0, 0),
+];
+
+#[test]
+fn check_permission_agrees_with_kill_2_for_every_credential_combination() {
+    let broker = Broker::start();
+    let victims: Vec<Victim> = TARGETS.iter().map(|t| Victim::spawn(*t, 0)).collect();
+    let mut cases = 0;
+    for caller in CALLERS {
+        for (target, victim) in TARGETS.iter().zip(&victims) {
+            let oracle = kernel_allows_kill(*caller, victim.pid);
+            let check = broker.reapctl(*caller, &["check", &victim.pid.to_string()]);
+            assert!(check.code == 0 || check.code == 1, "check failed: {check:?}");
+            assert_eq!(
+                check.code == 0,
+                oracle,
+                "caller {caller:?} target {target:?}: kernel says {oracle}, broker says {:?}",
+                check.json
+            );
+            assert_eq!(check.json["allowed"], oracle);
+            cases += 1;
+        }
+    }
+    // Nothing was killed by checking.
+    assert!(victims.iter().all(Victim::running));
+    eprintln!("permission matrix: {cases} caller x target combinations agree with kill(2)");
+}
+
+#[test]
+fn kill_and_reap_kills_exactly_the_allowed_targets() {
+    let broker = Broker::start();
+    let mut cases = 0;
+    for caller in CALLERS {
+        for target in TARGETS {
+            let mut victim = Victim::spawn(*target, 4 * MIB);
+            let allowed = kernel_allows_kill(*caller, victim.pid);
+            let result = broker.reapctl(*caller, &["kill", &victim.pid.to_string(), "--wait", "2000"]);
+            if allowed {
+                assert_eq!(result.code, 0, "caller {caller:?} target {target:?}: {result:?}");
+                // A running victim may pass exit_mm() before the reap: the
+                // race the kernel series closes. Either outcome is correct.
+                let outcome = result.json["outcome"].as_str().unwrap_or_default();
+                assert!(outcome == "reaped" || outcome == "exited_before_reap", "{:?}", result.json);
+                assert_eq!(result.json["exited"], true);
+                assert_eq!(victim.wait(), Some(libc::SIGKILL));
+            } else {
+                assert_eq!(
+                    result.code, 6,
+                    "caller {caller:?} target {target:?} must be refused: {result:?}"
+                );
+                assert_eq!(result.json["error"], "permission_denied");
+                assert!(victim.running(), "a refused kill left {target:?} dead");
+            }
+            cases += 1;
+        }
+    }
+    eprintln!("kill matrix: {cases} combinations");
+}
+
+#[test]
+fn report_says_who_and_what_was_freed() {
+    let broker = Broker::start();
+    // Frozen (v1 freezer) so the victim cannot win the race to exit_mm().
+    let freezer = Freezer::new("reapd-e2e-report");
+    let mut victim = Victim::spawn(Creds::uid(A), 64 * MIB);
+    freezer.freeze(victim.pid);
+    let start_time = victim.start_time().to_string();
+    let r = broker.reapctl(
+        Creds::uid(A),
+        &[
+            "kill",
+            &victim.pid.to_string(),
+            "--start-time",
+            &start_time,
+            "--wait",
+            "2000",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json;
+    assert_eq!(j["outcome"], "reaped");
+    assert_eq!(j["kill_path"], "kill_then_mrelease");
+    assert_eq!(j["rule"], "kill(2)");
+    assert_eq!(j["target"]["pid"], victim.pid);
+    assert_eq!(j["target"]["uid"], A);
+    assert_eq!(j["target"]["start_time"].to_string(), start_time);
+    assert!(j["target"]["comm"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(j["memory_before"]["anon_bytes"].as_u64().unwrap() >= 64 * MIB as u64);
+    assert!(j["bytes_released"].as_u64().unwrap() >= 60 * MIB as u64, "{j}");
+    assert!(j["kill_to_reap_ns"].as_u64().unwrap() > 0);
+    // Frozen, it cannot exit within the wait.
+    assert_eq!(j["exited"], false);
+    freezer.thaw();
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+    // One decision and one outcome record, with the caller's identity.
+    assert!(wait_for_log(
+        &broker.log,
+        &format!("target_pid={}", victim.pid),
+        Duration::from_secs(2)
+    ));
+    let log = broker.log_text();
+    let records: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("target_pid={}", victim.pid)))
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records[0].contains("event=\"decision\"") && records[0].contains("allowed=true"));
+    assert!(records[1].contains("event=\"outcome\"") && records[1].contains("outcome=\"reaped\""));
+    assert!(records.iter().all(|r| r.contains(&format!("caller_uid={A}"))));
+}
+
+#[test]
+fn refusal_names_the_reason() {
+    let broker = Broker::start();
+    let victim = Victim::spawn(Creds::uid(B), 0);
+    let r = broker.reapctl(Creds::uid(A), &["check", &victim.pid.to_string()]);
+    assert_eq!(r.code, 1);
+    let reason = r.json["reason"].as_str().unwrap();
+    assert!(reason.contains("61001") && reason.contains("61002"), "{reason}");
+    let r = broker.reapctl(Creds::uid(A), &["kill", &victim.pid.to_string()]);
+    assert_eq!(r.code, 6);
+    assert!(victim.running());
+    assert!(wait_for_log(&broker.log, "allowed=false", Duration::from_secs(2)));
+}
+
+#[test]
+fn hostile_pids_get_precise_errors() {
+    let broker = Broker::start();
+    let own = broker.pid().to_string();
+    let cases: &[(&str, i32)] = &[
+        ("0", 4),
+        ("-1", 4),
+        ("1", 6),
+        ("2147483647", 5),
+        (&own, 6),
+        ("2", 6), // kthreadd
+    ];
+    for (pid, code) in cases {
+        for creds in [Creds::ROOT, Creds::uid(A)] {
+            let r = broker.reapctl(creds, &["kill", "--", pid]);
+            assert_eq!(r.code, *code, "kill {pid} as {creds:?}: {r:?}");
+        }
+    }
+    // A thread id is not a process.
+    let r = broker.reapctl(Creds::ROOT, &["caps"]);
+    assert_eq!(r.code, 0);
+    let mut broker = broker;
+    assert!(broker.alive());
+}
+
+#[test]
+fn stale_start_time_is_refused_and_the_new_process_lives() {
+    let broker = Broker::start();
+    // Force the old pid onto a new process: write ns_last_pid before forking.
+    // Other processes may fork in between, so try a few times.
+    for _attempt in 0..50 {
+        let mut old = Victim::spawn(Creds::uid(A), 0);
+        let (old_pid, old_start) = (old.pid, old.start_time());
+        reapd_e2e::unsafe_kill(old_pid, libc::SIGKILL);
+        old.wait();
+        // Clock ticks are 10 ms: make sure the new process starts later.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (old_pid - 1).to_string()).unwrap();
+        let new = Victim::spawn(Creds::uid(A), 0);
+        if new.pid != old_pid {
+            continue;
+        }
+        assert_ne!(new.start_time(), old_start);
+        let r = broker.reapctl(
+            Creds::uid(A),
+            &["kill", &old_pid.to_string(), "--start-time", &old_start.to_string()],
+        );
+        assert_eq!(r.code, 7, "{r:?}");
+        assert_eq!(r.json["error"], "process_changed");
+        let r = broker.reapctl(
+            Creds::uid(A),
+            &["check", &old_pid.to_string(), "--start-time", &old_start.to_string()],
+        );
+        assert_eq!(r.code, 7, "{r:?}");
+        assert!(new.running(), "the new process at the reused pid was hit");
+        return;
+    }
+    panic!("could not get a pid reused in 50 attempts");
+}
+
+/// Raw bytes on the socket that are not gRPC.
+fn send_raw(broker: &Broker, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = UnixStream::connect(&broker.grpc).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = stream.write_all(bytes);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+#[test]
+fn garbage_http1_and_bad_frames_cost_nothing() {
+    let mut broker = Broker::start();
+    send_raw(&broker, b"\x00\x01\x02garbage\xff\xfe");
+    send_raw(&broker, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    // A valid HTTP/2 preface followed by a frame of an absurd length.
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend_from_slice(&[0xff, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    frames.extend_from_slice(&[0u8; 64]);
+    send_raw(&broker, &frames);
+    // Half a preface, then hang up.
+    send_raw(&broker, b"PRI * HTTP/2.0\r\n");
+    assert!(broker.alive());
+    let r = broker.reapctl(Creds::uid(A), &["caps"]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn idle_connections_are_capped_and_timed_out() {
+    let mut broker = Broker::start_with(&["--max-connections-per-uid", "100", "--idle-timeout-secs", "2"], &[]);
+    // Hundreds of idle connections from root: beyond 100 they are closed at
+    // once, the rest time out; callers of other uids are served meanwhile.
+    let idle: Vec<UnixStream> = (0..300).map(|_| UnixStream::connect(&broker.grpc).unwrap()).collect();
+    let r = broker.reapctl(Creds::uid(A), &["caps"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // The 300th connection was refused (closed without a byte).
+    let mut last = &idle[299];
+    last.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(last.read(&mut buf).unwrap_or(0), 0);
+    // The first one is closed by the idle timeout.
+    let mut first = &idle[0];
+    first.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut drained = Vec::new();
+    let closed = first.read_to_end(&mut drained).is_ok();
+    assert!(closed, "idle connection was not closed");
+    drop(idle);
+    assert!(broker.alive());
+}
+
+#[test]
+fn sigterm_exits_cleanly() {
+    let mut broker = Broker::start();
+    assert_eq!(broker.reapctl(Creds::uid(A), &["caps"]).code, 0);
+    assert_eq!(broker.stop(), Some(0));
+}
+
+/// A cgroup v1 freezer hierarchy: the one mounted, or one we mount. The
+/// cgroup2 freezer lets a SIGKILLed task go, so it proves nothing here.
+pub struct Freezer {
+    dir: std::path::PathBuf,
+    mounted: Option<tempfile::TempDir>,
+}
+
+impl Freezer {
+    pub fn new(name: &str) -> Freezer {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let existing = mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            let opts = r.nth(1)?;
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"))
+                .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+        });
+        let (root, mounted) = match existing {
+            Some(root) => (root, None),
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                let status = std::process::Command::new("mount")
+                    .args(["-t", "cgroup", "-o", "freezer", "reapd-freezer"])
+                    .arg(tmp.path())
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "cannot mount a v1 freezer");
+                (tmp.path().to_path_buf(), Some(tmp))
+            }
+        };
+        let dir = root.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        Freezer { dir, mounted }
+    }
+
+    pub fn freeze(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(self.dir.join("freezer.state"), "FROZEN").unwrap();
+        for _ in 0..500 {
+            if std::fs::read_to_string(self.dir.join("freezer.state")).unwrap().trim() == "FROZEN" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("freezer did not freeze");
+    }
+
+    pub fn thaw(&self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        self.thaw();
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(tmp) = &self.mounted {
+            let _ = std::process::Command::new("umount").arg(tmp.path()).status();
+        }
+    }
+}
+
+fn rss_anon(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// MemAvailable plus the pages sitting on per-CPU free lists, in bytes.
+fn available_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let avail: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let zoneinfo = std::fs::read_to_string("/proc/zoneinfo").unwrap();
+    let pcp_pages: u64 = zoneinfo
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("count:"))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum();
+    avail * 1024 + pcp_pages * 4096
+}
+
+#[test]
+fn frozen_victim_memory_is_back_when_kill_and_reap_returns() {
+    let broker = Broker::start();
+    let freezer = Freezer::new("reapd-e2e-reap");
+    const SIZE: usize = 1024 * MIB;
+    let mut victim = Victim::spawn(Creds::uid(A), SIZE);
+    freezer.freeze(victim.pid);
+    let before = available_bytes();
+    let r = broker.reapctl(Creds::uid(A), &["kill", &victim.pid.to_string()]);
+    let after = available_bytes();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json["outcome"], "reaped", "{:?}", r.json);
+    // Victim side: frozen, killed, and yet its anonymous memory is gone.
+    assert!(victim.running(), "a v1-frozen victim cannot run its exit path");
+    let left = rss_anon(victim.pid);
+    assert!(left < 8 * MIB as u64, "victim still holds {left} bytes");
+    // System side, counting per-CPU lists: at least 90% came back.
+    let back = after.saturating_sub(before);
+    assert!(back >= (SIZE as u64) * 9 / 10, "only {} MiB back", back >> 20);
+    assert!(r.json["bytes_released"].as_u64().unwrap() >= (SIZE as u64) * 9 / 10);
+    freezer.thaw();
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+}
+
+#[test]
+fn frozen_victim_keeps_its_memory_after_a_plain_kill() {
+    // The control for the test above: without the reap, the freezer holds it.
+    let freezer = Freezer::new("reapd-e2e-control");
+    let mut victim = Victim::spawn(Creds::uid(A), 256 * MIB);
+    freezer.freeze(victim.pid);
+    reapd_e2e::unsafe_kill(victim.pid, libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(rss_anon(victim.pid) >= 250 * MIB as u64);
+    freezer.thaw();
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+}
+
+#[test]
+fn disconnect_mid_call_keeps_serving_and_keeps_the_audit_record() {
+    let broker = Broker::start();
+    let freezer = Freezer::new("reapd-e2e-hangup");
+    let mut victim = Victim::spawn(Creds::uid(A), 16 * MIB);
+    freezer.freeze(victim.pid);
+    // Frozen, the victim never exits, so `--wait 5000` keeps the call open.
+    let mut ctl = std::process::Command::new(reapd_e2e::bin("reapctl"))
+        .arg("--socket")
+        .arg(&broker.grpc)
+        .args(["kill", &victim.pid.to_string(), "--wait", "5000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_log(
+        &broker.log,
+        &format!("target_pid={}", victim.pid),
+        Duration::from_secs(5)
+    ));
+    ctl.kill().unwrap();
+    ctl.wait().unwrap();
+    assert_eq!(broker.reapctl(Creds::uid(A), &["caps"]).code, 0);
+    // The outcome is audited even though nobody is left to read the reply.
+    assert!(
+        wait_for_log(&broker.log, "event=\"outcome\"", Duration::from_secs(8)),
+        "{}",
+        broker.log_text()
+    );
+    freezer.thaw();
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+}
