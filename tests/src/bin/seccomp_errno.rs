@@ -9,7 +9,7 @@
 //! - `pidfd_get_info=ERRNO`: the PIDFD_GET_INFO ioctl fails.
 //! - `so_peerpidfd=ERRNO`: getsockopt(SOL_SOCKET, SO_PEERPIDFD) fails.
 //!
-//! ERRNO is a name: ENOSYS, EINVAL, ENOTTY, ENOPROTOOPT, EAGAIN, EPERM.
+//! ERRNO is a name: ENOSYS, EINVAL, ENOTTY, ENOPROTOOPT, EAGAIN, EPERM, EBADF.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -29,6 +29,7 @@ fn errno(name: &str) -> u32 {
         "ENOPROTOOPT" => libc::ENOPROTOOPT,
         "EAGAIN" => libc::EAGAIN,
         "EPERM" => libc::EPERM,
+        "EBADF" => libc::EBADF,
         other => panic!("unknown errno {other}"),
     }) as u32
 }
