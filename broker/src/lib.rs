@@ -10,6 +10,7 @@
 //! - [`reaper`]: the kill and the reap.
 //! - [`engine`]: ties the above together, audits, and is what transports call.
 //! - [`grpc`]: the gRPC transport.
+//! - [`varlink`]: the varlink transport (`io.reapd.Reaper`), with pidfd passing.
 //! - [`features`]: kernel features probed once at start.
 //! - [`sys`]: the only `unsafe`: raw syscalls nobody else wraps.
 
@@ -25,3 +26,4 @@ pub mod procfs;
 pub mod reaper;
 pub mod sys;
 pub mod target;
+pub mod varlink;

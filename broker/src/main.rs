@@ -22,6 +22,10 @@ struct Args {
     /// Where to listen for gRPC.
     #[arg(long, default_value = "/run/reapd/grpc.sock")]
     grpc_socket: PathBuf,
+    /// Where to listen for varlink (io.reapd.Reaper). Default: io.reapd.Reaper
+    /// beside the gRPC socket, i.e. /run/reapd/io.reapd.Reaper.
+    #[arg(long)]
+    varlink_socket: Option<PathBuf>,
     /// Most connections open at once, all callers together.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
@@ -34,6 +38,19 @@ struct Args {
     /// Log format: "text", or "json" (one object per line).
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Policy file (TOML, see docs/policy.md). Default
+    /// /etc/reapd/policy.toml; if that does not exist, the built-in default.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Validate a policy file: prints file:line:col: message per problem and
+    /// exits non-zero if there is any.
+    CheckPolicy { file: PathBuf },
 }
 
 fn init_logging(format: &str) {
@@ -51,7 +68,21 @@ fn init_logging(format: &str) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::CheckPolicy { file }) = &args.command {
+        return reapd::reload::check_policy_command(file);
+    }
     init_logging(&args.log_format);
+    let policy_source = reapd::reload::PolicySource::new(args.policy.clone());
+    let (policy, kill_limits) = match policy_source.load() {
+        Ok((policy, kill_limits, origin)) => {
+            tracing::info!(path = %policy_source.path.display(), origin, rules = policy.rules().len(), "policy loaded");
+            (policy, kill_limits)
+        }
+        Err(err) => {
+            tracing::error!(error = %err.to_string().replace('\n', "; "), "invalid policy; refusing to start");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let features = KernelFeatures::probe();
     for note in &features.notes {
@@ -77,6 +108,18 @@ fn main() -> ExitCode {
         }
     };
 
+    let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
+        let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
+        dir.join(reapd::varlink::INTERFACE)
+    });
+    let varlink_listener = match listener::bind(&varlink_socket, 0o666) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(socket = %varlink_socket.display(), error = %err, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -95,14 +138,24 @@ fn main() -> ExitCode {
         max_per_uid: args.max_connections_per_uid,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
     };
-    let engine = Arc::new(Engine::new(features, Policy::default(), KillLimits::default()));
+    let engine = Arc::new(Engine::new(features, policy, kill_limits));
+    runtime.spawn(reapd::reload::reload_on_sighup(Arc::clone(&engine), policy_source));
     let result = runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener)?;
         tracing::info!(socket = %args.grpc_socket.display(), "serving gRPC");
         let counter = Arc::new(ConnectionCounter::default());
-        reapd::grpc::serve(listener, engine, limits, counter, shutdown_signal())
-            .await
-            .map_err(std::io::Error::other)
+        let varlink_listener = tokio::net::UnixListener::from_std(varlink_listener)?;
+        tracing::info!(socket = %varlink_socket.display(), "serving varlink");
+        let varlink = reapd::varlink::serve(
+            varlink_listener,
+            Arc::clone(&engine),
+            limits,
+            Arc::clone(&counter),
+            shutdown_signal(),
+        );
+        let grpc = reapd::grpc::serve(listener, engine, limits, counter, shutdown_signal());
+        let (grpc, varlink) = tokio::join!(grpc, varlink);
+        grpc.map_err(std::io::Error::other).and(varlink)
     });
     match result {
         Ok(()) => {

@@ -11,3 +11,8 @@ pub mod v1 {
     /// Encoded `FileDescriptorSet` for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("reapd_descriptor");
 }
+
+/// The varlink IDL of the same API: interface `io.reapd.Reaper`, served by
+/// `reapd --varlink-socket` and returned by
+/// `org.varlink.service.GetInterfaceDescription`.
+pub const VARLINK_INTERFACE: &str = include_str!("../io.reapd.Reaper.varlink");

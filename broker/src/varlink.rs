@@ -1,0 +1,724 @@
+//! The varlink transport (`io.reapd.Reaper`, plus the `org.varlink.service`
+//! introspection methods). A thin adapter like [`crate::grpc`]: decode the
+//! call, call the engine, encode. No decision is made here.
+//!
+//! The protocol layer is written here rather than taken from a crate (see
+//! docs/varlink.md): `zlink` 0.8 serves one call at a time across all
+//! connections and closes a connection on an unknown method, and the
+//! `varlink` crate has no peer-credential or fd-passing API. What we need is
+//! small: NUL-terminated JSON objects, one task per connection, the peer
+//! identified at accept by [`listener::accept_loop`], and SCM_RIGHTS on
+//! receive so a client can name its target by a pidfd.
+//!
+//! Per connection, calls are answered in order (varlink has no call ids);
+//! different connections run in parallel, each call's blocking work on the
+//! engine's blocking pool.
+
+use std::future::Future;
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::caller::Caller;
+use crate::engine::{Capabilities, Engine, KillReport, KillRequest, PermissionReport};
+use crate::error::EngineError;
+use crate::listener::{self, Accepted, ConnectionCounter, ConnectionLimits};
+use crate::procfs::Memory;
+use crate::target::{TargetProcess, TargetSpec};
+
+/// The interface this broker implements.
+pub const INTERFACE: &str = "io.reapd.Reaper";
+/// The introspection interface every varlink service implements.
+pub const SERVICE_INTERFACE: &str = "org.varlink.service";
+
+/// The `org.varlink.service` IDL, as the varlink specification gives it.
+pub const SERVICE_DESCRIPTION: &str = "\
+# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+";
+
+/// Largest message the broker reads. Real calls are a few hundred bytes; a
+/// larger one gets an `InvalidMessage` reply and the connection is closed.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Most file descriptors accepted with one read. A call names at most one;
+/// the kernel drops (closes) any beyond the control buffer's room.
+const MAX_FDS_PER_READ: usize = 8;
+
+/// How long shutdown waits for calls in flight before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// A varlink error reply: its fully qualified name and its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VarlinkError {
+    pub name: &'static str,
+    pub parameters: Value,
+}
+
+impl VarlinkError {
+    fn new(name: &'static str, parameters: Value) -> Self {
+        VarlinkError { name, parameters }
+    }
+
+    pub fn invalid_parameter(parameter: &str) -> Self {
+        VarlinkError::new(
+            "org.varlink.service.InvalidParameter",
+            json!({ "parameter": parameter }),
+        )
+    }
+
+    fn invalid_message(reason: impl Into<String>) -> Self {
+        VarlinkError::new("io.reapd.Reaper.InvalidMessage", json!({ "reason": reason.into() }))
+    }
+}
+
+/// The one place engine errors become varlink errors (see
+/// [`crate::grpc::status_of`] for gRPC). `parameter` names the call
+/// parameter an `InvalidArgument` is about.
+pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
+    let reason = err.to_string();
+    match err {
+        EngineError::InvalidArgument(_) => VarlinkError::invalid_parameter(parameter),
+        EngineError::NotFound(_) => VarlinkError::new("io.reapd.Reaper.NoSuchProcess", json!({ "reason": reason })),
+        EngineError::PermissionDenied(_) => {
+            VarlinkError::new("io.reapd.Reaper.PermissionDenied", json!({ "reason": reason }))
+        }
+        EngineError::ProcessChanged(_) => {
+            VarlinkError::new("io.reapd.Reaper.ProcessChanged", json!({ "reason": reason }))
+        }
+        EngineError::RateLimited { retry_after, .. } => VarlinkError::new(
+            "io.reapd.Reaper.RateLimited",
+            json!({
+                "reason": reason,
+                "retryAfterMs": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            }),
+        ),
+        EngineError::Internal(_) => VarlinkError::new("io.reapd.Reaper.InternalError", json!({ "reason": reason })),
+    }
+}
+
+fn process_info(target: &TargetProcess) -> Value {
+    json!({
+        "pid": target.pid,
+        "uid": target.ruid,
+        "euid": target.euid,
+        "suid": target.suid,
+        "gid": target.gid,
+        "comm": target.comm,
+        "startTime": target.start_time,
+        "cgroup": target.cgroup,
+    })
+}
+
+fn memory(memory: &Memory) -> Value {
+    json!({
+        "anonBytes": memory.anon_bytes,
+        "fileBytes": memory.file_bytes,
+        "shmemBytes": memory.shmem_bytes,
+        "swapBytes": memory.swap_bytes,
+    })
+}
+
+fn kill_reply(report: KillReport) -> Value {
+    json!({
+        "outcome": report.reap.outcome.as_str(),
+        "notReapedReason": report.reap.not_reaped_reason,
+        "killPath": report.reap.kill_path.as_str(),
+        "target": process_info(&report.target),
+        "memoryBefore": memory(&report.reap.memory_before),
+        "bytesReleased": report.reap.bytes_released,
+        "killToReapNs": u64::try_from(report.reap.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
+        "exited": report.exited,
+        "rule": report.rule,
+        "reapRetries": report.reap.reap_retries,
+    })
+}
+
+fn permission_reply(report: PermissionReport) -> Value {
+    json!({
+        "allowed": report.decision.allowed,
+        "reason": report.decision.reason,
+        "target": process_info(&report.target),
+    })
+}
+
+fn capabilities_reply(caps: Capabilities) -> Value {
+    json!({
+        "brokerVersion": caps.broker_version,
+        "kernelRelease": caps.features.kernel_release,
+        "processMrelease": caps.features.process_mrelease,
+        "reapKillFlag": caps.features.reap_kill_flag,
+        "pidfdGetInfo": caps.features.pidfd_get_info,
+        "soPeerpidfd": caps.features.so_peerpidfd,
+        "cgroupKill": caps.features.cgroup_kill,
+        "killPath": caps.kill_path.as_str(),
+        "hasCapKill": caps.features.has_cap_kill,
+        "notes": caps.features.notes,
+    })
+}
+
+/// One decoded call.
+#[derive(Debug)]
+struct Call {
+    method: String,
+    parameters: Map<String, Value>,
+    oneway: bool,
+    more: bool,
+}
+
+/// Decodes one message (without its NUL). Errors are the reply to send.
+fn parse_call(bytes: &[u8]) -> Result<Call, VarlinkError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|err| VarlinkError::invalid_message(format!("not JSON: {err}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(VarlinkError::invalid_message("a call must be a JSON object"));
+    };
+    let method = match object.remove("method") {
+        Some(Value::String(method)) => method,
+        Some(_) => return Err(VarlinkError::invalid_message("\"method\" must be a string")),
+        None => return Err(VarlinkError::invalid_message("a call needs a \"method\"")),
+    };
+    let parameters = match object.remove("parameters") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(parameters)) => parameters,
+        Some(_) => return Err(VarlinkError::invalid_parameter("parameters")),
+    };
+    let flag = |object: &mut Map<String, Value>, name: &str| match object.remove(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(_) => Err(VarlinkError::invalid_parameter(name)),
+    };
+    let oneway = flag(&mut object, "oneway")?;
+    let more = flag(&mut object, "more")?;
+    let upgrade = flag(&mut object, "upgrade")?;
+    if upgrade {
+        // No method of ours upgrades the connection to another protocol.
+        return Err(VarlinkError::invalid_parameter("upgrade"));
+    }
+    Ok(Call {
+        method,
+        parameters,
+        oneway,
+        more,
+    })
+}
+
+/// Reads the optional integer parameter `name`, in `min..=max`. Null counts
+/// as absent, as varlink's `?int` allows.
+fn int_param(parameters: &Map<String, Value>, name: &str, min: i64, max: u64) -> Result<Option<u64>, VarlinkError> {
+    match parameters.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let in_range = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => (u <= max && (min <= 0 || u >= min as u64)).then_some(u),
+                (None, Some(i)) => (i >= min && i >= 0).then_some(i as u64),
+                _ => None,
+            };
+            in_range.map(Some).ok_or_else(|| VarlinkError::invalid_parameter(name))
+        }
+        Some(_) => Err(VarlinkError::invalid_parameter(name)),
+    }
+}
+
+/// Refuses parameters the method does not declare: a misspelt `startTime`
+/// must not silently drop the guard the caller meant to set.
+fn only_params(parameters: &Map<String, Value>, allowed: &[&str]) -> Result<(), VarlinkError> {
+    match parameters.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(VarlinkError::invalid_parameter(unknown)),
+        None => Ok(()),
+    }
+}
+
+/// The target a call names, and the parameter to blame if the engine calls
+/// it invalid. Takes the named fd out of `fds`; the rest are closed by the
+/// caller.
+fn target_of(
+    parameters: &Map<String, Value>,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(TargetSpec, &'static str), VarlinkError> {
+    let pid = int_param(parameters, "pid", 1, i32::MAX as u64)?;
+    let start_time = int_param(parameters, "startTime", 0, u64::MAX)?;
+    let pidfd = int_param(parameters, "pidfd", 0, u64::MAX)?;
+    match (pid, pidfd) {
+        (Some(pid), None) => Ok((
+            TargetSpec::Pid {
+                pid: pid as i32,
+                start_time,
+            },
+            "pid",
+        )),
+        (None, Some(index)) => {
+            if start_time.is_some() {
+                // A pidfd already names exactly one process; a start time
+                // would be a second, possibly contradicting, name.
+                return Err(VarlinkError::invalid_parameter("startTime"));
+            }
+            let index = usize::try_from(index).map_err(|_| VarlinkError::invalid_parameter("pidfd"))?;
+            if index >= fds.len() {
+                return Err(VarlinkError::invalid_parameter("pidfd"));
+            }
+            Ok((TargetSpec::Pidfd(fds.swap_remove(index)), "pidfd"))
+        }
+        (Some(_), Some(_)) => Err(VarlinkError::invalid_parameter("pidfd")),
+        (None, None) => Err(VarlinkError::invalid_parameter("pid")),
+    }
+}
+
+/// Answers one call: the reply parameters, or the error to send.
+async fn dispatch(
+    engine: &Engine,
+    caller: &Caller,
+    call: &Call,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<Value, VarlinkError> {
+    let (interface, name) = match call.method.rsplit_once('.') {
+        Some((interface, name)) if !interface.is_empty() && !name.is_empty() => (interface, name),
+        _ => {
+            return Err(VarlinkError::new(
+                "org.varlink.service.InterfaceNotFound",
+                json!({ "interface": call.method }),
+            ))
+        }
+    };
+    let method_not_found = || VarlinkError::new("org.varlink.service.MethodNotFound", json!({ "method": call.method }));
+    let params = &call.parameters;
+    match interface {
+        SERVICE_INTERFACE => match name {
+            "GetInfo" => {
+                only_params(params, &[])?;
+                Ok(json!({
+                    "vendor": "reapd",
+                    "product": "reapd",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "url": "https://example.invalid/reapd",
+                    "interfaces": [SERVICE_INTERFACE, INTERFACE],
+                }))
+            }
+            "GetInterfaceDescription" => {
+                only_params(params, &["interface"])?;
+                match params.get("interface") {
+                    Some(Value::String(i)) if i == INTERFACE => {
+                        Ok(json!({ "description": reapd_proto::VARLINK_INTERFACE }))
+                    }
+                    Some(Value::String(i)) if i == SERVICE_INTERFACE => {
+                        Ok(json!({ "description": SERVICE_DESCRIPTION }))
+                    }
+                    Some(Value::String(i)) => Err(VarlinkError::new(
+                        "org.varlink.service.InterfaceNotFound",
+                        json!({ "interface": i }),
+                    )),
+                    _ => Err(VarlinkError::invalid_parameter("interface")),
+                }
+            }
+            _ => Err(method_not_found()),
+        },
+        INTERFACE => match name {
+            "KillAndReap" => {
+                only_params(params, &["pid", "startTime", "pidfd", "waitForExitMs"])?;
+                let wait = int_param(params, "waitForExitMs", 0, u32::MAX as u64)?;
+                let (target, blame) = target_of(params, fds)?;
+                let request = KillRequest {
+                    target,
+                    wait_for_exit: wait.map(Duration::from_millis),
+                };
+                let report = engine
+                    .kill_and_reap(caller, request)
+                    .await
+                    .map_err(|err| error_of(err, blame))?;
+                Ok(kill_reply(report))
+            }
+            "CheckPermission" => {
+                only_params(params, &["pid", "startTime", "pidfd"])?;
+                let (target, blame) = target_of(params, fds)?;
+                let report = engine
+                    .check_permission(caller, target)
+                    .await
+                    .map_err(|err| error_of(err, blame))?;
+                Ok(permission_reply(report))
+            }
+            "GetCapabilities" => {
+                only_params(params, &[])?;
+                Ok(capabilities_reply(engine.capabilities()))
+            }
+            _ => Err(method_not_found()),
+        },
+        other => Err(VarlinkError::new(
+            "org.varlink.service.InterfaceNotFound",
+            json!({ "interface": other }),
+        )),
+    }
+}
+
+/// Whether the method exists: `more` is refused only on methods that exist
+/// (none of ours streams), so an unknown method still gets MethodNotFound.
+fn is_known_method(method: &str) -> bool {
+    matches!(
+        method,
+        "org.varlink.service.GetInfo"
+            | "org.varlink.service.GetInterfaceDescription"
+            | "io.reapd.Reaper.KillAndReap"
+            | "io.reapd.Reaper.CheckPermission"
+            | "io.reapd.Reaper.GetCapabilities"
+    )
+}
+
+fn encode(reply: Result<Value, VarlinkError>) -> Vec<u8> {
+    let value = match reply {
+        Ok(parameters) => json!({ "parameters": parameters }),
+        Err(err) => json!({ "error": err.name, "parameters": err.parameters }),
+    };
+    let mut bytes = serde_json::to_vec(&value).expect("a serde_json::Value always serializes");
+    bytes.push(0);
+    bytes
+}
+
+/// What one read brought.
+enum Read {
+    Data,
+    Eof,
+}
+
+/// One connection's state: its socket, caller, the bytes read but not yet
+/// decoded, and the fds that came with them.
+struct Connection {
+    stream: UnixStream,
+    caller: Arc<Caller>,
+    buffer: Vec<u8>,
+    /// Fds received since the last decoded message: they belong to the next
+    /// complete message (the kernel attaches them to the first byte of the
+    /// write that carried them, and a client sends them with its call).
+    fds: Vec<OwnedFd>,
+}
+
+impl Connection {
+    /// One recvmsg, with room for a few fds. Close-on-exec is set on
+    /// receipt; fds beyond the room are discarded by the kernel.
+    async fn read(&mut self) -> std::io::Result<Read> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            self.stream.readable().await?;
+            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_READ))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let received = self.stream.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut chunk)];
+                recvmsg(
+                    &self.stream,
+                    &mut iov,
+                    &mut control,
+                    RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+                )
+                .map_err(std::io::Error::from)
+            });
+            let received = match received {
+                Ok(received) => received,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            };
+            for message in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = message {
+                    self.fds.extend(fds);
+                }
+            }
+            if received.flags.contains(ReturnFlags::CTRUNC) {
+                tracing::debug!(
+                    caller_pid = self.caller.pid,
+                    "more fds than a call may pass; extra ones dropped"
+                );
+            }
+            if received.bytes == 0 {
+                return Ok(Read::Eof);
+            }
+            self.buffer.extend_from_slice(&chunk[..received.bytes]);
+            return Ok(Read::Data);
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
+        // A client that never reads its replies must not pin the task.
+        match tokio::time::timeout(timeout, self.stream.write_all(bytes)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client stopped reading",
+            )),
+        }
+    }
+}
+
+/// Serves one connection until the client closes it, it idles out, it
+/// sends an oversized message, or the broker shuts down (between calls).
+async fn serve_connection(
+    accepted: Accepted,
+    engine: Arc<Engine>,
+    idle_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Accepted {
+        stream,
+        caller,
+        slot: _slot,
+    } = accepted;
+    let mut conn = Connection {
+        stream,
+        caller,
+        buffer: Vec::new(),
+        fds: Vec::new(),
+    };
+    loop {
+        // Answer every complete message already buffered, in order.
+        while let Some(end) = conn.buffer.iter().position(|&b| b == 0) {
+            let message: Vec<u8> = conn.buffer.drain(..=end).collect();
+            // The fds that arrived with this message; whatever the call does
+            // not take is dropped (closed) at the end of this iteration.
+            let mut fds = std::mem::take(&mut conn.fds);
+            let (reply, oneway) = match parse_call(&message[..end]) {
+                Ok(call) if call.more && is_known_method(&call.method) => {
+                    // No method of ours streams: `more` is a malformed call.
+                    (Err(VarlinkError::invalid_parameter("more")), call.oneway)
+                }
+                Ok(call) => {
+                    let reply = dispatch(&engine, &conn.caller, &call, &mut fds).await;
+                    (reply, call.oneway)
+                }
+                Err(err) => (Err(err), false),
+            };
+            drop(fds);
+            if let Err(err) = &reply {
+                tracing::debug!(caller_pid = conn.caller.pid, error = err.name, "varlink call failed");
+            }
+            if !oneway {
+                if let Err(err) = conn.write(&encode(reply), idle_timeout).await {
+                    tracing::debug!(caller_pid = conn.caller.pid, error = %err, "cannot reply; closing");
+                    return;
+                }
+            }
+        }
+        if conn.buffer.len() > MAX_MESSAGE_BYTES {
+            let reply = Err(VarlinkError::invalid_message(format!(
+                "message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection"
+            )));
+            let _ = conn.write(&encode(reply), Duration::from_secs(1)).await;
+            tracing::info!(
+                caller_pid = conn.caller.pid,
+                caller_uid = conn.caller.uid,
+                "oversized varlink message; connection closed"
+            );
+            return;
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout(idle_timeout, conn.read()) => read,
+            _ = shutdown.changed() => return,
+        };
+        match read {
+            Ok(Ok(Read::Data)) => {}
+            Ok(Ok(Read::Eof)) => {
+                if !conn.buffer.is_empty() {
+                    tracing::debug!(caller_pid = conn.caller.pid, "connection closed mid-message");
+                }
+                return;
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(caller_pid = conn.caller.pid, error = %err, "read failed; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(caller_pid = conn.caller.pid, "connection idle; closing");
+                return;
+            }
+        }
+    }
+}
+
+/// Serves varlink on `listener` until `shutdown` completes, then finishes
+/// the calls in flight (up to a grace period) and returns. Mirrors
+/// [`crate::grpc::serve`]: same caller identity, same connection caps
+/// (`counter` may be shared with the gRPC listener), same idle timeout.
+pub async fn serve(
+    listener: UnixListener,
+    engine: Arc<Engine>,
+    limits: ConnectionLimits,
+    counter: Arc<ConnectionCounter>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let features = Arc::new(engine.features().clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a clone of `alive`; when all are gone,
+    // `all_done` yields None.
+    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    let idle = limits.idle_timeout;
+    let accept_engine = Arc::clone(&engine);
+    let acceptor = tokio::spawn(listener::accept_loop(
+        listener,
+        features,
+        limits,
+        counter,
+        move |accepted| {
+            let engine = Arc::clone(&accept_engine);
+            let stop = stop_rx.clone();
+            let alive = alive.clone();
+            tokio::spawn(async move {
+                serve_connection(accepted, engine, idle, stop).await;
+                drop(alive);
+            });
+            true
+        },
+    ));
+    shutdown.await;
+    acceptor.abort();
+    // The acceptor owned the last `alive` outside the tasks; wait for it to
+    // drop so `all_done` ends when the tasks do.
+    let _ = acceptor.await;
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_done.recv()).await.is_err() {
+        tracing::warn!("varlink calls still in flight after the grace period; stopping anyway");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_rejects_non_calls() {
+        for bad in [&b"nope"[..], b"[]", b"{}", b"{\"method\":1}", b"\"x\""] {
+            let err = parse_call(bad).unwrap_err();
+            assert_eq!(
+                err.name,
+                "io.reapd.Reaper.InvalidMessage",
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let err = parse_call(br#"{"method":"a.B","parameters":[]}"#).unwrap_err();
+        assert_eq!(err, VarlinkError::invalid_parameter("parameters"));
+        let err = parse_call(br#"{"method":"a.B","oneway":"yes"}"#).unwrap_err();
+        assert_eq!(err, VarlinkError::invalid_parameter("oneway"));
+    }
+
+    #[test]
+    fn int_params_are_range_checked() {
+        let params: Map<String, Value> =
+            serde_json::from_str(r#"{"a":0,"b":-1,"c":2147483648,"d":"1","e":1.5,"f":null,"g":7}"#).unwrap();
+        let max = i32::MAX as u64;
+        assert!(int_param(&params, "a", 1, max).is_err());
+        assert!(int_param(&params, "b", 0, max).is_err());
+        assert!(int_param(&params, "c", 1, max).is_err());
+        assert!(int_param(&params, "d", 1, max).is_err());
+        assert!(int_param(&params, "e", 1, max).is_err());
+        assert_eq!(int_param(&params, "f", 1, max), Ok(None));
+        assert_eq!(int_param(&params, "g", 1, max), Ok(Some(7)));
+        assert_eq!(int_param(&params, "missing", 1, max), Ok(None));
+    }
+
+    #[test]
+    fn target_needs_exactly_one_name() {
+        let mut fds = Vec::new();
+        let params = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
+        assert_eq!(
+            target_of(&params("{}"), &mut fds).unwrap_err(),
+            VarlinkError::invalid_parameter("pid")
+        );
+        assert_eq!(
+            target_of(&params(r#"{"pid":1,"pidfd":0}"#), &mut fds).unwrap_err(),
+            VarlinkError::invalid_parameter("pidfd")
+        );
+        assert_eq!(
+            target_of(&params(r#"{"pidfd":0}"#), &mut fds).unwrap_err(),
+            VarlinkError::invalid_parameter("pidfd")
+        );
+        assert!(matches!(
+            target_of(&params(r#"{"pid":5,"startTime":9}"#), &mut fds),
+            Ok((
+                TargetSpec::Pid {
+                    pid: 5,
+                    start_time: Some(9)
+                },
+                "pid"
+            ))
+        ));
+    }
+
+    #[test]
+    fn every_engine_error_has_a_name() {
+        let cases = [
+            (
+                EngineError::InvalidArgument("x".into()),
+                "org.varlink.service.InvalidParameter",
+            ),
+            (EngineError::NotFound("x".into()), "io.reapd.Reaper.NoSuchProcess"),
+            (
+                EngineError::PermissionDenied("x".into()),
+                "io.reapd.Reaper.PermissionDenied",
+            ),
+            (
+                EngineError::ProcessChanged("x".into()),
+                "io.reapd.Reaper.ProcessChanged",
+            ),
+            (
+                EngineError::RateLimited {
+                    reason: "x".into(),
+                    retry_after: Duration::from_millis(250),
+                },
+                "io.reapd.Reaper.RateLimited",
+            ),
+            (EngineError::Internal("x".into()), "io.reapd.Reaper.InternalError"),
+        ];
+        for (err, name) in cases {
+            let mapped = error_of(err, "pid");
+            assert_eq!(mapped.name, name);
+            // Every error name is declared in the published IDL.
+            let short = name.rsplit('.').next().unwrap();
+            let idl = if name.starts_with("org.") {
+                SERVICE_DESCRIPTION
+            } else {
+                reapd_proto::VARLINK_INTERFACE
+            };
+            assert!(idl.contains(&format!("error {short} (")), "{name} missing from the IDL");
+        }
+    }
+}
