@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("reapd_descriptor.bin"))
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::StrictProstCodec")
         .compile_protos(&["reapd/v1/reaper.proto"], &["."])?;
     println!("cargo:rerun-if-changed=reapd/v1/reaper.proto");
     println!("cargo:rerun-if-env-changed=PROTOC");

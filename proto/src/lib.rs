@@ -4,6 +4,8 @@
 //! `reapd/v1/reaper.proto`. [`VARLINK_INTERFACE`] is the varlink IDL of the
 //! same API (`io.reapd.Reaper`).
 
+pub mod codec;
+
 /// The `reapd.v1` gRPC API: messages, the `Reaper` client and server.
 pub mod v1 {
     tonic::include_proto!("reapd.v1");
