@@ -105,7 +105,14 @@ impl Engine {
                 return Err(err);
             }
         };
-        let decision = self.policy.load().decide(caller, &target, self.broker);
+        // One policy snapshot for both questions: may the caller ask about
+        // this target (the `check` grant), and would the kill be allowed.
+        let policy = self.policy.load();
+        if let Some(refusal) = policy.check_refusal(caller, &target) {
+            audit_decision("check", caller, &target, &refusal, started);
+            return Err(EngineError::PermissionDenied(refusal.reason));
+        }
+        let decision = policy.decide(caller, &target, self.broker);
         audit_decision("check", caller, &target, &decision, started);
         Ok(PermissionReport { decision, target })
     }

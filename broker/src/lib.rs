@@ -24,6 +24,7 @@ pub mod listener;
 pub mod policy;
 pub mod procfs;
 pub mod reaper;
+pub mod reload;
 pub mod sys;
 pub mod target;
 pub mod varlink;

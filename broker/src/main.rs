@@ -8,9 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use reapd::engine::Engine;
 use reapd::features::KernelFeatures;
-use reapd::limits::KillLimits;
 use reapd::listener::{self, ConnectionCounter, ConnectionLimits};
-use reapd::policy::Policy;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +36,19 @@ struct Args {
     /// Log format: "text", or "json" (one object per line).
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Policy file (TOML, see docs/policy.md). Default
+    /// /etc/reapd/policy.toml; if that does not exist, the built-in default.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Validate a policy file: prints file:line:col: message per problem and
+    /// exits non-zero if there is any.
+    CheckPolicy { file: PathBuf },
 }
 
 fn init_logging(format: &str) {
@@ -55,7 +66,21 @@ fn init_logging(format: &str) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::CheckPolicy { file }) = &args.command {
+        return reapd::reload::check_policy_command(file);
+    }
     init_logging(&args.log_format);
+    let policy_source = reapd::reload::PolicySource::new(args.policy.clone());
+    let (policy, kill_limits) = match policy_source.load() {
+        Ok((policy, kill_limits, origin)) => {
+            tracing::info!(path = %policy_source.path.display(), origin, rules = policy.rules().len(), "policy loaded");
+            (policy, kill_limits)
+        }
+        Err(err) => {
+            tracing::error!(error = %err.to_string().replace('\n', "; "), "invalid policy; refusing to start");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let features = KernelFeatures::probe();
     for note in &features.notes {
@@ -111,7 +136,8 @@ fn main() -> ExitCode {
         max_per_uid: args.max_connections_per_uid,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
     };
-    let engine = Arc::new(Engine::new(features, Policy::default(), KillLimits::default()));
+    let engine = Arc::new(Engine::new(features, policy, kill_limits));
+    runtime.spawn(reapd::reload::reload_on_sighup(Arc::clone(&engine), policy_source));
     let result = runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener)?;
         tracing::info!(socket = %args.grpc_socket.display(), "serving gRPC");

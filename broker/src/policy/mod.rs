@@ -1,15 +1,33 @@
-//! May this caller kill this target?
+//! May this caller kill this target? (See `docs/policy.md` for the file
+//! format and the exact semantics.)
 //!
-//! The decision is a pure function of the caller's kernel-given identity and
-//! the pinned target's facts. Order of evaluation:
-//! 1. **Protected** targets are refused for every caller, root included.
-//! 2. The **kill(2) rule** (the default rule): allowed iff the caller's
-//!    effective or real uid equals the target's real or saved uid, or the
-//!    caller is root — exactly `kill_ok_by_cred()` in `kernel/signal.c`,
-//!    with "root" standing for CAP_KILL.
-//! 3. Nothing matched: refused, with the reason.
+//! The decision is a pure function of the caller's kernel-given identity,
+//! the pinned target's facts and the compiled policy. For kill-and-reap:
+//! 1. **Protected** targets are refused for every caller, root included
+//!    (pid 1, kernel threads, the broker, oom_score_adj -1000 unless switched
+//!    off, and whatever the file's `protect` section names).
+//! 2. A matching **deny** rule refuses. Deny wins over every allow,
+//!    including the kill(2) rule.
+//! 3. The **kill(2) rule** (on by default, can be switched off): allowed iff
+//!    the caller's effective or real uid equals the target's real or saved
+//!    uid, or the caller is root — exactly `kill_ok_by_cred()` in
+//!    `kernel/signal.c`, with "root" standing for CAP_KILL.
+//! 4. A matching **allow** rule allows.
+//! 5. Nothing matched: refused, with the reason.
 //!
-//! Every decision names the rule or protection that decided it.
+//! Rules are kept sorted by their (unique) name and every "which rule" choice
+//! takes the first by name, so the order of rules in the file never changes
+//! a decision nor its explanation. Every decision names the rule or
+//! protection that decided it.
+
+pub mod compile;
+pub mod file;
+pub mod matcher;
+
+use std::collections::HashMap;
+
+pub use compile::{compile, load_file, LoadError, Nss, PolicyError, Resolver};
+use matcher::{unit_of_cgroup, CallerMatch, Mode, Protected, TargetMatch};
 
 use serde::Serialize;
 
@@ -54,25 +72,200 @@ pub fn kill_rule_allows(creds: KillCreds) -> bool {
             .any(|uid| uid == creds.target_ruid || uid == creds.target_suid)
 }
 
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    /// Refuses instead of granting.
+    pub deny: bool,
+    /// Applies to kill-and-reap.
+    pub kill: bool,
+    /// Applies to check.
+    pub check: bool,
+    pub caller: CallerMatch,
+    pub target: TargetMatch,
+}
+
+/// Rule indexes by what the caller's matcher names, so a decision looks at
+/// the few rules that can match this caller instead of all of them. A rule
+/// sits in exactly one index (its most selective field); rules with nothing
+/// indexable sit in `unindexed` and are looked at for every caller.
+#[derive(Debug, Clone, Default)]
+struct CallerIndex {
+    by_uid: HashMap<u32, Vec<u32>>,
+    by_gid: HashMap<u32, Vec<u32>>,
+    by_cgroup: HashMap<String, Vec<u32>>,
+    by_unit: HashMap<String, Vec<u32>>,
+    unindexed: Vec<u32>,
+}
+
+/// Id ranges up to this size are indexed id by id; wider ones go unindexed.
+const MAX_EXPANDED_RANGE: u32 = 256;
+
+impl CallerIndex {
+    fn build(rules: &[Rule]) -> Self {
+        let mut index = CallerIndex::default();
+        let small = |spans: &[matcher::IdSpan]| {
+            !spans.is_empty()
+                && spans.iter().map(|s| u64::from(s.hi - s.lo) + 1).sum::<u64>() <= u64::from(MAX_EXPANDED_RANGE)
+        };
+        for (i, rule) in rules.iter().enumerate() {
+            let i = i as u32;
+            let c = &rule.caller;
+            if c.any {
+                index.unindexed.push(i);
+            } else if small(&c.uids) {
+                for span in &c.uids {
+                    for id in span.lo..=span.hi {
+                        index.by_uid.entry(id).or_default().push(i);
+                    }
+                }
+            } else if small(&c.gids) {
+                for span in &c.gids {
+                    for id in span.lo..=span.hi {
+                        index.by_gid.entry(id).or_default().push(i);
+                    }
+                }
+            } else if !c.cgroups.is_empty() {
+                for path in &c.cgroups {
+                    index.by_cgroup.entry(path.clone()).or_default().push(i);
+                }
+            } else if !c.units.is_empty() && c.units.iter().all(|g| !g.text.contains(['*', '?', '[', '{', '\\'])) {
+                for glob in &c.units {
+                    index.by_unit.entry(glob.text.clone()).or_default().push(i);
+                }
+            } else {
+                index.unindexed.push(i);
+            }
+        }
+        index
+    }
+
+    /// Indexes of the rules that may match `caller`, sorted, without repeats.
+    fn candidates(&self, caller: &Caller) -> Vec<u32> {
+        let mut out: Vec<u32> = self.unindexed.clone();
+        let mut add = |list: Option<&Vec<u32>>| {
+            if let Some(list) = list {
+                out.extend_from_slice(list);
+            }
+        };
+        add(self.by_uid.get(&caller.uid));
+        for gid in caller.all_groups() {
+            add(self.by_gid.get(&gid));
+        }
+        if let Some(cg) = caller.cgroup.as_deref() {
+            if !self.by_cgroup.is_empty() {
+                // The cgroup and each of its ancestors, up to "/".
+                let mut path = cg;
+                loop {
+                    add(self.by_cgroup.get(path));
+                    match path.rfind('/') {
+                        Some(0) if path.len() > 1 => path = "/",
+                        Some(0) | None => break,
+                        Some(i) => path = &path[..i],
+                    }
+                }
+            }
+            if let Some(unit) = unit_of_cgroup(cg) {
+                add(self.by_unit.get(unit));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// The compiled policy. `Policy::default()` is the built-in default: the
+/// kill(2) rule, the fixed protections, oom_score_adj -1000 protected,
+/// anyone may check.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// The kill(2)-equivalent default rule is on.
     pub kill_rule: bool,
+    /// Anyone may ask CheckPermission about any process (`check = "anyone"`);
+    /// otherwise a caller needs a `check` or `kill-and-reap` grant.
+    pub check_anyone: bool,
+    /// Protect processes with oom_score_adj -1000.
+    pub protect_oom_min: bool,
+    /// What the `protect` section names, sorted by label.
+    pub protected: Vec<Protected>,
+    /// Sorted by name (names are unique).
+    rules: Vec<Rule>,
+    index: CallerIndex,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { kill_rule: true }
+        Policy {
+            kill_rule: true,
+            check_anyone: true,
+            protect_oom_min: true,
+            protected: Vec::new(),
+            rules: Vec::new(),
+            index: CallerIndex::default(),
+        }
     }
 }
 
+/// Which operation a decision is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    KillAndReap,
+    Check,
+}
+
 impl Policy {
+    /// Installs `rules` (sorted by name, so file order never matters) and
+    /// builds their indexes.
+    pub fn set_rules(&mut self, mut rules: Vec<Rule>) {
+        rules.sort_by(|a, b| a.name.cmp(&b.name));
+        self.index = CallerIndex::build(&rules);
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The first rule by name that matches for `action` with effect `deny`.
+    fn first_match(
+        &self,
+        candidates: &[u32],
+        caller: &Caller,
+        target: &TargetProcess,
+        action: Action,
+        deny: bool,
+    ) -> Option<&Rule> {
+        let mode = if deny { Mode::Deny } else { Mode::Allow };
+        candidates
+            .iter()
+            .map(|i| &self.rules[*i as usize])
+            .filter(|r| r.deny == deny)
+            .filter(|r| match action {
+                Action::KillAndReap => r.kill,
+                // For check, an allow of kill-and-reap implies check; a deny
+                // of kill-and-reap does not forbid asking.
+                Action::Check => r.check || (!deny && r.kill),
+            })
+            .find(|r| r.caller.matches(caller) && r.target.matches(target, mode))
+    }
+
+    /// Would kill-and-reap be allowed, and why.
     pub fn decide(&self, caller: &Caller, target: &TargetProcess, broker: BrokerFacts) -> Decision {
-        if let Some(protection) = protection(target, broker) {
+        if let Some(protection) = self.protection(target, broker) {
             return Decision {
                 allowed: false,
-                rule: protection.0.into(),
+                rule: protection.0,
                 reason: protection.1,
+            };
+        }
+        let candidates = self.index.candidates(caller);
+        if let Some(rule) = self.first_match(&candidates, caller, target, Action::KillAndReap, true) {
+            return Decision {
+                allowed: false,
+                rule: rule.name.clone(),
+                reason: format!("denied by rule {:?}", rule.name),
             };
         }
         let creds = KillCreds {
@@ -100,36 +293,96 @@ impl Policy {
                 reason: format!("allowed by the kill(2) rule: {why}"),
             };
         }
+        if let Some(rule) = self.first_match(&candidates, caller, target, Action::KillAndReap, false) {
+            return Decision {
+                allowed: true,
+                rule: rule.name.clone(),
+                reason: format!("allowed by rule {:?}", rule.name),
+            };
+        }
         let caller_ids = match caller.real_uid {
             Some(ruid) if ruid != caller.uid => format!("euid {} / uid {ruid}", caller.uid),
             _ => format!("uid {}", caller.uid),
         };
+        let kill_rule = if self.kill_rule {
+            format!(
+                "caller {caller_ids} is not root and owns neither the target's real uid {} nor its saved uid {}",
+                target.ruid, target.suid
+            )
+        } else {
+            format!("the kill(2) rule is off and no rule grants kill-and-reap to caller {caller_ids}")
+        };
         Decision {
             allowed: false,
             rule: "no-matching-rule".into(),
-            reason: format!(
-                "no rule allows it: caller {caller_ids} is not root and owns neither the target's real uid {} nor its saved uid {}",
-                target.ruid, target.suid
-            ),
+            reason: format!("no rule allows it: {kill_rule}"),
         }
     }
-}
 
-/// Targets nobody may kill through the broker.
-fn protection(target: &TargetProcess, broker: BrokerFacts) -> Option<(&'static str, String)> {
-    if target.pid == 1 {
-        return Some(("protect:init", "pid 1 (init) is protected".into()));
+    /// May the caller ask about this target at all? `None` if yes, else the
+    /// refusal. Asking is allowed when `check = "anyone"`, or a rule grants
+    /// `check` or `kill-and-reap` over the target, or the kill(2) rule
+    /// would allow the kill, and no deny rule for `check` matches.
+    pub fn check_refusal(&self, caller: &Caller, target: &TargetProcess) -> Option<Decision> {
+        let candidates = self.index.candidates(caller);
+        if let Some(rule) = self.first_match(&candidates, caller, target, Action::Check, true) {
+            return Some(Decision {
+                allowed: false,
+                rule: rule.name.clone(),
+                reason: format!("checking this process is denied by rule {:?}", rule.name),
+            });
+        }
+        if self.check_anyone {
+            return None;
+        }
+        let creds = KillCreds {
+            caller_euid: caller.uid,
+            caller_ruid: caller.real_uid,
+            target_ruid: target.ruid,
+            target_suid: target.suid,
+        };
+        if (self.kill_rule && kill_rule_allows(creds))
+            || self
+                .first_match(&candidates, caller, target, Action::Check, false)
+                .is_some()
+        {
+            return None;
+        }
+        Some(Decision {
+            allowed: false,
+            rule: "no-check-grant".into(),
+            reason: format!("no rule grants caller uid {} `check` over this process", caller.uid),
+        })
     }
-    if target.is_kernel_thread {
-        return Some((
-            "protect:kernel-thread",
-            format!("pid {} is a kernel thread", target.pid),
-        ));
+
+    /// Targets nobody may kill through the broker.
+    fn protection(&self, target: &TargetProcess, broker: BrokerFacts) -> Option<(String, String)> {
+        if target.pid == 1 {
+            return Some(("protect:init".into(), "pid 1 (init) is protected".into()));
+        }
+        if target.is_kernel_thread {
+            return Some((
+                "protect:kernel-thread".into(),
+                format!("pid {} is a kernel thread", target.pid),
+            ));
+        }
+        if target.pid == broker.pid {
+            return Some(("protect:broker".into(), "the broker does not kill itself".into()));
+        }
+        if self.protect_oom_min && target.oom_score_adj == -1000 {
+            return Some((
+                "protect:oom-score-adj".into(),
+                format!("pid {} has oom_score_adj -1000 (never OOM-kill)", target.pid),
+            ));
+        }
+        self.protected.iter().find(|p| p.matches(target)).map(|p| {
+            let label = p.label();
+            (
+                format!("protect:{label}"),
+                format!("pid {} is protected by the policy ({label})", target.pid),
+            )
+        })
     }
-    if target.pid == broker.pid {
-        return Some(("protect:broker", "the broker does not kill itself".into()));
-    }
-    None
 }
 
 #[cfg(test)]
