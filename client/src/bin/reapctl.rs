@@ -12,12 +12,13 @@
 //! - 8: rate limited
 //! - 10: any other broker error
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use reapd_client::{blocking::Client, Error, Target, DEFAULT_SOCKET};
+use reapd_client::varlink::{self, VarlinkTarget};
+use reapd_client::{blocking::Client, Capabilities, Error, KillReport, Permission, Target, DEFAULT_SOCKET};
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
@@ -27,9 +28,13 @@ use serde::Serialize;
     about = "Kill a process and reap its memory through the reapd broker"
 )]
 struct Args {
-    /// The broker's gRPC socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// The broker's socket [default: /run/reapd/grpc.sock, or
+    /// /run/reapd/io.reapd.Reaper with --varlink].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Speak varlink (io.reapd.Reaper) instead of gRPC.
+    #[arg(long, global = true)]
+    varlink: bool,
     /// Print results as JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
@@ -41,7 +46,13 @@ struct Args {
 enum Command {
     /// Kill PID with SIGKILL and reap its memory at once.
     Kill {
-        pid: i32,
+        #[arg(required_unless_present = "pidfd_of", conflicts_with = "pidfd_of")]
+        pid: Option<i32>,
+        /// Name the target by a pidfd: open it here, check --start-time
+        /// against the pinned process, and pass it with the call (varlink
+        /// only). The broker then acts on exactly that process.
+        #[arg(long, value_name = "PID")]
+        pidfd_of: Option<i32>,
         /// Refuse unless PID still started at this time (field 22 of /proc/PID/stat).
         #[arg(long)]
         start_time: Option<u64>,
@@ -91,11 +102,71 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("reports serialize"));
 }
 
+/// The transport a run speaks; both give the same typed results.
+enum Backend {
+    Grpc(Box<Client>),
+    Varlink(varlink::Client),
+}
+
+impl Backend {
+    fn kill(&mut self, target: VarlinkTarget, wait: Option<Duration>) -> Result<KillReport, Error> {
+        match (self, target) {
+            (Backend::Grpc(c), VarlinkTarget::Pid(t)) => c.kill_and_reap(t, wait),
+            (Backend::Varlink(c), target) => Ok(c.kill_and_reap(target, wait)?),
+            (Backend::Grpc(_), VarlinkTarget::Pidfd(_)) => {
+                Err(Error::InvalidArgument("a pidfd can be passed over varlink only".into()))
+            }
+        }
+    }
+
+    fn check(&mut self, target: Target) -> Result<Permission, Error> {
+        match self {
+            Backend::Grpc(c) => c.check_permission(target),
+            Backend::Varlink(c) => Ok(c.check_permission(VarlinkTarget::Pid(target))?),
+        }
+    }
+
+    fn caps(&mut self) -> Result<Capabilities, Error> {
+        match self {
+            Backend::Grpc(c) => c.capabilities(),
+            Backend::Varlink(c) => Ok(c.capabilities()?),
+        }
+    }
+}
+
 fn run(args: Args) -> Result<u8, Error> {
-    let mut client = Client::connect(&args.socket)?;
+    let mut client = if args.varlink {
+        let socket = args.socket.as_deref().unwrap_or(Path::new(varlink::DEFAULT_SOCKET));
+        match varlink::Client::connect(socket) {
+            Ok(client) => Backend::Varlink(client),
+            Err(err) => {
+                report_error(args.json, "connect", &err.to_string());
+                return Ok(3);
+            }
+        }
+    } else {
+        if matches!(args.command, Command::Kill { pidfd_of: Some(_), .. }) {
+            eprintln!("reapctl: --pidfd-of needs --varlink: a pidfd can be passed over varlink only");
+            return Ok(2);
+        }
+        Backend::Grpc(Box::new(Client::connect(
+            args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET)),
+        )?))
+    };
     match args.command {
-        Command::Kill { pid, start_time, wait } => {
-            let report = client.kill_and_reap(Target { pid, start_time }, wait.map(Duration::from_millis))?;
+        Command::Kill {
+            pid,
+            pidfd_of,
+            start_time,
+            wait,
+        } => {
+            let target = match (pid, pidfd_of) {
+                (_, Some(of)) => VarlinkTarget::Pidfd(varlink::pidfd_of(of, start_time)?),
+                (Some(pid), None) => VarlinkTarget::Pid(Target { pid, start_time }),
+                (None, None) => unreachable!("clap requires a pid or --pidfd-of"),
+            };
+            let pid = pid.or(pidfd_of).unwrap_or_default();
+            let report = client.kill(target, wait.map(Duration::from_millis))?;
             if args.json {
                 print_json(&report);
             } else {
@@ -130,7 +201,7 @@ fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Check { pid, start_time } => {
-            let permission = client.check_permission(Target { pid, start_time })?;
+            let permission = client.check(Target { pid, start_time })?;
             if args.json {
                 print_json(&permission);
             } else {
@@ -140,7 +211,7 @@ fn run(args: Args) -> Result<u8, Error> {
             Ok(if permission.allowed { 0 } else { 1 })
         }
         Command::Caps => {
-            let caps = client.capabilities()?;
+            let caps = client.caps()?;
             if args.json {
                 print_json(&caps);
             } else {
@@ -168,19 +239,20 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            if json {
-                #[derive(Serialize)]
-                struct ErrorReply<'a> {
-                    error: &'a str,
-                    message: String,
-                }
-                print_json(&ErrorReply {
-                    error: error_kind(&err),
-                    message: err.to_string(),
-                });
-            }
-            eprintln!("reapctl: {err}");
+            report_error(json, error_kind(&err), &err.to_string());
             ExitCode::from(exit_code_of(&err))
         }
     }
+}
+
+fn report_error(json: bool, kind: &str, message: &str) {
+    if json {
+        #[derive(Serialize)]
+        struct ErrorReply<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        print_json(&ErrorReply { error: kind, message });
+    }
+    eprintln!("reapctl: {message}");
 }

@@ -1,0 +1,340 @@
+//! A blocking varlink client for the broker's `io.reapd.Reaper` interface,
+//! including passing a pidfd with a call (SCM_RIGHTS) so the broker acts on
+//! exactly the process the client holds.
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), reapd_client::varlink::Error> {
+//! use reapd_client::varlink::{pidfd_of, Client, VarlinkTarget};
+//! let mut client = Client::connect(reapd_client::varlink::DEFAULT_SOCKET)?;
+//! let pidfd = pidfd_of(4242, None)?;
+//! let report = client.kill_and_reap(VarlinkTarget::Pidfd(pidfd), None)?;
+//! println!("{}", report.outcome);
+//! # Ok(()) }
+//! ```
+
+use std::io::{IoSlice, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use serde_json::{json, Map, Value};
+
+use crate::{Capabilities, KillReport, MemoryUsage, Permission, ProcessInfo, Target};
+
+/// The broker's default varlink socket.
+pub const DEFAULT_SOCKET: &str = "/run/reapd/io.reapd.Reaper";
+
+/// Largest reply the client reads (replies are a few hundred bytes).
+const MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the broker at {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("varlink connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected reply from the broker: {0}")]
+    Protocol(String),
+    /// The broker answered with a varlink error.
+    #[error("{name}: {parameters}")]
+    Reply { name: String, parameters: Value },
+    /// The client could not name the target (`--pidfd-of`).
+    #[error("cannot open a pidfd for pid {pid}: {source}")]
+    Pidfd { pid: i32, source: std::io::Error },
+    #[error("pid {pid} started at {actual}, not {expected}")]
+    StartTimeMismatch { pid: i32, expected: u64, actual: u64 },
+}
+
+impl Error {
+    /// The varlink error name, if the broker answered with one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Error::Reply { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    fn reason(parameters: &Value) -> String {
+        parameters
+            .get("reason")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| parameters.to_string())
+    }
+}
+
+/// The same typed errors the gRPC client gives, so callers (and reapctl's
+/// exit codes) do not care which transport answered.
+impl From<Error> for crate::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Reply { name, parameters } => match name.as_str() {
+                "org.varlink.service.InvalidParameter" => crate::Error::InvalidArgument(format!(
+                    "invalid parameter {}",
+                    parameters.get("parameter").and_then(Value::as_str).unwrap_or("?")
+                )),
+                "io.reapd.Reaper.NoSuchProcess" => crate::Error::NotFound(Error::reason(&parameters)),
+                "io.reapd.Reaper.PermissionDenied" => crate::Error::PermissionDenied(Error::reason(&parameters)),
+                "io.reapd.Reaper.ProcessChanged" => crate::Error::ProcessChanged(Error::reason(&parameters)),
+                "io.reapd.Reaper.RateLimited" => crate::Error::RateLimited {
+                    message: Error::reason(&parameters),
+                    retry_after: parameters
+                        .get("retryAfterMs")
+                        .and_then(Value::as_u64)
+                        .map(Duration::from_millis),
+                },
+                _ => crate::Error::Other {
+                    code: tonic::Code::Internal,
+                    message: format!("{name}: {parameters}"),
+                },
+            },
+            Error::StartTimeMismatch { .. } => crate::Error::ProcessChanged(err.to_string()),
+            Error::Pidfd { ref source, .. } if source.raw_os_error() == Some(libc_esrch()) => {
+                crate::Error::NotFound(err.to_string())
+            }
+            other => crate::Error::Other {
+                code: tonic::Code::Unavailable,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+fn libc_esrch() -> i32 {
+    rustix::io::Errno::SRCH.raw_os_error()
+}
+
+/// How a varlink call names its target.
+#[derive(Debug)]
+pub enum VarlinkTarget {
+    Pid(Target),
+    /// A pidfd, passed with the call.
+    Pidfd(OwnedFd),
+}
+
+/// Opens a pidfd for `pid` and, if `expected_start` is given, checks the
+/// process it pins started then. The check is race-free: the start time is
+/// read after the pidfd pins the process, and trusted only if the process is
+/// still running afterwards (a pid is not reused while its process lives).
+pub fn pidfd_of(pid: i32, expected_start: Option<u64>) -> Result<OwnedFd, Error> {
+    let raw = rustix::process::Pid::from_raw(pid).ok_or_else(|| Error::Pidfd {
+        pid,
+        source: std::io::Error::from_raw_os_error(libc_esrch()),
+    })?;
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .map_err(|e| Error::Pidfd { pid, source: e.into() })?;
+    let start = crate::start_time_of(pid).map_err(|source| Error::Pidfd { pid, source })?;
+    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    if rustix::event::poll(&mut fds, Some(&zero)).map_err(|e| Error::Pidfd { pid, source: e.into() })? != 0 {
+        return Err(Error::Pidfd {
+            pid,
+            source: std::io::Error::from_raw_os_error(libc_esrch()),
+        });
+    }
+    if let Some(expected) = expected_start {
+        if expected != start {
+            return Err(Error::StartTimeMismatch {
+                pid,
+                expected,
+                actual: start,
+            });
+        }
+    }
+    Ok(pidfd)
+}
+
+/// A blocking connection to the broker's varlink socket. Calls on one
+/// connection are answered in order.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    buffer: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| Error::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Client {
+            stream,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// Makes one call, passing `fds` with it, and returns the reply's
+    /// parameters (or the broker's error).
+    pub fn call(&mut self, method: &str, parameters: Value, fds: &[&OwnedFd]) -> Result<Value, Error> {
+        let mut message = serde_json::to_vec(&json!({ "method": method, "parameters": parameters }))
+            .expect("a serde_json::Value always serializes");
+        message.push(0);
+        self.send(&message, fds)?;
+        let reply = self.receive()?;
+        let mut reply = match reply {
+            Value::Object(reply) => reply,
+            other => return Err(Error::Protocol(format!("reply is not an object: {other}"))),
+        };
+        let parameters = reply.remove("parameters").unwrap_or_else(|| Value::Object(Map::new()));
+        match reply.remove("error") {
+            Some(Value::String(name)) => Err(Error::Reply { name, parameters }),
+            Some(other) => Err(Error::Protocol(format!("error name is not a string: {other}"))),
+            None => Ok(parameters),
+        }
+    }
+
+    fn send(&mut self, message: &[u8], fds: &[&OwnedFd]) -> Result<(), Error> {
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let mut sent = 0;
+        while sent < message.len() {
+            let mut space = vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            // The fds ride with the first byte of the call, as the broker
+            // expects; later chunks (if the kernel splits) carry none.
+            if sent == 0 && !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+                return Err(Error::Protocol("too many fds for one call".into()));
+            }
+            match sendmsg(
+                &self.stream,
+                &[IoSlice::new(&message[sent..])],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => sent += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(err) => return Err(Error::Io(err.into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn receive(&mut self) -> Result<Value, Error> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == 0) {
+                let message: Vec<u8> = self.buffer.drain(..=end).collect();
+                return serde_json::from_slice(&message[..end]).map_err(|e| Error::Protocol(e.to_string()));
+            }
+            if self.buffer.len() > MAX_REPLY_BYTES {
+                return Err(Error::Protocol("reply too large".into()));
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(Error::Protocol("the broker closed the connection".into()));
+            }
+            self.buffer.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn target_call(
+        &mut self,
+        method: &str,
+        target: &VarlinkTarget,
+        mut extra: Map<String, Value>,
+    ) -> Result<Value, Error> {
+        match target {
+            VarlinkTarget::Pid(t) => {
+                extra.insert("pid".into(), json!(t.pid));
+                if let Some(start) = t.start_time {
+                    extra.insert("startTime".into(), json!(start));
+                }
+                self.call(method, Value::Object(extra), &[])
+            }
+            VarlinkTarget::Pidfd(fd) => {
+                extra.insert("pidfd".into(), json!(0));
+                self.call(method, Value::Object(extra), &[fd])
+            }
+        }
+    }
+
+    pub fn kill_and_reap(
+        &mut self,
+        target: VarlinkTarget,
+        wait_for_exit: Option<Duration>,
+    ) -> Result<KillReport, Error> {
+        let mut extra = Map::new();
+        if let Some(wait) = wait_for_exit {
+            extra.insert(
+                "waitForExitMs".into(),
+                json!(wait.as_millis().min(u32::MAX as u128) as u64),
+            );
+        }
+        let r = self.target_call("io.reapd.Reaper.KillAndReap", &target, extra)?;
+        let memory = r.get("memoryBefore").cloned().unwrap_or(Value::Null);
+        Ok(KillReport {
+            outcome: string(&r, "outcome"),
+            not_reaped_reason: string(&r, "notReapedReason"),
+            kill_path: string(&r, "killPath"),
+            target: r.get("target").map(process_info),
+            memory_before: MemoryUsage {
+                anon_bytes: uint(&memory, "anonBytes"),
+                file_bytes: uint(&memory, "fileBytes"),
+                shmem_bytes: uint(&memory, "shmemBytes"),
+                swap_bytes: uint(&memory, "swapBytes"),
+            },
+            bytes_released: uint(&r, "bytesReleased"),
+            kill_to_reap_ns: uint(&r, "killToReapNs"),
+            exited: boolean(&r, "exited"),
+            rule: string(&r, "rule"),
+            reap_retries: uint(&r, "reapRetries") as u32,
+        })
+    }
+
+    pub fn check_permission(&mut self, target: VarlinkTarget) -> Result<Permission, Error> {
+        let r = self.target_call("io.reapd.Reaper.CheckPermission", &target, Map::new())?;
+        Ok(Permission {
+            allowed: boolean(&r, "allowed"),
+            reason: string(&r, "reason"),
+            target: r.get("target").map(process_info),
+        })
+    }
+
+    pub fn capabilities(&mut self) -> Result<Capabilities, Error> {
+        let r = self.call("io.reapd.Reaper.GetCapabilities", json!({}), &[])?;
+        Ok(Capabilities {
+            broker_version: string(&r, "brokerVersion"),
+            kernel_release: string(&r, "kernelRelease"),
+            process_mrelease: boolean(&r, "processMrelease"),
+            reap_kill_flag: boolean(&r, "reapKillFlag"),
+            pidfd_get_info: boolean(&r, "pidfdGetInfo"),
+            so_peerpidfd: boolean(&r, "soPeerpidfd"),
+            cgroup_kill: boolean(&r, "cgroupKill"),
+            has_cap_kill: boolean(&r, "hasCapKill"),
+            kill_path: string(&r, "killPath"),
+            notes: r
+                .get("notes")
+                .and_then(Value::as_array)
+                .map(|notes| notes.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+fn string(v: &Value, key: &str) -> String {
+    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+fn uint(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or_default()
+}
+
+fn boolean(v: &Value, key: &str) -> bool {
+    v.get(key).and_then(Value::as_bool).unwrap_or_default()
+}
+
+fn process_info(v: &Value) -> ProcessInfo {
+    ProcessInfo {
+        pid: v.get("pid").and_then(Value::as_i64).unwrap_or_default() as i32,
+        uid: uint(v, "uid") as u32,
+        euid: uint(v, "euid") as u32,
+        suid: uint(v, "suid") as u32,
+        gid: uint(v, "gid") as u32,
+        comm: string(v, "comm"),
+        start_time: uint(v, "startTime"),
+        cgroup: string(v, "cgroup"),
+    }
+}
