@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Sets up and runs the reapd broker on a fresh Debian 12 machine, as root:
+# installs build dependencies, builds in release mode, installs the binaries,
+# and then either starts the socket-activated service (systemd as PID 1) or
+# runs the broker in the foreground (anything else: containers, VMs without
+# systemd). Ctrl-C stops a foreground broker.
+#
+#   sudo scripts/setup.sh              # as above
+#   sudo scripts/setup.sh --no-run     # build and install only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=1
+[[ "${1:-}" == "--no-run" ]] && RUN=0
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup.sh must run as root: it installs packages and the broker" >&2
+    exit 2
+fi
+
+# Toolchain: rustup's stable (Debian 12's cargo 1.65 is too old for these
+# crates). protoc comes from the protoc-bin-vendored crate.
+if ! command -v cargo >/dev/null; then
+    [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null; then
+    echo "no cargo: install Rust 1.85+ with rustup (https://rustup.rs), then rerun" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for pkg in build-essential pkg-config python3-venv; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}"
+fi
+
+cargo build --release --locked -p reapd -p reapd-client
+install -D -m 0755 target/release/reapd /usr/sbin/reapd
+install -D -m 0755 target/release/reapctl /usr/bin/reapctl
+echo "installed /usr/sbin/reapd and /usr/bin/reapctl"
+
+if [[ -d /run/systemd/system ]]; then
+    install -D -m 0644 systemd/reapd.socket /etc/systemd/system/reapd.socket
+    install -D -m 0644 systemd/reapd.service /etc/systemd/system/reapd.service
+    install -D -m 0644 systemd/sysusers.d/reapd.conf /etc/sysusers.d/reapd.conf
+    install -D -m 0644 systemd/tmpfiles.d/reapd.conf /etc/tmpfiles.d/reapd.conf
+    if [[ -f systemd/policy.toml && ! -e /etc/reapd/policy.toml ]]; then
+        install -D -m 0644 systemd/policy.toml /etc/reapd/policy.toml
+    fi
+    systemd-sysusers /etc/sysusers.d/reapd.conf
+    systemd-tmpfiles --create /etc/tmpfiles.d/reapd.conf || true
+    systemctl daemon-reload
+    if [[ $RUN -eq 1 ]]; then
+        systemctl enable --now reapd.socket
+        reapctl caps
+        echo "reapd.socket is listening; the broker starts on first use"
+    fi
+elif [[ $RUN -eq 1 ]]; then
+    echo "systemd is not PID 1: running the broker in the foreground (Ctrl-C stops it)"
+    echo "try, from another shell: reapctl caps"
+    exec /usr/sbin/reapd
+fi

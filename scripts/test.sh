@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Runs every test of reapd, as root (the tests switch uids, freeze cgroups,
+# mount a v1 freezer and boot kernels in qemu).
+#
+#   sudo scripts/test.sh           # everything, as CI does
+#   sudo scripts/test.sh --quick   # skip the two qemu suites (day-to-day)
+#
+# Prints one line per suite and ends with "total: N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+QUICK=0
+[[ "${1:-}" == "--quick" ]] && QUICK=1
+if [[ $(id -u) -ne 0 ]]; then
+    echo "scripts/test.sh must run as root (tests use setresuid, cgroups and qemu)" >&2
+    exit 2
+fi
+export CARGO_TERM_COLOR=never
+LOGS=$(mktemp -d /tmp/reapd-test.XXXXXX)
+PASSED=0
+FAILED=0
+declare -a SUITES=()
+
+# run NAME CMD...: runs one suite, keeps its output in $LOGS/NAME.log, and
+# adds its counts (from the runner's own summary lines) to the totals.
+run() {
+    local name=$1
+    shift
+    local log="$LOGS/$name.log"
+    local started=$SECONDS
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    local p f
+    p=$(grep -hoE '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+    f=$(grep -hoE '^test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+    if [[ $p -eq 0 && $f -eq 0 ]]; then
+        # pytest ("== 5 passed, 1 failed in 2s ==") and the plain "N passed, N failed".
+        local last
+        last=$(grep -E '[0-9]+ (passed|failed)' "$log" | tail -1)
+        p=$(grep -oE '[0-9]+ passed' <<<"$last" | grep -oE '[0-9]+' || echo 0)
+        f=$(grep -oE '[0-9]+ failed' <<<"$last" | grep -oE '[0-9]+' || echo 0)
+    fi
+    # A suite that exits non-zero counts at least one failure, whatever it printed.
+    if [[ $rc -ne 0 && $f -eq 0 ]]; then f=1; fi
+    PASSED=$((PASSED + p))
+    FAILED=$((FAILED + f))
+    SUITES+=("$(printf '%-16s rc=%-3s %5s passed %3s failed  %4ss' "$name" "$rc" "$p" "$f" $((SECONDS - started)))")
+}
+
+# Checks that are not tests count as one each.
+check() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    if "$@" >"$LOGS/$name.log" 2>&1; then
+        PASSED=$((PASSED + 1))
+        SUITES+=("$(printf '%-16s ok' "$name")")
+    else
+        cat "$LOGS/$name.log"
+        FAILED=$((FAILED + 1))
+        SUITES+=("$(printf '%-16s FAILED' "$name")")
+    fi
+}
+
+check fmt cargo fmt --all --check
+check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+check build cargo build --workspace --all-targets --locked
+run rust cargo test --workspace --locked -- --test-threads=2
+
+# Independent clients (grpcio, varlink) from a venv this script makes.
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv 2>/dev/null || {
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && python3 -m venv .venv
+    }
+fi
+check venv .venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/python
+
+if [[ $QUICK -eq 0 ]]; then
+    [[ -x kernel-patch/vm/run.sh || -f kernel-patch/vm/run.sh ]] && run kernel-vm bash kernel-patch/vm/run.sh
+    [[ -f systemd/vm/run.sh ]] && run systemd-vm bash systemd/vm/run.sh
+fi
+
+echo
+echo "=== summary (logs in $LOGS)"
+printf '%s\n' "${SUITES[@]}"
+echo "total: $PASSED passed, $FAILED failed"
+[[ $FAILED -eq 0 ]]
