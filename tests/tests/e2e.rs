@@ -91,7 +91,11 @@ fn kill_and_reap_kills_exactly_the_allowed_targets() {
                 // A running victim may pass exit_mm() before the reap: the
                 // race the kernel series closes. Either outcome is correct.
                 let outcome = result.json["outcome"].as_str().unwrap_or_default();
-                assert!(outcome == "reaped" || outcome == "exited_before_reap", "{:?}", result.json);
+                assert!(
+                    outcome == "reaped" || outcome == "exited_before_reap",
+                    "{:?}",
+                    result.json
+                );
                 assert_eq!(result.json["exited"], true);
                 assert_eq!(victim.wait(), Some(libc::SIGKILL));
             } else {
@@ -454,4 +458,38 @@ fn disconnect_mid_call_keeps_serving_and_keeps_the_audit_record() {
     );
     freezer.thaw();
     assert_eq!(victim.wait(), Some(libc::SIGKILL));
+}
+
+#[test]
+fn over_the_kill_rate_is_resource_exhausted_with_a_retry_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "[limits]\nkills = 2\ninterval-secs = 60\nburst = 2\n").unwrap();
+    let broker = Broker::start_with(&["--policy", policy.to_str().unwrap()], &[]);
+    let mut victims: Vec<Victim> = (0..3).map(|_| Victim::spawn(Creds::uid(A), 0)).collect();
+    for victim in &mut victims[..2] {
+        let r = broker.reapctl(Creds::uid(A), &["kill", &victim.pid.to_string()]);
+        assert_eq!(r.code, 0, "{r:?}");
+        victim.wait();
+    }
+    let r = broker.reapctl(Creds::uid(A), &["kill", &victims[2].pid.to_string()]);
+    assert_eq!(r.code, 8, "{r:?}");
+    assert_eq!(r.json["error"], "rate_limited");
+    assert!(
+        r.json["message"].as_str().unwrap().contains("retry after"),
+        "{:?}",
+        r.json
+    );
+    assert!(victims[2].running());
+    // Another uid has its own budget.
+    let mut other = Victim::spawn(Creds::uid(B), 0);
+    assert_eq!(broker.reapctl(Creds::uid(B), &["kill", &other.pid.to_string()]).code, 0);
+    other.wait();
+    // Checks have no side effect and are not rate limited.
+    assert_eq!(
+        broker
+            .reapctl(Creds::uid(A), &["check", &victims[2].pid.to_string()])
+            .code,
+        0
+    );
 }
