@@ -386,6 +386,9 @@ impl Policy {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
