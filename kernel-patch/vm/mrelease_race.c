@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Race count for the reapd kernel harness: kill and reap N fresh children
+ * and count how often the reap fails with ESRCH (the victim got past
+ * exit_mm() first).
+ *
+ *   mrelease_race plain N     pidfd_send_signal(SIGKILL), process_mrelease(0)
+ *   mrelease_race reapkill N  process_mrelease(PROCESS_MRELEASE_REAP_KILL)
+ *
+ * Prints one line: RACE mode=M cycles=N reaped=R esrch=E other=O sigkilled=K
+ * Exit 0 if every cycle ran (whatever the counts), 1 on setup errors.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef __NR_process_mrelease
+#define __NR_process_mrelease 448
+#endif
+#define PROCESS_MRELEASE_REAP_KILL (1 << 0)
+#define CHILD_MEM (1UL << 20)
+
+int main(int argc, char **argv)
+{
+	int reapkill, n, i, reaped = 0, esrch = 0, other = 0, sigkilled = 0;
+
+	if (argc != 3 || (strcmp(argv[1], "plain") && strcmp(argv[1], "reapkill"))) {
+		fprintf(stderr, "usage: %s plain|reapkill N\n", argv[0]);
+		return 1;
+	}
+	reapkill = !strcmp(argv[1], "reapkill");
+	n = atoi(argv[2]);
+
+	for (i = 0; i < n; i++) {
+		int ready[2], pidfd, status;
+		long ret;
+		pid_t pid;
+		char c;
+
+		if (pipe(ready))
+			return perror("pipe"), 1;
+		pid = fork();
+		if (pid < 0)
+			return perror("fork"), 1;
+		if (pid == 0) {
+			char *p = mmap(NULL, CHILD_MEM, PROT_READ | PROT_WRITE,
+				       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (p == MAP_FAILED)
+				_exit(2);
+			memset(p, 1, CHILD_MEM);
+			if (write(ready[1], "r", 1) != 1)
+				_exit(3);
+			for (;;)
+				pause();
+		}
+		close(ready[1]);
+		if (read(ready[0], &c, 1) != 1)
+			return fprintf(stderr, "child not ready\n"), 1;
+		close(ready[0]);
+		pidfd = syscall(SYS_pidfd_open, pid, 0);
+		if (pidfd < 0)
+			return perror("pidfd_open"), 1;
+		if (reapkill) {
+			ret = syscall(__NR_process_mrelease, pidfd,
+				      PROCESS_MRELEASE_REAP_KILL);
+		} else {
+			ret = syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+			if (ret)
+				return perror("pidfd_send_signal"), 1;
+			ret = syscall(__NR_process_mrelease, pidfd, 0);
+		}
+		if (!ret)
+			reaped++;
+		else if (errno == ESRCH)
+			esrch++;
+		else
+			other++;
+		if (ret && errno != ESRCH && other <= 3)
+			fprintf(stderr, "cycle %d: %s\n", i, strerror(errno));
+		if (ret && errno != ESRCH)
+			kill(pid, SIGKILL);	/* not killed by a failed REAP_KILL */
+		if (waitpid(pid, &status, 0) != pid)
+			return perror("waitpid"), 1;
+		sigkilled += WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+		close(pidfd);
+	}
+	printf("RACE mode=%s cycles=%d reaped=%d esrch=%d other=%d sigkilled=%d\n",
+	       argv[1], n, reaped, esrch, other, sigkilled);
+	return 0;
+}
