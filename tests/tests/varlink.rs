@@ -1,0 +1,580 @@
+//! End to end over varlink (`io.reapd.Reaper`): pidfd passing across pid
+//! reuse, concurrency across connections, hostile input, fd hygiene, and
+//! parity with gRPC on the same cases.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use reapd_client::varlink::{pidfd_of, Client, Error, VarlinkTarget};
+use reapd_client::Target;
+use reapd_e2e::{bin, fd_count, run_as, Broker, Creds, CtlResult, Value, Victim};
+use serde_json::json;
+
+const A: u32 = 61101;
+const B: u32 = 61102;
+const MIB: usize = 1 << 20;
+
+fn socket(broker: &Broker) -> PathBuf {
+    broker.dir.path().join("io.reapd.Reaper")
+}
+
+fn connect(broker: &Broker) -> Client {
+    Client::connect(socket(broker)).expect("connect to the varlink socket")
+}
+
+/// `reapctl --varlink --json ARGS` as `creds`.
+fn reapctl_varlink(broker: &Broker, creds: Creds, args: &[&str]) -> CtlResult {
+    let mut command = Command::new(bin("reapctl"));
+    command
+        .arg("--varlink")
+        .arg("--socket")
+        .arg(socket(broker))
+        .arg("--json")
+        .args(args);
+    CtlResult::from(run_as(creds, &mut command))
+}
+
+fn error_name(result: Result<impl std::fmt::Debug, Error>) -> (String, Value) {
+    match result {
+        Err(Error::Reply { name, parameters }) => (name, parameters),
+        other => panic!("expected a varlink error, got {other:?}"),
+    }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a live 2-int array; both fds are new and owned here.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Sends `bytes` with `fds` attached (SCM_RIGHTS), bypassing the client.
+fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[&OwnedFd]) {
+    let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: a plain sendmsg with a control buffer sized by CMSG_SPACE for
+    // exactly `raw.len()` ints; every pointer is to live local data.
+    unsafe {
+        let mut control = vec![0u8; libc::CMSG_SPACE(payload) as usize];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !raw.is_empty() {
+            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = control.len();
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(cmsg) as *mut i32, raw.len());
+        }
+        let sent = libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+        assert_eq!(
+            sent,
+            bytes.len() as isize,
+            "sendmsg: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Reads one NUL-terminated reply.
+fn read_reply(stream: &mut UnixStream) -> Option<Value> {
+    let mut data = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(1) if byte[0] == 0 => return serde_json::from_slice(&data).ok(),
+            Ok(1) => data.push(byte[0]),
+            _ => return None,
+        }
+    }
+}
+
+fn raw_call(stream: &mut UnixStream, message: &[u8]) -> Option<Value> {
+    let mut bytes = message.to_vec();
+    bytes.push(0);
+    stream.write_all(&bytes).ok()?;
+    read_reply(stream)
+}
+
+/// Waits (up to 5 s) for the broker's fd count to come back to `baseline`.
+fn settles_to(broker: &Broker, baseline: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = fd_count(broker.pid());
+        if now <= baseline || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
+    let broker = Broker::start();
+    // Force the old pid onto a new process: write ns_last_pid before forking.
+    // Other processes may fork in between, so try a few times.
+    for _attempt in 0..50 {
+        let mut old = Victim::spawn(Creds::uid(A), 0);
+        let old_pid = old.pid;
+        let pidfd = pidfd_of(old_pid, Some(old.start_time())).expect("pidfd of a live victim");
+        let second = pidfd.try_clone().unwrap();
+        reapd_e2e::unsafe_kill(old_pid, libc::SIGKILL);
+        old.wait();
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (old_pid - 1).to_string()).unwrap();
+        let new = Victim::spawn(Creds::uid(A), 0);
+        if new.pid != old_pid {
+            continue;
+        }
+        let mut client = connect(&broker);
+        let (name, params) = error_name(client.kill_and_reap(VarlinkTarget::Pidfd(pidfd), None));
+        assert_eq!(name, "io.reapd.Reaper.NoSuchProcess", "{params}");
+        let (name, _) = error_name(client.check_permission(VarlinkTarget::Pidfd(second)));
+        assert_eq!(name, "io.reapd.Reaper.NoSuchProcess");
+        assert!(new.running(), "the new process at the reused pid was hit");
+        // The pid names a live process, which a by-pid call would reach.
+        let check = client
+            .check_permission(VarlinkTarget::Pid(Target::pid(old_pid)))
+            .unwrap();
+        assert_eq!(check.target.unwrap().start_time, new.start_time());
+        return;
+    }
+    panic!("could not get a pid reused in 50 attempts");
+}
+
+#[test]
+fn reapctl_pidfd_of_kills_exactly_the_pinned_process() {
+    let broker = Broker::start();
+    let mut victim = Victim::spawn(Creds::uid(A), 16 * MIB);
+    let pid = victim.pid.to_string();
+
+    // A stale start time is caught on the client side, before any call.
+    let r = reapctl_varlink(
+        &broker,
+        Creds::uid(A),
+        &["kill", "--pidfd-of", &pid, "--start-time", "1"],
+    );
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(victim.running());
+
+    // Another uid may open the pidfd, but the broker's policy still decides.
+    let r = reapctl_varlink(&broker, Creds::uid(B), &["kill", "--pidfd-of", &pid]);
+    assert_eq!(r.code, 6, "{r:?}");
+    assert_eq!(r.json["error"], "permission_denied");
+    assert!(victim.running());
+
+    let start = victim.start_time().to_string();
+    let r = reapctl_varlink(
+        &broker,
+        Creds::uid(A),
+        &["kill", "--pidfd-of", &pid, "--start-time", &start, "--wait", "5000"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json["target"]["pid"], victim.pid);
+    assert_eq!(r.json["exited"], true);
+    assert!(["reaped", "exited_before_reap"].contains(&r.json["outcome"].as_str().unwrap()));
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+}
+
+#[test]
+fn a_passed_fd_that_is_not_a_pidfd_is_an_invalid_parameter() {
+    let broker = Broker::start();
+    let (read, _write) = pipe();
+    let mut client = connect(&broker);
+    let result = client.call("io.reapd.Reaper.KillAndReap", json!({ "pidfd": 0 }), &[&read]);
+    let (name, params) = error_name(result);
+    assert_eq!(name, "org.varlink.service.InvalidParameter");
+    assert_eq!(params, json!({ "parameter": "pidfd" }));
+    // An index past the fds passed.
+    let result = client.call("io.reapd.Reaper.CheckPermission", json!({ "pidfd": 1 }), &[&read]);
+    assert_eq!(error_name(result).1, json!({ "parameter": "pidfd" }));
+    // A pidfd plus a start time is two names for one target.
+    let victim = Victim::spawn(Creds::uid(A), 0);
+    let pidfd = pidfd_of(victim.pid, None).unwrap();
+    let result = client.call(
+        "io.reapd.Reaper.CheckPermission",
+        json!({ "pidfd": 0, "startTime": 1 }),
+        &[&pidfd],
+    );
+    assert_eq!(error_name(result).1, json!({ "parameter": "startTime" }));
+    assert!(victim.running());
+}
+
+#[test]
+fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
+    let broker = Broker::start();
+    const SLOW: usize = 10;
+    let victims: Vec<Victim> = (0..SLOW).map(|_| Victim::spawn(Creds::uid(A), 1024 * MIB)).collect();
+    let bystander = Victim::spawn(Creds::uid(A), 0);
+    let barrier = Arc::new(Barrier::new(SLOW + 1));
+    let origin = Instant::now();
+    let slow: Vec<_> = victims
+        .iter()
+        .map(|v| {
+            let (pid, path, barrier) = (v.pid, socket(&broker), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let mut client = Client::connect(path).unwrap();
+                barrier.wait();
+                let sent = origin.elapsed();
+                let report = client
+                    .kill_and_reap(VarlinkTarget::Pid(Target::pid(pid)), Some(Duration::from_secs(5)))
+                    .expect("slow kill");
+                (sent, origin.elapsed(), report)
+            })
+        })
+        .collect();
+    let mut checker = connect(&broker);
+    barrier.wait();
+    // Let the slow calls reach the broker first.
+    std::thread::sleep(Duration::from_millis(5));
+    let check_sent = origin.elapsed();
+    let permission = checker
+        .check_permission(VarlinkTarget::Pid(Target::pid(bystander.pid)))
+        .unwrap();
+    let check_done = origin.elapsed();
+    assert!(permission.allowed);
+
+    let results: Vec<_> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+    for (_, _, report) in &results {
+        assert!(report.memory_before.anon_bytes >= 1000 * MIB as u64, "{report:?}");
+        assert!(report.exited);
+    }
+    let mut slow_done: Vec<Duration> = results.iter().map(|r| r.1).collect();
+    slow_done.sort();
+    let last_slow = *slow_done.last().unwrap();
+    let check_latency = check_done - check_sent;
+    eprintln!(
+        "check latency {check_latency:?}; slow calls finished between {:?} and {last_slow:?} (check sent at {check_sent:?})",
+        slow_done[0]
+    );
+    // The check did not queue behind the reaps: it was answered before the
+    // last of them finished, in a fraction of the time they took.
+    assert!(
+        check_done < last_slow,
+        "check done at {check_done:?}, last reap at {last_slow:?}"
+    );
+    assert!(
+        check_latency * 4 < last_slow - check_sent,
+        "check took {check_latency:?}; reaps ran until {last_slow:?}"
+    );
+    drop(victims);
+}
+
+#[test]
+fn hostile_messages_get_error_replies_and_leak_nothing() {
+    let mut broker = Broker::start();
+    // Warm up (lazy runtime threads, first connection) before the baseline.
+    connect(&broker).capabilities().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let baseline = fd_count(broker.pid());
+
+    let mut stream = UnixStream::connect(socket(&broker)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let cases: &[(&[u8], &str, Value)] = &[
+        (b"{not json", "io.reapd.Reaper.InvalidMessage", Value::Null),
+        (b"[1,2]", "io.reapd.Reaper.InvalidMessage", Value::Null),
+        (b"{\"parameters\":{}}", "io.reapd.Reaper.InvalidMessage", Value::Null),
+        (b"\xff\xfe", "io.reapd.Reaper.InvalidMessage", Value::Null),
+        (
+            br#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":"1"}}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "pid"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":1.5}}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "pid"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":-1}}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "pid"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":4294967297}}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "pid"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":1,"waitForExitMs":-5}}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "waitForExitMs"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.CheckPermission","parameters":{"pid":1,"start_time":5}}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "start_time"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.CheckPermission","parameters":"x"}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "parameters"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.CheckPermission","parameters":{"pid":1},"more":1}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "more"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":1},"upgrade":true}"#,
+            "org.varlink.service.InvalidParameter",
+            json!({"parameter": "upgrade"}),
+        ),
+        (
+            br#"{"method":"io.reapd.Reaper.Explode"}"#,
+            "org.varlink.service.MethodNotFound",
+            json!({"method": "io.reapd.Reaper.Explode"}),
+        ),
+        (
+            br#"{"method":"NoDots"}"#,
+            "org.varlink.service.InterfaceNotFound",
+            json!({"interface": "NoDots"}),
+        ),
+        (
+            br#"{"method":"org.example.Thing.Do"}"#,
+            "org.varlink.service.InterfaceNotFound",
+            json!({"interface": "org.example.Thing"}),
+        ),
+    ];
+    for (message, name, params) in cases {
+        let reply = raw_call(&mut stream, message).unwrap_or_else(|| {
+            panic!(
+                "no reply to {}: log\n{}",
+                String::from_utf8_lossy(message),
+                broker.log_text()
+            )
+        });
+        assert_eq!(reply["error"], *name, "{}", String::from_utf8_lossy(message));
+        if !params.is_null() {
+            assert_eq!(reply["parameters"], *params);
+        }
+    }
+    // The connection survived all of that.
+    let reply = raw_call(&mut stream, br#"{"method":"io.reapd.Reaper.GetCapabilities"}"#).unwrap();
+    assert!(reply["parameters"]["brokerVersion"].is_string(), "{reply}");
+    drop(stream);
+
+    // Fds passed where none are expected are closed: the broker's copy of a
+    // pipe's write end is gone once our read end sees EOF.
+    for message in [
+        &br#"{"method":"io.reapd.Reaper.GetCapabilities"}"#[..],
+        br#"{"method":"io.reapd.Reaper.CheckPermission","parameters":{"pid":1}}"#,
+        br#"{"method":"org.varlink.service.GetInfo","oneway":true}"#,
+        b"{garbage",
+        br#"{"method":"io.reapd.Reaper.Explode"}"#,
+    ] {
+        for _ in 0..10 {
+            let (mut read, write) = {
+                let (r, w) = pipe();
+                (std::fs::File::from(r), w)
+            };
+            let (extra_r, extra_w) = pipe();
+            let mut stream = UnixStream::connect(socket(&broker)).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut bytes = message.to_vec();
+            bytes.push(0);
+            send_with_fds(&stream, &bytes, &[&write, &extra_r, &extra_w]);
+            if !message.windows(6).any(|w| w == b"oneway") {
+                assert!(read_reply(&mut stream).is_some());
+            }
+            drop((write, extra_r, extra_w, stream));
+            let mut buf = [0u8; 1];
+            // Blocks until every copy of the write end is closed.
+            assert_eq!(read.read(&mut buf).unwrap(), 0);
+        }
+    }
+
+    // An unterminated message, then hang up.
+    let mut stream = UnixStream::connect(socket(&broker)).unwrap();
+    stream.write_all(br#"{"method":"io.reapd.Reaper.GetCap"#).unwrap();
+    drop(stream);
+
+    // A 16 MiB message: an error reply, then the connection is closed.
+    let mut stream = UnixStream::connect(socket(&broker)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let writer = {
+        let mut stream = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b' '; MIB];
+            let mut written = 0;
+            for _ in 0..16 {
+                match stream.write_all(&chunk) {
+                    Ok(()) => written += chunk.len(),
+                    Err(_) => break,
+                }
+            }
+            written
+        })
+    };
+    let reply = read_reply(&mut stream).expect("a reply to an oversized message");
+    assert_eq!(reply["error"], "io.reapd.Reaper.InvalidMessage");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    let written = writer.join().unwrap();
+    assert!(written < 16 * MIB, "the broker read all 16 MiB");
+    drop(stream);
+
+    // 50 connections at once, each sent half a message with a pipe fd.
+    let held: Vec<UnixStream> = (0..50)
+        .map(|_| {
+            let s = UnixStream::connect(socket(&broker)).unwrap();
+            let (r, _w) = pipe();
+            send_with_fds(&s, b"{\"method\":", &[&r]);
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        fd_count(broker.pid()) > baseline + 50,
+        "half-read fds are held while the message is open"
+    );
+    drop(held);
+
+    assert!(broker.alive());
+    let after = settles_to(&broker, baseline);
+    assert!(after <= baseline, "broker fds: {baseline} before, {after} after");
+    connect(&broker).capabilities().unwrap();
+}
+
+/// The decision-relevant part of a reapctl --json result.
+fn summary(r: &CtlResult) -> Value {
+    json!({
+        "code": r.code,
+        "error": r.json.get("error"),
+        "allowed": r.json.get("allowed"),
+        "reason": r.json.get("reason"),
+        "rule": r.json.get("rule"),
+        "target_uid": r.json.pointer("/target/uid"),
+        "killed": r.json.get("outcome").map(|o| o == "reaped" || o == "exited_before_reap"),
+    })
+}
+
+#[test]
+fn grpc_and_varlink_agree_on_every_case() {
+    let broker = Broker::start();
+    let me = std::process::id().to_string();
+    // (caller, victim creds, or a fixed pid argument, extra args)
+    enum Who {
+        Victim(Creds),
+        Pid(&'static str),
+        Broker,
+        Me,
+    }
+    let cases: &[(&str, Creds, Who, &[&str])] = &[
+        ("root on a user", Creds::ROOT, Who::Victim(Creds::uid(A)), &[]),
+        ("same uid", Creds::uid(A), Who::Victim(Creds::uid(A)), &[]),
+        ("other uid", Creds::uid(B), Who::Victim(Creds::uid(A)), &[]),
+        ("user on root", Creds::uid(A), Who::Victim(Creds::ROOT), &[]),
+        (
+            "ruid match",
+            Creds::uids(A, B, B),
+            Who::Victim(Creds::uids(B, A, B)),
+            &[],
+        ),
+        (
+            "stale start",
+            Creds::uid(A),
+            Who::Victim(Creds::uid(A)),
+            &["--start-time", "1"],
+        ),
+        ("no such pid", Creds::uid(A), Who::Pid("4194303"), &[]),
+        ("pid zero", Creds::uid(A), Who::Pid("0"), &[]),
+        ("init", Creds::ROOT, Who::Pid("1"), &[]),
+        ("the broker", Creds::ROOT, Who::Broker, &[]),
+        ("the test itself", Creds::ROOT, Who::Me, &[]),
+    ];
+    let mut table = Vec::new();
+    for (label, caller, who, extra) in cases {
+        for command in ["check", "kill"] {
+            let mut outcomes = Vec::new();
+            for transport in ["grpc", "varlink"] {
+                let victim = match who {
+                    Who::Victim(creds) => Some(Victim::spawn(*creds, 8 * MIB)),
+                    _ => None,
+                };
+                let pid = match (who, &victim) {
+                    (_, Some(v)) => v.pid.to_string(),
+                    (Who::Pid(p), _) => p.to_string(),
+                    (Who::Broker, _) => broker.pid().to_string(),
+                    _ => me.clone(),
+                };
+                let mut args = vec![command, pid.as_str()];
+                args.extend_from_slice(extra);
+                if command == "kill" {
+                    args.extend_from_slice(&["--wait", "5000"]);
+                }
+                if command == "kill" && matches!(who, Who::Me | Who::Broker | Who::Pid("1")) {
+                    // Never actually kill these; the check already said.
+                    continue;
+                }
+                let r = match transport {
+                    "grpc" => broker.reapctl(*caller, &args),
+                    _ => reapctl_varlink(&broker, *caller, &args),
+                };
+                let mut s = summary(&r);
+                if let Some(v) = &victim {
+                    s["victim_alive"] = json!(v.running() && !matches!(r.json.get("exited"), Some(Value::Bool(true))));
+                }
+                outcomes.push(s);
+            }
+            if outcomes.len() == 2 {
+                assert_eq!(outcomes[0], outcomes[1], "{label} / {command}: gRPC vs varlink differ");
+                table.push(format!("{label:>16} {command:>5}: {}", outcomes[0]));
+            }
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+    assert!(table.len() >= 16);
+}
+
+#[test]
+fn check_permission_latency_over_varlink_and_grpc() {
+    let broker = Broker::start();
+    let victim = Victim::spawn(Creds::uid(A), 0);
+    const N: usize = 300;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+
+    let mut client = connect(&broker);
+    let target = || VarlinkTarget::Pid(Target::pid(victim.pid));
+    let mut varlink = Vec::with_capacity(N);
+    for _ in 0..N {
+        let t = Instant::now();
+        client.check_permission(target()).unwrap();
+        varlink.push(t.elapsed());
+    }
+
+    let mut grpc_client = reapd_client::blocking::Client::connect(&broker.grpc).unwrap();
+    let mut grpc = Vec::with_capacity(N);
+    for _ in 0..N {
+        let t = Instant::now();
+        grpc_client.check_permission(Target::pid(victim.pid)).unwrap();
+        grpc.push(t.elapsed());
+    }
+
+    // The engine's own time per check, from the audit records.
+    let in_process: Vec<Duration> = broker
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("action=\"check\"") || l.contains("action=check"))
+        .filter_map(|l| l.split("elapsed_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_micros)
+        .collect();
+    let (v, g) = (median(varlink), median(grpc));
+    let engine = (!in_process.is_empty()).then(|| median(in_process));
+    eprintln!("CheckPermission median over {N} calls: varlink {v:?}, gRPC {g:?}, engine alone {engine:?}");
+    assert!(v < Duration::from_millis(50) && g < Duration::from_millis(50));
+}
