@@ -137,7 +137,7 @@ fn main() -> ExitCode {
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
     };
     let engine = Arc::new(Engine::new(features, policy, kill_limits));
-    runtime.spawn(reapd::reload::reload_on_sighup(Arc::clone(&engine), policy_source));
+    reapd::reload::spawn_reloader(&runtime, Arc::clone(&engine), policy_source);
     let result = runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener)?;
         tracing::info!(socket = %args.grpc_socket.display(), "serving gRPC");

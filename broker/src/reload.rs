@@ -74,18 +74,24 @@ pub fn check_policy_command(path: &Path) -> ExitCode {
     }
 }
 
+/// Installs the SIGHUP handler now (so a SIGHUP from here on reloads
+/// instead of killing the daemon) and spawns the reload loop on `runtime`.
+pub fn spawn_reloader(runtime: &tokio::runtime::Runtime, engine: Arc<Engine>, source: PolicySource) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _context = runtime.enter();
+    match signal(SignalKind::hangup()) {
+        Ok(hup) => {
+            tracing::info!(path = %source.path.display(), "SIGHUP reloads the policy");
+            runtime.spawn(reload_on_sighup(hup, engine, source));
+        }
+        Err(err) => tracing::error!(error = %err, "cannot install the SIGHUP handler; policy reload is off"),
+    }
+}
+
 /// Reloads the policy on every SIGHUP until the runtime shuts down. Signals
 /// that arrive while a reload runs are coalesced into one more reload, which
 /// then reads the file as it is by then.
-pub async fn reload_on_sighup(engine: Arc<Engine>, source: PolicySource) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(hup) => hup,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot install the SIGHUP handler; policy reload is off");
-            return;
-        }
-    };
+async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, engine: Arc<Engine>, source: PolicySource) {
     while hup.recv().await.is_some() {
         let source = source.clone();
         let loaded = tokio::task::spawn_blocking(move || source.load()).await;
