@@ -6,6 +6,8 @@
  *
  *   mrelease_race plain N     pidfd_send_signal(SIGKILL), process_mrelease(0)
  *   mrelease_race reapkill N  process_mrelease(PROCESS_MRELEASE_REAP_KILL)
+ *   mrelease_race hold MB FILE  fault in MB MiB, create FILE, sleep forever
+ *                               (a victim for the broker's end-to-end test)
  *
  * Prints one line: RACE mode=M cycles=N reaped=R esrch=E other=O sigkilled=K
  * Exit 0 if every cycle ran (whatever the counts), 1 on setup errors.
@@ -31,6 +33,22 @@ int main(int argc, char **argv)
 {
 	int reapkill, n, i, reaped = 0, esrch = 0, other = 0, sigkilled = 0;
 
+	if (argc == 4 && !strcmp(argv[1], "hold")) {
+		size_t len = strtoul(argv[2], NULL, 0) << 20;
+		char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		FILE *f;
+
+		if (p == MAP_FAILED)
+			return perror("mmap"), 1;
+		memset(p, 0x5a, len);
+		f = fopen(argv[3], "w");
+		if (!f)
+			return perror("ready file"), 1;
+		fclose(f);
+		for (;;)
+			pause();
+	}
 	if (argc != 3 || (strcmp(argv[1], "plain") && strcmp(argv[1], "reapkill"))) {
 		fprintf(stderr, "usage: %s plain|reapkill N\n", argv[0]);
 		return 1;

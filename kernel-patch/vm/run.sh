@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# reapd kernel series harness: fetch Debian's linux-source-7.3, apply the
+# series, build a stock and a patched tinyconfig kernel, boot both under qemu
+# (TCG, 1 vCPU) with an initramfs holding the selftest, a race counter and
+# the broker, and report one line per check and `N passed, N failed`.
+#
+#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N]
+#
+# Environment:
+#   REAPD_KERNEL_CACHE  work directory (default /var/cache/reapd-kernel/harness)
+#   REAPD_KERNEL_KEEP=1 same as --keep-cache: reuse kernels already built
+#                       from the same series and config (CI runs cold)
+#   REAPD_BIN_DIR       directory with prebuilt reapd and reapctl (default:
+#                       build them with cargo at the repository root)
+#   RACE_CYCLES         kill+reap cycles per race count (default 1000)
+#   JOBS                make -j (default: nproc)
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+KP=$(dirname "$HERE")
+REPO=$(dirname "$KP")
+CACHE=${REAPD_KERNEL_CACHE:-/var/cache/reapd-kernel/harness}
+KEEP=${REAPD_KERNEL_KEEP:-0}
+CYCLES=${RACE_CYCLES:-1000}
+JOBS=${JOBS:-$(nproc)}
+PKG=linux-source-7.3
+QEMU_TIMEOUT=${QEMU_TIMEOUT:-900}
+
+while [[ $# -gt 0 ]]; do
+	case $1 in
+	--keep-cache) KEEP=1 ;;
+	--cycles) CYCLES=$2; shift ;;
+	*) echo "usage: $0 [--keep-cache] [--cycles N]" >&2; exit 2 ;;
+	esac
+	shift
+done
+
+PASSED=0
+FAILED=0
+pass() { echo "PASS $*"; PASSED=$((PASSED + 1)); }
+fail() { echo "FAIL $*"; FAILED=$((FAILED + 1)); }
+log() { echo "== $*" >&2; }
+finish() {
+	echo "$PASSED passed, $FAILED failed"
+	[[ $FAILED -eq 0 ]] && exit 0
+	exit 1
+}
+# Stop here: report what has run and one failure for the step that broke.
+die() { fail "$1"; finish; }
+
+[[ $(id -u) -eq 0 ]] || die "harness: must run as root (apt-get, uids in the VM)"
+mkdir -p "$CACHE"
+T0=$(date +%s)
+
+# --- host packages --------------------------------------------------------
+log "installing host packages"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >"$CACHE/apt.log" 2>&1 || die "apt-get update (see $CACHE/apt.log)"
+apt-get install -y -qq --no-install-recommends \
+	qemu-system-x86 build-essential flex bison bc libelf-dev libssl-dev \
+	cpio xz-utils busybox-static perl python3 ca-certificates \
+	>>"$CACHE/apt.log" 2>&1 || die "apt-get install (see $CACHE/apt.log)"
+pass "host: build and qemu packages installed"
+
+# --- the source, through a private apt configuration ----------------------
+STAMP=$(cat "$KP"/series/0*.patch "$KP"/config/reapd.config | sha256sum | cut -c1-16)
+if [[ $KEEP != 1 ]]; then
+	log "cold run: clearing $CACHE"
+	rm -rf "$CACHE"/apt "$CACHE"/src-* "$CACHE"/build-* "$CACHE"/deb "$CACHE"/*.deb
+fi
+APTDIR=$CACHE/apt
+mkdir -p "$APTDIR"/lists/partial "$APTDIR"/cache/archives/partial "$APTDIR"/etc
+echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main" \
+	>"$APTDIR/etc/sources.list"
+APTOPT=(-o "Dir::Etc::sourcelist=$APTDIR/etc/sources.list" -o "Dir::Etc::sourceparts=/dev/null"
+	-o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache"
+	-o "APT::Sandbox::User=root")
+if [[ ! -f $CACHE/src-stock/Makefile ]]; then
+	log "fetching $PKG (private sources.list: trixie-backports)"
+	apt-get "${APTOPT[@]}" update -qq >>"$CACHE/apt.log" 2>&1 || die "source: apt-get update of trixie-backports"
+	(cd "$CACHE" && apt-get "${APTOPT[@]}" download "$PKG" >>"$CACHE/apt.log" 2>&1) ||
+		die "source: apt-get download $PKG"
+	rm -rf "$CACHE/deb" && dpkg-deb -x "$CACHE"/${PKG}_*.deb "$CACHE/deb" || die "source: dpkg-deb -x"
+	rm -rf "$CACHE/src-stock.tmp" && mkdir -p "$CACHE/src-stock.tmp" &&
+		tar -xf "$CACHE"/deb/usr/src/$PKG.tar.xz -C "$CACHE/src-stock.tmp" --strip-components=1 ||
+		die "source: unpack $PKG.tar.xz"
+	mv "$CACHE/src-stock.tmp" "$CACHE/src-stock"
+fi
+VER=$(make -s -C "$CACHE/src-stock" kernelversion 2>/dev/null)
+pass "source: $PKG ($VER, $(cd "$CACHE" && ls ${PKG}_*.deb 2>/dev/null | sed 's/.*_\(.*\)_all.deb/\1/'))"
+
+# --- apply the series (patch --forward: a reject or an applied hunk fails) --
+if [[ ! -f $CACHE/src-patched/.reapd-series-$STAMP ]]; then
+	rm -rf "$CACHE/src-patched"
+	cp -al "$CACHE/src-stock" "$CACHE/src-patched" || die "series: copy tree"
+	for p in $(ls "$KP"/series/[0-9]*.patch | grep -v '/0000-'); do
+		if ! out=$(cd "$CACHE/src-patched" && patch -p1 --forward --batch --no-backup-if-mismatch -r - <"$p" 2>&1); then
+			echo "$out" | sed 's/^/    /'
+			die "series: $(basename "$p") does not apply"
+		fi
+	done
+	touch "$CACHE/src-patched/.reapd-series-$STAMP"
+fi
+grep -q PROCESS_MRELEASE_REAP_KILL "$CACHE/src-stock/include/uapi/linux/mman.h" &&
+	die "series: the stock tree was modified (hardlinked copy broken)"
+pass "series: $(ls "$KP"/series/[0-9]*.patch | grep -vc '/0000-') patches apply to $PKG with --forward"
+
+# --- build both kernels ----------------------------------------------------
+build() { # stock|patched
+	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t
+	if [[ -f $out/arch/x86/boot/bzImage && -f $out/.reapd-$STAMP ]]; then
+		pass "build $kind: reused cached bzImage (--keep-cache)"
+		return 0
+	fi
+	rm -rf "$out" && mkdir -p "$out"
+	log "building $kind kernel (tinyconfig + reapd.config, -j$JOBS)"
+	t=$(date +%s)
+	if ! (cd "$src" && make -s ARCH=x86_64 O="$out" tinyconfig >/dev/null &&
+		scripts/kconfig/merge_config.sh -m -O "$out" "$out/.config" "$KP/config/reapd.config" >/dev/null &&
+		make -s ARCH=x86_64 O="$out" olddefconfig >/dev/null) >"$CACHE/build-$kind.log" 2>&1; then
+		tail -20 "$CACHE/build-$kind.log"
+		die "build $kind: configuration"
+	fi
+	local missing
+	missing=$(grep -o '^CONFIG_[A-Z0-9_]*=y' "$KP/config/reapd.config" | while read -r o; do
+		grep -qx "$o" "$out/.config" || echo "${o%=y}"; done)
+	[[ -z $missing ]] || die "build $kind: fragment options not set: $missing"
+	if ! nice -n 10 make ARCH=x86_64 O="$out" -C "$src" -j"$JOBS" bzImage >>"$CACHE/build-$kind.log" 2>&1; then
+		grep -E 'error|Error' "$CACHE/build-$kind.log" | head -20
+		die "build $kind: make bzImage failed (see $CACHE/build-$kind.log)"
+	fi
+	touch "$out/.reapd-$STAMP"
+	pass "build $kind: bzImage in $(($(date +%s) - t)) s"
+}
+build stock
+build patched
+
+# --- static test binaries --------------------------------------------------
+log "building static test binaries"
+BIN=$CACHE/bin
+rm -rf "$BIN" && mkdir -p "$BIN"
+(cd "$CACHE/src-patched" && make -s ARCH=x86_64 O="$CACHE/build-patched" headers_install >/dev/null 2>&1) ||
+	die "selftest: headers_install"
+ST=$CACHE/src-patched/tools/testing/selftests
+gcc -static -O2 -Wall -I "$ST" -I "$ST/mm" -isystem "$CACHE/build-patched/usr/include" \
+	-o "$BIN/mrelease_test" "$ST/mm/mrelease_test.c" "$ST/mm/vm_util.c" >"$CACHE/gcc.log" 2>&1 ||
+	{ cat "$CACHE/gcc.log"; die "selftest: gcc -static mrelease_test"; }
+gcc -static -O2 -Wall -o "$BIN/mrelease_race" "$HERE/mrelease_race.c" &&
+	gcc -static -O2 -Wall -o "$BIN/vm_exit" "$HERE/vm_exit.c" || die "selftest: gcc -static race tools"
+pass "selftest: static mrelease_test, mrelease_race, vm_exit built"
+
+# --- the broker ------------------------------------------------------------
+if [[ -n ${REAPD_BIN_DIR:-} ]]; then
+	RB=$REAPD_BIN_DIR
+else
+	log "building the broker (cargo build --release -p reapd -p reapd-client)"
+	export PATH=$HOME/.cargo/bin:$PATH
+	if ! (cd "$REPO" && nice -n 10 cargo build --release -q -p reapd -p reapd-client) >"$CACHE/cargo.log" 2>&1; then
+		tail -20 "$CACHE/cargo.log"
+		die "broker: cargo build --release failed"
+	fi
+	RB=$REPO/target/release
+fi
+[[ -x $RB/reapd && -x $RB/reapctl ]] || die "broker: reapd/reapctl not found in $RB"
+pass "broker: reapd and reapctl built"
+
+# --- initramfs -------------------------------------------------------------
+log "packing the initramfs"
+IR=$CACHE/initramfs
+rm -rf "$IR" && mkdir -p "$IR"/{bin,sbin,proc,sys,dev,tmp,run,tests,opt/reapd,etc}
+cp /bin/busybox "$IR/bin/busybox"
+cp "$BIN"/* "$IR/tests/"
+cp "$RB/reapd" "$RB/reapctl" "$IR/opt/reapd/"
+for b in "$RB/reapd" "$RB/reapctl"; do
+	ldd "$b" | grep -o '/[^ ]*' | while read -r lib; do
+		mkdir -p "$IR$(dirname "$lib")"
+		cp -L "$lib" "$IR$lib"
+	done
+done
+echo "root:x:0:0:root:/:/bin/sh" >"$IR/etc/passwd"
+echo "root:x:0:" >"$IR/etc/group"
+cp "$HERE/init.sh" "$IR/init" && chmod 755 "$IR/init"
+(cd "$IR" && find . | cpio -o -H newc --quiet) >"$CACHE/initramfs.cpio" || die "initramfs: cpio"
+pass "initramfs: $(du -m "$CACHE/initramfs.cpio" | cut -f1) MiB (static tests, busybox, broker)"
+
+# --- boot ------------------------------------------------------------------
+boot() { # stock|patched
+	local kind=$1 out=$CACHE/vm-$1.log rc t
+	log "booting the $kind kernel (qemu TCG, 1 vCPU, timeout ${QEMU_TIMEOUT}s)"
+	t=$(date +%s.%N)
+	timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -smp 1 -m 1024 \
+		-kernel "$CACHE/build-$kind/arch/x86/boot/bzImage" -initrd "$CACHE/initramfs.cpio" \
+		-append "console=ttyS0 panic=-1 reapd.mode=$kind reapd.cycles=$CYCLES" \
+		-nographic -no-reboot -monitor none \
+		-device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null >"$out" 2>&1
+	rc=$?
+	local secs
+	secs=$(echo "$(date +%s.%N) - $t" | bc)
+	tr -d '\r' <"$out" | grep -E '^(VMCHECK|VMRACE|VMINFO|  )' | grep -v '^VMCHECK' | sed 's/^/    /'
+	while IFS= read -r line; do
+		case $line in
+		"VMCHECK PASS "*) pass "vm $kind: ${line#VMCHECK PASS }" ;;
+		"VMCHECK FAIL "*) fail "vm $kind: ${line#VMCHECK FAIL }" ;;
+		esac
+	done < <(tr -d '\r' <"$out" | grep '^VMCHECK ')
+	eval "BOOT_SECS_$kind=$secs"
+	case $rc in
+	1) pass "vm $kind: verdict pass via isa-debug-exit (${secs%.*} s)" ;;
+	3) fail "vm $kind: verdict fail via isa-debug-exit (see $out)" ;;
+	124) tail -30 "$out"; fail "vm $kind: timeout after ${QEMU_TIMEOUT}s (see $out)" ;;
+	*) tail -30 "$out"; fail "vm $kind: no verdict, qemu exit $rc (panic or crash, see $out)" ;;
+	esac
+	grep -h '^VMRACE' <(tr -d '\r' <"$out") >>"$CACHE/race.txt"
+	grep -h '^VMINFO boot-ms' <(tr -d '\r' <"$out") | sed "s/^VMINFO boot-ms/$kind/" >>"$CACHE/boot.txt"
+}
+rm -f "$CACHE/race.txt" "$CACHE/boot.txt"
+boot stock
+boot patched
+
+# --- race table ------------------------------------------------------------
+race() { grep "^VMRACE $1 .*mode=$2 " "$CACHE/race.txt" | sed -n 's/.* \(cycles=.*\)/\1/p'; }
+echo
+echo "race count: $CYCLES kill+reap cycles of a fresh 1 MiB child, 1 vCPU (qemu TCG)"
+printf '  %-34s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
+printf '  %-34s %s\n' "patched, PROCESS_MRELEASE_REAP_KILL" "$(race patched reapkill)"
+printf '  %-34s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
+echo "boot to verdict: stock ${BOOT_SECS_stock:-?} s, patched ${BOOT_SECS_patched:-?} s (qemu wall time, tests included)"
+echo "harness wall time: $(($(date +%s) - T0)) s"
+echo
+finish
