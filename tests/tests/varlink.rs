@@ -578,3 +578,51 @@ fn check_permission_latency_over_varlink_and_grpc() {
     eprintln!("CheckPermission median over {N} calls: varlink {v:?}, gRPC {g:?}, engine alone {engine:?}");
     assert!(v < Duration::from_millis(50) && g < Duration::from_millis(50));
 }
+
+#[test]
+fn varlink_shares_the_connection_caps_and_idle_timeout_with_grpc() {
+    let mut broker = Broker::start_with(&["--max-connections-per-uid", "4", "--idle-timeout-secs", "3"], &[]);
+    // Let the readiness probe's connection be uncounted.
+    std::thread::sleep(Duration::from_millis(300));
+    let open = |path: &PathBuf| {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // Two gRPC and two varlink connections fill this uid's four slots.
+    let mut held = vec![
+        open(&broker.grpc),
+        open(&broker.grpc),
+        open(&socket(&broker)),
+        open(&socket(&broker)),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = open(&socket(&broker));
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    assert_eq!(fifth.read(&mut buf).unwrap_or(0), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "over-cap connection closed at once"
+    );
+
+    // The idle varlink connections are closed by the idle timer.
+    let t = Instant::now();
+    for s in held.iter_mut().skip(2) {
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    }
+    let idle = t.elapsed();
+    assert!(
+        idle >= Duration::from_secs(2) && idle < Duration::from_secs(8),
+        "closed after {idle:?}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    connect(&broker).capabilities().expect("a slot is free again");
+
+    // SIGTERM with a varlink connection open: a clean, prompt exit.
+    let _open = connect(&broker);
+    let t = Instant::now();
+    assert_eq!(broker.stop(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
