@@ -82,8 +82,9 @@ error ExpectedMore ()
 /// larger one gets an `InvalidMessage` reply and the connection is closed.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Most file descriptors accepted with one read. A call names at most one;
-/// the kernel drops (closes) any beyond the control buffer's room.
+/// Most file descriptors accepted with one read, and held for one call. A
+/// call names at most one; the kernel drops (closes) any beyond the control
+/// buffer's room, and the broker closes any beyond this many pending.
 const MAX_FDS_PER_READ: usize = 8;
 
 /// How long shutdown waits for calls in flight before giving up on them.
@@ -459,6 +460,16 @@ impl Connection {
                 if let RecvAncillaryMessage::ScmRights(fds) = message {
                     self.fds.extend(fds);
                 }
+            }
+            if self.fds.len() > MAX_FDS_PER_READ {
+                // A message sent in many small writes, each with fds, must
+                // not pile up descriptors in the broker: keep the first few
+                // (a call names at most one) and close the rest now.
+                self.fds.truncate(MAX_FDS_PER_READ);
+                tracing::debug!(
+                    caller_pid = self.caller.pid,
+                    "too many fds pending for one call; extra ones closed"
+                );
             }
             if received.flags.contains(ReturnFlags::CTRUNC) {
                 tracing::debug!(

@@ -441,6 +441,21 @@ fn hostile_messages_get_error_replies_and_leak_nothing() {
     );
     drop(held);
 
+    // A message dribbled out a byte per write, each write with fds: the
+    // broker keeps only a few pending, whatever the client sends.
+    let dribble = UnixStream::connect(socket(&broker)).unwrap();
+    let (r, w) = pipe();
+    for _ in 0..300 {
+        send_with_fds(&dribble, b" ", &[&r, &w, &r]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = fd_count(broker.pid());
+    assert!(
+        during < baseline + 20,
+        "{during} fds held for one dribbling connection (baseline {baseline})"
+    );
+    drop(dribble);
+
     assert!(broker.alive());
     let after = settles_to(&broker, baseline);
     assert!(after <= baseline, "broker fds: {baseline} before, {after} after");
