@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use reapd_client::varlink::{pidfd_of, Client, Error, VarlinkTarget};
@@ -18,6 +18,17 @@ use serde_json::json;
 const A: u32 = 61101;
 const B: u32 = 61102;
 const MIB: usize = 1 << 20;
+
+/// Victims are forked without exec, so each inherits every fd the test
+/// process has open at that moment, sockets to a broker included, and holds
+/// them until killed. Tests that count the broker's fds or wait for it to see
+/// a hang-up hold this lock, and every victim is forked under it.
+static FORKS: Mutex<()> = Mutex::new(());
+
+fn victim(creds: Creds, bytes: usize) -> Victim {
+    let _no_fd_counting = FORKS.lock().unwrap_or_else(|p| p.into_inner());
+    Victim::spawn(creds, bytes)
+}
 
 fn socket(broker: &Broker) -> PathBuf {
     broker.dir.path().join("io.reapd.Reaper")
@@ -125,14 +136,14 @@ fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
     // Force the old pid onto a new process: write ns_last_pid before forking.
     // Other processes may fork in between, so try a few times.
     for _attempt in 0..50 {
-        let mut old = Victim::spawn(Creds::uid(A), 0);
+        let mut old = victim(Creds::uid(A), 0);
         let old_pid = old.pid;
         let pidfd = pidfd_of(old_pid, Some(old.start_time())).expect("pidfd of a live victim");
         let second = pidfd.try_clone().unwrap();
         reapd_e2e::unsafe_kill(old_pid, libc::SIGKILL);
         old.wait();
         std::fs::write("/proc/sys/kernel/ns_last_pid", (old_pid - 1).to_string()).unwrap();
-        let new = Victim::spawn(Creds::uid(A), 0);
+        let new = victim(Creds::uid(A), 0);
         if new.pid != old_pid {
             continue;
         }
@@ -155,7 +166,7 @@ fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
 #[test]
 fn reapctl_pidfd_of_kills_exactly_the_pinned_process() {
     let broker = Broker::start();
-    let mut victim = Victim::spawn(Creds::uid(A), 16 * MIB);
+    let mut victim = victim(Creds::uid(A), 16 * MIB);
     let pid = victim.pid.to_string();
 
     // A stale start time is caught on the client side, before any call.
@@ -199,7 +210,7 @@ fn a_passed_fd_that_is_not_a_pidfd_is_an_invalid_parameter() {
     let result = client.call("io.reapd.Reaper.CheckPermission", json!({ "pidfd": 1 }), &[&read]);
     assert_eq!(error_name(result).1, json!({ "parameter": "pidfd" }));
     // A pidfd plus a start time is two names for one target.
-    let victim = Victim::spawn(Creds::uid(A), 0);
+    let victim = victim(Creds::uid(A), 0);
     let pidfd = pidfd_of(victim.pid, None).unwrap();
     let result = client.call(
         "io.reapd.Reaper.CheckPermission",
@@ -214,8 +225,8 @@ fn a_passed_fd_that_is_not_a_pidfd_is_an_invalid_parameter() {
 fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
     let broker = Broker::start();
     const SLOW: usize = 10;
-    let victims: Vec<Victim> = (0..SLOW).map(|_| Victim::spawn(Creds::uid(A), 1024 * MIB)).collect();
-    let bystander = Victim::spawn(Creds::uid(A), 0);
+    let victims: Vec<Victim> = (0..SLOW).map(|_| victim(Creds::uid(A), 1024 * MIB)).collect();
+    let bystander = victim(Creds::uid(A), 0);
     let barrier = Arc::new(Barrier::new(SLOW + 1));
     let origin = Instant::now();
     let slow: Vec<_> = victims
@@ -272,6 +283,7 @@ fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
 
 #[test]
 fn hostile_messages_get_error_replies_and_leak_nothing() {
+    let _no_forks = FORKS.lock().unwrap_or_else(|p| p.into_inner());
     let mut broker = Broker::start();
     // Warm up (lazy runtime threads, first connection) before the baseline.
     connect(&broker).capabilities().unwrap();
@@ -458,7 +470,11 @@ fn hostile_messages_get_error_replies_and_leak_nothing() {
 
     assert!(broker.alive());
     let after = settles_to(&broker, baseline);
-    assert!(after <= baseline, "broker fds: {baseline} before, {after} after");
+    assert!(
+        after <= baseline,
+        "broker fds: {baseline} before, {after} after: {:?}",
+        fd_links(broker.pid())
+    );
     connect(&broker).capabilities().unwrap();
 }
 
@@ -515,7 +531,7 @@ fn grpc_and_varlink_agree_on_every_case() {
             let mut outcomes = Vec::new();
             for transport in ["grpc", "varlink"] {
                 let victim = match who {
-                    Who::Victim(creds) => Some(Victim::spawn(*creds, 8 * MIB)),
+                    Who::Victim(creds) => Some(victim(*creds, 8 * MIB)),
                     _ => None,
                 };
                 let pid = match (who, &victim) {
@@ -556,7 +572,7 @@ fn grpc_and_varlink_agree_on_every_case() {
 #[test]
 fn check_permission_latency_over_varlink_and_grpc() {
     let broker = Broker::start();
-    let victim = Victim::spawn(Creds::uid(A), 0);
+    let victim = victim(Creds::uid(A), 0);
     const N: usize = 300;
     let median = |mut v: Vec<Duration>| {
         v.sort();
@@ -596,6 +612,7 @@ fn check_permission_latency_over_varlink_and_grpc() {
 
 #[test]
 fn varlink_shares_the_connection_caps_and_idle_timeout_with_grpc() {
+    let _no_forks = FORKS.lock().unwrap_or_else(|p| p.into_inner());
     let mut broker = Broker::start_with(&["--max-connections-per-uid", "4", "--idle-timeout-secs", "3"], &[]);
     // Let the readiness probe's connection be uncounted.
     std::thread::sleep(Duration::from_millis(300));
@@ -640,4 +657,45 @@ fn varlink_shares_the_connection_caps_and_idle_timeout_with_grpc() {
     let t = Instant::now();
     assert_eq!(broker.stop(), Some(0));
     assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn one_rate_limit_spans_both_transports() {
+    let policy = tempfile_policy("[limits]\nkills = 1\ninterval-secs = 10.0\nburst = 2\n");
+    let broker = Broker::start_with(&["--policy", policy.to_str().unwrap()], &[]);
+    let victims: Vec<Victim> = (0..4).map(|_| victim(Creds::uid(A), 0)).collect();
+    let pid = |i: usize| victims[i].pid.to_string();
+    // One kill over each transport uses up the burst of 2 ...
+    assert_eq!(broker.reapctl(Creds::uid(A), &["kill", &pid(0)]).code, 0);
+    assert_eq!(reapctl_varlink(&broker, Creds::uid(A), &["kill", &pid(1)]).code, 0);
+    // ... so both now refuse this uid.
+    let r = reapctl_varlink(&broker, Creds::uid(A), &["kill", &pid(2)]);
+    assert_eq!(r.code, 8, "{r:?}");
+    assert_eq!(r.json["error"], "rate_limited");
+    let r = broker.reapctl(Creds::uid(A), &["kill", &pid(2)]);
+    assert_eq!(r.code, 8, "{r:?}");
+    assert_eq!(r.json["error"], "rate_limited");
+    // Another uid has its own bucket.
+    let mut client = connect(&broker);
+    client
+        .kill_and_reap(VarlinkTarget::Pid(Target::pid(victims[3].pid)), None)
+        .expect("root is not limited by uid A's kills");
+    assert!(victims[2].running());
+    std::fs::remove_file(policy).ok();
+}
+
+fn tempfile_policy(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("reapd-varlink-policy-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn fd_links(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|l| l.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
