@@ -21,6 +21,11 @@ NOBODY = 61234  # no passwd entry needed
 
 
 def client(broker):
+    # The fixture waits for the gRPC socket; the varlink one is bound beside
+    # it at start, but make sure.
+    deadline = time.monotonic() + 10
+    while not os.path.exists(broker.varlink) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return varlink.Client(address=f"unix:{broker.varlink}")
 
 

@@ -30,6 +30,21 @@ fn victim(creds: Creds, bytes: usize) -> Victim {
     Victim::spawn(creds, bytes)
 }
 
+/// A broker whose varlink socket is up too (readiness is probed on gRPC).
+fn start(args: &[&str]) -> Broker {
+    let broker = Broker::start_with(args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(socket(&broker)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no varlink socket; log:\n{}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    broker
+}
+
 fn socket(broker: &Broker) -> PathBuf {
     broker.dir.path().join("io.reapd.Reaper")
 }
@@ -132,7 +147,7 @@ fn settles_to(broker: &Broker, baseline: usize) -> usize {
 
 #[test]
 fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
-    let broker = Broker::start();
+    let broker = start(&[]);
     // Force the old pid onto a new process: write ns_last_pid before forking.
     // Other processes may fork in between, so try a few times.
     for _attempt in 0..50 {
@@ -165,7 +180,7 @@ fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
 
 #[test]
 fn reapctl_pidfd_of_kills_exactly_the_pinned_process() {
-    let broker = Broker::start();
+    let broker = start(&[]);
     let mut victim = victim(Creds::uid(A), 16 * MIB);
     let pid = victim.pid.to_string();
 
@@ -199,7 +214,7 @@ fn reapctl_pidfd_of_kills_exactly_the_pinned_process() {
 
 #[test]
 fn a_passed_fd_that_is_not_a_pidfd_is_an_invalid_parameter() {
-    let broker = Broker::start();
+    let broker = start(&[]);
     let (read, _write) = pipe();
     let mut client = connect(&broker);
     let result = client.call("io.reapd.Reaper.KillAndReap", json!({ "pidfd": 0 }), &[&read]);
@@ -223,7 +238,7 @@ fn a_passed_fd_that_is_not_a_pidfd_is_an_invalid_parameter() {
 
 #[test]
 fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
-    let broker = Broker::start();
+    let broker = start(&[]);
     const SLOW: usize = 10;
     let victims: Vec<Victim> = (0..SLOW).map(|_| victim(Creds::uid(A), 1024 * MIB)).collect();
     let bystander = victim(Creds::uid(A), 0);
@@ -268,15 +283,26 @@ fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
         "check latency {check_latency:?}; slow calls finished between {:?} and {last_slow:?} (check sent at {check_sent:?})",
         slow_done[0]
     );
-    // The check did not queue behind the reaps: it was answered before the
-    // last of them finished, in a fraction of the time they took.
+    // A server that serves one call at a time (zlink 0.8) answers the check
+    // only after every reap. Ours answers it while they run: before the last
+    // of them finishes, and faster than the median reap. Ordering, not wall
+    // time, so a loaded machine slows both sides alike.
+    let check_audit: Vec<String> = broker
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("action=\"check\""))
+        .map(str::to_string)
+        .collect();
     assert!(
         check_done < last_slow,
-        "check done at {check_done:?}, last reap at {last_slow:?}"
+        "check done at {check_done:?}, last reap at {last_slow:?}; {check_audit:?}"
     );
+    let mut slow_latency: Vec<Duration> = results.iter().map(|r| r.1 - r.0).collect();
+    slow_latency.sort();
+    let median_slow = slow_latency[SLOW / 2];
     assert!(
-        check_latency * 4 < last_slow - check_sent,
-        "check took {check_latency:?}; reaps ran until {last_slow:?}"
+        check_latency < median_slow,
+        "check took {check_latency:?}, the median reap {median_slow:?}; {check_audit:?}"
     );
     drop(victims);
 }
@@ -284,7 +310,7 @@ fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
 #[test]
 fn hostile_messages_get_error_replies_and_leak_nothing() {
     let _no_forks = FORKS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut broker = Broker::start();
+    let mut broker = start(&[]);
     // Warm up (lazy runtime threads, first connection) before the baseline.
     connect(&broker).capabilities().unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -493,7 +519,7 @@ fn summary(r: &CtlResult) -> Value {
 
 #[test]
 fn grpc_and_varlink_agree_on_every_case() {
-    let broker = Broker::start();
+    let broker = start(&[]);
     let me = std::process::id().to_string();
     // (caller, victim creds, or a fixed pid argument, extra args)
     enum Who {
@@ -571,7 +597,7 @@ fn grpc_and_varlink_agree_on_every_case() {
 
 #[test]
 fn check_permission_latency_over_varlink_and_grpc() {
-    let broker = Broker::start();
+    let broker = start(&[]);
     let victim = victim(Creds::uid(A), 0);
     const N: usize = 300;
     let median = |mut v: Vec<Duration>| {
@@ -613,7 +639,7 @@ fn check_permission_latency_over_varlink_and_grpc() {
 #[test]
 fn varlink_shares_the_connection_caps_and_idle_timeout_with_grpc() {
     let _no_forks = FORKS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut broker = Broker::start_with(&["--max-connections-per-uid", "4", "--idle-timeout-secs", "3"], &[]);
+    let mut broker = start(&["--max-connections-per-uid", "4", "--idle-timeout-secs", "3"]);
     // Let the readiness probe's connection be uncounted.
     std::thread::sleep(Duration::from_millis(300));
     let open = |path: &PathBuf| {
@@ -662,7 +688,7 @@ fn varlink_shares_the_connection_caps_and_idle_timeout_with_grpc() {
 #[test]
 fn one_rate_limit_spans_both_transports() {
     let policy = tempfile_policy("[limits]\nkills = 1\ninterval-secs = 10.0\nburst = 2\n");
-    let broker = Broker::start_with(&["--policy", policy.to_str().unwrap()], &[]);
+    let broker = start(&["--policy", policy.to_str().unwrap()]);
     let victims: Vec<Victim> = (0..4).map(|_| victim(Creds::uid(A), 0)).collect();
     let pid = |i: usize| victims[i].pid.to_string();
     // One kill over each transport uses up the burst of 2 ...
