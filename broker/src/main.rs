@@ -40,6 +40,19 @@ struct Args {
     /// /etc/reapd/policy.toml; if that does not exist, the built-in default.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Started as root: switch to this user after binding the sockets,
+    /// keeping only CAP_KILL. Without it, root keeps uid 0 but still drops
+    /// every capability except CAP_KILL.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// When socket-activated, exit after this many seconds with no open
+    /// connection (0: never). The sockets stay with systemd, so the next
+    /// client starts the broker again.
+    #[arg(long, default_value_t = 30)]
+    idle_exit_secs: u64,
+    /// Do not install the broker's own seccomp filter (for debugging).
+    #[arg(long)]
+    no_seccomp: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -54,6 +67,25 @@ enum Command {
 fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("REAPD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd with stderr connected to the journal: structured
+    // entries (every tracing field becomes a journal field).
+    if reapd::systemd::journal_stream_is_stderr() {
+        if let Ok(layer) = tracing_journald::layer() {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(
+                    // Fields become REAPD_TARGET_PID etc.: namespaced, and
+                    // never mistaken for journald's own MESSAGE/PRIORITY.
+                    layer
+                        .with_syslog_identifier("reapd".into())
+                        .with_field_prefix(Some("REAPD".into())),
+                )
+                .init();
+            return;
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -69,7 +101,17 @@ fn main() -> ExitCode {
     if let Some(Command::CheckPolicy { file }) = &args.command {
         return reapd::reload::check_policy_command(file);
     }
+    // Before anything else (and long before the runtime's threads): take
+    // the sockets systemd passed and clear LISTEN_* from the environment.
+    let activation = reapd::systemd::Activation::take();
     init_logging(&args.log_format);
+    let mut activation = match activation {
+        Ok(activation) => activation,
+        Err(err) => {
+            tracing::error!(error = %err, "bad socket activation");
+            return ExitCode::FAILURE;
+        }
+    };
     let policy_source = reapd::reload::PolicySource::new(args.policy.clone());
     let (policy, kill_limits) = match policy_source.load() {
         Ok((policy, kill_limits, origin)) => {
@@ -81,6 +123,78 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+
+    let activated = activation.activated();
+    let passed_grpc = activation
+        .take_named(reapd::systemd::GRPC_FD_NAME)
+        .or_else(|| activation.take_path(&args.grpc_socket));
+    let listener = match passed_grpc {
+        Some(listener) => {
+            tracing::info!("gRPC socket passed by the service manager");
+            listener
+        }
+        None => match listener::bind(&args.grpc_socket, 0o666) {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::error!(socket = %args.grpc_socket.display(), error = %err, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+
+    let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
+        let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
+        dir.join(reapd::varlink::INTERFACE)
+    });
+    // Socket-activated without a varlink socket (e.g. systemd-socket-activate
+    // with one -l): serve gRPC only, unless --varlink-socket asks for one.
+    let passed_varlink = activation
+        .take_named(reapd::systemd::VARLINK_FD_NAME)
+        .or_else(|| activation.take_path(&varlink_socket));
+    let varlink_listener = match passed_varlink {
+        Some(listener) => Some(listener),
+        None if activated && args.varlink_socket.is_none() => None,
+        None => match listener::bind(&varlink_socket, 0o666) {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                tracing::error!(socket = %varlink_socket.display(), error = %err, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    for name in activation.leftover_names() {
+        tracing::warn!(name = %name, "ignoring a passed socket with an unknown FileDescriptorName");
+    }
+    drop(activation);
+
+    // Sockets are bound: nothing below needs root. Lock memory first (root
+    // may raise RLIMIT_MEMLOCK), then keep only CAP_KILL.
+    let memory_lock = reapd::privilege::lock_memory();
+    let privileges = match reapd::privilege::restrict(args.user.as_deref()) {
+        Ok(privileges) => privileges,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot drop privileges; refusing to run with more than CAP_KILL");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        uid = privileges.uid,
+        gid = privileges.gid,
+        cap_kill = privileges.cap_kill,
+        dropped = %privileges.dropped.join(","),
+        memory_lock = ?memory_lock,
+        "privileges restricted to CAP_KILL"
+    );
+    if !privileges.cap_kill {
+        tracing::warn!(
+            uid = privileges.uid,
+            "DEGRADED MODE: no CAP_KILL; the kernel lets the broker kill only processes of uid {}, \
+             so kills of other users' processes allowed by policy will be refused",
+            privileges.uid
+        );
+    } else if privileges.uid == 0 {
+        tracing::warn!("running as uid 0 (with CAP_KILL only); pass --user to leave uid 0");
+    }
 
     let features = KernelFeatures::probe();
     for note in &features.notes {
@@ -98,25 +212,13 @@ fn main() -> ExitCode {
         "kernel features probed"
     );
 
-    let listener = match listener::bind(&args.grpc_socket, 0o666) {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(socket = %args.grpc_socket.display(), error = %err, "cannot listen");
+    if !args.no_seccomp {
+        if let Err(err) = reapd::seccomp::apply() {
+            tracing::error!(error = %err, "cannot install the seccomp filter");
             return ExitCode::FAILURE;
         }
-    };
-
-    let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
-        let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
-        dir.join(reapd::varlink::INTERFACE)
-    });
-    let varlink_listener = match listener::bind(&varlink_socket, 0o666) {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(socket = %varlink_socket.display(), error = %err, "cannot listen");
-            return ExitCode::FAILURE;
-        }
-    };
+        tracing::info!("seccomp allow-list installed");
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -138,20 +240,62 @@ fn main() -> ExitCode {
     };
     let engine = Arc::new(Engine::new(features, policy, kill_limits));
     reapd::reload::spawn_reloader(&runtime, Arc::clone(&engine), policy_source);
+    if let Some(interval) = reapd::systemd::watchdog_interval() {
+        runtime.spawn(reapd::systemd::watchdog_loop(interval));
+    }
+    let idle_exit = (activated && args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs));
+    let status = format!(
+        "serving; CAP_KILL {}; kill path {}",
+        if privileges.cap_kill {
+            "held"
+        } else {
+            "missing (degraded: own-uid kills only)"
+        },
+        engine.features().kill_path().as_str()
+    );
     let result = runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener)?;
         tracing::info!(socket = %args.grpc_socket.display(), "serving gRPC");
         let counter = Arc::new(ConnectionCounter::default());
-        let varlink_listener = tokio::net::UnixListener::from_std(varlink_listener)?;
-        tracing::info!(socket = %varlink_socket.display(), "serving varlink");
-        let varlink = reapd::varlink::serve(
-            varlink_listener,
-            Arc::clone(&engine),
-            limits,
-            Arc::clone(&counter),
-            shutdown_signal(),
-        );
-        let grpc = reapd::grpc::serve(listener, engine, limits, counter, shutdown_signal());
+        // One stop signal for both transports: SIGTERM/SIGINT, or idle exit.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let idle_counter = Arc::clone(&counter);
+        tokio::spawn(async move {
+            match idle_exit {
+                Some(idle) => tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = reapd::systemd::idle_exit(idle_counter, idle) => {}
+                },
+                None => shutdown_signal().await,
+            }
+            reapd::systemd::notify_stopping("stopping: finishing calls in flight");
+            let _ = stop_tx.send(true);
+        });
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let varlink = async {
+            match varlink_listener {
+                Some(varlink_listener) => {
+                    let varlink_listener = tokio::net::UnixListener::from_std(varlink_listener)?;
+                    tracing::info!(socket = %varlink_socket.display(), "serving varlink");
+                    reapd::varlink::serve(
+                        varlink_listener,
+                        Arc::clone(&engine),
+                        limits,
+                        Arc::clone(&counter),
+                        stopped(),
+                    )
+                    .await
+                }
+                None => Ok(()),
+            }
+        };
+        let grpc = reapd::grpc::serve(listener, Arc::clone(&engine), limits, Arc::clone(&counter), stopped());
+        reapd::systemd::notify_ready(&status);
         let (grpc, varlink) = tokio::join!(grpc, varlink);
         grpc.map_err(std::io::Error::other).and(varlink)
     });

@@ -181,3 +181,25 @@ pub fn has_effective_capability(cap: u32) -> bool {
 
 /// `CAP_KILL`'s bit number.
 pub const CAP_KILL: u32 = 5;
+
+/// Takes ownership of a descriptor this process inherited at exec (a
+/// socket-activation fd, `LISTEN_FDS`). Returns `None` unless `raw` is
+/// open. The caller (`systemd::Activation::take`) calls this once per
+/// inherited fd number, before anything else in the process could have
+/// opened or claimed it.
+pub fn take_inherited_fd(raw: std::os::fd::RawFd) -> Option<OwnedFd> {
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: F_GETFD on any integer is harmless; it only reports whether
+    // the descriptor is open.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is open (checked above) and was inherited from the
+    // service manager for this process to own; nothing else in the process
+    // wraps it (the caller takes each LISTEN_FDS number exactly once, before
+    // the async runtime or any other thread exists), so the OwnedFd is its
+    // sole owner and closes it exactly once.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}

@@ -1,0 +1,98 @@
+#!/bin/sh
+# Runs inside the VM (as root, under systemd as PID 1) from the per-run disk
+# mounted at /mnt/t. Prints "VMTEST PASS|FAIL name[: why]" per check and
+# "VMINFO key=value" measurements on the serial console; run.sh counts them.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export SYSTEMD_PAGER= SYSTEMD_COLORS=0
+OUT=/tmp/check.out
+
+pass() { echo "VMTEST PASS $1"; }
+fail() { echo "VMTEST FAIL $1: $(tail -n 5 "$OUT" 2>/dev/null | tr '\n' ' ')"; }
+info() { echo "VMINFO $*"; }
+# check NAME COMMAND...: pass iff COMMAND succeeds.
+check() {
+    name=$1
+    shift
+    if "$@" >"$OUT" 2>&1; then pass "$name"; else fail "$name"; fi
+}
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+main_pid() { systemctl show -P MainPID reapd.service; }
+status_field() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+
+check "systemd is PID 1" grep -qx systemd /proc/1/comm
+info "kernel=$(uname -r) systemd=$(systemctl --version | head -n1 | cut -d' ' -f2)"
+
+check "dpkg -i reapd.deb" dpkg -i /mnt/t/reapd.deb
+check "reapd system user exists (sysusers)" id reapd
+check "reapd.socket and reapd-varlink.socket are active" systemctl is-active reapd.socket reapd-varlink.socket
+check "gRPC socket listening" test -S /run/reapd/grpc.sock
+check "varlink socket listening" test -S /run/reapd/io.reapd.Reaper
+check "service not started before first use" sh -c '! systemctl is-active --quiet reapd.service'
+
+t0=$(now_ms)
+check "first reapctl caps activates the service" reapctl --json caps
+t1=$(now_ms)
+info "activation_to_first_reply_ms=$((t1 - t0))"
+cp "$OUT" /tmp/caps.json
+t0=$(now_ms)
+reapctl caps >/dev/null 2>&1
+info "warm_caps_reply_ms=$(( $(now_ms) - t0 ))"
+check "service active after first call" systemctl is-active reapd.service
+if ! systemctl is-active --quiet reapd.service; then
+    systemctl status reapd.service --no-pager -l 2>&1 | sed 's/^/VMINFO status: /'
+    journalctl -b --no-pager -o cat -u reapd.service 2>&1 | tail -n 30 | sed 's/^/VMINFO journal: /'
+fi
+check "caps reports CAP_KILL held" grep -q '"has_cap_kill": *true' /tmp/caps.json
+
+PID=$(main_pid)
+UID_REAPD=$(id -u reapd)
+check "service runs as reapd" sh -c "[ \"$(status_field "$PID" Uid)\" = $UID_REAPD ]"
+check "only CAP_KILL effective" sh -c "[ \"$(status_field "$PID" CapEff)\" = 0000000000000020 ]"
+check "only CAP_KILL permitted" sh -c "[ \"$(status_field "$PID" CapPrm)\" = 0000000000000020 ]"
+check "only CAP_KILL in the bounding set" sh -c "[ \"$(status_field "$PID" CapBnd)\" = 0000000000000020 ]"
+check "seccomp filter on, no_new_privs" sh -c "[ \"$(status_field "$PID" Seccomp)\" = 2 ] && [ \"$(status_field "$PID" NoNewPrivs)\" = 1 ]"
+check "oom_score_adj is -1000" sh -c "[ \"\$(cat /proc/$PID/oom_score_adj)\" = -1000 ]"
+check "systemctl status shows the sd_notify status" sh -c "systemctl status reapd.service | grep -q 'Status: \"serving; CAP_KILL held'"
+info "idle_rss_kb=$(status_field "$PID" VmRSS) locked_kb=$(status_field "$PID" VmLck)"
+
+# Another user's memory hog: tail (uid 61001) keeps 100 MiB of newline-free
+# input in memory while it waits for an EOF that the sleeping writer holds off.
+mkfifo -m 0644 /tmp/hog.fifo
+setpriv --reuid=61001 --regid=61001 --clear-groups sh -c 'echo $$ >/tmp/hog.pid; exec tail </tmp/hog.fifo' &
+{ head -c 100M /dev/zero; exec sleep 600; } >/tmp/hog.fifo &
+WRITER=$!
+HOG=""
+for _ in $(seq 150); do
+    HOG=$(cat /tmp/hog.pid 2>/dev/null)
+    if [ -n "$HOG" ] && [ "$(status_field "$HOG" VmRSS 2>/dev/null)" -gt 90000 ] 2>/dev/null; then break; fi
+    sleep 0.2
+done
+info "hog pid=$HOG rss_kb=$(status_field "$HOG" VmRSS 2>/dev/null)"
+check "kill-and-reap of another user's hog under full hardening" reapctl kill --wait 5000 "$HOG"
+cat "$OUT"
+check "reap released the memory" grep -Eq 'released: [1-9][0-9]*\.[0-9] MiB|exited before reap' "$OUT"
+check "hog is gone" sh -c "! kill -0 $HOG 2>/dev/null"
+kill "$WRITER" 2>/dev/null
+check "broker survived (no SIGSYS, no restart)" sh -c "systemctl is-active --quiet reapd.service && [ \"$(main_pid)\" = $PID ] && [ \"$(systemctl show -P NRestarts reapd.service)\" = 0 ]"
+check "no SIGSYS in the journal" sh -c "! journalctl -u reapd.service -b | grep -q SIGSYS"
+check "journal entries carry structured fields" sh -c "journalctl -u reapd.service -b -o json | grep -q '\"REAPD_TARGET_PID\"'"
+check "a cross-uid caller is refused by policy" sh -c "! setpriv --reuid=61002 --regid=61002 --clear-groups reapctl kill 1"
+
+info "$(systemd-analyze security reapd.service 2>/dev/null | tail -n1)"
+check "exposure <= 1.0" sh -c "systemd-analyze security --threshold=10 reapd.service >/dev/null"
+
+# Idle exit: restart with a 3 s idle time, let it idle out, call again.
+mkdir -p /run/systemd/system/reapd.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/sbin/reapd --idle-exit-secs=3\n' >/run/systemd/system/reapd.service.d/idle.conf
+systemctl daemon-reload
+systemctl stop reapd.service
+reapctl caps >/dev/null 2>&1
+for _ in $(seq 60); do systemctl is-active --quiet reapd.service || break; sleep 0.5; done
+check "service exits when idle" sh -c '! systemctl is-active --quiet reapd.service'
+check "socket still listening after idle exit" systemctl is-active reapd.socket
+t0=$(now_ms)
+check "next call starts it again" reapctl caps
+info "reactivation_reply_ms=$(( $(now_ms) - t0 ))"
+rm -rf /run/systemd/system/reapd.service.d
+journalctl -u reapd.service -b --no-pager -o cat | tail -n 8 | sed 's/^/VMINFO journal: /'
+echo "VMTEST DONE"

@@ -1,0 +1,173 @@
+//! The systemd files as systemd itself sees them: `systemd-analyze verify`,
+//! the `security` exposure score (must stay ≤ 1.0), every syscall the unit
+//! names known to systemd, and sysusers/tmpfiles applied to a scratch root.
+//! (That the unit's SystemCallFilter= agrees with the broker's own seccomp
+//! list is a unit test in broker/src/seccomp.rs.)
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reapd_e2e::bin;
+
+fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The units in a scratch directory, ExecStart= pointing at the built
+/// broker (verify checks that the binary exists and is executable).
+fn units_in_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let reapd = bin("reapd");
+    for name in ["reapd.socket", "reapd-varlink.socket", "reapd.service"] {
+        let text = std::fs::read_to_string(systemd_dir().join(name)).unwrap();
+        let text = text.replace("/usr/sbin/reapd", reapd.to_str().unwrap());
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    assert!(
+        have("systemd-analyze"),
+        "systemd-analyze is required (apt-get install systemd)"
+    );
+    let dir = units_in_tempdir();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("reapd.socket"))
+        .arg(dir.path().join("reapd-varlink.socket"))
+        .arg(dir.path().join("reapd.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // verify also loads unrelated system units; only our own lines count.
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("reapd")).collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
+}
+
+#[test]
+fn service_exposure_is_at_most_1_0() {
+    let dir = units_in_tempdir();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(dir.path().join("reapd.service"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level for reapd.service"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no overall exposure line:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unparsable: {line}"));
+    eprintln!("{line}");
+    assert!(score <= 1.0, "exposure {score} > 1.0:\n{stdout}");
+}
+
+#[test]
+fn every_filtered_syscall_is_known_to_systemd() {
+    let unit = std::fs::read_to_string(systemd_dir().join("reapd.service")).unwrap();
+    let names: Vec<String> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+        .flat_map(|v| v.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .collect();
+    assert!(names.iter().any(|n| n == "process_mrelease"));
+    let out = Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager"])
+        .output()
+        .unwrap();
+    let known = String::from_utf8_lossy(&out.stdout);
+    let known: std::collections::HashSet<&str> = known.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // systemd 252's tables predate process_mrelease (5.15); it resolves the
+    // name through libseccomp at load time, which the VM test exercises.
+    let unknown: Vec<&String> = names
+        .iter()
+        .filter(|n| !known.contains(n.as_str()) && n.as_str() != "process_mrelease")
+        .collect();
+    assert!(unknown.is_empty(), "not known to systemd: {unknown:?}");
+}
+
+#[test]
+fn sysusers_and_tmpfiles_apply_to_a_scratch_root() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(systemd_dir().join("sysusers.d/reapd.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("reapd:"))
+        .expect("reapd user created");
+    let uid: u32 = line.split(':').nth(2).unwrap().parse().unwrap();
+    assert!(uid > 0 && uid < 1000, "a system uid: {line}");
+
+    let out = Command::new("systemd-tmpfiles")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("--create")
+        .arg(systemd_dir().join("tmpfiles.d/reapd.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta = std::fs::metadata(root.path().join("run/reapd")).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+        0o755
+    );
+}
+
+#[test]
+fn package_script_builds_a_deb_with_everything() {
+    // Packages the debug binaries the test run already built: no release
+    // build here (the VM test builds the real one).
+    assert!(have("dpkg-deb"));
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(systemd_dir().join("package.sh"))
+        .env("REAPD_BIN_DIR", reapd_e2e::bin_dir())
+        .env("REAPD_DEB_OUT", out_dir.path())
+        .env("REAPD_DEB_FAST", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let list = Command::new("dpkg-deb").arg("-c").arg(&deb).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for path in [
+        "./usr/sbin/reapd",
+        "./usr/bin/reapctl",
+        "./lib/systemd/system/reapd.socket",
+        "./lib/systemd/system/reapd-varlink.socket",
+        "./lib/systemd/system/reapd.service",
+        "./usr/lib/sysusers.d/reapd.conf",
+        "./usr/lib/tmpfiles.d/reapd.conf",
+        "./usr/share/man/man8/reapd.8.gz",
+        "./usr/share/man/man1/reapctl.1.gz",
+    ] {
+        assert!(list.contains(path), "{path} missing from {deb}:\n{list}");
+    }
+}
