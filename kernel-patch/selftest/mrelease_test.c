@@ -274,7 +274,6 @@ static void test_eperm(void)
 
 struct pair {
 	int ready;
-	int go;
 	uid_t partner_uid;
 };
 
@@ -282,26 +281,30 @@ struct pair {
 static char *partner_mem;
 static struct pair pair_args;
 
-/* Runs in a CLONE_VM child of the shared-mm leader */
+/*
+ * Runs in a CLONE_VM child of the shared-mm leader. It shares the leader's
+ * memory, including libc's, but is a process of its own (exit_group() in
+ * _exit() ends only it), with its own credentials.
+ */
 static int partner_fn(void *arg)
 {
 	struct pair *pa = arg;
-	char c;
 
-	if (pa->partner_uid && syscall(SYS_setresuid, pa->partner_uid,
-				       pa->partner_uid, pa->partner_uid))
-		syscall(SYS_exit, 20);
-	if (syscall(SYS_write, pa->ready, "p", 1) != 1)
-		syscall(SYS_exit, 21);
+	if (pa->partner_uid && setresuid(pa->partner_uid, pa->partner_uid,
+					 pa->partner_uid))
+		_exit(20);
+	if (write(pa->ready, "p", 1) != 1)
+		_exit(21);
 	for (;;)
-		syscall(SYS_read, pa->go, &c, 1);
+		pause();
 	return 0;
 }
 
 /*
  * A leader that shares its mm with a CLONE_VM partner process. The
  * leader runs as @uid, the partner as @partner_uid. On "go", the leader
- * checks the shared memory, faults new pages and exits 0 if all is well.
+ * checks the shared memory, faults new pages and exits 0 if all is well;
+ * the partner sleeps until it is killed.
  */
 static void pair_leader(uid_t uid, uid_t partner_uid, int ready, int go)
 {
@@ -314,7 +317,6 @@ static void pair_leader(uid_t uid, uid_t partner_uid, int ready, int go)
 	if (!partner_mem || pipe(pready))
 		_exit(30);
 	pair_args.ready = pready[1];
-	pair_args.go = go;
 	pair_args.partner_uid = partner_uid;
 	stack = malloc(PARTNER_STACK);
 	if (!stack)
@@ -335,8 +337,6 @@ static void pair_leader(uid_t uid, uid_t partner_uid, int ready, int go)
 	if (!mem_is(partner_mem, CHILD_MEM, 0x5a) ||
 	    !touch_mem(CHILD_MEM, 0xa5))
 		_exit(36);
-	if (kill(partner, 0))	/* the partner must still be alive */
-		_exit(37);
 	_exit(0);
 }
 

@@ -63,7 +63,10 @@ apt-get install -y -qq --no-install-recommends \
 pass "host: build and qemu packages installed"
 
 # --- the source, through a private apt configuration ----------------------
-STAMP=$(cat "$KP"/series/0*.patch "$KP"/config/reapd.config | sha256sum | cut -c1-16)
+# A kernel is reused (--keep-cache) only if built from the same inputs.
+STAMP_stock=$(cat "$KP"/config/reapd.config | sha256sum | cut -c1-16)
+STAMP_patched=$(cat "$KP"/series/[0-9]*.patch "$KP"/config/reapd.config | sha256sum | cut -c1-16)
+STAMP=$STAMP_patched
 if [[ $KEEP != 1 ]]; then
 	log "cold run: clearing $CACHE"
 	rm -rf "$CACHE"/apt "$CACHE"/src-* "$CACHE"/build-* "$CACHE"/deb "$CACHE"/*.deb
@@ -107,8 +110,10 @@ pass "series: $(ls "$KP"/series/[0-9]*.patch | grep -vc '/0000-') patches apply 
 
 # --- build both kernels ----------------------------------------------------
 build() { # stock|patched
-	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t
-	if [[ -f $out/arch/x86/boot/bzImage && -f $out/.reapd-$STAMP ]]; then
+	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t stamp
+	stamp=STAMP_$1
+	stamp=${!stamp}
+	if [[ -f $out/arch/x86/boot/bzImage && -f $out/.reapd-$stamp ]]; then
 		pass "build $kind: reused cached bzImage (--keep-cache)"
 		return 0
 	fi
@@ -129,7 +134,7 @@ build() { # stock|patched
 		grep -E 'error|Error' "$CACHE/build-$kind.log" | head -20
 		die "build $kind: make bzImage failed (see $CACHE/build-$kind.log)"
 	fi
-	touch "$out/.reapd-$STAMP"
+	touch "$out/.reapd-$stamp"
 	pass "build $kind: bzImage in $(($(date +%s) - t)) s"
 }
 build stock
