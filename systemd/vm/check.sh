@@ -69,8 +69,9 @@ for _ in $(seq 150); do
 done
 info "hog pid=$HOG rss_kb=$(status_field "$HOG" VmRSS 2>/dev/null)"
 check "kill-and-reap of another user's hog under full hardening" reapctl kill --wait 5000 "$HOG"
-cat "$OUT"
-check "reap released the memory" grep -Eq 'released: [1-9][0-9]*\.[0-9] MiB|exited before reap' "$OUT"
+cp "$OUT" /tmp/kill.out
+sed 's/^/VMINFO kill: /' /tmp/kill.out
+check "reap released the memory" grep -Eq 'released: [1-9][0-9]*\.[0-9] MiB|exited before reap' /tmp/kill.out
 check "hog is gone" sh -c "! kill -0 $HOG 2>/dev/null"
 kill "$WRITER" 2>/dev/null
 check "broker survived (no SIGSYS, no restart)" sh -c "systemctl is-active --quiet reapd.service && [ \"$(main_pid)\" = $PID ] && [ \"$(systemctl show -P NRestarts reapd.service)\" = 0 ]"
