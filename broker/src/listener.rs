@@ -13,6 +13,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -128,17 +129,23 @@ pub struct Accepted {
     pub slot: ConnectionSlot,
 }
 
-/// Accepts connections until `listener` fails, identifying each peer and
-/// enforcing the connection caps; `deliver` receives the accepted ones.
-/// Returns when `deliver` returns false (the transport is shutting down).
+/// Accepts connections until `deliver` returns false (the transport is
+/// shutting down), identifying each peer and enforcing the connection caps;
+/// `deliver` receives the accepted ones.
+///
+/// Identification reads /proc, which can block, so it runs on the blocking
+/// pool, one task per new connection: a peer that is slow to identify never
+/// holds up the accept of the next one.
 pub async fn accept_loop(
     listener: UnixListener,
     features: Arc<KernelFeatures>,
     limits: ConnectionLimits,
     counter: Arc<ConnectionCounter>,
-    mut deliver: impl FnMut(Accepted) -> bool,
+    deliver: impl Fn(Accepted) -> bool + Send + Sync + 'static,
 ) {
-    loop {
+    let deliver = Arc::new(deliver);
+    let stopped = Arc::new(AtomicBool::new(false));
+    while !stopped.load(Ordering::Relaxed) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
@@ -148,29 +155,45 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let caller = match Caller::from_socket(stream.as_fd(), &features) {
-            Ok(caller) => caller,
-            Err(err) => {
-                tracing::warn!(error = %err, "could not identify a peer; closing its connection");
-                continue;
+        let (features, counter, deliver, stopped) = (
+            Arc::clone(&features),
+            Arc::clone(&counter),
+            Arc::clone(&deliver),
+            Arc::clone(&stopped),
+        );
+        tokio::spawn(async move {
+            let identified = tokio::task::spawn_blocking(move || {
+                let caller = Caller::from_socket(stream.as_fd(), &features);
+                (stream, caller)
+            })
+            .await;
+            let Ok((stream, identified)) = identified else {
+                return;
+            };
+            let caller = match identified {
+                Ok(caller) => caller,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not identify a peer; closing its connection");
+                    return;
+                }
+            };
+            let Some(slot) = counter.try_acquire(caller.uid, &limits) else {
+                tracing::warn!(
+                    caller_uid = caller.uid,
+                    caller_pid = caller.pid,
+                    open = counter.open(),
+                    "connection limit reached; closing the new connection"
+                );
+                return;
+            };
+            if !deliver(Accepted {
+                stream,
+                caller: Arc::new(caller),
+                slot,
+            }) {
+                stopped.store(true, Ordering::Relaxed);
             }
-        };
-        let Some(slot) = counter.try_acquire(caller.uid, &limits) else {
-            tracing::warn!(
-                caller_uid = caller.uid,
-                caller_pid = caller.pid,
-                open = counter.open(),
-                "connection limit reached; closing the new connection"
-            );
-            continue;
-        };
-        if !deliver(Accepted {
-            stream,
-            caller: Arc::new(caller),
-            slot,
-        }) {
-            return;
-        }
+        });
     }
 }
 

@@ -245,6 +245,11 @@ impl Victim {
         if pid == 0 {
             unsafe {
                 libc::close(ready_r);
+                // Keep nothing of the test process but stdio and the ready
+                // pipe: a victim must not hold a test's sockets open.
+                let keep = ready_w as libc::c_uint;
+                libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, keep - 1, 0 as libc::c_uint);
+                libc::syscall(libc::SYS_close_range, keep + 1, libc::c_uint::MAX, 0 as libc::c_uint);
                 if !become_creds(creds) {
                     libc::_exit(90);
                 }
