@@ -75,6 +75,7 @@ check "reap released the memory" grep -Eq 'released: [1-9][0-9]*\.[0-9] MiB|exit
 check "hog is gone" sh -c "! kill -0 $HOG 2>/dev/null"
 kill "$WRITER" 2>/dev/null
 check "broker survived (no SIGSYS, no restart)" sh -c "systemctl is-active --quiet reapd.service && [ \"$(main_pid)\" = $PID ] && [ \"$(systemctl show -P NRestarts reapd.service)\" = 0 ]"
+check "watchdog armed, never fired" sh -c "[ \"$(systemctl show -P WatchdogUSec reapd.service)\" = 30s ] && ! journalctl -b -u reapd.service | grep -qi 'watchdog timeout'"
 check "no SIGSYS in the journal" sh -c "! journalctl -u reapd.service -b | grep -q SIGSYS"
 check "journal entries carry structured fields" sh -c "journalctl -u reapd.service -b -o json | grep -q '\"REAPD_TARGET_PID\"'"
 check "a cross-uid caller is refused by policy" sh -c "! setpriv --reuid=61002 --regid=61002 --clear-groups reapctl kill 1"
