@@ -1,0 +1,238 @@
+//! What the broker costs: per-call latency against the same syscalls made
+//! in-process, CheckPermission throughput by concurrency, footprint, and
+//! idle connections against RSS.
+
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reapd_client::{Client, Target};
+use rustix::process::{Pid, PidfdFlags, Signal};
+use serde::Serialize;
+
+use crate::broker::Broker;
+use crate::stats::{summarize, Summary};
+use crate::victim::{Memory, Victim, VICTIM_UID};
+
+/// Tiny victims for the per-call kill latency: 1 MiB.
+pub const TINY: usize = 1 << 20;
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// CheckPermission over gRPC, one connection, sequential calls.
+pub async fn check_grpc(socket: &Path, target: Target, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut client = Client::connect(socket).await?;
+    for _ in 0..(n / 10).max(10) {
+        client.check_permission(target).await?;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        client.check_permission(target).await?;
+        out.push(us(t0.elapsed()));
+    }
+    Ok(out)
+}
+
+/// What a privileged caller does in-process to answer the same question:
+/// open a pidfd (pins the process) and read its credentials from /proc.
+pub fn check_inprocess(pid: i32, n: usize) -> anyhow::Result<Vec<f64>> {
+    let p = Pid::from_raw(pid).ok_or_else(|| anyhow::anyhow!("bad pid"))?;
+    let path = format!("/proc/{pid}/status");
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t0 = Instant::now();
+        let fd = rustix::process::pidfd_open(p, PidfdFlags::empty())?;
+        let status = std::fs::read_to_string(&path)?;
+        std::hint::black_box((&fd, status.len()));
+        drop(fd);
+        if i >= n / 10 {
+            out.push(us(t0.elapsed()));
+        }
+    }
+    Ok(out)
+}
+
+/// Kill + reap of tiny victims in-process (pidfd_open, pidfd_send_signal,
+/// process_mrelease), victims spawned in batches outside the window.
+pub fn kill_inprocess(n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = (n - out.len()).min(64);
+        let victims: Vec<Victim> = (0..batch)
+            .map(|_| Victim::spawn(&Memory::Anon(TINY), Some(VICTIM_UID)))
+            .collect::<anyhow::Result<_>>()?;
+        for v in &victims {
+            let t0 = Instant::now();
+            let pid = Pid::from_raw(v.pid).ok_or_else(|| anyhow::anyhow!("bad pid"))?;
+            let fd = rustix::process::pidfd_open(pid, PidfdFlags::empty())?;
+            rustix::process::pidfd_send_signal(&fd, Signal::KILL)?;
+            crate::memback::mrelease_retrying(fd.as_fd())?;
+            out.push(us(t0.elapsed()));
+        }
+        victims.into_iter().for_each(Victim::finish);
+    }
+    Ok(out)
+}
+
+/// KillAndReap of tiny victims over gRPC. The broker rate-limits kills per
+/// caller uid (burst 64, then 20/s), so the calls come from `workers`
+/// unprivileged worker processes with their own uids, each killing its own
+/// victims within its burst: this measures the call, not the limiter.
+pub fn kill_grpc(socket: &Path, workers: usize, per_worker: usize) -> anyhow::Result<Vec<f64>> {
+    let exe = std::env::current_exe()?;
+    let mut out = Vec::new();
+    for w in 0..workers {
+        let uid = VICTIM_UID + 1 + w as u32;
+        let output = Command::new(&exe)
+            .arg("worker-kill")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--count")
+            .arg(per_worker.to_string())
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !output.status.success() {
+            anyhow::bail!("kill worker as uid {uid} failed: {}", output.status);
+        }
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            out.push(line.trim().parse::<f64>()?);
+        }
+    }
+    Ok(out)
+}
+
+/// The `worker-kill` mode, run as an unprivileged uid: spawn `count` tiny
+/// victims (same uid), then KillAndReap each through the broker, printing
+/// each call's latency in microseconds.
+pub fn worker_kill_main(socket: &Path, count: usize) -> anyhow::Result<()> {
+    let victims: Vec<Victim> = (0..count)
+        .map(|_| Victim::spawn(&Memory::Anon(TINY), None))
+        .collect::<anyhow::Result<_>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut lines = String::new();
+    rt.block_on(async {
+        let mut client = Client::connect(socket).await?;
+        client.capabilities().await?;
+        for v in &victims {
+            let target = Target::pinned(v.pid)?;
+            let t0 = Instant::now();
+            let report = client.kill_and_reap(target, None).await?;
+            let took = us(t0.elapsed());
+            if report.outcome == "unspecified" {
+                anyhow::bail!("KillAndReap of {} answered no outcome", v.pid);
+            }
+            lines.push_str(&format!("{took}\n"));
+        }
+        anyhow::Ok(())
+    })?;
+    victims.into_iter().for_each(Victim::finish);
+    print!("{lines}");
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConcurrencyPoint {
+    pub clients: usize,
+    pub calls_per_sec: f64,
+    pub latency_us: Summary,
+}
+
+/// CheckPermission throughput with `clients` connections each calling in a
+/// closed loop for `duration`.
+pub async fn throughput(
+    socket: &Path,
+    target: Target,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<ConcurrencyPoint> {
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let mut c = Client::connect(socket).await?;
+        c.check_permission(target).await?;
+        conns.push(c);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let deadline = Instant::now() + duration;
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                c.check_permission(target).await?;
+                lat.push(us(t0.elapsed()));
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    Ok(ConcurrencyPoint {
+        clients,
+        calls_per_sec: all.len() as f64 / elapsed,
+        latency_us: summarize(&all),
+    })
+}
+
+/// Makes `total` CheckPermission calls over `clients` connections.
+pub async fn many_calls(socket: &Path, target: Target, total: usize, clients: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let socket = socket.to_path_buf();
+        let n = total / clients + usize::from(i < total % clients);
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&socket).await?;
+            for _ in 0..n {
+                c.check_permission(target).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalePoint {
+    pub connections: usize,
+    pub rss_bytes: u64,
+}
+
+/// Opens real gRPC connections (each answered one call, then idle) up to
+/// each step, reading the broker's RSS at each.
+pub async fn idle_connections(broker: &Broker, steps: &[usize]) -> anyhow::Result<Vec<ScalePoint>> {
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    for &step in steps {
+        while held.len() < step {
+            let mut c = Client::connect(&broker.socket).await?;
+            c.capabilities().await?;
+            held.push(c);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        out.push(ScalePoint {
+            connections: step,
+            rss_bytes: broker.rss(),
+        });
+        eprintln!("scale: {step} idle connections, broker RSS {} KiB", broker.rss() / 1024);
+    }
+    Ok(out)
+}
