@@ -48,7 +48,6 @@ const ALLOWED_TABLE: &[(&str, i64)] = syscalls![
     SYS_epoll_create1,
     SYS_epoll_ctl,
     SYS_epoll_pwait,
-    SYS_epoll_wait,
     SYS_eventfd2,
     SYS_exit,
     SYS_exit_group,
@@ -80,13 +79,11 @@ const ALLOWED_TABLE: &[(&str, i64)] = syscalls![
     SYS_pidfd_open,
     SYS_pidfd_send_signal,
     SYS_pipe2,
-    SYS_poll,
     SYS_ppoll,
     SYS_prctl,
     SYS_pread64,
     SYS_process_mrelease,
     SYS_read,
-    SYS_readlink,
     SYS_readlinkat,
     SYS_readv,
     SYS_recvfrom,
@@ -110,6 +107,14 @@ const ALLOWED_TABLE: &[(&str, i64)] = syscalls![
     SYS_write,
     SYS_writev,
 ];
+
+/// Calls that exist on x86_64 only (aarch64 has just the *at / p* forms,
+/// which [`ALLOWED_TABLE`] already has); the unit names them too: systemd
+/// skips names the architecture lacks.
+#[cfg(target_arch = "x86_64")]
+const ARCH_TABLE: &[(&str, i64)] = syscalls![SYS_epoll_wait, SYS_poll, SYS_readlink];
+#[cfg(not(target_arch = "x86_64"))]
+const ARCH_TABLE: &[(&str, i64)] = &[];
 
 /// Calls needed only between exec and [`apply`] under systemd: the dynamic
 /// loader, reading capabilities, locking memory, installing this filter
@@ -143,6 +148,7 @@ pub const STARTUP: &[&str] = &[
 pub fn allowed() -> impl Iterator<Item = &'static str> {
     ALLOWED_TABLE
         .iter()
+        .chain(ARCH_TABLE)
         .map(|(name, _)| name.strip_prefix("SYS_").unwrap_or(name))
 }
 
@@ -154,8 +160,11 @@ fn target_arch() -> Result<TargetArch, SeccompError> {
 
 /// The compiled filter: [`allowed`] calls pass, anything else is EPERM.
 pub fn program() -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        ALLOWED_TABLE.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED_TABLE
+        .iter()
+        .chain(ARCH_TABLE)
+        .map(|(_, nr)| (*nr, Vec::new()))
+        .collect();
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
