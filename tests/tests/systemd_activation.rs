@@ -50,6 +50,16 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
     None
 }
 
+/// Kills and reaps the child when the test ends, pass or panic.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn log_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -59,7 +69,7 @@ fn systemd_socket_activate_starts_the_broker_which_exits_when_idle() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("grpc.sock");
     let log = dir.path().join("reapd.log");
-    let mut activator = Command::new(socket_activate_tool())
+    let activator = Command::new(socket_activate_tool())
         .arg("-l")
         .arg(&socket)
         .arg("--fdname=grpc")
@@ -76,6 +86,7 @@ fn systemd_socket_activate_starts_the_broker_which_exits_when_idle() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let mut activator = KillOnDrop(activator);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -101,9 +112,7 @@ fn systemd_socket_activate_starts_the_broker_which_exits_when_idle() {
     assert!(!dir.path().join("unused.sock").exists());
 
     // Idle for 1 s with no connection: a clean exit.
-    let status = wait_exit(&mut activator, Duration::from_secs(15));
-    let _ = activator.kill();
-    let _ = activator.wait();
+    let status = wait_exit(&mut activator.0, Duration::from_secs(15));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log_of(&log));
     assert!(log_of(&log).contains("idle with no connections"), "{}", log_of(&log));
 }
@@ -173,13 +182,11 @@ fn after_an_idle_exit_the_next_call_starts_the_broker_again() {
             wait_readable(&listener, Duration::from_secs(10)),
             "round {round}: no client queued"
         );
-        let mut broker = activate(&listener, dir.path(), &log);
+        let mut broker = KillOnDrop(activate(&listener, dir.path(), &log));
         let (code, json, stderr) = client.join().unwrap();
         assert_eq!(code, 0, "round {round}: {stderr}\n{}", log_of(&log));
         assert!(json["process_mrelease"].is_boolean(), "{json}");
-        let status = wait_exit(&mut broker, Duration::from_secs(15));
-        let _ = broker.kill();
-        let _ = broker.wait();
+        let status = wait_exit(&mut broker.0, Duration::from_secs(15));
         assert_eq!(
             status.and_then(|s| s.code()),
             Some(0),
