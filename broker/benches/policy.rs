@@ -97,7 +97,10 @@ fn bench(c: &mut Criterion) {
         // A caller whose own rule allows (the rule in the middle).
         let i = (rules - 2) / 2;
         let allowed_caller = caller(100_000 + i as u32);
-        let allowed_target = target(200_000 + i as u32 * 10 + 3, &format!("/team.slice/team-{i}.slice/job.scope"));
+        let allowed_target = target(
+            200_000 + i as u32 * 10 + 3,
+            &format!("/team.slice/team-{i}.slice/job.scope"),
+        );
         assert!(policy.decide(&allowed_caller, &allowed_target, broker).allowed);
         group.bench_with_input(BenchmarkId::new("allowed", rules), &rules, |b, _| {
             b.iter(|| policy.decide(&allowed_caller, &allowed_target, broker))
