@@ -91,7 +91,7 @@ else
 fi
 
 # 3. race counts
-if [ "$mode" = patched ]; then modes="reapkill plain"; else modes="plain"; fi
+if [ "$mode" = patched ]; then modes="reapkill plain yield"; else modes="plain yield"; fi
 for m in $modes; do
 	line=$(/tests/mrelease_race $m "$cycles" 2>/tmp/race.err)
 	rc=$?

@@ -5,6 +5,9 @@
  * exit_mm() first).
  *
  *   mrelease_race plain N     pidfd_send_signal(SIGKILL), process_mrelease(0)
+ *   mrelease_race yield N     as plain, with sched_yield() between the two
+ *                             calls (a killer that is preempted, or does any
+ *                             work, between kill and reap)
  *   mrelease_race reapkill N  process_mrelease(PROCESS_MRELEASE_REAP_KILL)
  *   mrelease_race hold MB FILE  fault in MB MiB, create FILE, sleep forever
  *                               (a victim for the broker's end-to-end test)
@@ -14,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +35,7 @@
 
 int main(int argc, char **argv)
 {
-	int reapkill, n, i, reaped = 0, esrch = 0, other = 0, sigkilled = 0;
+	int reapkill, yield, n, i, reaped = 0, esrch = 0, other = 0, sigkilled = 0;
 
 	if (argc == 4 && !strcmp(argv[1], "hold")) {
 		size_t len = strtoul(argv[2], NULL, 0) << 20;
@@ -49,11 +53,13 @@ int main(int argc, char **argv)
 		for (;;)
 			pause();
 	}
-	if (argc != 3 || (strcmp(argv[1], "plain") && strcmp(argv[1], "reapkill"))) {
-		fprintf(stderr, "usage: %s plain|reapkill N\n", argv[0]);
+	if (argc != 3 || (strcmp(argv[1], "plain") && strcmp(argv[1], "yield") &&
+			  strcmp(argv[1], "reapkill"))) {
+		fprintf(stderr, "usage: %s plain|yield|reapkill N\n", argv[0]);
 		return 1;
 	}
 	reapkill = !strcmp(argv[1], "reapkill");
+	yield = !strcmp(argv[1], "yield");
 	n = atoi(argv[2]);
 
 	for (i = 0; i < n; i++) {
@@ -92,6 +98,8 @@ int main(int argc, char **argv)
 			ret = syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
 			if (ret)
 				return perror("pidfd_send_signal"), 1;
+			if (yield)
+				sched_yield();
 			ret = syscall(__NR_process_mrelease, pidfd, 0);
 		}
 		if (!ret)

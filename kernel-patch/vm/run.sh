@@ -144,8 +144,8 @@ build patched
 log "building static test binaries"
 BIN=$CACHE/bin
 rm -rf "$BIN" && mkdir -p "$BIN"
-(cd "$CACHE/src-patched" && make -s ARCH=x86_64 O="$CACHE/build-patched" headers_install >/dev/null 2>&1) ||
-	die "selftest: headers_install"
+(cd "$CACHE/src-patched" && make -s ARCH=x86_64 O="$CACHE/build-patched" headers >/dev/null 2>&1) ||
+	die "selftest: make headers"
 ST=$CACHE/src-patched/tools/testing/selftests
 gcc -static -O2 -Wall -I "$ST" -I "$ST/mm" -isystem "$CACHE/build-patched/usr/include" \
 	-o "$BIN/mrelease_test" "$ST/mm/mrelease_test.c" "$ST/mm/vm_util.c" >"$CACHE/gcc.log" 2>&1 ||
@@ -226,9 +226,11 @@ boot patched
 race() { grep "^VMRACE $1 .*mode=$2 " "$CACHE/race.txt" | sed -n 's/.* \(cycles=.*\)/\1/p'; }
 echo
 echo "race count: $CYCLES kill+reap cycles of a fresh 1 MiB child, 1 vCPU (qemu TCG)"
-printf '  %-34s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
-printf '  %-34s %s\n' "patched, PROCESS_MRELEASE_REAP_KILL" "$(race patched reapkill)"
-printf '  %-34s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
+printf '  %-38s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
+printf '  %-38s %s\n' "patched, PROCESS_MRELEASE_REAP_KILL" "$(race patched reapkill)"
+printf '  %-38s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
+printf '  %-38s %s\n' "stock, kill, yield, process_mrelease" "$(race stock yield)"
+printf '  %-38s %s\n' "patched, kill, yield, process_mrelease" "$(race patched yield)"
 echo "boot to verdict: stock ${BOOT_SECS_stock:-?} s, patched ${BOOT_SECS_patched:-?} s (qemu wall time, tests included)"
 echo "harness wall time: $(($(date +%s) - T0)) s"
 echo
