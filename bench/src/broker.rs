@@ -32,6 +32,9 @@ impl Drop for RunDir {
 pub struct Broker {
     pub child: Child,
     pub socket: PathBuf,
+    /// Its varlink socket (io.reapd.Reaper), given explicitly so brokers
+    /// sharing the directory never collide.
+    pub varlink: PathBuf,
     /// From spawn to the first answered GetCapabilities.
     pub start_to_first_reply: Duration,
 }
@@ -39,11 +42,14 @@ pub struct Broker {
 impl Broker {
     pub async fn start(reapd: &Path, dir: &Path, name: &str, extra: &[String]) -> anyhow::Result<Broker> {
         let socket = dir.join(format!("{name}.sock"));
+        let varlink = dir.join(format!("{name}.varlink"));
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let started = Instant::now();
         let child = Command::new(reapd)
             .arg("--grpc-socket")
             .arg(&socket)
+            .arg("--varlink-socket")
+            .arg(&varlink)
             .args(extra)
             .env("REAPD_LOG", "info")
             .stdin(Stdio::null())
@@ -54,6 +60,7 @@ impl Broker {
         let mut broker = Broker {
             child,
             socket,
+            varlink,
             start_to_first_reply: Duration::ZERO,
         };
         let deadline = started + Duration::from_secs(20);

@@ -57,6 +57,17 @@ enum Cmd {
         #[arg(long, default_value = "bench/run.sh")]
         command_line: String,
     },
+    /// Rewrite the report and plots from a run's raw results (results.json)
+    /// without measuring again.
+    Report {
+        #[arg(long, default_value = "target/reapd-bench/results.json")]
+        raw: PathBuf,
+        #[arg(long, default_value = "docs")]
+        out: PathBuf,
+        /// Extra notes for the report (repeatable).
+        #[arg(long)]
+        note: Vec<String>,
+    },
     /// (internal) A victim: touch memory, print "ready", wait.
     Victim {
         #[arg(long)]
@@ -72,6 +83,9 @@ enum Cmd {
         socket: PathBuf,
         #[arg(long)]
         count: usize,
+        /// Use varlink (the socket is then the varlink socket).
+        #[arg(long)]
+        varlink: bool,
     },
 }
 
@@ -80,7 +94,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Cmd::Victim { bytes, file } => victim::victim_main(bytes, file.as_deref()),
         Cmd::Spin => victim::spin_main(),
-        Cmd::WorkerKill { socket, count } => overhead::worker_kill_main(&socket, count),
+        Cmd::Report { raw, out, note } => rewrite_report(&raw, &out, note),
+        Cmd::WorkerKill { socket, count, varlink } => overhead::worker_kill_main(&socket, count, varlink),
         Cmd::Run {
             reapd,
             out,
@@ -264,7 +279,7 @@ fn run(
     let cfg = memback::Config {
         sizes: sizes.clone(),
         states: vec![State::Running, State::Starved, State::Frozen],
-        methods: vec![Method::KillWait, Method::InProcess, Method::Grpc],
+        methods: vec![Method::KillWait, Method::InProcess, Method::Grpc, Method::Varlink],
         reps,
         timeout,
         cpus,
@@ -272,6 +287,7 @@ fn run(
     let mut ctx = memback::Ctx {
         rt: &rt,
         client: client.clone(),
+        varlink: main_broker.varlink.clone(),
         sampler: probe::MemSampler::new()?,
         freezer,
     };
@@ -288,9 +304,23 @@ fn run(
     let target = Target::pinned(target_victim.pid)?;
     eprintln!("overhead: CheckPermission");
     let check_grpc = rt.block_on(overhead::check_grpc(&main_broker.socket, target, n_check))?;
+    let check_varlink = overhead::check_varlink(&main_broker.varlink, target, n_check)?;
     let check_inproc = overhead::check_inprocess(target_victim.pid, n_check)?;
     eprintln!("overhead: KillAndReap");
-    let kill_grpc = overhead::kill_grpc(&main_broker.socket, kill_workers, kill_per_worker)?;
+    let kill_grpc = overhead::kill_grpc(
+        &main_broker.socket,
+        kill_workers,
+        kill_per_worker,
+        false,
+        VICTIM_UID + 1,
+    )?;
+    let kill_varlink = overhead::kill_grpc(
+        &main_broker.varlink,
+        kill_workers,
+        kill_per_worker,
+        true,
+        VICTIM_UID + 101,
+    )?;
     let kill_inproc = overhead::kill_inprocess(kill_workers * kill_per_worker)?;
     let mut throughput = Vec::new();
     for c in conc {
@@ -302,6 +332,20 @@ fn run(
         throughput.push(p);
     }
     drop(main_broker);
+
+    // Decision cost against policy size.
+    let policy_sizes: Vec<usize> = if quick {
+        vec![10, 100]
+    } else {
+        vec![10, 100, 1000, 10_000]
+    };
+    let policy = rt.block_on(overhead::policy_cost(
+        reapd,
+        &dir.0,
+        target,
+        &policy_sizes,
+        if quick { 200 } else { 5000 },
+    ))?;
 
     // 3. Footprint, on a fresh broker with the default caps.
     let calls = if quick { 1000 } else { 100_000 };
@@ -329,13 +373,26 @@ fn run(
     target_victim.finish();
 
     // 4. Scale: idle connections against RSS.
-    let steps: Vec<usize> = if quick {
+    // The broker holds two descriptors per connection (the socket and the
+    // peer's pidfd), and inherits our RLIMIT_NOFILE: stay below it.
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let fit = usize::try_from(nofile.saturating_sub(256) / 2).unwrap_or(usize::MAX);
+    let mut steps: Vec<usize> = if quick {
         vec![1, 10]
     } else {
         vec![1, 10, 100, 1000, 3000, 10_000]
     };
+    if steps.iter().any(|&s| s > fit) {
+        steps.retain(|&s| s <= fit);
+        steps.push(fit);
+        notes.push(format!(
+            "scale: RLIMIT_NOFILE is {nofile} here and could not be raised, and the broker holds two descriptors per connection, so the last step is {fit} connections"
+        ));
+    }
     let scale_broker = rt.block_on(Broker::start(reapd, &dir.0, "scale", &big_caps))?;
-    let scale = rt.block_on(overhead::idle_connections(&scale_broker, &steps))?;
+    let scale = rt.block_on(overhead::idle_connections(&scale_broker, &steps, &mut notes))?;
     drop(scale_broker);
 
     notes.push("Socket activation is not measured: the broker does not support it (no LISTEN_FDS handling) at the time of this run.".into());
@@ -356,6 +413,9 @@ fn run(
         memback,
         check_grpc_us: summarize(&check_grpc),
         check_inprocess_us: summarize(&check_inproc),
+        check_varlink_us: summarize(&check_varlink),
+        kill_varlink_us: summarize(&kill_varlink),
+        policy,
         kill_grpc_us: summarize(&kill_grpc),
         kill_inprocess_us: summarize(&kill_inproc),
         throughput,
@@ -370,6 +430,14 @@ fn run(
         scale,
         notes,
     };
+    write_outputs(&results, out, scratch)
+}
+
+fn rewrite_report(raw: &Path, out: &Path, notes: Vec<String>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
+    let mut results: Results = serde_json::from_str(&text)?;
+    results.notes.extend(notes);
+    let scratch = raw.parent().unwrap_or(Path::new("."));
     write_outputs(&results, out, scratch)
 }
 

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use reapd_client::{Client, Target};
 use rustix::process::{Pid, PidfdFlags, Signal};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::probe::{status_bytes, FreezerCgroup, MemSampler};
 use crate::victim::{Memory, Spinners, Victim, VICTIM_UID};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum State {
     Running,
     Starved,
@@ -30,7 +30,7 @@ impl State {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Method {
     /// kill(2) then waitpid: what earlyoom and systemd-oomd do.
     KillWait,
@@ -39,6 +39,8 @@ pub enum Method {
     InProcess,
     /// KillAndReap through the broker over gRPC.
     Grpc,
+    /// KillAndReap through the broker over varlink.
+    Varlink,
 }
 
 impl Method {
@@ -47,11 +49,12 @@ impl Method {
             Method::KillWait => "kill+wait",
             Method::InProcess => "in-process",
             Method::Grpc => "reapd gRPC",
+            Method::Varlink => "reapd varlink",
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trial {
     pub size: String,
     pub state: State,
@@ -77,6 +80,7 @@ pub struct Config {
 pub struct Ctx<'a> {
     pub rt: &'a tokio::runtime::Runtime,
     pub client: Client,
+    pub varlink: std::path::PathBuf,
     pub sampler: MemSampler,
     pub freezer: Option<FreezerCgroup>,
 }
@@ -170,6 +174,12 @@ fn one(
     let Victim { child, .. } = victim;
     let handle = ctx.rt.handle().clone();
     let mut client = ctx.client.clone();
+    // A fresh varlink connection per trial, opened outside the window (the
+    // gRPC client reuses one channel; both are connected before t0).
+    let mut vclient = match method {
+        Method::Varlink => Some(reapd_client::varlink::Client::connect(&ctx.varlink)?),
+        _ => None,
+    };
 
     let baseline = ctx.sampler.available()?;
     let goal = baseline + rss / 100 * 95;
@@ -185,6 +195,13 @@ fn one(
                 .block_on(client.kill_and_reap(target, None))
                 .map(|_| ())
                 .map_err(Into::into),
+            Method::Varlink => match vclient.as_mut() {
+                Some(v) => v
+                    .kill_and_reap(reapd_client::varlink::VarlinkTarget::Pid(target), None)
+                    .map(|_| ())
+                    .map_err(Into::into),
+                None => Err(anyhow::anyhow!("no varlink connection")),
+            },
         };
         (child, t0.elapsed(), result.err().map(|e| e.to_string()))
     });

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use reapd_client::{Client, Target};
 use rustix::process::{Pid, PidfdFlags, Signal};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::broker::Broker;
 use crate::stats::{summarize, Summary};
@@ -35,6 +35,75 @@ pub async fn check_grpc(socket: &Path, target: Target, n: usize) -> anyhow::Resu
         let t0 = Instant::now();
         client.check_permission(target).await?;
         out.push(us(t0.elapsed()));
+    }
+    Ok(out)
+}
+
+/// CheckPermission over varlink, one connection, sequential calls.
+pub fn check_varlink(socket: &Path, target: Target, n: usize) -> anyhow::Result<Vec<f64>> {
+    use reapd_client::varlink::{Client as VClient, VarlinkTarget};
+    let mut client = VClient::connect(socket)?;
+    for _ in 0..(n / 10).max(10) {
+        client.check_permission(VarlinkTarget::Pid(target))?;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        client.check_permission(VarlinkTarget::Pid(target))?;
+        out.push(us(t0.elapsed()));
+    }
+    Ok(out)
+}
+
+/// A policy of `rules` rules shaped like per-team grants (each naming a
+/// distinct caller uid, a target uid range and a cgroup), plus the kill(2)
+/// rule so the benchmark's root caller is still answered "allowed". The
+/// shape follows broker/benches/policy.rs.
+pub fn policy_text(rules: usize) -> String {
+    let mut text = String::from(
+        "[defaults]\nkill-rule = true\n\n[[rule]]\nname = \"nobody-kills-root\"\neffect = \"deny\"\nactions = [\"kill-and-reap\"]\ncaller.any = true\ntarget.uids = [0]\n\n",
+    );
+    for i in 0..rules.saturating_sub(1) {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"team-{i}\"\nactions = [\"kill-and-reap\"]\ncaller.uids = [{}]\ntarget.uids = [\"{}-{}\"]\ntarget.cgroups = [\"team.slice/team-{i}.slice\"]\n\n",
+            100_000 + i,
+            200_000 + i * 10,
+            200_000 + i * 10 + 9
+        ));
+    }
+    text
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyPoint {
+    pub rules: usize,
+    pub start_ms: f64,
+    pub check_us: Summary,
+}
+
+/// CheckPermission latency (gRPC, sequential) on a broker loaded with a
+/// policy of each size.
+pub async fn policy_cost(
+    reapd: &Path,
+    dir: &Path,
+    target: Target,
+    sizes: &[usize],
+    n: usize,
+) -> anyhow::Result<Vec<PolicyPoint>> {
+    let mut out = Vec::new();
+    for &rules in sizes {
+        let file = dir.join(format!("policy-{rules}.toml"));
+        std::fs::write(&file, policy_text(rules))?;
+        let args = vec!["--policy".to_string(), file.display().to_string()];
+        let broker = Broker::start(reapd, dir, &format!("policy{rules}"), &args).await?;
+        let lat = check_grpc(&broker.socket, target, n).await?;
+        let p = PolicyPoint {
+            rules,
+            start_ms: broker.start_to_first_reply.as_secs_f64() * 1e3,
+            check_us: summarize(&lat),
+        };
+        eprintln!("policy: {rules} rules: CheckPermission p50 {:.0} µs", p.check_us.p50);
+        out.push(p);
     }
     Ok(out)
 }
@@ -84,17 +153,29 @@ pub fn kill_inprocess(n: usize) -> anyhow::Result<Vec<f64>> {
 /// caller uid (burst 64, then 20/s), so the calls come from `workers`
 /// unprivileged worker processes with their own uids, each killing its own
 /// victims within its burst: this measures the call, not the limiter.
-pub fn kill_grpc(socket: &Path, workers: usize, per_worker: usize) -> anyhow::Result<Vec<f64>> {
+/// `uid_base` keeps each transport's workers on uids of their own, so
+/// every worker starts with a full bucket.
+pub fn kill_grpc(
+    socket: &Path,
+    workers: usize,
+    per_worker: usize,
+    varlink: bool,
+    uid_base: u32,
+) -> anyhow::Result<Vec<f64>> {
     let exe = std::env::current_exe()?;
     let mut out = Vec::new();
     for w in 0..workers {
-        let uid = VICTIM_UID + 1 + w as u32;
-        let output = Command::new(&exe)
-            .arg("worker-kill")
+        let uid = uid_base + w as u32;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("worker-kill")
             .arg("--socket")
             .arg(socket)
             .arg("--count")
-            .arg(per_worker.to_string())
+            .arg(per_worker.to_string());
+        if varlink {
+            cmd.arg("--varlink");
+        }
+        let output = cmd
             .uid(uid)
             .gid(uid)
             .stdin(Stdio::null())
@@ -113,10 +194,24 @@ pub fn kill_grpc(socket: &Path, workers: usize, per_worker: usize) -> anyhow::Re
 /// The `worker-kill` mode, run as an unprivileged uid: spawn `count` tiny
 /// victims (same uid), then KillAndReap each through the broker, printing
 /// each call's latency in microseconds.
-pub fn worker_kill_main(socket: &Path, count: usize) -> anyhow::Result<()> {
+pub fn worker_kill_main(socket: &Path, count: usize, varlink: bool) -> anyhow::Result<()> {
     let victims: Vec<Victim> = (0..count)
         .map(|_| Victim::spawn(&Memory::Anon(TINY), None))
         .collect::<anyhow::Result<_>>()?;
+    if varlink {
+        let mut client = reapd_client::varlink::Client::connect(socket)?;
+        client.capabilities()?;
+        let mut lines = String::new();
+        for v in &victims {
+            let target = Target::pinned(v.pid)?;
+            let t0 = Instant::now();
+            client.kill_and_reap(reapd_client::varlink::VarlinkTarget::Pid(target), None)?;
+            lines.push_str(&format!("{}\n", us(t0.elapsed())));
+        }
+        victims.into_iter().for_each(Victim::finish);
+        print!("{lines}");
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut lines = String::new();
     rt.block_on(async {
@@ -139,7 +234,7 @@ pub fn worker_kill_main(socket: &Path, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConcurrencyPoint {
     pub clients: usize,
     pub calls_per_sec: f64,
@@ -210,22 +305,47 @@ pub async fn many_calls(socket: &Path, target: Target, total: usize, clients: us
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScalePoint {
     pub connections: usize,
     pub rss_bytes: u64,
 }
 
 /// Opens real gRPC connections (each answered one call, then idle) up to
-/// each step, reading the broker's RSS at each.
-pub async fn idle_connections(broker: &Broker, steps: &[usize]) -> anyhow::Result<Vec<ScalePoint>> {
+/// each step, reading the broker's RSS at each. Stops early (with a note)
+/// if a connection is not answered within 10 s, e.g. at the broker's fd
+/// limit.
+pub async fn idle_connections(
+    broker: &Broker,
+    steps: &[usize],
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vec<ScalePoint>> {
     let mut held = Vec::new();
     let mut out = Vec::new();
-    for &step in steps {
+    'steps: for &step in steps {
         while held.len() < step {
-            let mut c = Client::connect(&broker.socket).await?;
-            c.capabilities().await?;
-            held.push(c);
+            let open = async {
+                let mut c = Client::connect(&broker.socket).await?;
+                c.capabilities().await?;
+                anyhow::Ok(c)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), open).await {
+                Ok(Ok(c)) => held.push(c),
+                Ok(Err(e)) => {
+                    notes.push(format!(
+                        "scale: connection {} failed ({e}); stopped there",
+                        held.len() + 1
+                    ));
+                    break 'steps;
+                }
+                Err(_) => {
+                    notes.push(format!(
+                        "scale: connection {} was not answered within 10 s; stopped there",
+                        held.len() + 1
+                    ));
+                    break 'steps;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         out.push(ScalePoint {

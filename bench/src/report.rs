@@ -5,13 +5,13 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::memback::{Method, State, Trial};
 use crate::overhead::{ConcurrencyPoint, ScalePoint};
 use crate::stats::{summarize, Summary};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
@@ -21,7 +21,7 @@ pub struct Machine {
     pub kill_path: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Footprint {
     pub idle_rss: u64,
     pub calls: usize,
@@ -31,7 +31,7 @@ pub struct Footprint {
     pub cold_start_ms: Summary,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     pub machine: Machine,
     pub command: String,
@@ -45,6 +45,9 @@ pub struct Results {
     pub check_inprocess_us: Summary,
     pub kill_grpc_us: Summary,
     pub kill_inprocess_us: Summary,
+    pub check_varlink_us: Summary,
+    pub kill_varlink_us: Summary,
+    pub policy: Vec<crate::overhead::PolicyPoint>,
     pub throughput: Vec<ConcurrencyPoint>,
     pub footprint: Footprint,
     pub scale: Vec<ScalePoint>,
@@ -209,14 +212,15 @@ pub fn markdown(r: &Results, plots: bool) -> String {
     }
     let _ = writeln!(
         md,
-        "\nBroker overhead, p50 over in-process syscalls: KillAndReap of a 1 MiB victim {:.0} µs vs {:.0} µs (+{:.0} µs, {:.1}×); CheckPermission {:.0} µs vs {:.0} µs (+{:.0} µs).\n",
+        "\nBroker overhead, p50 against the same syscalls in-process: KillAndReap of a 1 MiB victim {:.0} µs over gRPC and {:.0} µs over varlink vs {:.0} µs in-process ({:.1}× and {:.1}×); CheckPermission {:.0} µs (gRPC) and {:.0} µs (varlink) vs {:.0} µs in-process.\n",
         r.kill_grpc_us.p50,
+        r.kill_varlink_us.p50,
         r.kill_inprocess_us.p50,
-        r.kill_grpc_us.p50 - r.kill_inprocess_us.p50,
         r.kill_grpc_us.p50 / r.kill_inprocess_us.p50,
+        r.kill_varlink_us.p50 / r.kill_inprocess_us.p50,
         r.check_grpc_us.p50,
+        r.check_varlink_us.p50,
         r.check_inprocess_us.p50,
-        r.check_grpc_us.p50 - r.check_inprocess_us.p50,
     );
 
     let _ = writeln!(md, "## 1. Memory back\n");
@@ -228,7 +232,7 @@ within each (state, victim) block the methods alternate, each repetition startin
         fmt_ms(r.timeout_ms)
     );
     let _ = writeln!(md, "States: *running* — the victim runs normally; *starved* — the victim is SCHED_IDLE and one normal-priority spinner per CPU keeps every core busy; *frozen* — the victim is in a cgroup v1 freezer cgroup (FROZEN), which holds a killed task, so it cannot run its exit path.\n");
-    let _ = writeln!(md, "Methods: *kill+wait* — kill(2) SIGKILL then waitpid, as earlyoom and systemd-oomd do; *in-process* — pidfd_open + pidfd_send_signal + process_mrelease by a privileged caller in the benchmark process itself (the physical limit); *reapd gRPC* — KillAndReap through the broker with the `reapd-client` async client over an already open connection.\n");
+    let _ = writeln!(md, "Methods: *kill+wait* — kill(2) SIGKILL then waitpid, as earlyoom and systemd-oomd do; *in-process* — pidfd_open + pidfd_send_signal + process_mrelease by a privileged caller in the benchmark process itself (the physical limit); *reapd gRPC* — KillAndReap through the broker with the `reapd-client` async client over an already open connection; *reapd varlink* — the same call with `reapd_client::varlink` (blocking), target named by pid + start time, connection opened before the window.\n");
     let methods = methods_in(&r.memback);
     let cells = cells(&r.memback);
     let _ = write!(md, "| state | victim |");
@@ -296,7 +300,7 @@ within each (state, victim) block the methods alternate, each repetition startin
     }
 
     let _ = writeln!(md, "## 2. What the broker costs\n");
-    let _ = writeln!(md, "Per call, microseconds. gRPC: the `reapd-client` async client over one open Unix-socket connection, sequential calls. In-process: the same work done by a privileged caller itself — for a kill, pidfd_open + pidfd_send_signal(SIGKILL) + process_mrelease; for a check, pidfd_open + reading /proc/PID/status. Kill victims hold 1 MiB. The broker limits kills per caller uid (burst 64, 20/s), so gRPC kills come from unprivileged worker processes under distinct uids (61001…), each within its burst.\n");
+    let _ = writeln!(md, "Per call, microseconds. gRPC: the `reapd-client` async client over one open Unix-socket connection, sequential calls. In-process: the same work done by a privileged caller itself — for a kill, pidfd_open + pidfd_send_signal(SIGKILL) + process_mrelease; for a check, pidfd_open + reading /proc/PID/status. Kill victims hold 1 MiB. The broker limits kills per caller uid (burst 64, 20/s), so gRPC and varlink kills come from unprivileged worker processes under distinct uids (61001… and 61101…), each within its burst. Varlink: `reapd_client::varlink` (blocking), target by pid + start time.\n");
     let _ = writeln!(
         md,
         "| call | n | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|"
@@ -304,7 +308,9 @@ within each (state, victim) block the methods alternate, each repetition startin
     for (name, s) in [
         ("KillAndReap, reapd gRPC", &r.kill_grpc_us),
         ("kill + reap, in-process", &r.kill_inprocess_us),
+        ("KillAndReap, reapd varlink", &r.kill_varlink_us),
         ("CheckPermission, reapd gRPC", &r.check_grpc_us),
+        ("CheckPermission, reapd varlink", &r.check_varlink_us),
         ("check, in-process", &r.check_inprocess_us),
     ] {
         let _ = writeln!(
@@ -360,6 +366,23 @@ within each (state, victim) block the methods alternate, each repetition startin
     );
 
     let _ = writeln!(md, "\n## 4. Scale\n");
+    let _ = writeln!(md, "Decision cost against policy size: CheckPermission over gRPC (sequential, one connection) on a broker started with `--policy` holding N rules shaped like per-team grants (distinct caller uid, target uid range, cgroup each; see `policy_text` in bench/src/overhead.rs), plus the kill(2) rule that answers the benchmark's root caller.\n");
+    let _ = writeln!(
+        md,
+        "| rules | CheckPermission p50 µs | p90 µs | p99 µs | broker start to first reply |\n|---|---|---|---|---|"
+    );
+    for p in &r.policy {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {} ms |",
+            p.rules,
+            p.check_us.p50,
+            p.check_us.p90,
+            p.check_us.p99,
+            fmt_ms(p.start_ms)
+        );
+    }
+    let _ = writeln!(md);
     let _ = writeln!(md, "Idle connections held (each a real gRPC connection that made one call) against the broker's RSS; broker started with `--max-connections 20000 --max-connections-per-uid 20000 --idle-timeout-secs 3600`, RLIMIT_NOFILE raised.\n");
     let _ = writeln!(md, "| idle connections | broker RSS | per connection |\n|---|---|---|");
     let base = r.scale.first().map(|p| p.rss_bytes).unwrap_or(0);
@@ -388,6 +411,17 @@ within each (state, victim) block the methods alternate, each repetition startin
     md
 }
 
+/// Axis labels without a pointless ".0".
+fn axis_number(v: f64) -> String {
+    if v >= 10.0 || v == v.round() {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 const COLORS: [RGBColor; 4] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
@@ -400,6 +434,7 @@ fn method_color(m: Method) -> RGBColor {
         Method::KillWait => COLORS[0],
         Method::InProcess => COLORS[1],
         Method::Grpc => COLORS[2],
+        Method::Varlink => COLORS[3],
     }
 }
 
@@ -443,6 +478,7 @@ pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
                 }
             })
             .y_desc("ms until 95% back (log)")
+            .y_label_formatter(&|v| axis_number(*v))
             .disable_x_mesh()
             .draw()?;
         chart.draw_series(LineSeries::new(
@@ -475,9 +511,10 @@ pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
                 .label(method.short())
                 .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
         }
+        // Lower right: the timed-out points sit on the timeout line at the top.
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()?;
@@ -505,6 +542,8 @@ pub fn plot_throughput(r: &Results, path: &Path) -> PlotResult {
         .configure_mesh()
         .x_desc("concurrent clients")
         .y_desc("calls/s")
+        .x_label_formatter(&|v| axis_number(*v))
+        .y_label_formatter(&|v| axis_number(*v))
         .draw()?;
     let pts: Vec<(f64, f64)> = r
         .throughput
@@ -531,6 +570,8 @@ pub fn plot_throughput(r: &Results, path: &Path) -> PlotResult {
         .configure_mesh()
         .x_desc("concurrent clients")
         .y_desc("µs (log)")
+        .x_label_formatter(&|v| axis_number(*v))
+        .y_label_formatter(&|v| axis_number(*v))
         .draw()?;
     for (name, color, f) in [
         (
@@ -574,6 +615,8 @@ pub fn plot_scale(r: &Results, path: &Path) -> PlotResult {
         .configure_mesh()
         .x_desc("idle connections")
         .y_desc("RSS MiB")
+        .x_label_formatter(&|v| axis_number(*v))
+        .y_label_formatter(&|v| axis_number(*v))
         .draw()?;
     let pts: Vec<(f64, f64)> = r
         .scale

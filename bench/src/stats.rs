@@ -1,15 +1,27 @@
 //! Order statistics over samples.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// An empty sample's order statistics are NaN, which JSON writes as null;
+/// read null back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub n: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p10: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p90: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p999: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub max: f64,
 }
 
@@ -49,5 +61,7 @@ mod tests {
         assert_eq!(s.p90, 9.0);
         assert_eq!(s.max, 10.0);
         assert!(summarize(&[]).p50.is_nan());
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&summarize(&[])).unwrap()).unwrap();
+        assert!(back.p99.is_nan());
     }
 }
