@@ -93,6 +93,31 @@ impl Engine {
         }
     }
 
+    /// The policy's decision, refined by what the kernel will let the broker
+    /// do: without CAP_KILL (degraded mode) the broker can signal only
+    /// processes whose real or saved uid is its own real or effective uid,
+    /// so a kill the policy allows may still be impossible. Saying so here
+    /// keeps CheckPermission and KillAndReap in agreement.
+    fn decide(&self, policy: &Policy, caller: &Caller, target: &TargetProcess) -> Decision {
+        let decision = policy.decide(caller, target, self.broker);
+        if !decision.allowed || self.features.has_cap_kill {
+            return decision;
+        }
+        let own = [rustix::process::getuid().as_raw(), rustix::process::geteuid().as_raw()];
+        if own.iter().any(|uid| *uid == target.ruid || *uid == target.suid) {
+            return decision;
+        }
+        Decision {
+            allowed: false,
+            rule: "degraded:no-cap-kill".into(),
+            reason: format!(
+                "the policy allows it ({}), but the broker runs without CAP_KILL (degraded mode) and the kernel \
+                 lets it kill only its own uid's processes, not uid {}",
+                decision.rule, target.ruid
+            ),
+        }
+    }
+
     /// The decision KillAndReap would make, with no side effect.
     pub async fn check_permission(&self, caller: &Caller, spec: TargetSpec) -> Result<PermissionReport, EngineError> {
         let started = Instant::now();
@@ -112,7 +137,7 @@ impl Engine {
             audit_decision("check", caller, &target, &refusal, started);
             return Err(EngineError::PermissionDenied(refusal.reason));
         }
-        let decision = policy.decide(caller, &target, self.broker);
+        let decision = self.decide(&policy, caller, &target);
         audit_decision("check", caller, &target, &decision, started);
         Ok(PermissionReport { decision, target })
     }
@@ -129,7 +154,7 @@ impl Engine {
                 return Err(err);
             }
         };
-        let decision = self.policy.load().decide(caller, &target, self.broker);
+        let decision = self.decide(&self.policy.load(), caller, &target);
         audit_decision("kill", caller, &target, &decision, started);
         if !decision.allowed {
             return Err(EngineError::PermissionDenied(decision.reason));

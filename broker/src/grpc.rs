@@ -221,8 +221,17 @@ pub async fn serve(
             }
         },
     ));
+    // Shutdown stops the acceptor, not the server: connections already
+    // accepted (queued in the channel, or still being identified) are then
+    // drained, the channel closes, and tonic finishes every call in flight.
+    // Under socket activation nothing is lost: connections not yet accepted
+    // stay in the socket, which systemd keeps.
+    tokio::spawn(async move {
+        shutdown.await;
+        acceptor.abort();
+    });
 
-    let result = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .max_concurrent_streams(Some(16))
         .concurrency_limit_per_connection(16)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -231,8 +240,6 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reaper)
-        .serve_with_incoming_shutdown(ReceiverStream::new(receiver), shutdown)
-        .await;
-    acceptor.abort();
-    result
+        .serve_with_incoming_shutdown(ReceiverStream::new(receiver), std::future::pending::<()>())
+        .await
 }

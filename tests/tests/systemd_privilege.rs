@@ -140,13 +140,24 @@ fn without_cap_kill_cross_uid_kills_are_refused_as_degraded() {
     // Policy allows 61045 to kill its own process, but the kernel does not
     // let uid 61044 signal it: refused, and the reason says why.
     let victim = Victim::spawn(Creds::uid(61045), 8 * MIB);
+    // CheckPermission agrees with what KillAndReap will do.
+    let r = broker.reapctl(Creds::uid(61045), &["check", &victim.pid.to_string()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.json["reason"].as_str().unwrap_or_default().contains("degraded mode"),
+        "{r:?}"
+    );
     let r = broker.reapctl(Creds::uid(61045), &["kill", &victim.pid.to_string()]);
-    assert_ne!(r.code, 0, "{r:?}");
+    assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("degraded mode"), "{r:?}");
     assert!(victim.running());
 
     // The broker's own uid still works.
     let mut own = Victim::spawn(Creds::uid(61044), 8 * MIB);
+    assert_eq!(
+        broker.reapctl(Creds::uid(61044), &["check", &own.pid.to_string()]).code,
+        0
+    );
     let r = broker.reapctl(Creds::uid(61044), &["kill", &own.pid.to_string(), "--wait", "2000"]);
     assert_eq!(r.code, 0, "{r:?}\n{}", broker.log_text());
     assert_eq!(own.wait(), Some(libc::SIGKILL));
