@@ -79,8 +79,12 @@ check venv .venv/bin/pip install -q --disable-pip-version-check -r tests/python/
 REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/python
 
 if [[ $QUICK -eq 0 ]]; then
-    [[ -x kernel-patch/vm/run.sh || -f kernel-patch/vm/run.sh ]] && run kernel-vm bash kernel-patch/vm/run.sh
-    [[ -f systemd/vm/run.sh ]] && run systemd-vm bash systemd/vm/run.sh
+    # One release build serves both VMs (the in-VM broker test and the .deb).
+    check release cargo build --release --locked -p reapd -p reapd-client --bin reapd --bin reapctl
+    export REAPD_BIN_DIR=$ROOT/target/release
+    run kernel-vm bash kernel-patch/vm/run.sh
+    run systemd-vm bash systemd/vm/run.sh
+    unset REAPD_BIN_DIR
 fi
 
 echo
