@@ -14,6 +14,9 @@
 //! - [`features`]: kernel features probed once at start.
 //! - [`sys`]: the only `unsafe`: raw syscalls nobody else wraps.
 
+// All unsafe code lives in `sys`, which opts back in.
+#![deny(unsafe_code)]
+
 pub mod caller;
 pub mod engine;
 pub mod error;
@@ -25,8 +28,8 @@ pub mod policy;
 pub mod privilege;
 pub mod procfs;
 pub mod reaper;
-pub mod seccomp;
 pub mod reload;
+pub mod seccomp;
 pub mod sys;
 pub mod systemd;
 pub mod target;

@@ -1,5 +1,7 @@
 //! The `reapd` daemon.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -5,6 +5,8 @@
 //! This is the only module of the broker with `unsafe` code. Every function
 //! here is a direct syscall with no policy: callers decide what an errno means.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

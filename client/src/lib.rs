@@ -16,6 +16,8 @@
 //! [`blocking::Client`] wraps the same calls for code without an async
 //! runtime.
 
+#![forbid(unsafe_code)]
+
 pub mod varlink;
 
 use std::path::{Path, PathBuf};

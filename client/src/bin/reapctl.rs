@@ -12,6 +12,8 @@
 //! - 8: rate limited
 //! - 10: any other broker error
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
