@@ -6,4 +6,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 cargo build --release -p reapd -p reapd-client -p reapd-bench
-exec target/release/reapd-bench run --reapd target/release/reapd --out docs --command-line "bench/run.sh $*" "$@"
+exec target/release/reapd-bench run --reapd target/release/reapd --out docs --command-line "bench/run.sh${*:+ $*}" "$@"

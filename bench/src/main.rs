@@ -395,12 +395,15 @@ fn run(
     let scale = rt.block_on(overhead::idle_connections(&scale_broker, &steps, &mut notes))?;
     drop(scale_broker);
 
-    notes.push("Socket activation is not measured: the broker does not support it (no LISTEN_FDS handling) at the time of this run.".into());
-    notes
-        .push("reapd over varlink is not in these tables: the varlink transport was not available to this run.".into());
     notes.push(
-        "Decision cost against policy size is not measured: the policy engine has no rule list to scale yet.".into(),
+        "Start from socket activation is not measured separately: the spawn-to-first-reply figure is the same path plus bind(2).".into(),
     );
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        notes.push(format!(
+            "Load average at the end of the run: {} (other work on the machine shows up as spread).",
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        ));
+    }
 
     let results = Results {
         machine: machine(caps.kill_path.clone()),

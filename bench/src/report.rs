@@ -383,7 +383,7 @@ within each (state, victim) block the methods alternate, each repetition startin
         );
     }
     let _ = writeln!(md);
-    let _ = writeln!(md, "Idle connections held (each a real gRPC connection that made one call) against the broker's RSS; broker started with `--max-connections 20000 --max-connections-per-uid 20000 --idle-timeout-secs 3600`, RLIMIT_NOFILE raised.\n");
+    let _ = writeln!(md, "Idle connections held (each a real gRPC connection that made one call) against the broker's RSS; broker started with `--max-connections 20000 --max-connections-per-uid 20000 --idle-timeout-secs 3600`; the steps stop below what RLIMIT_NOFILE allows (see the notes).\n");
     let _ = writeln!(md, "| idle connections | broker RSS | per connection |\n|---|---|---|");
     let base = r.scale.first().map(|p| p.rss_bytes).unwrap_or(0);
     let base_n = r.scale.first().map(|p| p.connections).unwrap_or(0);
