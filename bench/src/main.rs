@@ -439,7 +439,8 @@ fn run(
 fn rewrite_report(raw: &Path, out: &Path, notes: Vec<String>) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
     let mut results: Results = serde_json::from_str(&text)?;
-    results.notes.extend(notes);
+    // Marked: these are readings of the numbers, written after the run.
+    results.notes.extend(notes.into_iter().map(|n| format!("† {n}")));
     let scratch = raw.parent().unwrap_or(Path::new("."));
     write_outputs(&results, out, scratch)
 }

@@ -404,6 +404,12 @@ within each (state, victim) block the methods alternate, each repetition startin
 
     if !r.notes.is_empty() {
         let _ = writeln!(md, "\n## Notes\n");
+        if r.notes.iter().any(|n| n.starts_with('†')) {
+            let _ = writeln!(
+                md,
+                "Notes marked † were written after reading this run's numbers (`reapd-bench report --note …`); a new run of bench/run.sh drops them.\n"
+            );
+        }
         for n in &r.notes {
             let _ = writeln!(md, "- {n}");
         }
