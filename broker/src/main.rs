@@ -172,6 +172,8 @@ fn main() -> ExitCode {
     // Sockets are bound: nothing below needs root. Lock memory first (root
     // may raise RLIMIT_MEMLOCK), then keep only CAP_KILL.
     let memory_lock = reapd::privilege::lock_memory();
+    // Before the seccomp filter, which allows no setrlimit.
+    let open_files = reapd::privilege::raise_open_file_limit();
     let privileges = match reapd::privilege::restrict(args.user.as_deref()) {
         Ok(privileges) => privileges,
         Err(err) => {
@@ -235,8 +237,19 @@ fn main() -> ExitCode {
         }
     };
 
+    let max_total = args
+        .max_connections
+        .min(reapd::privilege::connections_within(open_files));
+    if max_total < args.max_connections {
+        tracing::warn!(
+            open_files,
+            requested = args.max_connections,
+            max_connections = max_total,
+            "open-file limit too low for --max-connections; lowering it (two descriptors per connection)"
+        );
+    }
     let limits = ConnectionLimits {
-        max_total: args.max_connections,
+        max_total,
         max_per_uid: args.max_connections_per_uid,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
     };

@@ -178,3 +178,29 @@ pub fn lock_memory() -> MemoryLock {
         Err(err) => MemoryLock::Failed(err),
     }
 }
+
+/// Raises the soft open-file limit to the hard one (no privilege needed) and
+/// returns the soft limit now in force. Every connection holds two
+/// descriptors (the socket and the caller's pidfd), so the default soft
+/// limit of 1024 would cap the broker far below its connection limit.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(err) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %err, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Connections the broker can hold with `open_files` descriptors: two each,
+/// less a reserve for listeners, pidfds of targets in flight and logs.
+pub fn connections_within(open_files: u64) -> usize {
+    const RESERVED: u64 = 128;
+    (open_files.saturating_sub(RESERVED) / 2).min(usize::MAX as u64) as usize
+}

@@ -72,6 +72,28 @@ enum Command {
     Caps,
 }
 
+/// `println!` that ends the program quietly when stdout is closed early
+/// (`reapctl caps | head -1`) instead of panicking on EPIPE.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        emit(&format!($($arg)*))
+    };
+}
+
+fn emit(line: &str) {
+    use std::io::Write;
+    if let Err(err) = writeln!(std::io::stdout().lock(), "{line}") {
+        if err.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("reapctl: cannot write to stdout: {err}");
+        }
+        std::process::exit(if err.kind() == std::io::ErrorKind::BrokenPipe {
+            0
+        } else {
+            10
+        });
+    }
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -101,7 +123,7 @@ fn error_kind(err: &Error) -> &'static str {
 }
 
 fn print_json(value: &impl Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("reports serialize"));
+    outln!("{}", serde_json::to_string_pretty(value).expect("reports serialize"));
 }
 
 /// The transport a run speaks; both give the same typed results.
@@ -178,26 +200,26 @@ fn run(args: Args) -> Result<u8, Error> {
                     .map(|t| format!("pid {} ({}, uid {})", t.pid, t.comm, t.uid))
                     .unwrap_or_else(|| format!("pid {pid}"));
                 let m = &report.memory_before;
-                println!(
+                outln!(
                     "{who}: {} via {} in {:.3} ms (rule: {})",
                     report.outcome.replace('_', " "),
                     report.kill_path,
                     report.kill_to_reap_ns as f64 / 1e6,
                     report.rule
                 );
-                println!(
+                outln!(
                     "  held: {} anon, {} file, {} shmem, {} swap",
                     mib(m.anon_bytes),
                     mib(m.file_bytes),
                     mib(m.shmem_bytes),
                     mib(m.swap_bytes)
                 );
-                println!("  released: {}", mib(report.bytes_released));
+                outln!("  released: {}", mib(report.bytes_released));
                 if !report.not_reaped_reason.is_empty() {
-                    println!("  note: {}", report.not_reaped_reason);
+                    outln!("  note: {}", report.not_reaped_reason);
                 }
                 if wait.is_some() {
-                    println!("  exited: {}", if report.exited { "yes" } else { "not yet" });
+                    outln!("  exited: {}", if report.exited { "yes" } else { "not yet" });
                 }
             }
             Ok(0)
@@ -208,7 +230,7 @@ fn run(args: Args) -> Result<u8, Error> {
                 print_json(&permission);
             } else {
                 let verdict = if permission.allowed { "allowed" } else { "refused" };
-                println!("pid {pid}: {verdict}: {}", permission.reason);
+                outln!("pid {pid}: {verdict}: {}", permission.reason);
             }
             Ok(if permission.allowed { 0 } else { 1 })
         }
@@ -218,16 +240,16 @@ fn run(args: Args) -> Result<u8, Error> {
                 print_json(&caps);
             } else {
                 let yes = |b: bool| if b { "yes" } else { "no" };
-                println!("reapd {} on Linux {}", caps.broker_version, caps.kernel_release);
-                println!("  kill path:                  {}", caps.kill_path);
-                println!("  process_mrelease:           {}", yes(caps.process_mrelease));
-                println!("  PROCESS_MRELEASE_REAP_KILL: {}", yes(caps.reap_kill_flag));
-                println!("  PIDFD_GET_INFO:             {}", yes(caps.pidfd_get_info));
-                println!("  SO_PEERPIDFD:               {}", yes(caps.so_peerpidfd));
-                println!("  cgroup.kill:                {}", yes(caps.cgroup_kill));
-                println!("  CAP_KILL held:              {}", yes(caps.has_cap_kill));
+                outln!("reapd {} on Linux {}", caps.broker_version, caps.kernel_release);
+                outln!("  kill path:                  {}", caps.kill_path);
+                outln!("  process_mrelease:           {}", yes(caps.process_mrelease));
+                outln!("  PROCESS_MRELEASE_REAP_KILL: {}", yes(caps.reap_kill_flag));
+                outln!("  PIDFD_GET_INFO:             {}", yes(caps.pidfd_get_info));
+                outln!("  SO_PEERPIDFD:               {}", yes(caps.so_peerpidfd));
+                outln!("  cgroup.kill:                {}", yes(caps.cgroup_kill));
+                outln!("  CAP_KILL held:              {}", yes(caps.has_cap_kill));
                 for note in &caps.notes {
-                    println!("  note: {note}");
+                    outln!("  note: {note}");
                 }
             }
             Ok(0)
