@@ -40,23 +40,23 @@ fi
 cargo build --release --locked -p reapd -p reapd-client
 install -D -m 0755 target/release/reapd /usr/sbin/reapd
 install -D -m 0755 target/release/reapctl /usr/bin/reapctl
-echo "installed /usr/sbin/reapd and /usr/bin/reapctl"
+install -D -m 0644 systemd/man/reapd.8 /usr/local/share/man/man8/reapd.8
+install -D -m 0644 systemd/man/reapctl.1 /usr/local/share/man/man1/reapctl.1
+echo "installed /usr/sbin/reapd and /usr/bin/reapctl (no policy file: the built-in default, the kill(2) rule, applies; see docs/policy.md)"
 
 if [[ -d /run/systemd/system ]]; then
     install -D -m 0644 systemd/reapd.socket /etc/systemd/system/reapd.socket
+    install -D -m 0644 systemd/reapd-varlink.socket /etc/systemd/system/reapd-varlink.socket
     install -D -m 0644 systemd/reapd.service /etc/systemd/system/reapd.service
     install -D -m 0644 systemd/sysusers.d/reapd.conf /etc/sysusers.d/reapd.conf
     install -D -m 0644 systemd/tmpfiles.d/reapd.conf /etc/tmpfiles.d/reapd.conf
-    if [[ -f systemd/policy.toml && ! -e /etc/reapd/policy.toml ]]; then
-        install -D -m 0644 systemd/policy.toml /etc/reapd/policy.toml
-    fi
     systemd-sysusers /etc/sysusers.d/reapd.conf
     systemd-tmpfiles --create /etc/tmpfiles.d/reapd.conf || true
     systemctl daemon-reload
     if [[ $RUN -eq 1 ]]; then
-        systemctl enable --now reapd.socket
+        systemctl enable --now reapd.socket reapd-varlink.socket
         reapctl caps
-        echo "reapd.socket is listening; the broker starts on first use"
+        echo "reapd.socket and reapd-varlink.socket are listening; the broker starts on first use"
     fi
 elif [[ $RUN -eq 1 ]]; then
     echo "systemd is not PID 1: running the broker in the foreground (Ctrl-C stops it)"
