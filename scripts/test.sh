@@ -53,14 +53,15 @@ run() {
 check() {
     local name=$1
     shift
+    local started=$SECONDS
     echo "=== $name: $*"
     if "$@" >"$LOGS/$name.log" 2>&1; then
         PASSED=$((PASSED + 1))
-        SUITES+=("$(printf '%-16s ok' "$name")")
+        SUITES+=("$(printf '%-16s ok %37s' "$name" "$((SECONDS - started))s")")
     else
         cat "$LOGS/$name.log"
         FAILED=$((FAILED + 1))
-        SUITES+=("$(printf '%-16s FAILED' "$name")")
+        SUITES+=("$(printf '%-16s FAILED %33s' "$name" "$((SECONDS - started))s")")
     fi
 }
 
@@ -68,6 +69,9 @@ check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 check build cargo build --workspace --all-targets --locked
 run rust cargo test --workspace --locked -- --test-threads=2
+
+# The policy parser under libFuzzer, briefly (fuzz/run.sh 600 for longer).
+check fuzz fuzz/run.sh 20
 
 # Independent clients (grpcio, varlink) from a venv this script makes.
 if [[ ! -x .venv/bin/python ]]; then
@@ -90,5 +94,6 @@ fi
 echo
 echo "=== summary (logs in $LOGS)"
 printf '%s\n' "${SUITES[@]}"
+echo "wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
 echo "total: $PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]
