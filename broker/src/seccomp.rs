@@ -2,9 +2,9 @@
 //! (sockets bound, privileges dropped, logging set up), as Firecracker
 //! does: defence in depth for the process that holds CAP_KILL.
 //!
-//! [`ALLOWED`] is what the broker needs while serving. The unit's
+//! `ALLOWED_TABLE` is what the broker needs while serving. The unit's
 //! `SystemCallFilter=` (which systemd applies before exec, so it must also
-//! cover exec and start-up) is exactly [`ALLOWED`] plus [`STARTUP`]; a test
+//! cover exec and start-up) is exactly `ALLOWED_TABLE` plus [`STARTUP`]; a test
 //! checks that the two agree. `process_mrelease` is in no systemd syscall
 //! group, so both name it explicitly (earlyoom died of SIGSYS without it).
 //!
