@@ -40,9 +40,13 @@ fi
 cargo build --release --locked -p reapd -p reapd-client
 install -D -m 0755 target/release/reapd /usr/sbin/reapd
 install -D -m 0755 target/release/reapctl /usr/bin/reapctl
+if [[ ! -e /etc/reapd/policy.toml ]]; then
+    # The built-in default written out (kill(2) rule, protections, limits).
+    install -D -m 0644 systemd/policy.toml /etc/reapd/policy.toml
+fi
 install -D -m 0644 systemd/man/reapd.8 /usr/local/share/man/man8/reapd.8
 install -D -m 0644 systemd/man/reapctl.1 /usr/local/share/man/man1/reapctl.1
-echo "installed /usr/sbin/reapd and /usr/bin/reapctl (no policy file: the built-in default, the kill(2) rule, applies; see docs/policy.md)"
+echo "installed /usr/sbin/reapd, /usr/bin/reapctl and /etc/reapd/policy.toml (the kill(2) rule; delegate more as docs/policy.md explains)"
 
 if [[ -d /run/systemd/system ]]; then
     install -D -m 0644 systemd/reapd.socket /etc/systemd/system/reapd.socket

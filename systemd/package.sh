@@ -37,7 +37,7 @@ inst 0644 "$HERE/reapd.service" lib/systemd/system/reapd.service
 inst 0644 "$HERE/sysusers.d/reapd.conf" usr/lib/sysusers.d/reapd.conf
 inst 0644 "$HERE/tmpfiles.d/reapd.conf" usr/lib/tmpfiles.d/reapd.conf
 conffiles=""
-# The default policy is the policy engineer's file; ship it if it exists.
+# The default policy (systemd/policy.toml: the built-in default written out), a conffile.
 for policy in "$REPO/systemd/policy.toml" "$REPO/etc/reapd/policy.toml" "$REPO/docs/policy.toml" "$REPO/broker/policy.toml"; do
     if [ -f "$policy" ]; then
         inst 0644 "$policy" etc/reapd/policy.toml
@@ -51,6 +51,8 @@ for page in "$HERE"/man/*.[0-9]; do
     gzip -9n < "$page" > "$STAGE/usr/share/man/man$section/$(basename "$page").gz"
 done
 mkdir -p "$STAGE/usr/share/doc/reapd"
+# The policy reference the shipped policy.toml points at.
+gzip -9n < "$REPO/docs/policy.md" > "$STAGE/usr/share/doc/reapd/policy.md.gz"
 printf 'reapd\nLicense: MIT OR Apache-2.0\n' > "$STAGE/usr/share/doc/reapd/copyright"
 
 size=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)

@@ -52,6 +52,7 @@ check "only CAP_KILL permitted" sh -c "[ \"$(status_field "$PID" CapPrm)\" = 000
 check "only CAP_KILL in the bounding set" sh -c "[ \"$(status_field "$PID" CapBnd)\" = 0000000000000020 ]"
 check "seccomp filter on, no_new_privs" sh -c "[ \"$(status_field "$PID" Seccomp)\" = 2 ] && [ \"$(status_field "$PID" NoNewPrivs)\" = 1 ]"
 check "oom_score_adj is -1000" sh -c "[ \"\$(cat /proc/$PID/oom_score_adj)\" = -1000 ]"
+check "the shipped /etc/reapd/policy.toml is the one in force" sh -c "test -f /etc/reapd/policy.toml && journalctl -u reapd.service -o verbose | grep -q 'REAPD_ORIGIN=file'"
 check "systemctl status shows the sd_notify status" sh -c "systemctl status reapd.service | grep -q 'Status: \"serving; CAP_KILL held'"
 info "idle_rss_kb=$(status_field "$PID" VmRSS) locked_kb=$(status_field "$PID" VmLck)"
 
