@@ -72,7 +72,6 @@ impl Caller {
     fn read_process_details(&mut self, features: &KernelFeatures) {
         let comm = procfs::read_stat(self.pid).map(|s| s.comm).unwrap_or_default();
         let cgroup = procfs::read_cgroup(self.pid).ok();
-        let status = procfs::read_status(self.pid).ok();
         let Some(pidfd) = self.pidfd.as_ref() else {
             // No pidfd: the pid may have been recycled; keep the comm for the
             // audit record (marked unverified) and believe nothing else.
@@ -83,10 +82,13 @@ impl Caller {
             sys::pidfd_get_info(pidfd.as_fd(), sys::PIDFD_INFO_CREDS)
                 .ok()
                 .map(|info| (info.ruid, info.euid))
-        } else if crate::target::is_running(pidfd.as_fd()) {
-            status.as_ref().map(|s| (s.uids[0], s.uids[1]))
         } else {
-            None
+            // Only PIDFD_GET_INFO reads through the pidfd; a /proc read counts
+            // (like the comm and cgroup above) if the caller still runs after it.
+            procfs::read_status(self.pid)
+                .ok()
+                .filter(|_| crate::target::is_running(pidfd.as_fd()))
+                .map(|s| (s.uids[0], s.uids[1]))
         };
         let Some((ruid, euid)) = live else {
             self.comm = format!("{comm}?");

@@ -54,27 +54,33 @@ pub struct Capabilities {
 }
 
 pub struct Engine {
-    features: KernelFeatures,
+    /// Shared with the blocking workers and the listeners, never copied.
+    features: Arc<KernelFeatures>,
     policy: ArcSwap<Policy>,
     limits: ArcSwap<KillLimits>,
     limiter: Arc<Limiter>,
     broker: BrokerFacts,
+    /// The broker's real and effective uid, read once: the engine is built
+    /// after any `--user` switch, and the uids never change afterwards.
+    /// Without CAP_KILL these are the only uids the kernel lets it signal.
+    own_uids: [u32; 2],
 }
 
 impl Engine {
     pub fn new(features: KernelFeatures, policy: Policy, limits: KillLimits) -> Self {
         Engine {
-            features,
+            features: Arc::new(features),
             policy: ArcSwap::from_pointee(policy),
             limits: ArcSwap::from_pointee(limits),
             limiter: Arc::new(Limiter::default()),
             broker: BrokerFacts {
                 pid: std::process::id() as i32,
             },
+            own_uids: [rustix::process::getuid().as_raw(), rustix::process::geteuid().as_raw()],
         }
     }
 
-    pub fn features(&self) -> &KernelFeatures {
+    pub fn features(&self) -> &Arc<KernelFeatures> {
         &self.features
     }
 
@@ -88,7 +94,7 @@ impl Engine {
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {
             broker_version: env!("CARGO_PKG_VERSION"),
-            features: self.features.clone(),
+            features: KernelFeatures::clone(&self.features),
             kill_path: self.features.kill_path(),
         }
     }
@@ -103,8 +109,11 @@ impl Engine {
         if !decision.allowed || self.features.has_cap_kill {
             return decision;
         }
-        let own = [rustix::process::getuid().as_raw(), rustix::process::geteuid().as_raw()];
-        if own.iter().any(|uid| *uid == target.ruid || *uid == target.suid) {
+        if self
+            .own_uids
+            .iter()
+            .any(|uid| *uid == target.ruid || *uid == target.suid)
+        {
             return decision;
         }
         Decision {
@@ -121,7 +130,7 @@ impl Engine {
     /// The decision KillAndReap would make, with no side effect.
     pub async fn check_permission(&self, caller: &Caller, spec: TargetSpec) -> Result<PermissionReport, EngineError> {
         let started = Instant::now();
-        let features = self.features.clone();
+        let features = Arc::clone(&self.features);
         let pinned = run_blocking(move || target::pin(spec, &features)).await;
         let target = match pinned {
             Ok(target) => target,
@@ -146,7 +155,7 @@ impl Engine {
     pub async fn kill_and_reap(&self, caller: &Caller, request: KillRequest) -> Result<KillReport, EngineError> {
         let started = Instant::now();
         let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
-        let features = self.features.clone();
+        let features = Arc::clone(&self.features);
         let target = match run_blocking(move || target::pin(request.target, &features)).await {
             Ok(target) => target,
             Err(err) => {

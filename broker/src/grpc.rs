@@ -45,13 +45,8 @@ fn caller_of<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
 }
 
 fn target_spec(target: Option<pb::Target>) -> Result<TargetSpec, Status> {
+    // Decoding only: the engine validates the pid, for every transport.
     let target = target.ok_or_else(|| Status::invalid_argument("target is required"))?;
-    if target.pid <= 0 {
-        return Err(Status::invalid_argument(format!(
-            "target.pid must be positive, got {}",
-            target.pid
-        )));
-    }
     Ok(TargetSpec::Pid {
         pid: target.pid,
         start_time: target.start_time,
@@ -200,7 +195,7 @@ pub async fn serve(
         .build_v1()
         .expect("the embedded descriptor sets are valid");
 
-    let features = Arc::new(engine.features().clone());
+    let features = Arc::clone(engine.features());
     let reaper = ReaperServer::new(GrpcReaper { engine })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 * 1024);

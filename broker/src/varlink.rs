@@ -595,7 +595,7 @@ pub async fn serve(
     counter: Arc<ConnectionCounter>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let features = Arc::new(engine.features().clone());
+    let features = Arc::clone(engine.features());
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `alive`; when all are gone,
     // `all_done` yields None.
