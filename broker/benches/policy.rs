@@ -10,7 +10,8 @@
 use std::os::fd::OwnedFd;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use reapd::caller::Caller;
+use reapd::caller::{Caller, CallerPidns};
+use reapd::cgroup::CgroupFacts;
 use reapd::policy::{compile, BrokerFacts, Resolver};
 use reapd::target::TargetProcess;
 
@@ -66,7 +67,12 @@ fn caller(uid: u32) -> Caller {
         real_uid: Some(uid),
         groups: vec![100, 4000],
         comm: "bench".into(),
-        cgroup: Some("/system.slice/monitor.service".into()),
+        cgroup: Some(CgroupFacts {
+            path: "/system.slice/monitor.service".into(),
+            trusted: "/system.slice/monitor.service".into(),
+        }),
+        pidns: CallerPidns::Broker,
+        userns_capabilities: false,
         pidfd: None,
     }
 }
@@ -76,16 +82,19 @@ fn target(uid: u32, cgroup: &str) -> TargetProcess {
     TargetProcess {
         pidfd: fd,
         pid: 5000,
+        caller_pid: 5000,
         ruid: uid,
         euid: uid,
         suid: uid,
         gid: uid,
         comm: "job".into(),
         start_time: 1,
-        cgroup: cgroup.into(),
+        cgroup: Some(CgroupFacts {
+            path: cgroup.into(),
+            trusted: cgroup.into(),
+        }),
         is_kernel_thread: false,
         oom_score_adj: 0,
-        exe: Some("/usr/bin/job".into()),
     }
 }
 

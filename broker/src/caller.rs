@@ -3,16 +3,43 @@
 //! SO_PEERCRED gives the pid, effective uid and gid at connect time,
 //! SO_PEERGROUPS the supplementary groups, SO_PEERPIDFD a pidfd that pins the
 //! caller so its pid cannot be recycled under us. The caller's real uid (which
-//! kill(2) also honours) is read through that pidfd. Nothing a request says
-//! about its sender is believed.
+//! kill(2) also honours), its pid namespace and its cgroup are read by pid and
+//! believed only if that pidfd shows the same process still alive afterwards.
+//! Nothing a request says about its sender is believed.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
 
-use rustix::net::sockopt::socket_peercred;
 use serde::Serialize;
 
+use crate::cgroup::CgroupFacts;
 use crate::features::KernelFeatures;
 use crate::{procfs, sys};
+
+/// Where the caller's pid numbers live, relative to the broker's.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CallerPidns {
+    /// The caller lives in the broker's pid namespace: its pids are ours.
+    Broker,
+    /// The caller lives in a pid namespace below the broker's, `level`
+    /// steps down (`NSpid` of `/proc/PID/status`).
+    Child {
+        level: usize,
+        /// The caller's pid namespace, when the broker could open it
+        /// (`PIDFD_GET_PID_NAMESPACE`; the kernel requires ptrace read
+        /// access to the caller, which CAP_KILL alone gives only for the
+        /// broker's own uid), or the caller proved it by passing it
+        /// (varlink). Without it, the caller's pid numbers cannot be
+        /// translated and the broker refuses to guess.
+        #[serde(skip)]
+        ns: Option<OwnedFd>,
+    },
+    /// The broker could not learn it (the caller exited at once, no
+    /// `NSpid`, or the broker's `/proc` is not its own namespace's): pid
+    /// numbers from this caller are refused.
+    Unknown,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Caller {
@@ -29,23 +56,51 @@ pub struct Caller {
     pub real_uid: Option<u32>,
     /// Supplementary groups (SO_PEERGROUPS); empty if unavailable.
     pub groups: Vec<u32>,
-    /// The caller's command name, for audit only.
+    /// The caller's command name (escaped), for audit only.
     pub comm: String,
-    /// The caller's cgroup v2 path, when read reliably (re-validated against
-    /// the peer pidfd). Policy rules on the caller's cgroup never match
-    /// `None`.
-    pub cgroup: Option<String>,
+    /// The caller's cgroup, when read reliably (re-validated against the
+    /// peer pidfd). `None` means unverified: allow rules on the caller's
+    /// cgroup never match it, deny rules always do.
+    pub cgroup: Option<CgroupFacts>,
+    /// The caller's pid namespace, for naming targets by pid.
+    pub pidns: CallerPidns,
+    /// The caller holds effective capabilities while not root (`CapEff`),
+    /// i.e. it is root of a user namespace. kill(2) would honour CAP_KILL
+    /// there for processes of that namespace; the broker does not (see
+    /// `docs/policy.md`), and says so when it refuses.
+    pub userns_capabilities: bool,
     #[serde(skip)]
     pub pidfd: Option<OwnedFd>,
 }
 
+/// Why a peer is not served at all.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentifyError {
+    #[error("SO_PEERCRED: {0}")]
+    PeerCred(#[from] std::io::Error),
+    #[error("the peer lives outside the broker's pid namespace (SO_PEERCRED gives pid 0)")]
+    OutsidePidns,
+}
+
+/// The number of `NSpid` entries of the broker itself: 1 when its `/proc`
+/// belongs to its own pid namespace, as the rules below assume.
+fn own_ns_depth() -> Option<usize> {
+    static DEPTH: OnceLock<Option<usize>> = OnceLock::new();
+    *DEPTH.get_or_init(|| {
+        procfs::read_status(std::process::id() as i32)
+            .ok()
+            .map(|s| s.ns_pids.len())
+            .filter(|n| *n > 0)
+    })
+}
+
 impl Caller {
     /// Reads the peer's identity off a connected Unix socket.
-    pub fn from_socket(socket: BorrowedFd<'_>, features: &KernelFeatures) -> std::io::Result<Caller> {
-        let cred = socket_peercred(socket)?;
-        let pid = cred.pid.as_raw_nonzero().get();
-        let uid = cred.uid.as_raw();
-        let gid = cred.gid.as_raw();
+    pub fn from_socket(socket: BorrowedFd<'_>, features: &KernelFeatures) -> Result<Caller, IdentifyError> {
+        let (pid, uid, gid) = sys::peer_cred(socket)?;
+        if pid <= 0 {
+            return Err(IdentifyError::OutsidePidns);
+        }
         let groups = sys::peer_groups(socket).unwrap_or_default();
         let pidfd = if features.so_peerpidfd {
             sys::peer_pidfd(socket).ok()
@@ -61,21 +116,42 @@ impl Caller {
             groups,
             comm: String::new(),
             cgroup: None,
+            pidns: CallerPidns::Unknown,
+            userns_capabilities: false,
             pidfd,
         };
         caller.read_process_details(features);
         Ok(caller)
     }
 
-    /// Fills the real uid, comm and cgroup. Reads by pid are trusted only if
-    /// the peer pidfd shows the same process is still alive afterwards.
+    /// Fills the real uid, comm, cgroup and pid namespace. Reads by pid are
+    /// trusted only if the peer pidfd shows the same process is still alive
+    /// afterwards.
     fn read_process_details(&mut self, features: &KernelFeatures) {
         let comm = procfs::read_stat(self.pid).map(|s| s.comm).unwrap_or_default();
         let cgroup = procfs::read_cgroup(self.pid).ok();
+        let status = procfs::read_status(self.pid).ok();
         let Some(pidfd) = self.pidfd.as_ref() else {
-            // No pidfd: the pid may have been recycled; keep the comm for the
-            // audit record (marked unverified) and believe nothing else.
+            // No SO_PEERPIDFD (before 6.5): the pid may have been recycled;
+            // keep the comm for the audit record (marked unverified) and
+            // believe nothing else, except where pids live: without that no
+            // pid could be named at all. A pidfd opened now pins whatever
+            // holds the pid; the one gap (the caller exited and its pid was
+            // reused between connect and this read) is documented in
+            // docs/policy.md and threats.md.
             self.comm = format!("{comm}?");
+            if let (Some(status), Ok(pidfd)) = (
+                status.as_ref(),
+                rustix::process::pidfd_open(
+                    rustix::process::Pid::from_raw(self.pid).expect("pid > 0 checked at accept"),
+                    rustix::process::PidfdFlags::empty(),
+                ),
+            ) {
+                let pidns = pidns_of(status, pidfd.as_fd());
+                if crate::target::is_running(pidfd.as_fd()) {
+                    self.pidns = pidns;
+                }
+            }
             return;
         };
         let live = if features.pidfd_get_info {
@@ -83,19 +159,19 @@ impl Caller {
                 .ok()
                 .map(|info| (info.ruid, info.euid))
         } else {
-            // Only PIDFD_GET_INFO reads through the pidfd; a /proc read counts
-            // (like the comm and cgroup above) if the caller still runs after it.
-            procfs::read_status(self.pid)
-                .ok()
-                .filter(|_| crate::target::is_running(pidfd.as_fd()))
-                .map(|s| (s.uids[0], s.uids[1]))
+            status.as_ref().map(|s| (s.uids[0], s.uids[1]))
         };
-        let Some((ruid, euid)) = live else {
+        // Everything read by pid above counts only if the caller still runs.
+        let Some((ruid, euid)) = live.filter(|_| crate::target::is_running(pidfd.as_fd())) else {
             self.comm = format!("{comm}?");
             return;
         };
         self.comm = comm;
-        self.cgroup = cgroup;
+        self.cgroup = cgroup.and_then(CgroupFacts::of);
+        if let Some(status) = &status {
+            self.pidns = pidns_of(status, pidfd.as_fd());
+            self.userns_capabilities = status.cap_eff != 0 && self.uid != 0;
+        }
         // A caller that changed its euid since connecting keeps the authority
         // of the socket it opened, but gains nothing from its new real uid.
         if euid == self.uid {
@@ -112,4 +188,26 @@ impl Caller {
     pub fn all_groups(&self) -> impl Iterator<Item = u32> + '_ {
         std::iter::once(self.gid).chain(self.groups.iter().copied())
     }
+}
+
+/// Where the caller's pids live, from its `NSpid` line (world-readable and
+/// re-validated by the caller's pidfd) and, for a child namespace, an fd for
+/// it if the kernel lets the broker open one.
+fn pidns_of(status: &procfs::Status, pidfd: BorrowedFd<'_>) -> CallerPidns {
+    let Some(own) = own_ns_depth() else {
+        return CallerPidns::Unknown;
+    };
+    if own != 1 || status.ns_pids.is_empty() {
+        // The broker's /proc is not its own pid namespace's: NSpid depths
+        // say nothing about the broker's namespace.
+        return CallerPidns::Unknown;
+    }
+    let level = status.ns_pids.len() - 1;
+    if level == 0 {
+        return CallerPidns::Broker;
+    }
+    let ns = sys::pidfd_pid_namespace(pidfd)
+        .ok()
+        .filter(|ns| crate::target::pidns_level(ns.as_fd()) == Some(level));
+    CallerPidns::Child { level, ns }
 }

@@ -17,7 +17,8 @@ use crate::features::{KernelFeatures, KillPath};
 use crate::limits::{KillLimits, Limiter};
 use crate::policy::{BrokerFacts, Decision, Policy};
 use crate::reaper::{self, ReapReport};
-use crate::target::{self, TargetProcess, TargetSpec};
+use crate::target::{self, Namespace, TargetProcess, TargetSpec};
+use std::os::fd::{AsFd, OwnedFd};
 
 /// Longest wait for the target's exit a client may ask for.
 pub const MAX_WAIT_FOR_EXIT: Duration = Duration::from_secs(10);
@@ -127,11 +128,36 @@ impl Engine {
         }
     }
 
+    /// Pins the target `spec` names, in the caller's pid namespace (the
+    /// broker's, the one opened at accept, or `pidns`, an fd of it the
+    /// caller passed, verified first).
+    async fn pin(
+        &self,
+        caller: &Caller,
+        spec: TargetSpec,
+        pidns: Option<OwnedFd>,
+    ) -> Result<TargetProcess, EngineError> {
+        // The namespace fd moves to the blocking pool with the work: a dup
+        // of the caller's, whose connection may outlive this request or not.
+        let ns = match target::caller_namespace(caller, pidns.as_ref())? {
+            Namespace::Broker => None,
+            Namespace::Child(fd) => Some(
+                fd.try_clone_to_owned()
+                    .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}")))?,
+            ),
+        };
+        let features = Arc::clone(&self.features);
+        run_blocking(move || {
+            let ns = ns.as_ref().map_or(Namespace::Broker, |fd| Namespace::Child(fd.as_fd()));
+            target::pin(spec, ns, &features)
+        })
+        .await
+    }
+
     /// The decision KillAndReap would make, with no side effect.
     pub async fn check_permission(&self, caller: &Caller, spec: TargetSpec) -> Result<PermissionReport, EngineError> {
         let started = Instant::now();
-        let features = Arc::clone(&self.features);
-        let pinned = run_blocking(move || target::pin(spec, &features)).await;
+        let pinned = self.pin(caller, spec, None).await;
         let target = match pinned {
             Ok(target) => target,
             Err(err) => {
@@ -155,8 +181,7 @@ impl Engine {
     pub async fn kill_and_reap(&self, caller: &Caller, request: KillRequest) -> Result<KillReport, EngineError> {
         let started = Instant::now();
         let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
-        let features = Arc::clone(&self.features);
-        let target = match run_blocking(move || target::pin(request.target, &features)).await {
+        let target = match self.pin(caller, request.target, None).await {
             Ok(target) => target,
             Err(err) => {
                 audit_refusal("kill", caller, &err, started);
@@ -254,6 +279,7 @@ fn audit_decision(action: &str, caller: &Caller, target: &TargetProcess, decisio
         caller_real_uid = caller.real_uid,
         caller_comm = %caller.comm,
         target_pid = target.pid,
+        target_caller_pid = target.caller_pid,
         target_uid = target.ruid,
         target_comm = %target.comm,
         target_start_time = target.start_time,

@@ -73,14 +73,14 @@ pub fn status_of(err: EngineError) -> Status {
 
 fn process_info(target: &TargetProcess) -> pb::ProcessInfo {
     pb::ProcessInfo {
-        pid: target.pid,
+        pid: target.caller_pid,
         uid: target.ruid,
         euid: target.euid,
         suid: target.suid,
         gid: target.gid,
         comm: target.comm.clone(),
         start_time: target.start_time,
-        cgroup: target.cgroup.clone(),
+        cgroup: target.cgroup_path().to_string(),
     }
 }
 

@@ -3,6 +3,11 @@
 //! A pid-named read is only meaningful when the caller re-validates it
 //! against a pidfd afterwards (the pid number cannot be reused while the
 //! pidfd's process still exists); see `target.rs`.
+//!
+//! Every file is read as bytes: a process names itself (`prctl(PR_SET_NAME)`
+//! takes any 15 bytes, and the kernel cuts a UTF-8 name mid-character at 15
+//! bytes), so `comm` is not UTF-8 in general. It is kept escaped
+//! ([`escape_comm`]) and is for display only: no decision reads it.
 
 use std::fs;
 use std::io;
@@ -10,6 +15,7 @@ use std::io;
 /// Fields of `/proc/PID/stat`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
+    /// Field 2, escaped by [`escape_comm`].
     pub comm: String,
     pub state: char,
     pub ppid: i32,
@@ -28,14 +34,36 @@ impl Stat {
     }
 }
 
-/// Parses `/proc/PID/stat`. `comm` may hold spaces and parentheses, so the
-/// fields after it are found from the last `)`.
-pub fn parse_stat(text: &str) -> Option<Stat> {
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_string();
-    // After ") " the fields start at field 3 (state).
-    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+/// A command name made printable: valid UTF-8 is kept, every invalid byte
+/// becomes `\xNN`, and control characters and backslashes are escaped as
+/// Rust's `escape_debug` does, so a name can never forge a log field, a line
+/// break or a JSON structure, and distinct byte strings stay distinct.
+pub fn escape_comm(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            if ch.is_control() || ch == '\\' {
+                out.extend(ch.escape_debug());
+            } else {
+                out.push(ch);
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
+}
+
+/// Parses `/proc/PID/stat`. `comm` may hold any bytes but NUL, spaces and
+/// parentheses included, so the fields after it are found from the last `)`.
+pub fn parse_stat(text: &[u8]) -> Option<Stat> {
+    let open = text.iter().position(|&b| b == b'(')?;
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let comm = escape_comm(text.get(open + 1..close)?);
+    // After ") " the fields start at field 3 (state); they are ASCII.
+    let rest = std::str::from_utf8(text.get(close + 1..)?).ok()?;
+    let rest: Vec<&str> = rest.split_whitespace().collect();
     let field = |n: usize| rest.get(n - 3).copied();
     Some(Stat {
         comm,
@@ -47,7 +75,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
 }
 
 pub fn read_stat(pid: i32) -> io::Result<Stat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let text = fs::read(format!("/proc/{pid}/stat"))?;
     parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
 }
 
@@ -58,6 +86,14 @@ pub struct Status {
     pub uids: [u32; 4],
     pub gids: [u32; 4],
     pub memory: Memory,
+    /// `NSpid` (Linux 4.1+): the process's pid in each pid namespace from
+    /// the one the procfs mount belongs to (the broker's) down to its own.
+    /// One entry when it lives in the broker's pid namespace; empty when the
+    /// kernel prints no such line.
+    pub ns_pids: Vec<i32>,
+    /// `CapEff`: the effective capabilities, in the process's own user
+    /// namespace.
+    pub cap_eff: u64,
 }
 
 /// Resident and swapped memory in bytes. A process whose mm is gone (a
@@ -79,11 +115,17 @@ impl Memory {
     }
 }
 
-pub fn parse_status(text: &str) -> Option<Status> {
+/// Parses `/proc/PID/status`. Its `Name:` line is the process's own choice
+/// and need not be UTF-8; the lines used here are ASCII, and a line that is
+/// not UTF-8 is skipped.
+pub fn parse_status(bytes: &[u8]) -> Option<Status> {
     let mut status = Status::default();
     let mut have_uid = false;
     let mut have_gid = false;
-    for line in text.lines() {
+    for line in bytes.split(|&b| b == b'\n') {
+        let Ok(line) = std::str::from_utf8(line) else {
+            continue;
+        };
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
@@ -108,6 +150,13 @@ pub fn parse_status(text: &str) -> Option<Status> {
             "RssFile" => status.memory.file_bytes = kib()?,
             "RssShmem" => status.memory.shmem_bytes = kib()?,
             "VmSwap" => status.memory.swap_bytes = kib()?,
+            "NSpid" => {
+                status.ns_pids = value
+                    .split_whitespace()
+                    .map(|n| n.parse().ok())
+                    .collect::<Option<_>>()?;
+            }
+            "CapEff" => status.cap_eff = u64::from_str_radix(value.trim(), 16).ok()?,
             _ => {}
         }
     }
@@ -115,14 +164,19 @@ pub fn parse_status(text: &str) -> Option<Status> {
 }
 
 pub fn read_status(pid: i32) -> io::Result<Status> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let text = fs::read(format!("/proc/{pid}/status"))?;
     parse_status(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/status"))
 }
 
 /// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), or an
-/// empty string on a machine with no unified hierarchy.
+/// empty string on a machine with no unified hierarchy. The path is relative
+/// to the reader's (the broker's) cgroup namespace. Names are chosen by
+/// whoever may create the cgroup; a path that is not UTF-8 is an error (no
+/// policy could name it).
 pub fn read_cgroup(pid: i32) -> io::Result<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let bytes = fs::read(format!("/proc/{pid}/cgroup"))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "cgroup path is not UTF-8"))?;
     Ok(text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
@@ -156,12 +210,26 @@ mod tests {
     #[test]
     fn stat_with_hostile_comm() {
         let text = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 10 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n";
-        let stat = parse_stat(text).unwrap();
+        let stat = parse_stat(text.as_bytes()).unwrap();
         assert_eq!(stat.comm, "a) b (c)");
         assert_eq!(stat.state, 'S');
         assert_eq!(stat.ppid, 1);
         assert_eq!(stat.start_time, 12345);
         assert!(!stat.is_kernel_thread());
+    }
+
+    #[test]
+    fn comm_bytes_are_escaped_and_stay_distinct() {
+        let text = b"7 (\xff\xfe) S 1 7 7 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 99 1000 10 0 0\n";
+        let stat = parse_stat(text).unwrap();
+        assert_eq!(stat.comm, r"\xff\xfe");
+        assert_eq!(stat.start_time, 99);
+        // A Cyrillic name cut at 15 bytes by the kernel ends mid-character.
+        let name = "жжжжжжжж";
+        let cut = &name.as_bytes()[..15];
+        assert_eq!(escape_comm(cut), r"жжжжжжж\xd0");
+        assert_eq!(escape_comm(b"a\nb\\"), r"a\nb\\");
+        assert_ne!(escape_comm(br"\xff"), escape_comm(b"\xff"));
     }
 
     #[test]
@@ -172,12 +240,14 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let text = "Name:\tx\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\n";
+        let text = b"Name:\t\xff\xfe\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nNSpid:\t900\t3\nCapEff:\t0000000000000020\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\n";
         let status = parse_status(text).unwrap();
         assert_eq!(status.uids, [1, 2, 3, 4]);
         assert_eq!(status.gids, [5, 6, 7, 8]);
+        assert_eq!(status.ns_pids, [900, 3]);
+        assert_eq!(status.cap_eff, 1 << 5);
         assert_eq!(status.memory.anon_bytes, 100 * 1024);
         assert_eq!(status.memory.swap_bytes, 3 * 1024);
-        assert!(parse_status("Name: x\n").is_none());
+        assert!(parse_status(b"Name: x\n").is_none());
     }
 }

@@ -205,3 +205,100 @@ pub fn take_inherited_fd(raw: std::os::fd::RawFd) -> Option<OwnedFd> {
     // sole owner and closes it exactly once.
     Some(unsafe { OwnedFd::from_raw_fd(raw) })
 }
+
+/// `NSIO`, the ioctl type of namespace files (`include/uapi/linux/nsfs.h`).
+const NSIO: u32 = 0xb7;
+const fn ioc_none(kind: u32, nr: u32) -> libc::c_ulong {
+    ((kind << 8) | nr) as libc::c_ulong
+}
+const fn ioc_read(kind: u32, nr: u32, size: usize) -> libc::c_ulong {
+    const IOC_READ: u32 = 2;
+    ((IOC_READ << 30) | ((size as u32) << 16) | (kind << 8) | nr) as libc::c_ulong
+}
+/// `NS_GET_PARENT`: an fd for the parent of a pid or user namespace.
+const NS_GET_PARENT: libc::c_ulong = ioc_none(NSIO, 0x2);
+
+/// The four pid translations of a pid-namespace fd (Linux 6.11,
+/// `fs/nsfs.c`). Each takes a pid by value and returns one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidnsTranslation {
+    /// A pid in the namespace → the task's pid in ours (`NS_GET_PID_FROM_PIDNS`).
+    PidFromNs,
+    /// A pid in the namespace → its thread group's tgid in ours (`NS_GET_TGID_FROM_PIDNS`).
+    TgidFromNs,
+    /// A pid in ours → the task's pid in the namespace (`NS_GET_PID_IN_PIDNS`).
+    PidInNs,
+    /// A pid in ours → its thread group's tgid in the namespace (`NS_GET_TGID_IN_PIDNS`).
+    TgidInNs,
+}
+
+/// Translates `pid` through the pid namespace `pidns`. ESRCH when the task
+/// is not visible on the other side; ENOTTY/EINVAL on kernels before 6.11.
+pub fn pidns_translate(pidns: BorrowedFd<'_>, how: PidnsTranslation, pid: i32) -> io::Result<i32> {
+    let nr = match how {
+        PidnsTranslation::PidFromNs => 0x6,
+        PidnsTranslation::TgidFromNs => 0x7,
+        PidnsTranslation::PidInNs => 0x8,
+        PidnsTranslation::TgidInNs => 0x9,
+    };
+    let request = ioc_read(NSIO, nr, size_of::<libc::c_int>());
+    // SAFETY: these ioctls take the pid by value (the size in the request
+    // number is nominal) and return the translated pid; no memory is shared.
+    let ret = unsafe { libc::ioctl(pidns.as_raw_fd(), request, pid as libc::c_ulong) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `NS_GET_PARENT` on a pid namespace fd: its parent, or EPERM when the
+/// parent is not inside our own pid namespace (we are at the top).
+pub fn pidns_parent(pidns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new fd.
+    let ret = unsafe { libc::ioctl(pidns.as_raw_fd(), NS_GET_PARENT) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel installed a new fd for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// `PIDFD_GET_PID_NAMESPACE` (Linux 6.11): an fd for the active pid
+/// namespace of the pidfd's process. Needs ptrace read access to it
+/// (`PTRACE_MODE_READ_FSCREDS`, as opening `/proc/PID/ns/pid` does):
+/// EACCES for another uid's process when the broker holds only CAP_KILL.
+pub fn pidfd_pid_namespace(pidfd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    const PIDFD_GET_PID_NAMESPACE: libc::c_ulong = ioc_none(0xFF, 5);
+    // SAFETY: the ioctl takes no argument and returns a new fd.
+    let ret = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_PID_NAMESPACE, 0 as libc::c_ulong) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel installed a new fd for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// `getsockopt(SO_PEERCRED)`: pid, uid and gid of the peer at connect,
+/// translated into our namespaces. The pid is 0 when the peer is outside
+/// our pid namespace, which `rustix`'s `UCred` (a non-zero `Pid`) cannot
+/// represent; hence this wrapper.
+pub fn peer_cred(socket: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are live locals of the sizes passed; the
+    // kernel writes at most `len` bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.pid, cred.uid, cred.gid))
+}

@@ -6,23 +6,38 @@
 //! them: a pid cannot be reused while its process exists, so the reads were
 //! of the pinned process. Every later step (the kill, the reap, the wait)
 //! acts on the pidfd, never on the pid number.
+//!
+//! A pid in a request is a number in the *caller's* pid namespace, as for
+//! kill(2): it is translated into the broker's through the caller's pid
+//! namespace (`NS_GET_TGID_FROM_PIDNS`, Linux 6.11), and a process the
+//! caller cannot see is "not found", whether named by pid or by a passed
+//! pidfd (`access_pidfd_pidns()` in `kernel/signal.c` refuses the latter
+//! too). When the broker cannot learn the caller's namespace it refuses
+//! rather than guess.
+//!
+//! The target is always a whole process (a thread group), decided on the
+//! credentials of its thread-group leader as kill(2) does: a thread id or a
+//! `PIDFD_THREAD` pidfd is refused, since SIGKILL to a thread kills the
+//! whole process while the decision would have looked at one thread.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
 use serde::Serialize;
 
+use crate::caller::{Caller, CallerPidns};
+use crate::cgroup::CgroupFacts;
 use crate::error::EngineError;
 use crate::features::KernelFeatures;
+use crate::sys::PidnsTranslation;
 use crate::{procfs, sys};
 
 /// How a request names its target.
 #[derive(Debug)]
 pub enum TargetSpec {
-    /// A pid, optionally guarded by its start time (field 22 of
-    /// `/proc/PID/stat`).
+    /// A pid in the caller's pid namespace, optionally guarded by its start
+    /// time (field 22 of `/proc/PID/stat`, clock ticks since boot).
     Pid { pid: i32, start_time: Option<u64> },
     /// A pidfd the client holds and passed with the call (varlink).
     Pidfd(OwnedFd),
@@ -33,19 +48,30 @@ pub enum TargetSpec {
 pub struct TargetProcess {
     #[serde(skip)]
     pub pidfd: OwnedFd,
+    /// Its pid (tgid) in the broker's pid namespace: for audit records.
     pub pid: i32,
+    /// Its pid in the caller's pid namespace: the only pid a reply shows.
+    pub caller_pid: i32,
+    /// Real, effective and saved uid and real gid of the thread-group
+    /// leader (what kill(2) compares).
     pub ruid: u32,
     pub euid: u32,
     pub suid: u32,
     pub gid: u32,
+    /// Escaped command name (`procfs::escape_comm`), display only.
     pub comm: String,
     pub start_time: u64,
-    /// cgroup v2 path ("" on machines without a unified hierarchy).
-    pub cgroup: String,
+    /// Its cgroup, `None` when it could not be verified.
+    pub cgroup: Option<CgroupFacts>,
     pub is_kernel_thread: bool,
     pub oom_score_adj: i32,
-    /// `/proc/PID/exe`, when the broker may read it.
-    pub exe: Option<PathBuf>,
+}
+
+impl TargetProcess {
+    /// The cgroup path for replies ("" when unknown).
+    pub fn cgroup_path(&self) -> &str {
+        self.cgroup.as_ref().map_or("", |c| c.path.as_str())
+    }
 }
 
 /// The pidfd's process has not exited: a pidfd polls readable once it has.
@@ -73,47 +99,152 @@ pub fn wait_for_exit(pidfd: BorrowedFd<'_>, timeout: std::time::Duration) -> boo
     }
 }
 
-/// Opens a pidfd for `spec` and reads who the process is.
-pub fn pin(spec: TargetSpec, features: &KernelFeatures) -> Result<TargetProcess, EngineError> {
-    let (pidfd, pid, expected_start) = match spec {
+/// How many pid namespaces `pidns` lies below the broker's: the number of
+/// `NS_GET_PARENT` steps until the kernel refuses to go above the broker's
+/// own namespace. `None` if it is not a pid namespace below ours.
+pub fn pidns_level(pidns: BorrowedFd<'_>) -> Option<usize> {
+    // Pid namespaces nest at most 32 deep (MAX_PID_NS_LEVEL).
+    const MAX_LEVEL: usize = 32;
+    let mut current: Option<OwnedFd> = None;
+    for level in 0..=MAX_LEVEL {
+        let fd = current.as_ref().map_or(pidns, |fd| fd.as_fd());
+        match sys::pidns_parent(fd) {
+            Ok(parent) => current = Some(parent),
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => return Some(level),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Checks that `pidns` is exactly the caller's own pid namespace: at the
+/// caller's depth, and the caller is in it under the pid its `NSpid` line
+/// gives. A namespace above the caller's would let it name processes it
+/// cannot see; one beside it would not hold the caller at all.
+pub fn verify_caller_pidns(pidns: BorrowedFd<'_>, caller: &Caller) -> Result<(), EngineError> {
+    let refuse = |why: &str| {
+        EngineError::InvalidArgument(format!(
+            "pidns: the passed fd is not the caller's pid namespace ({why})"
+        ))
+    };
+    let status = procfs::read_status(caller.pid).map_err(|_| refuse("the caller is gone"))?;
+    let (Some(level), Some(own)) = (status.ns_pids.len().checked_sub(1), status.ns_pids.last()) else {
+        return Err(refuse("the caller's NSpid is unknown"));
+    };
+    if pidns_level(pidns) != Some(level) {
+        return Err(refuse("wrong depth, or not a pid namespace"));
+    }
+    match sys::pidns_translate(pidns, PidnsTranslation::PidInNs, caller.pid) {
+        Ok(pid) if pid == *own => {}
+        _ => return Err(refuse("the caller is not in it")),
+    }
+    // The reads above were of the caller only if it still runs.
+    if !caller.pidfd.as_ref().is_some_and(|fd| is_running(fd.as_fd())) {
+        return Err(refuse("the caller is gone"));
+    }
+    Ok(())
+}
+
+/// The pid namespace a request's pids are read in.
+#[derive(Debug, Clone, Copy)]
+pub enum Namespace<'a> {
+    /// The broker's own: no translation.
+    Broker,
+    /// A namespace below the broker's, verified to be the caller's.
+    Child(BorrowedFd<'a>),
+}
+
+/// The caller's pid namespace for this request: the broker's, the one it
+/// opened at accept, or `proof` (an fd the caller passed, verified here).
+/// Refuses, naming the fact, when none of them can be established.
+pub fn caller_namespace<'a>(caller: &'a Caller, proof: Option<&'a OwnedFd>) -> Result<Namespace<'a>, EngineError> {
+    match &caller.pidns {
+        CallerPidns::Broker => Ok(Namespace::Broker),
+        CallerPidns::Child { ns: Some(ns), .. } => Ok(Namespace::Child(ns.as_fd())),
+        CallerPidns::Child { ns: None, level } => match proof {
+            Some(fd) => {
+                verify_caller_pidns(fd.as_fd(), caller)?;
+                Ok(Namespace::Child(fd.as_fd()))
+            }
+            None => Err(EngineError::PermissionDenied(format!(
+                "unverified fact: the caller's pid namespace ({level} below the broker's): the broker may not \
+                 open another user's namespace (the kernel wants ptrace access), so it cannot tell which process \
+                 a pid means there; over varlink, pass the namespace (an fd of /proc/self/ns/pid) as `pidns`"
+            ))),
+        },
+        CallerPidns::Unknown => Err(EngineError::PermissionDenied(
+            "unverified fact: the caller's pid namespace could not be read (the caller may have exited), so \
+             no pid it names can be resolved"
+                .into(),
+        )),
+    }
+}
+
+/// Opens a pidfd for `spec`, named in `ns`, and reads who the process is.
+///
+/// Errors: `InvalidArgument` for a pid ≤ 0, a thread id, a thread pidfd or an
+/// fd that is not a pidfd; `NotFound` when no process the caller can see has
+/// that name (or it has exited); `ProcessChanged` on a start-time mismatch;
+/// `Internal` when /proc answers unexpectedly for a running process.
+pub fn pin(spec: TargetSpec, ns: Namespace<'_>, features: &KernelFeatures) -> Result<TargetProcess, EngineError> {
+    let (pidfd, pid, caller_pid, expected_start) = match spec {
         TargetSpec::Pid { pid, start_time } => {
             if pid <= 0 {
                 return Err(EngineError::InvalidArgument(format!("pid must be positive, got {pid}")));
             }
-            let raw = Pid::from_raw(pid).expect("pid > 0 checked above");
-            let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|err| match err {
-                rustix::io::Errno::SRCH => EngineError::NotFound(format!("no process with pid {pid}")),
-                rustix::io::Errno::INVAL | rustix::io::Errno::NOENT => {
-                    EngineError::InvalidArgument(format!("pid {pid} is a thread, not a process"))
-                }
-                other => EngineError::Internal(format!("pidfd_open({pid}): {other}")),
-            })?;
-            (pidfd, pid, start_time)
+            let (pidfd, host_pid) = open_in(pid, ns)?;
+            (pidfd, host_pid, pid, start_time)
         }
         TargetSpec::Pidfd(pidfd) => {
-            let pid = pid_of_pidfd(pidfd.as_fd(), features)?;
-            (pidfd, pid, None)
+            let host_pid = pid_of_pidfd(pidfd.as_fd(), features)?;
+            let caller_pid = match ns {
+                Namespace::Broker => host_pid,
+                Namespace::Child(ns) => match sys::pidns_translate(ns, PidnsTranslation::TgidInNs, host_pid) {
+                    Ok(pid) => pid,
+                    Err(_) => {
+                        return Err(EngineError::NotFound(
+                            "the process behind the passed pidfd is not in the caller's pid namespace".into(),
+                        ))
+                    }
+                },
+            };
+            (pidfd, host_pid, caller_pid, None)
         }
     };
 
-    let not_running = || EngineError::NotFound(format!("process {pid} has exited"));
+    let not_running = || EngineError::NotFound(format!("process {caller_pid} has exited"));
+    // A read that fails is "exited" only if the pidfd says so; otherwise the
+    // kernel answered something unexpected, which is reported as such.
+    let read_failed = |what: &str, err: std::io::Error, pidfd: BorrowedFd<'_>| {
+        if is_running(pidfd) {
+            EngineError::Internal(format!("reading {what} of pid {pid}: {err}"))
+        } else {
+            not_running()
+        }
+    };
     if !is_running(pidfd.as_fd()) {
         return Err(not_running());
     }
-    let stat = procfs::read_stat(pid).map_err(|_| not_running())?;
-    let status = procfs::read_status(pid).map_err(|_| not_running())?;
-    let cgroup = procfs::read_cgroup(pid).unwrap_or_default();
-    let oom_score_adj = procfs::read_oom_score_adj(pid).unwrap_or(0);
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let stat = procfs::read_stat(pid).map_err(|e| read_failed("/proc/PID/stat", e, pidfd.as_fd()))?;
+    let status = procfs::read_status(pid).map_err(|e| read_failed("/proc/PID/status", e, pidfd.as_fd()))?;
+    let oom_score_adj =
+        procfs::read_oom_score_adj(pid).map_err(|e| read_failed("/proc/PID/oom_score_adj", e, pidfd.as_fd()))?;
+    let cgroup = procfs::read_cgroup(pid).ok().and_then(CgroupFacts::of);
 
     // Credentials: from the pidfd itself where the kernel can say (6.13+);
-    // otherwise from /proc, trusted through the re-validation below.
+    // otherwise from /proc, trusted through the re-validation below. Both
+    // are the thread-group leader's, the task kill(2) checks.
     let (ruid, euid, suid, gid) = if features.pidfd_get_info {
         let info =
-            sys::pidfd_get_info(pidfd.as_fd(), sys::PIDFD_INFO_CREDS).map_err(|err| match err.raw_os_error() {
+            sys::pidfd_get_info(pidfd.as_fd(), sys::PIDFD_INFO_CREDS | sys::PIDFD_INFO_PID).map_err(|err| match err
+                .raw_os_error()
+            {
                 Some(libc::ESRCH) => not_running(),
                 _ => EngineError::Internal(format!("PIDFD_GET_INFO on pid {pid}: {err}")),
             })?;
+        if info.pid != info.tgid {
+            return Err(thread_refused());
+        }
         (info.ruid, info.euid, info.suid, info.rgid)
     } else {
         (status.uids[0], status.uids[1], status.uids[2], status.gids[0])
@@ -127,7 +258,7 @@ pub fn pin(spec: TargetSpec, features: &KernelFeatures) -> Result<TargetProcess,
     if let Some(expected) = expected_start {
         if expected != stat.start_time {
             return Err(EngineError::ProcessChanged(format!(
-                "pid {pid} now names a process started at {}, not {expected}",
+                "pid {caller_pid} now names a process started at {}, not {expected}",
                 stat.start_time
             )));
         }
@@ -137,6 +268,7 @@ pub fn pin(spec: TargetSpec, features: &KernelFeatures) -> Result<TargetProcess,
     Ok(TargetProcess {
         pidfd,
         pid,
+        caller_pid,
         ruid,
         euid,
         suid,
@@ -146,12 +278,52 @@ pub fn pin(spec: TargetSpec, features: &KernelFeatures) -> Result<TargetProcess,
         cgroup,
         is_kernel_thread,
         oom_score_adj,
-        exe,
     })
 }
 
-/// The pid behind a pidfd a client passed. Anything that is not a pidfd is
-/// refused: the client named no process.
+fn thread_refused() -> EngineError {
+    EngineError::InvalidArgument(
+        "the target is a thread, not a process: name the process (its tgid, or a pidfd opened without PIDFD_THREAD); \
+         a kill reaches the whole process, so the broker decides on the whole process"
+            .into(),
+    )
+}
+
+/// A pidfd for the process `pid` names in `ns`, and its pid in ours.
+fn open_in(pid: i32, ns: Namespace<'_>) -> Result<(OwnedFd, i32), EngineError> {
+    let not_found = || EngineError::NotFound(format!("no process with pid {pid}"));
+    let host_pid = match ns {
+        Namespace::Broker => pid,
+        Namespace::Child(ns) => {
+            let tgid = sys::pidns_translate(ns, PidnsTranslation::TgidFromNs, pid).map_err(|_| not_found())?;
+            let task = sys::pidns_translate(ns, PidnsTranslation::PidFromNs, pid).map_err(|_| not_found())?;
+            if task != tgid {
+                return Err(thread_refused());
+            }
+            tgid
+        }
+    };
+    let raw = Pid::from_raw(host_pid).ok_or_else(not_found)?;
+    let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|err| match err {
+        rustix::io::Errno::SRCH => not_found(),
+        rustix::io::Errno::INVAL | rustix::io::Errno::NOENT => thread_refused(),
+        other => EngineError::Internal(format!("pidfd_open({pid}): {other}")),
+    })?;
+    if let Namespace::Child(ns) = ns {
+        // The translation and the open were two steps: the pid may have been
+        // recycled between them. The pidfd's process holds `host_pid` (it is
+        // re-validated as running after every read), so it is the caller's
+        // `pid` iff that translates back.
+        match sys::pidns_translate(ns, PidnsTranslation::TgidInNs, host_pid) {
+            Ok(back) if back == pid => {}
+            _ => return Err(not_found()),
+        }
+    }
+    Ok((pidfd, host_pid))
+}
+
+/// The pid behind a pidfd a client passed. Anything that is not a pidfd of
+/// a whole process is refused: the client named no process.
 fn pid_of_pidfd(fd: BorrowedFd<'_>, features: &KernelFeatures) -> Result<i32, EngineError> {
     use std::os::fd::AsRawFd;
     let raw = fd.as_raw_fd();
@@ -163,6 +335,11 @@ fn pid_of_pidfd(fd: BorrowedFd<'_>, features: &KernelFeatures) -> Result<i32, En
     if !link.to_string_lossy().contains("pidfd") {
         return Err(not_a_pidfd());
     }
+    // PIDFD_THREAD is O_EXCL in the file's flags (include/uapi/linux/pidfd.h).
+    let flags = rustix::fs::fcntl_getfl(fd).map_err(|_| not_a_pidfd())?;
+    if flags.contains(rustix::fs::OFlags::EXCL) {
+        return Err(thread_refused());
+    }
     let pid: i32 = fdinfo
         .lines()
         .find_map(|line| line.strip_prefix("Pid:"))
@@ -172,12 +349,13 @@ fn pid_of_pidfd(fd: BorrowedFd<'_>, features: &KernelFeatures) -> Result<i32, En
         -1 => Err(EngineError::NotFound(
             "the process behind the passed pidfd has exited".into(),
         )),
-        0 => Err(EngineError::InvalidArgument(
-            "the passed pidfd names a process outside the broker's pid namespace".into(),
+        0 => Err(EngineError::NotFound(
+            "the process behind the passed pidfd is outside the broker's pid namespace".into(),
         )),
         pid if features.pidfd_get_info => {
             // Cross-check with the kernel's own answer where it has one.
             match sys::pidfd_get_info(fd, sys::PIDFD_INFO_PID) {
+                Ok(info) if info.pid != info.tgid => Err(thread_refused()),
                 Ok(info) if info.pid as i32 == pid => Ok(pid),
                 Ok(_) => Err(EngineError::ProcessChanged("pidfd changed under the broker".into())),
                 Err(_) => Err(EngineError::NotFound(

@@ -141,14 +141,14 @@ pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
 
 fn process_info(target: &TargetProcess) -> Value {
     json!({
-        "pid": target.pid,
+        "pid": target.caller_pid,
         "uid": target.ruid,
         "euid": target.euid,
         "suid": target.suid,
         "gid": target.gid,
         "comm": target.comm,
         "startTime": target.start_time,
-        "cgroup": target.cgroup,
+        "cgroup": target.cgroup_path(),
     })
 }
 

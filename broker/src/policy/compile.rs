@@ -333,18 +333,39 @@ impl<'a> Checker<'a> {
         self.names(&p.users, false, resolver, &mut uids);
         let mut cgroups = Vec::new();
         self.cgroups(&p.cgroups, &mut cgroups);
-        let (mut units, mut exes, mut comms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut units = Vec::new();
         self.globs(&p.units, "units", false, &mut units);
-        self.globs(&p.exes, "exes", true, &mut exes);
-        self.globs(&p.comms, "comms", false, &mut comms);
+        self.refuse_exes(&p.exes);
+        if let Some(comms) = &p.comms {
+            self.err(
+                comms.span(),
+                "`protect.comms` is refused: a process chooses its own comm (prctl(PR_SET_NAME)), so any user's \
+                 process could claim this protection and hide from a delegated OOM killer; protect by uid, cgroup \
+                 or unit instead (see docs/policy.md)",
+            );
+        }
         let list = &mut policy.protected;
         list.extend(uids.into_iter().map(Protected::Uids));
         list.extend(cgroups.into_iter().map(Protected::Cgroup));
         list.extend(units.into_iter().map(Protected::Unit));
-        list.extend(exes.into_iter().map(Protected::Exe));
-        list.extend(comms.into_iter().map(Protected::Comm));
         // Sorted so the reason given never depends on the file's order.
         list.sort_by_key(|p| p.label());
+    }
+
+    /// Exe matchers are refused wherever they appear: the broker holds only
+    /// CAP_KILL, and reading `/proc/PID/exe` of another user's process
+    /// needs ptrace access, so the fact is unknowable for exactly the
+    /// processes a policy is about; a matcher that can never be decided
+    /// would either protect everything or grant nothing, with a false reason.
+    fn refuse_exes(&mut self, exes: &Option<Spanned<Vec<Spanned<String>>>>) {
+        if let Some(exes) = exes {
+            self.err(
+                exes.span(),
+                "`exes` matchers are refused: with only CAP_KILL the broker cannot read /proc/PID/exe of other \
+                 users' processes (the kernel wants ptrace access), so an exe could never be verified; match by \
+                 uid, cgroup or unit instead (see docs/policy.md)",
+            );
+        }
     }
 
     fn limits(&mut self, raw: &RawPolicy) -> KillLimits {
@@ -448,7 +469,16 @@ impl<'a> Checker<'a> {
             }
         };
         let target = match &r.target {
-            Some(target) => self.target(target, resolver),
+            Some(target) => {
+                if let (true, Some(comms)) = (deny, &target.get_ref().comms) {
+                    self.err(
+                        comms.span(),
+                        "`target.comms` in a deny rule is refused: a process chooses its own comm, so any user could \
+                         make its processes match and escape a delegated OOM killer; deny by uid, cgroup or unit",
+                    );
+                }
+                self.target(target, resolver)
+            }
             None => {
                 self.err(
                     rule.span(),
@@ -534,7 +564,7 @@ impl<'a> Checker<'a> {
         self.names(&t.users, false, resolver, &mut m.uids);
         self.cgroups(&t.cgroups, &mut m.cgroups);
         self.globs(&t.units, "units", false, &mut m.units);
-        self.globs(&t.exes, "exes", true, &mut m.exes);
+        self.refuse_exes(&t.exes);
         self.globs(&t.comms, "comms", false, &mut m.comms);
         if let Some(range) = &t.oom_score_adj {
             let r = range.get_ref();

@@ -56,8 +56,8 @@ pub fn in_subtree(path: &str, subtree: &str) -> bool {
     path == subtree || (path.starts_with(subtree) && path.as_bytes().get(subtree.len()) == Some(&b'/'))
 }
 
-/// How to treat a fact the broker could not learn (an unreadable exe, an
-/// unknown cgroup) and processes whose uids differ (setuid programs).
+/// How to treat a fact the broker could not verify (an unknown cgroup) and
+/// processes whose uids differ (setuid programs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Granting: unknown facts do not match, and every one of the target's
@@ -78,10 +78,21 @@ pub struct CallerMatch {
 }
 
 impl CallerMatch {
+    /// The matcher reads the caller's cgroup.
+    pub fn needs_cgroup(&self) -> bool {
+        !self.any && (!self.cgroups.is_empty() || !self.units.is_empty())
+    }
+
     /// Every given field matches (fields AND, list entries OR). The caller's
     /// uid is its effective uid from SO_PEERCRED; its groups are the primary
-    /// gid and SO_PEERGROUPS. An unverified cgroup (`None`) matches nothing.
-    pub fn matches(&self, caller: &Caller) -> bool {
+    /// gid and SO_PEERGROUPS.
+    ///
+    /// Its cgroup (see `crate::cgroup`): a grant (`Mode::Allow`) looks at
+    /// the trusted prefix only, and never matches an unverified cgroup; a
+    /// deny rule (`Mode::Deny`) looks at the full path, any unit named on
+    /// it, and matches an unverified cgroup. Either way a caller cannot
+    /// escape a deny rule or claim a grant by naming or leaving cgroups.
+    pub fn matches(&self, caller: &Caller, mode: Mode) -> bool {
         if self.any {
             return true;
         }
@@ -91,24 +102,32 @@ impl CallerMatch {
         if !self.gids.is_empty() && !caller.all_groups().any(|g| any_span(&self.gids, g)) {
             return false;
         }
-        if !self.cgroups.is_empty() {
-            let Some(cg) = caller.cgroup.as_deref() else {
-                return false;
-            };
-            if !self.cgroups.iter().any(|p| in_subtree(cg, p)) {
-                return false;
+        if !self.needs_cgroup() {
+            return true;
+        }
+        let Some(cg) = caller.cgroup.as_ref() else {
+            return mode == Mode::Deny;
+        };
+        match mode {
+            Mode::Allow => {
+                let path = cg.trusted.as_str();
+                (self.cgroups.is_empty() || self.cgroups.iter().any(|p| in_subtree(path, p)))
+                    && (self.units.is_empty()
+                        || unit_of_cgroup(path).is_some_and(|u| self.units.iter().any(|g| g.is_match(u))))
+            }
+            Mode::Deny => {
+                let path = cg.path.as_str();
+                (self.cgroups.is_empty() || self.cgroups.iter().any(|p| in_subtree(path, p)))
+                    && (self.units.is_empty() || units_on_path(path).any(|u| self.units.iter().any(|g| g.is_match(u))))
             }
         }
-        if !self.units.is_empty() {
-            let Some(unit) = caller.cgroup.as_deref().and_then(unit_of_cgroup) else {
-                return false;
-            };
-            if !self.units.iter().any(|g| g.is_match(unit)) {
-                return false;
-            }
-        }
-        true
     }
+}
+
+/// Every component of a cgroup path that names a unit, deepest first.
+pub fn units_on_path(path: &str) -> impl Iterator<Item = &str> {
+    path.rsplit('/')
+        .filter(|c| UNIT_SUFFIXES.iter().any(|s| c.len() > s.len() && c.ends_with(s)))
 }
 
 #[derive(Debug, Clone, Default)]
@@ -117,17 +136,25 @@ pub struct TargetMatch {
     pub uids: Vec<IdSpan>,
     pub cgroups: Vec<String>,
     pub units: Vec<Glob>,
-    pub exes: Vec<Glob>,
+    /// Only in allow rules (the compiler refuses them in deny rules): a
+    /// process names itself, so a comm can only narrow a grant.
     pub comms: Vec<Glob>,
     pub oom_score_adj: Option<(i32, i32)>,
 }
 
 impl TargetMatch {
+    /// The matcher reads the target's cgroup.
+    pub fn needs_cgroup(&self) -> bool {
+        !self.any && (!self.cgroups.is_empty() || !self.units.is_empty())
+    }
+
+    /// Cgroup and unit matchers read the trusted prefix of the target's
+    /// cgroup (a user cannot make its processes match by naming cgroups);
+    /// an unverified cgroup matches in `Mode::Deny` only.
     pub fn matches(&self, target: &TargetProcess, mode: Mode) -> bool {
         if self.any {
             return true;
         }
-        let unknown = mode == Mode::Deny;
         if !self.uids.is_empty() {
             let ids = [target.ruid, target.euid, target.suid];
             let ok = match mode {
@@ -138,30 +165,15 @@ impl TargetMatch {
                 return false;
             }
         }
-        if !self.cgroups.is_empty() {
-            let ok = if target.cgroup.is_empty() {
-                unknown
-            } else {
-                self.cgroups.iter().any(|p| in_subtree(&target.cgroup, p))
-            };
-            if !ok {
-                return false;
-            }
-        }
-        if !self.units.is_empty() {
-            let ok = if target.cgroup.is_empty() {
-                unknown
-            } else {
-                unit_of_cgroup(&target.cgroup).is_some_and(|u| self.units.iter().any(|g| g.is_match(u)))
-            };
-            if !ok {
-                return false;
-            }
-        }
-        if !self.exes.is_empty() {
-            let ok = match &target.exe {
-                Some(exe) => self.exes.iter().any(|g| g.matcher.is_match(exe)),
-                None => unknown,
+        if self.needs_cgroup() {
+            let ok = match target.cgroup.as_ref() {
+                None => mode == Mode::Deny,
+                Some(cg) => {
+                    let path = cg.trusted.as_str();
+                    (self.cgroups.is_empty() || self.cgroups.iter().any(|p| in_subtree(path, p)))
+                        && (self.units.is_empty()
+                            || unit_of_cgroup(path).is_some_and(|u| self.units.iter().any(|g| g.is_match(u))))
+                }
             };
             if !ok {
                 return false;
@@ -180,29 +192,34 @@ impl TargetMatch {
 }
 
 /// One thing the `protect` section names. Each entry protects on its own.
+/// Only facts a process cannot choose for itself protect: uids, and cgroups
+/// or units read from the trusted prefix (comms and exes are refused by the
+/// compiler, see `docs/policy.md`).
 #[derive(Debug, Clone)]
 pub enum Protected {
     Uids(IdSpan),
     Cgroup(String),
     Unit(Glob),
-    Exe(Glob),
-    Comm(Glob),
 }
 
 impl Protected {
-    /// Protections refuse, so unknown facts count as protected.
+    /// Protections refuse, so an unverified cgroup counts as protected.
     pub fn matches(&self, target: &TargetProcess) -> bool {
         match self {
             Protected::Uids(span) => [target.ruid, target.euid, target.suid]
                 .iter()
                 .any(|id| span.contains(*id)),
-            Protected::Cgroup(p) => target.cgroup.is_empty() || in_subtree(&target.cgroup, p),
-            Protected::Unit(g) => {
-                target.cgroup.is_empty() || unit_of_cgroup(&target.cgroup).is_some_and(|u| g.is_match(u))
-            }
-            Protected::Exe(g) => target.exe.as_ref().is_none_or(|e| g.matcher.is_match(e)),
-            Protected::Comm(g) => g.is_match(&target.comm),
+            Protected::Cgroup(p) => target.cgroup.as_ref().is_none_or(|cg| in_subtree(&cg.trusted, p)),
+            Protected::Unit(g) => target
+                .cgroup
+                .as_ref()
+                .is_none_or(|cg| unit_of_cgroup(&cg.trusted).is_some_and(|u| g.is_match(u))),
         }
+    }
+
+    /// The protection reads the target's cgroup.
+    pub fn needs_cgroup(&self) -> bool {
+        !matches!(self, Protected::Uids(_))
     }
 
     pub fn label(&self) -> String {
@@ -211,8 +228,6 @@ impl Protected {
             Protected::Uids(s) => format!("uids {}-{}", s.lo, s.hi),
             Protected::Cgroup(p) => format!("cgroup {p}"),
             Protected::Unit(g) => format!("unit {}", g.text),
-            Protected::Exe(g) => format!("exe {}", g.text),
-            Protected::Comm(g) => format!("comm {}", g.text),
         }
     }
 }

@@ -27,7 +27,7 @@ pub mod matcher;
 use std::collections::HashMap;
 
 pub use compile::{compile, load_file, LoadError, Nss, PolicyError, Resolver};
-use matcher::{unit_of_cgroup, CallerMatch, Mode, Protected, TargetMatch};
+use matcher::{units_on_path, CallerMatch, Mode, Protected, TargetMatch};
 
 use serde::Serialize;
 
@@ -153,21 +153,32 @@ impl CallerIndex {
         for gid in caller.all_groups() {
             add(self.by_gid.get(&gid));
         }
-        if let Some(cg) = caller.cgroup.as_deref() {
-            if !self.by_cgroup.is_empty() {
-                // The cgroup and each of its ancestors, up to "/".
-                let mut path = cg;
-                loop {
-                    add(self.by_cgroup.get(path));
-                    match path.rfind('/') {
-                        Some(0) if path.len() > 1 => path = "/",
-                        Some(0) | None => break,
-                        Some(i) => path = &path[..i],
+        match caller.cgroup.as_ref() {
+            Some(cg) => {
+                if !self.by_cgroup.is_empty() {
+                    // The cgroup and each of its ancestors, up to "/": the
+                    // full path for deny rules, and the trusted prefix that
+                    // grants read is one of these ancestors.
+                    let mut path = cg.path.as_str();
+                    loop {
+                        add(self.by_cgroup.get(path));
+                        match path.rfind('/') {
+                            Some(0) if path.len() > 1 => path = "/",
+                            Some(0) | None => break,
+                            Some(i) => path = &path[..i],
+                        }
                     }
                 }
+                for unit in units_on_path(&cg.path) {
+                    add(self.by_unit.get(unit));
+                }
             }
-            if let Some(unit) = unit_of_cgroup(cg) {
-                add(self.by_unit.get(unit));
+            None => {
+                // Unverified: every deny rule on the caller's cgroup applies,
+                // so every rule that reads it is a candidate.
+                for list in self.by_cgroup.values().chain(self.by_unit.values()) {
+                    out.extend_from_slice(list);
+                }
             }
         }
         out.sort_unstable();
@@ -248,7 +259,7 @@ impl Policy {
                 // of kill-and-reap does not forbid asking.
                 Action::Check => r.check || (!deny && r.kill),
             })
-            .find(|r| r.caller.matches(caller) && r.target.matches(target, mode))
+            .find(|r| r.caller.matches(caller, mode) && r.target.matches(target, mode))
     }
 
     /// Would kill-and-reap be allowed, and why.
@@ -265,7 +276,11 @@ impl Policy {
             return Decision {
                 allowed: false,
                 rule: rule.name.clone(),
-                reason: format!("denied by rule {:?}", rule.name),
+                reason: format!(
+                    "denied by rule {:?}{}",
+                    rule.name,
+                    unverified_note(rule, caller, target)
+                ),
             };
         }
         let creds = KillCreds {
@@ -312,10 +327,16 @@ impl Policy {
         } else {
             format!("the kill(2) rule is off and no rule grants kill-and-reap to caller {caller_ids}")
         };
+        let userns = if caller.userns_capabilities {
+            "; the caller holds capabilities in a user namespace, which the broker does not honour \
+             (kill(2) would for that namespace's processes: see docs/policy.md)"
+        } else {
+            ""
+        };
         Decision {
             allowed: false,
             rule: "no-matching-rule".into(),
-            reason: format!("no rule allows it: {kill_rule}"),
+            reason: format!("no rule allows it: {kill_rule}{userns}"),
         }
     }
 
@@ -329,7 +350,11 @@ impl Policy {
             return Some(Decision {
                 allowed: false,
                 rule: rule.name.clone(),
-                reason: format!("checking this process is denied by rule {:?}", rule.name),
+                reason: format!(
+                    "checking this process is denied by rule {:?}{}",
+                    rule.name,
+                    unverified_note(rule, caller, target)
+                ),
             });
         }
         if self.check_anyone {
@@ -357,13 +382,16 @@ impl Policy {
 
     /// Targets nobody may kill through the broker.
     fn protection(&self, target: &TargetProcess, broker: BrokerFacts) -> Option<(String, String)> {
-        if target.pid == 1 {
+        // The caller's pid 1 too: kill(2) from inside a pid namespace never
+        // delivers SIGKILL to its init (SIGNAL_UNKILLABLE), so the broker,
+        // which sits above that namespace, must not either.
+        if target.pid == 1 || target.caller_pid == 1 {
             return Some(("protect:init".into(), "pid 1 (init) is protected".into()));
         }
         if target.is_kernel_thread {
             return Some((
                 "protect:kernel-thread".into(),
-                format!("pid {} is a kernel thread", target.pid),
+                format!("pid {} is a kernel thread", target.caller_pid),
             ));
         }
         if target.pid == broker.pid {
@@ -372,16 +400,41 @@ impl Policy {
         if self.protect_oom_min && target.oom_score_adj == -1000 {
             return Some((
                 "protect:oom-score-adj".into(),
-                format!("pid {} has oom_score_adj -1000 (never OOM-kill)", target.pid),
+                format!("pid {} has oom_score_adj -1000 (never OOM-kill)", target.caller_pid),
             ));
         }
         self.protected.iter().find(|p| p.matches(target)).map(|p| {
             let label = p.label();
+            let why = if p.needs_cgroup() && target.cgroup.is_none() {
+                ": unverified fact: its cgroup could not be read, so the protection applies"
+            } else {
+                ""
+            };
             (
                 format!("protect:{label}"),
-                format!("pid {} is protected by the policy ({label})", target.pid),
+                format!("pid {} is protected by the policy ({label}){why}", target.caller_pid),
             )
         })
+    }
+}
+
+/// Names the unverified fact a deny rule matched on, if any: deny rules
+/// and protections apply when the fact they read cannot be verified.
+fn unverified_note(rule: &Rule, caller: &Caller, target: &TargetProcess) -> String {
+    let mut facts = Vec::new();
+    if rule.caller.needs_cgroup() && caller.cgroup.is_none() {
+        facts.push("the caller's cgroup (the caller may have exited)");
+    }
+    if rule.target.needs_cgroup() && target.cgroup.is_none() {
+        facts.push("the target's cgroup");
+    }
+    if facts.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ": unverified fact: {} could not be read, and a deny rule applies to what it cannot verify",
+            facts.join(" and ")
+        )
     }
 }
 

@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use proptest::prelude::*;
 
 use super::*;
+use crate::cgroup::CgroupFacts;
 
 /// Names resolve from a fixed table: tests must not depend on /etc/passwd.
 struct Table;
@@ -32,7 +33,20 @@ fn fd() -> OwnedFd {
     std::fs::File::open("/dev/null").unwrap().into()
 }
 
+/// Cgroup facts: `path`, of which only `trusted` was root's alone.
+fn facts(path: &str, trusted: &str) -> CgroupFacts {
+    assert!(matcher::in_subtree(path, trusted));
+    CgroupFacts {
+        path: path.into(),
+        trusted: trusted.into(),
+    }
+}
+
 fn caller(uid: u32, ruid: Option<u32>, gid: u32, groups: Vec<u32>, cgroup: Option<&str>) -> Caller {
+    caller_in(uid, ruid, gid, groups, cgroup.map(|p| facts(p, p)))
+}
+
+fn caller_in(uid: u32, ruid: Option<u32>, gid: u32, groups: Vec<u32>, cgroup: Option<CgroupFacts>) -> Caller {
     Caller {
         pid: 4242,
         uid,
@@ -40,25 +54,37 @@ fn caller(uid: u32, ruid: Option<u32>, gid: u32, groups: Vec<u32>, cgroup: Optio
         real_uid: ruid,
         groups,
         comm: "test".into(),
-        cgroup: cgroup.map(str::to_string),
+        cgroup,
+        pidns: crate::caller::CallerPidns::Broker,
+        userns_capabilities: false,
         pidfd: None,
     }
 }
 
 fn target(ruid: u32, euid: u32, suid: u32, cgroup: &str, oom: i32) -> TargetProcess {
+    target_in(
+        ruid,
+        euid,
+        suid,
+        (!cgroup.is_empty()).then(|| facts(cgroup, cgroup)),
+        oom,
+    )
+}
+
+fn target_in(ruid: u32, euid: u32, suid: u32, cgroup: Option<CgroupFacts>, oom: i32) -> TargetProcess {
     TargetProcess {
         pidfd: fd(),
         pid: 5000,
+        caller_pid: 5000,
         ruid,
         euid,
         suid,
         gid: ruid,
         comm: "victim".into(),
         start_time: 1,
-        cgroup: cgroup.into(),
+        cgroup,
         is_kernel_thread: false,
         oom_score_adj: oom,
-        exe: Some("/usr/bin/victim".into()),
     }
 }
 
@@ -91,8 +117,15 @@ fn rule_strategy() -> impl Strategy<Value = String> {
         (-1000i32..1000).prop_map(|m| format!("oom-score-adj = {{ min = {m} }}")),
         Just(r#"comms = ["vic*"]"#.to_string()),
     ];
-    (effect, action, caller, target)
-        .prop_map(|(e, a, c, t)| format!("effect = \"{e}\"\nactions = {a}\ncaller = {{ {c} }}\ntarget = {{ {t} }}\n"))
+    (effect, action, caller, target).prop_map(|(e, a, c, t)| {
+        // The compiler refuses comms in deny rules (a process names itself).
+        let t = if e == "deny" && t.starts_with("comms") {
+            "any = true".to_string()
+        } else {
+            t
+        };
+        format!("effect = \"{e}\"\nactions = {a}\ncaller = {{ {c} }}\ntarget = {{ {t} }}\n")
+    })
 }
 
 fn render(rules: &[String], kill_rule: bool) -> String {
@@ -104,13 +137,22 @@ fn render(rules: &[String], kill_rule: bool) -> String {
 }
 
 fn creds() -> impl Strategy<Value = (Caller, TargetProcess)> {
+    // Paths whose tail lies in a delegated subtree (trusted prefix shorter
+    // than the path) stand for what a user could have named itself.
     let cg = prop_oneof![
         Just(None),
-        Just(Some("/team")),
-        Just(Some("/team/mon1.service")),
-        Just(Some("/other"))
+        Just(Some(facts("/team", "/team"))),
+        Just(Some(facts("/team/mon1.service", "/team/mon1.service"))),
+        Just(Some(facts("/team/mon1.service", "/team"))),
+        Just(Some(facts("/deleg/team/mon1.service", "/deleg"))),
+        Just(Some(facts("/other", "/other")))
     ];
-    let tcg = prop_oneof![Just("/team/jobs/a.scope"), Just("/other"), Just("")];
+    let tcg = prop_oneof![
+        Just(Some(facts("/team/jobs/a.scope", "/team/jobs/a.scope"))),
+        Just(Some(facts("/team/jobs/a.scope", "/team"))),
+        Just(Some(facts("/other", "/other"))),
+        Just(None)
+    ];
     (
         0u32..4,
         proptest::option::of(0u32..4),
@@ -121,7 +163,7 @@ fn creds() -> impl Strategy<Value = (Caller, TargetProcess)> {
         -999i32..1000,
     )
         .prop_map(|(uid, ruid, groups, cg, (tr, te, ts), tcg, oom)| {
-            (caller(uid, ruid, 100, groups, cg), target(tr, te, ts, tcg, oom))
+            (caller_in(uid, ruid, 100, groups, cg), target_in(tr, te, ts, tcg, oom))
         })
 }
 
@@ -137,6 +179,43 @@ proptest! {
         prop_assert_eq!(d.allowed, kernel, "{:?}", d);
     }
 
+    /// Naming cgroups in a delegated subtree never helps a caller: whatever
+    /// it is allowed from there, it is allowed from the subtree's root too,
+    /// and a target gains no protection from names below its trusted prefix.
+    #[test]
+    fn untrusted_cgroup_names_never_grant_nor_protect(
+        rules in proptest::collection::vec(rule_strategy(), 0..6),
+        kill_rule in any::<bool>(),
+        (c, t) in creds(),
+    ) {
+        let p = policy(&render(&rules, kill_rule));
+        let truncate = |cg: &CgroupFacts| facts(&cg.trusted, &cg.trusted);
+        let plain_caller = caller_in(c.uid, c.real_uid, c.gid, c.groups.clone(), c.cgroup.as_ref().map(truncate));
+        if p.decide(&c, &t, BROKER).allowed {
+            prop_assert!(p.decide(&plain_caller, &t, BROKER).allowed);
+        }
+        let plain_target = target_in(t.ruid, t.euid, t.suid, t.cgroup.as_ref().map(truncate), t.oom_score_adj);
+        prop_assert_eq!(p.decide(&c, &t, BROKER), p.decide(&c, &plain_target, BROKER));
+    }
+
+    /// The caller index never drops a rule: deciding with it equals deciding
+    /// over every rule (a brute-force scan).
+    #[test]
+    fn caller_index_equals_brute_force(
+        rules in proptest::collection::vec(rule_strategy(), 0..10),
+        kill_rule in any::<bool>(),
+        (c, t) in creds(),
+    ) {
+        let indexed = policy(&render(&rules, kill_rule));
+        let mut brute = indexed.clone();
+        brute.index = CallerIndex {
+            unindexed: (0..brute.rules.len() as u32).collect(),
+            ..CallerIndex::default()
+        };
+        prop_assert_eq!(indexed.decide(&c, &t, BROKER), brute.decide(&c, &t, BROKER));
+        prop_assert_eq!(indexed.check_refusal(&c, &t), brute.check_refusal(&c, &t));
+    }
+
     /// Adding a deny rule never allows more, for kill or check.
     #[test]
     fn deny_never_allows_more(
@@ -146,7 +225,9 @@ proptest! {
         (c, t) in creds(),
     ) {
         let before = policy(&render(&rules, kill_rule));
-        let deny = deny.replacen("effect = \"allow\"", "effect = \"deny\"", 1);
+        let deny = deny
+            .replacen("effect = \"allow\"", "effect = \"deny\"", 1)
+            .replace(r#"comms = ["vic*"]"#, "any = true");
         let mut more = rules.clone();
         more.push(deny);
         let after = policy(&render(&more, kill_rule));
@@ -227,8 +308,6 @@ users = ["root"]
 uids = ["1-999"]
 cgroups = ["system.slice/sshd.service"]
 units = ["systemd-*.service"]
-exes = ["/usr/sbin/*"]
-comms = ["sshd"]
 
 [limits]
 kills = 10
