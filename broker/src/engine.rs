@@ -30,6 +30,10 @@ pub const AUDIT_TARGET: &str = "reapd::audit";
 pub struct KillRequest {
     pub target: TargetSpec,
     pub wait_for_exit: Option<Duration>,
+    /// An fd of the caller's own pid namespace, which a caller in a child
+    /// pid namespace passes (varlink) so its pids can be resolved; verified
+    /// before use (`target::verify_caller_pidns`).
+    pub pidns: Option<OwnedFd>,
 }
 
 #[derive(Debug, Serialize)]
@@ -156,8 +160,19 @@ impl Engine {
 
     /// The decision KillAndReap would make, with no side effect.
     pub async fn check_permission(&self, caller: &Caller, spec: TargetSpec) -> Result<PermissionReport, EngineError> {
+        self.check_permission_in(caller, spec, None).await
+    }
+
+    /// [`Engine::check_permission`] with an fd of the caller's pid
+    /// namespace, as for [`KillRequest::pidns`].
+    pub async fn check_permission_in(
+        &self,
+        caller: &Caller,
+        spec: TargetSpec,
+        pidns: Option<OwnedFd>,
+    ) -> Result<PermissionReport, EngineError> {
         let started = Instant::now();
-        let pinned = self.pin(caller, spec, None).await;
+        let pinned = self.pin(caller, spec, pidns).await;
         let target = match pinned {
             Ok(target) => target,
             Err(err) => {
@@ -181,7 +196,7 @@ impl Engine {
     pub async fn kill_and_reap(&self, caller: &Caller, request: KillRequest) -> Result<KillReport, EngineError> {
         let started = Instant::now();
         let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
-        let target = match self.pin(caller, request.target, None).await {
+        let target = match self.pin(caller, request.target, request.pidns).await {
             Ok(target) => target,
             Err(err) => {
                 audit_refusal("kill", caller, &err, started);

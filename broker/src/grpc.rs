@@ -155,6 +155,9 @@ impl Reaper for GrpcReaper {
         let kill = KillRequest {
             target: target_spec(request.target)?,
             wait_for_exit: request.wait_for_exit_ms.map(|ms| Duration::from_millis(ms.into())),
+            // gRPC passes no fds: a caller in a child pid namespace is
+            // refused unless the broker can open its namespace itself.
+            pidns: None,
         };
         let report = self.engine.kill_and_reap(&caller, kill).await.map_err(status_of)?;
         Ok(Response::new(kill_reply(report)))

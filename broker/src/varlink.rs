@@ -272,38 +272,47 @@ fn only_params(parameters: &Map<String, Value>, allowed: &[&str]) -> Result<(), 
 }
 
 /// The target a call names, and the parameter to blame if the engine calls
-/// it invalid. Takes the named fd out of `fds`; the rest are closed by the
+/// it invalid, plus the caller's pid namespace if it passed one (`pidns`, an
+/// fd index). Takes the named fds out of `fds`; the rest are closed by the
 /// caller.
 fn target_of(
     parameters: &Map<String, Value>,
-    fds: &mut Vec<OwnedFd>,
-) -> Result<(TargetSpec, &'static str), VarlinkError> {
+    fds: &mut [Option<OwnedFd>],
+) -> Result<(TargetSpec, &'static str, Option<OwnedFd>), VarlinkError> {
     let pid = int_param(parameters, "pid", 1, i32::MAX as u64)?;
     let start_time = int_param(parameters, "startTime", 0, u64::MAX)?;
     let pidfd = int_param(parameters, "pidfd", 0, u64::MAX)?;
-    match (pid, pidfd) {
-        (Some(pid), None) => Ok((
+    let pidns = int_param(parameters, "pidns", 0, u64::MAX)?;
+    // Each index names one received fd, taken once: the same fd cannot be
+    // both the target and the namespace.
+    let mut take = |index: u64, name: &str| -> Result<OwnedFd, VarlinkError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| fds.get_mut(i))
+            .and_then(Option::take)
+            .ok_or_else(|| VarlinkError::invalid_parameter(name))
+    };
+    let (spec, blame) = match (pid, pidfd) {
+        (Some(pid), None) => (
             TargetSpec::Pid {
                 pid: pid as i32,
                 start_time,
             },
             "pid",
-        )),
+        ),
         (None, Some(index)) => {
             if start_time.is_some() {
                 // A pidfd already names exactly one process; a start time
                 // would be a second, possibly contradicting, name.
                 return Err(VarlinkError::invalid_parameter("startTime"));
             }
-            let index = usize::try_from(index).map_err(|_| VarlinkError::invalid_parameter("pidfd"))?;
-            if index >= fds.len() {
-                return Err(VarlinkError::invalid_parameter("pidfd"));
-            }
-            Ok((TargetSpec::Pidfd(fds.swap_remove(index)), "pidfd"))
+            (TargetSpec::Pidfd(take(index, "pidfd")?), "pidfd")
         }
-        (Some(_), Some(_)) => Err(VarlinkError::invalid_parameter("pidfd")),
-        (None, None) => Err(VarlinkError::invalid_parameter("pid")),
-    }
+        (Some(_), Some(_)) => return Err(VarlinkError::invalid_parameter("pidfd")),
+        (None, None) => return Err(VarlinkError::invalid_parameter("pid")),
+    };
+    let pidns = pidns.map(|index| take(index, "pidns")).transpose()?;
+    Ok((spec, blame, pidns))
 }
 
 /// Answers one call: the reply parameters, or the error to send.
@@ -311,7 +320,7 @@ async fn dispatch(
     engine: &Engine,
     caller: &Caller,
     call: &Call,
-    fds: &mut Vec<OwnedFd>,
+    fds: &mut [Option<OwnedFd>],
 ) -> Result<Value, VarlinkError> {
     let (interface, name) = match call.method.rsplit_once('.') {
         Some((interface, name)) if !interface.is_empty() && !name.is_empty() => (interface, name),
@@ -356,12 +365,13 @@ async fn dispatch(
         },
         INTERFACE => match name {
             "KillAndReap" => {
-                only_params(params, &["pid", "startTime", "pidfd", "waitForExitMs"])?;
+                only_params(params, &["pid", "startTime", "pidfd", "pidns", "waitForExitMs"])?;
                 let wait = int_param(params, "waitForExitMs", 0, u32::MAX as u64)?;
-                let (target, blame) = target_of(params, fds)?;
+                let (target, blame, pidns) = target_of(params, fds)?;
                 let request = KillRequest {
                     target,
                     wait_for_exit: wait.map(Duration::from_millis),
+                    pidns,
                 };
                 let report = engine
                     .kill_and_reap(caller, request)
@@ -370,10 +380,10 @@ async fn dispatch(
                 Ok(kill_reply(report))
             }
             "CheckPermission" => {
-                only_params(params, &["pid", "startTime", "pidfd"])?;
-                let (target, blame) = target_of(params, fds)?;
+                only_params(params, &["pid", "startTime", "pidfd", "pidns"])?;
+                let (target, blame, pidns) = target_of(params, fds)?;
                 let report = engine
-                    .check_permission(caller, target)
+                    .check_permission_in(caller, target, pidns)
                     .await
                     .map_err(|err| error_of(err, blame))?;
                 Ok(permission_reply(report))
@@ -522,7 +532,7 @@ async fn serve_connection(
             let message: Vec<u8> = conn.buffer.drain(..=end).collect();
             // The fds that arrived with this message; whatever the call does
             // not take is dropped (closed) at the end of this iteration.
-            let mut fds = std::mem::take(&mut conn.fds);
+            let mut fds: Vec<Option<OwnedFd>> = std::mem::take(&mut conn.fds).into_iter().map(Some).collect();
             let (reply, oneway) = match parse_call(&message[..end]) {
                 Ok(call) if call.more && is_known_method(&call.method) => {
                     // No method of ours streams: `more` is a malformed call.
@@ -668,7 +678,7 @@ mod tests {
 
     #[test]
     fn target_needs_exactly_one_name() {
-        let mut fds = Vec::new();
+        let mut fds: Vec<Option<OwnedFd>> = Vec::new();
         let params = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
         assert_eq!(
             target_of(&params("{}"), &mut fds).unwrap_err(),
@@ -689,7 +699,8 @@ mod tests {
                     pid: 5,
                     start_time: Some(9)
                 },
-                "pid"
+                "pid",
+                None
             ))
         ));
     }

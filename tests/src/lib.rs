@@ -6,6 +6,7 @@
 //! multi-threaded test process do only async-signal-safe work (raw syscalls,
 //! touching memory, pause) before they exit or exec.
 
+use std::ffi::CString;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -70,9 +71,20 @@ impl Broker {
             c.args(&wrapper[1..]).arg(&reapd);
             c
         };
+        // Hermetic: a broker never reads the host's /etc/reapd/policy.toml.
+        // Without an explicit --policy it gets an empty file, which is the
+        // built-in default.
+        let mut policy_args: Vec<std::ffi::OsString> = Vec::new();
+        if !args.contains(&"--policy") {
+            let empty = dir.path().join("policy.toml");
+            std::fs::write(&empty, "").unwrap();
+            policy_args.push("--policy".into());
+            policy_args.push(empty.into_os_string());
+        }
         command
             .arg("--grpc-socket")
             .arg(&grpc)
+            .args(&policy_args)
             .args(args)
             .env("REAPD_LOG", "info")
             .stdin(Stdio::null())
@@ -383,4 +395,109 @@ pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// A cgroup under the cgroup2 mount, removed (with any children) on drop.
+pub struct TestCgroup {
+    pub dir: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(relative: &str) -> TestCgroup {
+        let mount = reapd::procfs::cgroup2_mount().expect("no cgroup2 mount");
+        let dir = mount.join(relative);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TestCgroup { dir }
+    }
+
+    pub fn add(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
+    }
+}
+
+/// Removes a test's whole cgroup tree on drop; create it before the
+/// victims so it is dropped after them.
+pub struct CgroupTree {
+    pub dir: PathBuf,
+}
+
+impl CgroupTree {
+    pub fn new(name: &str) -> CgroupTree {
+        let mount = reapd::procfs::cgroup2_mount().expect("no cgroup2 mount");
+        CgroupTree { dir: mount.join(name) }
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        // Deepest first; an exited process may take a moment to leave.
+        for _ in 0..100 {
+            let mut dirs: Vec<PathBuf> = walk(&self.dir);
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+            for d in &dirs {
+                let _ = std::fs::remove_dir(d);
+            }
+            if !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+fn walk(dir: &PathBuf) -> Vec<PathBuf> {
+    let mut out = vec![dir.clone()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(walk(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// A unique top cgroup for one test.
+pub fn top(name: &str) -> String {
+    format!("reapd-test-{}-{name}", std::process::id())
+}
+
+/// Writes `text` to a policy file in `broker_dir`-independent temp storage.
+pub fn policy_file(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+/// A broker with this explicit policy file.
+pub fn start_with_policy(policy: &tempfile::NamedTempFile) -> Broker {
+    Broker::start_with(&["--policy", policy.path().to_str().unwrap()], &[])
+}
+
+/// `reapctl --json ARGS` as `creds`, with the process first moved into
+/// `cgroup` (while still root, before the credentials change).
+pub fn reapctl_in(broker: &Broker, cgroup: Option<&TestCgroup>, creds: Creds, args: &[&str]) -> CtlResult {
+    let mut command = Command::new(bin("reapctl"));
+    command.arg("--socket").arg(&broker.grpc).arg("--json").args(args);
+    if let Some(cg) = cgroup {
+        let procs = CString::new(cg.dir.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: runs in the forked child before exec; only open/write/close.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    CtlResult::from(run_as(creds, &mut command))
 }
