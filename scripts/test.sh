@@ -18,6 +18,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 export CARGO_TERM_COLOR=never
 LOGS=$(mktemp -d /tmp/reapd-test.XXXXXX)
+# Tests that skip a precondition append a line here (reapd_e2e::skip).
+export REAPD_SKIP_LOG=$LOGS/skips.txt
+: >"$REAPD_SKIP_LOG"
 PASSED=0
 FAILED=0
 declare -a SUITES=()
@@ -94,6 +97,9 @@ fi
 echo
 echo "=== summary (logs in $LOGS)"
 printf '%s\n' "${SUITES[@]}"
+SKIPS=$(wc -l <"$REAPD_SKIP_LOG")
+echo "skipped: $SKIPS"
+sed 's/^/  /' "$REAPD_SKIP_LOG"
 echo "wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
 echo "total: $PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

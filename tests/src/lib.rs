@@ -249,6 +249,17 @@ impl Victim {
     /// Forks a child that takes `creds`, touches `bytes` of private
     /// anonymous memory, then sleeps until killed.
     pub fn spawn(creds: Creds, bytes: usize) -> Victim {
+        Victim::spawn_named(creds, bytes, None)
+    }
+
+    /// As [`Victim::spawn`], and the child names itself `name` with
+    /// `prctl(PR_SET_NAME)` (any bytes; the kernel keeps 15).
+    pub fn spawn_named(creds: Creds, bytes: usize, name: Option<&'static [u8]>) -> Victim {
+        let name: Option<[u8; 16]> = name.map(|n| {
+            let mut buf = [0u8; 16];
+            buf[..n.len().min(15)].copy_from_slice(&n[..n.len().min(15)]);
+            buf
+        });
         let (ready_r, ready_w) = pipe();
         // SAFETY: fork in a test process; the child only makes raw syscalls,
         // touches memory it mapped, and never returns.
@@ -264,6 +275,9 @@ impl Victim {
                 libc::syscall(libc::SYS_close_range, keep + 1, libc::c_uint::MAX, 0 as libc::c_uint);
                 if !become_creds(creds) {
                     libc::_exit(90);
+                }
+                if let Some(name) = &name {
+                    libc::prctl(libc::PR_SET_NAME, name.as_ptr());
                 }
                 if bytes > 0 {
                     let mem = libc::mmap(
@@ -500,4 +514,102 @@ pub fn reapctl_in(broker: &Broker, cgroup: Option<&TestCgroup>, creds: Creds, ar
         }
     }
     CtlResult::from(run_as(creds, &mut command))
+}
+
+/// The broker's varlink socket (beside its gRPC socket, the default).
+pub fn varlink_socket(broker: &Broker) -> PathBuf {
+    broker.dir.path().join("io.reapd.Reaper")
+}
+
+/// One raw varlink call with `fds` attached (SCM_RIGHTS), as `creds` would
+/// make it: the call is made from a forked child that takes the
+/// credentials, so the broker sees that caller. Returns the reply.
+pub fn varlink_call_as(creds: Creds, socket: &Path, message: &str, fds: &[std::os::fd::RawFd]) -> Value {
+    let (reply_r, reply_w) = pipe();
+    let path = CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
+    let mut bytes = message.as_bytes().to_vec();
+    bytes.push(0);
+    let fds = fds.to_vec();
+    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+    let mut control = vec![0u8; space.max(8)];
+    // SAFETY: the child makes only raw syscalls on buffers prepared before
+    // the fork, then _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        unsafe {
+            libc::close(reply_r);
+            if !become_creds(creds) {
+                libc::_exit(90);
+            }
+            let sock = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let raw = path.as_bytes();
+            for (i, b) in raw.iter().enumerate().take(addr.sun_path.len() - 1) {
+                addr.sun_path[i] = *b as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sa_family_t>() + raw.len() + 1;
+            if libc::connect(
+                sock,
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                len as u32,
+            ) != 0
+            {
+                libc::_exit(91);
+            }
+            let mut iov = libc::iovec {
+                iov_base: bytes.as_mut_ptr().cast(),
+                iov_len: bytes.len(),
+            };
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            if !fds.is_empty() {
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = space;
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+                std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<i32>(), fds.len());
+            }
+            if libc::sendmsg(sock, &msg, 0) < 0 {
+                libc::_exit(92);
+            }
+            let mut byte = 0u8;
+            while libc::read(sock, (&mut byte as *mut u8).cast(), 1) == 1 && byte != 0 {
+                libc::write(reply_w, (&byte as *const u8).cast(), 1);
+            }
+            libc::_exit(0);
+        }
+    }
+    unsafe { libc::close(reply_w) };
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = unsafe { libc::read(reply_r, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n as usize]);
+    }
+    unsafe { libc::close(reply_r) };
+    let mut status = 0;
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    serde_json::from_slice(&reply).unwrap_or(Value::Null)
+}
+
+/// Records a skipped precondition: printed, and appended to the file named
+/// by `REAPD_SKIP_LOG` (scripts/test.sh sets it, counts the lines and shows
+/// them in its summary), so a skip is never a silent pass.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIP: {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("REAPD_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(file, "{line}");
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! ns-caller [--uid U] [--victim-uid V] [--victim-bytes B] [--last-pid N]
-//!           [--host-pidfd PID] (-- CMD ARGS... | --varlink SOCKET [--pidns] [--check])
+//!           [--host-pidfd PID | --target-pid N]
+//!           (-- CMD ARGS... | --varlink SOCKET [--pidns] [--check])
 //! ```
 //!
 //! It unshares a pid namespace; its first child (pid 1 there) optionally
@@ -15,6 +16,10 @@
 //! `pidns` fd, or, with `--host-pidfd PID`, naming the target by a pidfd of
 //! host process PID opened before the namespace existed. Afterwards it
 //! prints `ns-caller: victim=NSPID signal=SIG exit=CODE` (SIG 0: alive).
+//!
+//! With `--userns BASE` it makes a user namespace instead (no pid
+//! namespace) mapping uids and gids 0..10 to BASE..BASE+10; the client runs
+//! as root there and the victim as uid `--victim-uid` of the namespace.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -28,9 +33,11 @@ struct Args {
     victim_bytes: usize,
     last_pid: Option<i32>,
     host_pidfd: Option<i32>,
+    target_pid: Option<i32>,
     varlink: Option<String>,
     pidns: bool,
     check: bool,
+    userns: Option<u32>,
     command: Vec<String>,
 }
 
@@ -45,9 +52,11 @@ fn parse() -> Args {
             "--victim-bytes" => args.victim_bytes = value().parse().unwrap(),
             "--last-pid" => args.last_pid = Some(value().parse().unwrap()),
             "--host-pidfd" => args.host_pidfd = Some(value().parse().unwrap()),
+            "--target-pid" => args.target_pid = Some(value().parse().unwrap()),
             "--varlink" => args.varlink = Some(value()),
             "--pidns" => args.pidns = true,
             "--check" => args.check = true,
+            "--userns" => args.userns = Some(value().parse().unwrap()),
             "--" => {
                 args.command = it.by_ref().collect();
                 break;
@@ -122,6 +131,9 @@ fn varlink_call(socket: &str, message: &str, fds: &[RawFd]) -> String {
 
 fn main() {
     let args = parse();
+    if let Some(base) = args.userns {
+        userns_main(&args, base);
+    }
     let host_pidfd: Option<OwnedFd> = args.host_pidfd.map(|pid| {
         // SAFETY: pidfd_open returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -190,7 +202,12 @@ fn main() {
                     params.push(format!("\"pidfd\":{}", fds.len()));
                     fds.push(fd.as_raw_fd());
                 }
-                None => params.push(format!("\"pid\":{victim}")),
+                None => params.push(format!("\"pid\":{}", args.target_pid.unwrap_or(victim))),
+            }
+            if !args.check {
+                // The reply then comes after the victim exited, so its fate
+                // is known when the client returns.
+                params.push("\"waitForExitMs\":5000".to_string());
             }
             if args.pidns {
                 params.push(format!("\"pidns\":{}", fds.len()));
@@ -239,4 +256,120 @@ fn main() {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "ns-caller: victim={victim} signal={signal} exit={code}");
     let _ = out.flush();
+}
+
+/// The `--userns` mode: the client is root of a user namespace whose uids
+/// map to `base..base+10`, and the victim one of that namespace's users.
+fn userns_main(args: &Args, base: u32) -> ! {
+    let (go_r, go_w) = {
+        let mut fds = [0; 2];
+        // SAFETY: a live 2-int array.
+        check(unsafe { libc::pipe(fds.as_mut_ptr()) } as libc::c_long, "pipe");
+        (fds[0], fds[1])
+    };
+    let (done_r, done_w) = {
+        let mut fds = [0; 2];
+        // SAFETY: a live 2-int array.
+        check(unsafe { libc::pipe(fds.as_mut_ptr()) } as libc::c_long, "pipe");
+        (fds[0], fds[1])
+    };
+    // SAFETY: single-threaded process.
+    let child = unsafe { libc::fork() };
+    check(child as libc::c_long, "fork");
+    if child > 0 {
+        let mut byte = [0u8; 1];
+        // Wait until the child has its namespace, then map it.
+        // SAFETY: reading one byte into a live buffer.
+        unsafe { libc::read(done_r, byte.as_mut_ptr().cast(), 1) };
+        std::fs::write(format!("/proc/{child}/uid_map"), format!("0 {base} 10\n")).expect("uid_map");
+        std::fs::write(format!("/proc/{child}/setgroups"), "deny").expect("setgroups");
+        std::fs::write(format!("/proc/{child}/gid_map"), format!("0 {base} 10\n")).expect("gid_map");
+        // SAFETY: writing one byte from a live buffer.
+        unsafe { libc::write(go_w, b"g".as_ptr().cast(), 1) };
+        let status = wait(child, 0).unwrap_or(0);
+        std::process::exit(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            98
+        });
+    }
+    // SAFETY: unshare has no memory arguments.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long,
+        "unshare(CLONE_NEWUSER)",
+    );
+    let mut byte = [0u8; 1];
+    // SAFETY: one-byte reads and writes on live buffers.
+    unsafe {
+        libc::write(done_w, b"u".as_ptr().cast(), 1);
+        libc::read(go_r, byte.as_mut_ptr().cast(), 1);
+        check(
+            libc::syscall(libc::SYS_setresgid, 0, 0, 0),
+            "setresgid in the namespace",
+        );
+        check(
+            libc::syscall(libc::SYS_setresuid, 0, 0, 0),
+            "setresuid in the namespace",
+        );
+    }
+    let (ready_r, ready_w) = {
+        let mut fds = [0; 2];
+        // SAFETY: a live 2-int array.
+        check(unsafe { libc::pipe(fds.as_mut_ptr()) } as libc::c_long, "pipe");
+        (fds[0], fds[1])
+    };
+    // SAFETY: single-threaded process.
+    let victim = unsafe { libc::fork() };
+    check(victim as libc::c_long, "fork victim");
+    if victim == 0 {
+        // SAFETY: credential syscalls and a one-byte write, then pause.
+        unsafe {
+            check(
+                libc::syscall(libc::SYS_setresgid, args.victim_uid, args.victim_uid, args.victim_uid),
+                "victim gid",
+            );
+            check(
+                libc::syscall(libc::SYS_setresuid, args.victim_uid, args.victim_uid, args.victim_uid),
+                "victim uid",
+            );
+            libc::write(ready_w, b"r".as_ptr().cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    // SAFETY: reading one byte into a live buffer.
+    unsafe { libc::read(ready_r, byte.as_mut_ptr().cast(), 1) };
+    // SAFETY: single-threaded process.
+    let client = unsafe { libc::fork() };
+    check(client as libc::c_long, "fork client");
+    if client == 0 {
+        let argv: Vec<CString> = args
+            .command
+            .iter()
+            .map(|a| CString::new(a.replace("{victim}", &victim.to_string())).unwrap())
+            .collect();
+        let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        // SAFETY: argv is a NULL-terminated array of live C strings.
+        unsafe { libc::execv(ptrs[0], ptrs.as_ptr()) };
+        std::process::exit(97);
+    }
+    let status = wait(client, 0).unwrap_or(0);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let signal = match wait(victim, libc::WNOHANG) {
+        Some(s) if libc::WIFSIGNALED(s) => libc::WTERMSIG(s),
+        _ => {
+            // SAFETY: killing our own child.
+            unsafe { libc::kill(victim, libc::SIGKILL) };
+            wait(victim, 0);
+            0
+        }
+    };
+    println!("ns-caller: victim={victim} signal={signal} exit={code}");
+    std::process::exit(0);
 }
