@@ -118,7 +118,12 @@ mod tests {
         };
         let held: Vec<_> = (0..3).map(|_| limiter.acquire(7, &limits).unwrap()).collect();
         match limiter.acquire(7, &limits) {
-            Err(EngineError::RateLimited { retry_after, .. }) => assert!(retry_after > Duration::ZERO),
+            // One kill per second and the burst just spent: the next token is
+            // due in (almost exactly) one second, which is the hint.
+            Err(EngineError::RateLimited { retry_after, .. }) => assert!(
+                (Duration::from_millis(900)..=Duration::from_secs(1)).contains(&retry_after),
+                "{retry_after:?}"
+            ),
             other => panic!("expected RateLimited, got {:?}", other.map(|_| ())),
         }
         // Other uids are not affected.

@@ -23,6 +23,12 @@ class Broker:
         self.grpc = os.path.join(self.dir.name, "grpc.sock")
         self.varlink = os.path.join(self.dir.name, "io.reapd.Reaper")
         self.log_path = os.path.join(self.dir.name, "reapd.log")
+        # Hermetic: never the host's /etc/reapd/policy.toml. An empty file is
+        # the built-in default.
+        if "--policy" not in extra_args:
+            empty = os.path.join(self.dir.name, "policy.toml")
+            open(empty, "w").close()
+            extra_args = ("--policy", empty, *extra_args)
         args = [str(BIN_DIR / "reapd"), "--grpc-socket", self.grpc, *extra_args]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
@@ -46,6 +52,25 @@ class Broker:
 
     def log_text(self):
         return open(self.log_path).read()
+
+
+def probe_kill_path():
+    """The kill path the broker should pick on this kernel, probed here the
+    way the broker does it: process_mrelease(-1, flags) answers EBADF for
+    known flags, EINVAL for unknown ones, ENOSYS without the syscall."""
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_process_mrelease = 448
+
+    def errno_of(flags):
+        libc.syscall(SYS_process_mrelease, -1, flags)
+        return ctypes.get_errno()
+
+    if errno_of(0) == errno.ENOSYS:
+        return "kill_only"
+    return "reap_kill" if errno_of(1) == errno.EBADF else "kill_then_mrelease"
 
 
 @pytest.fixture

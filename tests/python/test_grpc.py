@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import REPO
+from conftest import REPO, Broker, Victim, probe_kill_path
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +47,9 @@ def test_get_capabilities(broker, pb):
     messages, services = pb
     with channel(broker) as ch:
         caps = services.ReaperStub(ch).GetCapabilities(messages.GetCapabilitiesRequest(), timeout=10)
-    assert caps.process_mrelease
-    assert caps.kill_path == messages.KILL_PATH_KILL_THEN_MRELEASE
+    expected = probe_kill_path()
+    assert caps.process_mrelease == (expected != "kill_only")
+    assert caps.kill_path == messages.KillPath.Value("KILL_PATH_" + expected.upper())
     assert caps.kernel_release == open("/proc/sys/kernel/osrelease").read().strip()
     assert caps.broker_version
 
@@ -143,3 +144,27 @@ def reflect_v1(ch):
     )
     responses = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
     return [s.name for s in responses[0].list_services_response.service]
+
+
+def test_rate_limited_carries_the_retry_after_ms_trailer(tmp_path, pb):
+    """RESOURCE_EXHAUSTED comes with the documented `retry-after-ms` trailer:
+    the milliseconds until the caller's next token (about 10 s here)."""
+    messages, services = pb
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[limits]\nkills = 1\ninterval-secs = 10.0\nburst = 1\n")
+    b = Broker(["--policy", str(policy)])
+    victims = [Victim(size=4096), Victim(size=4096)]
+    try:
+        with channel(b) as ch:
+            stub = services.ReaperStub(ch)
+            stub.KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=victims[0].pid)), timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=victims[1].pid)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(err.value.trailing_metadata())
+        assert 5000 < int(trailers["retry-after-ms"]) <= 10000, trailers
+        assert victims[1].proc.poll() is None
+    finally:
+        for v in victims:
+            v.close()
+        b.stop()

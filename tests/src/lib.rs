@@ -613,3 +613,79 @@ pub fn skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// Kernel features as the test sees them, probed here (never assumed from
+/// the kernel version), to compare with what the broker reports.
+pub mod probe {
+    use std::os::fd::AsRawFd;
+
+    fn mrelease_errno(flags: u32) -> i32 {
+        // SAFETY: fd -1 is never valid; the call only reports an errno.
+        let ret = unsafe { libc::syscall(libc::SYS_process_mrelease, -1 as libc::c_long, flags as libc::c_long) };
+        if ret == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        }
+    }
+
+    /// `process_mrelease(2)` exists (5.15).
+    pub fn process_mrelease() -> bool {
+        mrelease_errno(0) != libc::ENOSYS
+    }
+
+    /// `PROCESS_MRELEASE_REAP_KILL` is known (reapd's kernel series).
+    pub fn reap_kill_flag() -> bool {
+        mrelease_errno(1) == libc::EBADF
+    }
+
+    /// The broker's kill path on this kernel.
+    pub fn kill_path() -> &'static str {
+        if !process_mrelease() {
+            "kill_only"
+        } else if reap_kill_flag() {
+            "reap_kill"
+        } else {
+            "kill_then_mrelease"
+        }
+    }
+
+    /// `PIDFD_GET_INFO` answers on a pidfd of ourselves (6.13).
+    pub fn pidfd_get_info() -> bool {
+        // SAFETY: pidfd_open returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) } as i32;
+        if fd < 0 {
+            return false;
+        }
+        let mut info = [0u64; 8];
+        info[0] = 1; // PIDFD_INFO_PID
+        let request: libc::c_ulong = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+        // SAFETY: a 64-byte buffer, the size the request number encodes.
+        let ret = unsafe { libc::ioctl(fd, request, info.as_mut_ptr()) };
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+        ret == 0
+    }
+
+    /// `SO_PEERPIDFD` answers on a socket pair (6.5).
+    pub fn so_peerpidfd() -> bool {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut fd: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: live locals of the sizes passed.
+        let ret = unsafe {
+            libc::getsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                77,
+                (&mut fd as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if ret == 0 && fd >= 0 {
+            // SAFETY: the kernel gave us this fd.
+            unsafe { libc::close(fd) };
+        }
+        ret == 0
+    }
+}

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use reapd_e2e::{kernel_allows_kill, wait_for_log, Broker, Creds, Victim};
+use reapd_e2e::{kernel_allows_kill, probe, wait_for_log, Broker, Creds, Victim};
 
 const A: u32 = 61001;
 const B: u32 = 61002;
@@ -19,12 +19,13 @@ fn capabilities_report_probed_features() {
     assert_eq!(caps.code, 0, "{}", caps.stderr);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(caps.json["kernel_release"], kernel.trim());
-    assert_eq!(caps.json["process_mrelease"], true);
-    // The running kernel (6.18) has no PROCESS_MRELEASE_REAP_KILL.
-    assert_eq!(caps.json["reap_kill_flag"], false);
-    assert_eq!(caps.json["kill_path"], "kill_then_mrelease");
-    assert_eq!(caps.json["pidfd_get_info"], true);
-    assert_eq!(caps.json["so_peerpidfd"], true);
+    // Each feature as this test probes it itself, not as a kernel version
+    // implies: the suite runs on stock, patched and older kernels.
+    assert_eq!(caps.json["process_mrelease"], probe::process_mrelease());
+    assert_eq!(caps.json["reap_kill_flag"], probe::reap_kill_flag());
+    assert_eq!(caps.json["kill_path"], probe::kill_path());
+    assert_eq!(caps.json["pidfd_get_info"], probe::pidfd_get_info());
+    assert_eq!(caps.json["so_peerpidfd"], probe::so_peerpidfd());
     assert_eq!(caps.json["has_cap_kill"], true);
 }
 
@@ -197,9 +198,22 @@ fn hostile_pids_get_precise_errors() {
             assert_eq!(r.code, *code, "kill {pid} as {creds:?}: {r:?}");
         }
     }
-    // A thread id is not a process.
-    let r = broker.reapctl(Creds::ROOT, &["caps"]);
-    assert_eq!(r.code, 0);
+    // A thread id is not a process: one of this test process's own threads
+    // (the test harness runs several).
+    let own = std::process::id() as i32;
+    let tid: i32 = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .find(|tid| *tid != own)
+        .expect("the test process has threads");
+    for creds in [Creds::ROOT, Creds::uid(A)] {
+        let r = broker.reapctl(creds, &["kill", "--", &tid.to_string()]);
+        assert_eq!(r.code, 4, "kill of thread {tid} as {creds:?}: {r:?}");
+        assert!(
+            r.json["message"].as_str().unwrap_or_default().contains("thread"),
+            "{r:?}"
+        );
+    }
     let mut broker = broker;
     assert!(broker.alive());
 }
