@@ -90,6 +90,7 @@ fn memory(memory: &Memory) -> pb::MemoryUsage {
         file_bytes: memory.file_bytes,
         shmem_bytes: memory.shmem_bytes,
         swap_bytes: memory.swap_bytes,
+        hugetlb_bytes: memory.hugetlb_bytes,
     }
 }
 
@@ -106,6 +107,7 @@ fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
         Outcome::Reaped => pb::Outcome::Reaped,
         Outcome::ExitedBeforeReap => pb::Outcome::ExitedBeforeReap,
         Outcome::KilledNotReaped => pb::Outcome::KilledNotReaped,
+        Outcome::AlreadyDying => pb::Outcome::AlreadyDying,
     };
     pb::KillAndReapResponse {
         outcome: outcome as i32,

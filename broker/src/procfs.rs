@@ -94,6 +94,12 @@ pub struct Status {
     /// `CapEff`: the effective capabilities, in the process's own user
     /// namespace.
     pub cap_eff: u64,
+    /// The task still has an mm (its status shows `RssAnon`): false for a
+    /// zombie, a kernel thread, or a leader that called `pthread_exit()`
+    /// while other threads run on.
+    pub has_mm: bool,
+    /// `SigPnd | ShdPnd` holds SIGKILL: a fatal signal is already on its way.
+    pub sigkill_pending: bool,
 }
 
 /// Resident and swapped memory in bytes. A process whose mm is gone (a
@@ -104,6 +110,9 @@ pub struct Memory {
     pub file_bytes: u64,
     pub shmem_bytes: u64,
     pub swap_bytes: u64,
+    /// `HugetlbPages`: hugetlbfs pages mapped (the reaper skips them; they
+    /// return to the hugetlb pool only when the last mapping goes).
+    pub hugetlb_bytes: u64,
 }
 
 impl Memory {
@@ -146,7 +155,15 @@ pub fn parse_status(bytes: &[u8]) -> Option<Status> {
                 status.gids = ids()?;
                 have_gid = true;
             }
-            "RssAnon" => status.memory.anon_bytes = kib()?,
+            "RssAnon" => {
+                status.memory.anon_bytes = kib()?;
+                status.has_mm = true;
+            }
+            "HugetlbPages" => status.memory.hugetlb_bytes = kib()?,
+            "SigPnd" | "ShdPnd" => {
+                let mask = u64::from_str_radix(value.trim(), 16).ok()?;
+                status.sigkill_pending |= mask & (1 << (libc::SIGKILL - 1)) != 0;
+            }
             "RssFile" => status.memory.file_bytes = kib()?,
             "RssShmem" => status.memory.shmem_bytes = kib()?,
             "VmSwap" => status.memory.swap_bytes = kib()?,
@@ -164,8 +181,60 @@ pub fn parse_status(bytes: &[u8]) -> Option<Status> {
 }
 
 pub fn read_status(pid: i32) -> io::Result<Status> {
-    let text = fs::read(format!("/proc/{pid}/status"))?;
+    read_status_at(&format!("/proc/{pid}/status"))
+}
+
+fn read_status_at(path: &str) -> io::Result<Status> {
+    let text = fs::read(path)?;
     parse_status(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/status"))
+}
+
+/// The memory of process `pid`'s address space, and whether it still has
+/// one. Read from the process's status, or, when its leader has exited
+/// (`pthread_exit()`: the leader is a zombie without an mm while other
+/// threads run on), from the first thread that still has the mm: the
+/// counters are the mm's, shared by all its threads.
+pub fn read_process_memory(pid: i32) -> io::Result<(Memory, bool)> {
+    let status = read_status(pid)?;
+    if status.has_mm {
+        return Ok((status.memory, true));
+    }
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(task) = read_status_at(&format!("/proc/{pid}/task/{tid}/status")) {
+            if task.has_mm {
+                return Ok((task.memory, true));
+            }
+        }
+    }
+    Ok((status.memory, false))
+}
+
+/// System-wide anonymous and swap memory in use, from `/proc/meminfo`
+/// (`AnonPages` + `SwapTotal` − `SwapFree`), in bytes. What a kill gives
+/// back to the system shows here; copy-on-write pages still mapped by a
+/// survivor do not.
+pub fn system_anon_and_swap() -> io::Result<u64> {
+    let text = fs::read_to_string("/proc/meminfo")?;
+    let (mut anon, mut swap_total, mut swap_free) = (None, None, None);
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let kib = value.split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
+        match key {
+            "AnonPages" => anon = kib,
+            "SwapTotal" => swap_total = kib,
+            "SwapFree" => swap_free = kib,
+            _ => {}
+        }
+    }
+    match (anon, swap_total, swap_free) {
+        (Some(a), Some(t), Some(f)) => Ok((a + t.saturating_sub(f)) * 1024),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/meminfo")),
+    }
 }
 
 /// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), or an
@@ -233,6 +302,13 @@ mod tests {
     }
 
     #[test]
+    fn system_counters_read() {
+        assert!(system_anon_and_swap().unwrap() > 0);
+        let (memory, has_mm) = read_process_memory(std::process::id() as i32).unwrap();
+        assert!(has_mm && memory.anon_bytes > 0);
+    }
+
+    #[test]
     fn stat_of_self() {
         let stat = read_stat(std::process::id() as i32).unwrap();
         assert!(stat.start_time > 0);
@@ -240,12 +316,15 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let text = b"Name:\t\xff\xfe\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nNSpid:\t900\t3\nCapEff:\t0000000000000020\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\n";
+        let text = b"Name:\t\xff\xfe\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nNSpid:\t900\t3\nCapEff:\t0000000000000020\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\nHugetlbPages:\t 2048 kB\n";
         let status = parse_status(text).unwrap();
         assert_eq!(status.uids, [1, 2, 3, 4]);
         assert_eq!(status.gids, [5, 6, 7, 8]);
         assert_eq!(status.ns_pids, [900, 3]);
         assert_eq!(status.cap_eff, 1 << 5);
+        assert!(status.sigkill_pending);
+        assert!(status.has_mm);
+        assert_eq!(status.memory.hugetlb_bytes, 2 << 20);
         assert_eq!(status.memory.anon_bytes, 100 * 1024);
         assert_eq!(status.memory.swap_bytes, 3 * 1024);
         assert!(parse_status(b"Name: x\n").is_none());

@@ -1,8 +1,10 @@
 //! The kill and the reap, on a pinned pidfd. Blocking: run it off the async
 //! threads (a reap of a large address space takes milliseconds).
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rustix::process::{pidfd_send_signal, Signal};
@@ -12,12 +14,17 @@ use crate::error::EngineError;
 use crate::features::{errno_name, KillPath};
 use crate::procfs::{self, Memory};
 use crate::sys;
-use crate::target::{is_running, TargetProcess};
+use crate::target::{wait_for_exit, TargetProcess};
 
 /// EAGAIN (mmap lock contended) retries before the broker gives up on the
 /// reap. The kernel's OOM reaper tries 10 times too; our waits are shorter
 /// because a caller is waiting on the answer.
 pub const MAX_REAP_RETRIES: u32 = 10;
+
+/// Longest wait for a target that frees its own memory (it passed
+/// exit_mm() before the reap) to finish, before the released figure is
+/// taken. Its exit path unmaps at the speed a reap would.
+pub const EXIT_SETTLE: Duration = Duration::from_millis(500);
 
 /// What happened to the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,6 +33,9 @@ pub enum Outcome {
     Reaped,
     ExitedBeforeReap,
     KilledNotReaped,
+    /// Another request of this broker is already killing this process:
+    /// nothing was sent, nothing is counted as released by this call.
+    AlreadyDying,
 }
 
 impl Outcome {
@@ -34,6 +44,7 @@ impl Outcome {
             Outcome::Reaped => "reaped",
             Outcome::ExitedBeforeReap => "exited_before_reap",
             Outcome::KilledNotReaped => "killed_not_reaped",
+            Outcome::AlreadyDying => "already_dying",
         }
     }
 }
@@ -43,18 +54,58 @@ pub struct ReapReport {
     pub outcome: Outcome,
     pub not_reaped_reason: String,
     pub kill_path: KillPath,
+    /// The target's address space just before the kill (read from a live
+    /// thread when its leader has exited).
     pub memory_before: Memory,
+    /// What this kill gave back to the system, in bytes: the drop of the
+    /// system's anonymous and swap memory in use (`/proc/meminfo`
+    /// AnonPages + SwapTotal − SwapFree) from just before the kill until the
+    /// reap returned, never more than the target's own anon + swap before.
+    /// Copy-on-write pages still mapped by a survivor are not counted (they
+    /// stay in use); memory the target frees on its own exit path while the
+    /// broker waits is. 0 for `AlreadyDying`. An estimate where other
+    /// processes allocate or free at the same moment (documented in
+    /// docs/benchmarks.md).
     pub bytes_released: u64,
     pub kill_to_reap: Duration,
     pub reap_retries: u32,
+}
+
+/// Processes (pid, start time) a request of this broker is killing now: a
+/// second request for the same process reports `AlreadyDying` instead of
+/// counting the same memory twice.
+static DYING: Mutex<Option<HashSet<(i32, u64)>>> = Mutex::new(None);
+
+/// A claim on a process in [`DYING`], released on drop.
+struct Claim((i32, u64));
+
+impl Claim {
+    fn take(target: &TargetProcess) -> Option<Claim> {
+        let key = (target.pid, target.start_time);
+        let mut dying = DYING.lock().unwrap_or_else(|p| p.into_inner());
+        // `then`, not `then_some`: a Claim built for a refused insert would
+        // be dropped at once, removing the other request's key (and locking
+        // DYING again while this guard holds it).
+        dying.get_or_insert_with(HashSet::new).insert(key).then(|| Claim(key))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut dying = DYING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = dying.as_mut() {
+            set.remove(&self.0);
+        }
+    }
 }
 
 /// Kills `target` and reaps its memory by `path`.
 pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapReport, EngineError> {
     // Read by pid, valid because the kill below goes through the pidfd: if
     // the process had gone (and the pid been reused) the kill would fail.
-    let memory_before = procfs::read_status(target.pid).map(|s| s.memory).unwrap_or_default();
-    let started = Instant::now();
+    let memory_before = procfs::read_process_memory(target.pid)
+        .map(|(m, _)| m)
+        .unwrap_or_default();
     let mut report = ReapReport {
         outcome: Outcome::Reaped,
         not_reaped_reason: String::new(),
@@ -64,6 +115,13 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
         kill_to_reap: Duration::ZERO,
         reap_retries: 0,
     };
+    let Some(_claim) = Claim::take(target) else {
+        report.outcome = Outcome::AlreadyDying;
+        report.not_reaped_reason = "another request is already killing and reaping this process".into();
+        return Ok(report);
+    };
+    let system_before = procfs::system_anon_and_swap().ok();
+    let started = Instant::now();
 
     let reaped = match path {
         KillPath::ReapKill => match sys::process_mrelease(target.pidfd.as_fd(), sys::PROCESS_MRELEASE_REAP_KILL) {
@@ -94,14 +152,22 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
     };
     report.kill_to_reap = started.elapsed();
 
+    // A target that passed exit_mm() before the reap is freeing its memory
+    // itself, right now: let it finish (its pidfd turns readable after
+    // exit_mmap() is done) so the figure says what the kill gave back, not
+    // what happened to be freed at the instant process_mrelease said ESRCH.
+    // Bounded: an mm pinned by someone else may not go at all.
+    if matches!(&reaped, Err(err) if err.raw_os_error() == Some(libc::ESRCH)) {
+        wait_for_exit(target.pidfd.as_fd(), EXIT_SETTLE);
+    }
+    // The system's own counters, not the target's: a reap of pages a
+    // survivor still maps (copy-on-write after fork) frees nothing.
+    let system_after = procfs::system_anon_and_swap().ok();
+    if let (Some(before), Some(after)) = (system_before, system_after) {
+        report.bytes_released = before.saturating_sub(after).min(memory_before.reapable_bytes());
+    }
     match reaped {
-        Ok(()) => {
-            // What is left after the reap, read by pid and trusted only while
-            // the process has not been waited for (a zombie holds its pid).
-            let after = procfs::read_status(target.pid).ok().map(|s| s.memory);
-            let after = after.filter(|_| pid_still_held(target)).unwrap_or_default();
-            report.bytes_released = memory_before.reapable_bytes().saturating_sub(after.reapable_bytes());
-        }
+        Ok(()) => {}
         Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
             report.outcome = Outcome::ExitedBeforeReap;
             report.not_reaped_reason = "the process passed exit_mm() before the reap and frees its own memory".into();
@@ -147,9 +213,36 @@ fn reap_with_retries(target: &TargetProcess, retries: &mut u32) -> io::Result<()
     }
 }
 
-/// The pid still belongs to the target (running or a zombie not yet waited
-/// for). A pidfd cannot tell a zombie from a reaped process without
-/// PIDFD_GET_INFO, so without it a dead target counts as "not held".
-fn pid_still_held(target: &TargetProcess) -> bool {
-    is_running(target.pidfd.as_fd()) || sys::pidfd_get_info(target.pidfd.as_fd(), sys::PIDFD_INFO_PID).is_ok()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> TargetProcess {
+        TargetProcess {
+            pidfd: std::fs::File::open("/dev/null").unwrap().into(),
+            pid: -7,
+            caller_pid: -7,
+            ruid: 0,
+            euid: 0,
+            suid: 0,
+            gid: 0,
+            comm: String::new(),
+            start_time: 42,
+            cgroup: None,
+            is_kernel_thread: false,
+            oom_score_adj: 0,
+        }
+    }
+
+    /// A second claim on a process being killed is refused without
+    /// disturbing the first, and the process can be claimed again after.
+    #[test]
+    fn one_claim_per_dying_process() {
+        let t = target();
+        let first = Claim::take(&t).expect("first claim");
+        assert!(Claim::take(&t).is_none());
+        assert!(Claim::take(&t).is_none(), "a refused claim must not release the first");
+        drop(first);
+        assert!(Claim::take(&t).is_some());
+    }
 }

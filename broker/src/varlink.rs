@@ -158,6 +158,7 @@ fn memory(memory: &Memory) -> Value {
         "fileBytes": memory.file_bytes,
         "shmemBytes": memory.shmem_bytes,
         "swapBytes": memory.swap_bytes,
+        "hugetlbBytes": memory.hugetlb_bytes,
     })
 }
 

@@ -154,6 +154,8 @@ pub struct MemoryUsage {
     pub file_bytes: u64,
     pub shmem_bytes: u64,
     pub swap_bytes: u64,
+    /// hugetlbfs pages mapped: never reaped.
+    pub hugetlb_bytes: u64,
 }
 
 impl From<pb::MemoryUsage> for MemoryUsage {
@@ -163,6 +165,7 @@ impl From<pb::MemoryUsage> for MemoryUsage {
             file_bytes: m.file_bytes,
             shmem_bytes: m.shmem_bytes,
             swap_bytes: m.swap_bytes,
+            hugetlb_bytes: m.hugetlb_bytes,
         }
     }
 }
@@ -170,13 +173,17 @@ impl From<pb::MemoryUsage> for MemoryUsage {
 /// What KillAndReap did.
 #[derive(Debug, Clone, Serialize)]
 pub struct KillReport {
-    /// "reaped", "exited_before_reap" or "killed_not_reaped".
+    /// "reaped", "exited_before_reap", "killed_not_reaped" or
+    /// "already_dying" (another request is killing it; 0 counted here).
     pub outcome: String,
     pub not_reaped_reason: String,
     /// "reap_kill", "kill_then_mrelease" or "kill_only".
     pub kill_path: String,
     pub target: Option<ProcessInfo>,
     pub memory_before: MemoryUsage,
+    /// What this kill gave back to the system, in bytes (the drop of the
+    /// system's anon + swap use across the kill and reap, at most the
+    /// target's own); copy-on-write pages a survivor maps do not count.
     pub bytes_released: u64,
     pub kill_to_reap_ns: u64,
     pub exited: bool,
@@ -213,6 +220,7 @@ fn outcome_name(value: i32) -> String {
         Ok(pb::Outcome::Reaped) => "reaped",
         Ok(pb::Outcome::ExitedBeforeReap) => "exited_before_reap",
         Ok(pb::Outcome::KilledNotReaped) => "killed_not_reaped",
+        Ok(pb::Outcome::AlreadyDying) => "already_dying",
         _ => "unspecified",
     }
     .to_string()

@@ -275,6 +275,7 @@ impl Client {
                 file_bytes: uint(&memory, "fileBytes"),
                 shmem_bytes: uint(&memory, "shmemBytes"),
                 swap_bytes: uint(&memory, "swapBytes"),
+                hugetlb_bytes: uint(&memory, "hugetlbBytes"),
             },
             bytes_released: uint(&r, "bytesReleased"),
             kill_to_reap_ns: uint(&r, "killToReapNs"),

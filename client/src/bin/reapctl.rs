@@ -214,6 +214,9 @@ fn run(args: Args) -> Result<u8, Error> {
                     mib(m.shmem_bytes),
                     mib(m.swap_bytes)
                 );
+                if m.hugetlb_bytes > 0 {
+                    outln!("  hugetlb (not reaped): {}", mib(m.hugetlb_bytes));
+                }
                 outln!("  released: {}", mib(report.bytes_released));
                 if !report.not_reaped_reason.is_empty() {
                     outln!("  note: {}", report.not_reaped_reason);
