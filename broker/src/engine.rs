@@ -16,7 +16,7 @@ use crate::error::EngineError;
 use crate::features::{KernelFeatures, KillPath};
 use crate::limits::{KillLimits, Limiter};
 use crate::policy::{BrokerFacts, Decision, Policy};
-use crate::reaper::{self, ReapReport};
+use crate::reaper::{self, KillOptions, ReapReport};
 use crate::target::{self, Namespace, TargetProcess, TargetSpec};
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -34,6 +34,12 @@ pub struct KillRequest {
     /// pid namespace passes (varlink) so its pids can be resolved; verified
     /// before use (`target::verify_caller_pidns`).
     pub pidns: Option<OwnedFd>,
+    /// SIGTERM first and SIGKILL after this long (capped at 10 s); `None`:
+    /// SIGKILL at once.
+    pub grace: Option<Duration>,
+    /// Let the process run its exit path this long after SIGKILL before
+    /// reaping (capped at 10 s); `None`: the policy's `reap-delay-ms`.
+    pub reap_delay: Option<Duration>,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,7 +209,10 @@ impl Engine {
                 return Err(err);
             }
         };
-        let decision = self.decide(&self.policy.load(), caller, &target);
+        let policy = self.policy.load();
+        let decision = self.decide(&policy, caller, &target);
+        let policy_reap_delay = policy.reap_delay;
+        drop(policy);
         audit_decision("kill", caller, &target, &decision, started);
         if !decision.allowed {
             return Err(EngineError::PermissionDenied(decision.reason));
@@ -220,12 +229,19 @@ impl Engine {
         // hangs up: the work runs in its own task, which the transport's
         // request future (dropped on disconnect) only waits for.
         let path = self.features.kill_path();
+        let options = KillOptions {
+            grace: request.grace.unwrap_or_default().min(reaper::MAX_REAP_DELAY),
+            reap_delay: request
+                .reap_delay
+                .unwrap_or(policy_reap_delay)
+                .min(reaper::MAX_REAP_DELAY),
+        };
         let audit_caller = CallerSummary::of(caller);
         let rule = decision.rule;
         let work = tokio::spawn(async move {
             let _in_flight = in_flight;
             let (target, reaped) = run_blocking(move || {
-                let report = reaper::kill_and_reap(&target, path);
+                let report = reaper::kill_and_reap(&target, path, options);
                 Ok((target, report))
             })
             .await?;

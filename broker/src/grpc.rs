@@ -160,6 +160,8 @@ impl Reaper for GrpcReaper {
             // gRPC passes no fds: a caller in a child pid namespace is
             // refused unless the broker can open its namespace itself.
             pidns: None,
+            grace: request.grace_ms.map(|ms| Duration::from_millis(ms.into())),
+            reap_delay: request.reap_delay_ms.map(|ms| Duration::from_millis(ms.into())),
         };
         let report = self.engine.kill_and_reap(&caller, kill).await.map_err(status_of)?;
         Ok(Response::new(kill_reply(report)))

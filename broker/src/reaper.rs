@@ -99,8 +99,27 @@ impl Drop for Claim {
     }
 }
 
-/// Kills `target` and reaps its memory by `path`.
-pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapReport, EngineError> {
+/// Longest reap delay or grace period a request or policy may ask for.
+pub const MAX_REAP_DELAY: Duration = Duration::from_secs(10);
+
+/// How the kill is paced. Both zero (the default): SIGKILL and reap at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KillOptions {
+    /// SIGTERM first, and SIGKILL only if the process has not exited within
+    /// this long (earlyoom's habit). It may then clean up; it also keeps
+    /// its memory that long.
+    pub grace: Duration,
+    /// After SIGKILL, let the process run its own exit path this long
+    /// before reaping it, and reap only if it has not exited by then. The
+    /// exit path hands its robust futexes to waiters (EOWNERDEAD); a reap
+    /// before it destroys the list (private memory), and peers blocked on
+    /// a process-shared robust mutex the victim held hang. The kernel's own
+    /// OOM reaper waits 2 s (`OOM_REAPER_DELAY`) for this reason.
+    pub reap_delay: Duration,
+}
+
+/// Kills `target` and reaps its memory by `path`, paced by `options`.
+pub fn kill_and_reap(target: &TargetProcess, path: KillPath, options: KillOptions) -> Result<ReapReport, EngineError> {
     // Read by pid, valid because the kill below goes through the pidfd: if
     // the process had gone (and the pid been reused) the kill would fail.
     let memory_before = procfs::read_process_memory(target.pid)
@@ -121,6 +140,25 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
         return Ok(report);
     };
     let system_before = procfs::system_anon_and_swap().ok();
+
+    if !options.grace.is_zero() {
+        pidfd_send_signal(target.pidfd.as_fd(), Signal::TERM).map_err(|err| signal_error(target, err))?;
+        if wait_for_exit(target.pidfd.as_fd(), options.grace.min(MAX_REAP_DELAY)) {
+            report.outcome = Outcome::ExitedBeforeReap;
+            report.not_reaped_reason = "it exited on SIGTERM within the grace period".into();
+            if let (Some(before), Ok(after)) = (system_before, procfs::system_anon_and_swap()) {
+                report.bytes_released = before.saturating_sub(after).min(memory_before.reapable_bytes());
+            }
+            return Ok(report);
+        }
+    }
+    // A reap delay needs the kill and the reap apart.
+    let path = if !options.reap_delay.is_zero() && path == KillPath::ReapKill {
+        KillPath::KillThenMrelease
+    } else {
+        path
+    };
+    report.kill_path = path;
     let started = Instant::now();
 
     let reaped = match path {
@@ -143,7 +181,14 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
         },
         KillPath::KillThenMrelease => {
             send_kill(target)?;
-            reap_with_retries(target, &mut report.reap_retries)
+            if !options.reap_delay.is_zero()
+                && wait_for_exit(target.pidfd.as_fd(), options.reap_delay.min(MAX_REAP_DELAY))
+            {
+                // It ran its exit path in time: nothing left to reap.
+                Err(io::Error::from_raw_os_error(libc::ESRCH))
+            } else {
+                reap_with_retries(target, &mut report.reap_retries)
+            }
         }
         KillPath::KillOnly => {
             send_kill(target)?;
@@ -186,11 +231,17 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
 }
 
 fn send_kill(target: &TargetProcess) -> Result<(), EngineError> {
-    pidfd_send_signal(target.pidfd.as_fd(), Signal::KILL).map_err(|err| match err {
-        rustix::io::Errno::SRCH => EngineError::NotFound(format!("process {} exited before the kill", target.pid)),
+    pidfd_send_signal(target.pidfd.as_fd(), Signal::KILL).map_err(|err| signal_error(target, err))
+}
+
+fn signal_error(target: &TargetProcess, err: rustix::io::Errno) -> EngineError {
+    match err {
+        rustix::io::Errno::SRCH => {
+            EngineError::NotFound(format!("process {} exited before the kill", target.caller_pid))
+        }
         rustix::io::Errno::PERM => kernel_refused(target, err.into()),
         other => EngineError::Internal(format!("pidfd_send_signal: {other}")),
-    })
+    }
 }
 
 fn kernel_refused(target: &TargetProcess, err: io::Error) -> EngineError {

@@ -366,13 +366,28 @@ async fn dispatch(
         },
         INTERFACE => match name {
             "KillAndReap" => {
-                only_params(params, &["pid", "startTime", "pidfd", "pidns", "waitForExitMs"])?;
+                only_params(
+                    params,
+                    &[
+                        "pid",
+                        "startTime",
+                        "pidfd",
+                        "pidns",
+                        "waitForExitMs",
+                        "graceMs",
+                        "reapDelayMs",
+                    ],
+                )?;
                 let wait = int_param(params, "waitForExitMs", 0, u32::MAX as u64)?;
+                let grace = int_param(params, "graceMs", 0, u32::MAX as u64)?;
+                let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
                 let (target, blame, pidns) = target_of(params, fds)?;
                 let request = KillRequest {
                     target,
                     wait_for_exit: wait.map(Duration::from_millis),
                     pidns,
+                    grace: grace.map(Duration::from_millis),
+                    reap_delay: reap_delay.map(Duration::from_millis),
                 };
                 let report = engine
                     .kill_and_reap(caller, request)

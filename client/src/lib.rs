@@ -272,6 +272,8 @@ impl Client {
         let request = pb::KillAndReapRequest {
             target: Some(target.into()),
             wait_for_exit_ms: wait_for_exit.map(|w| w.as_millis().min(u32::MAX as u128) as u32),
+            grace_ms: None,
+            reap_delay_ms: None,
         };
         let reply = self.inner.kill_and_reap(request).await?.into_inner();
         Ok(KillReport {

@@ -175,3 +175,32 @@ fn two_concurrent_kills_of_one_victim_count_its_memory_once() {
     );
     let _ = child.wait();
 }
+
+/// With a reap delay the victim's exit path runs before any reap, so a peer
+/// blocked on a process-shared robust mutex the victim held gets
+/// EOWNERDEAD (issue 12, robust futexes).
+#[test]
+fn with_a_reap_delay_a_robust_mutex_waiter_gets_eownerdead() {
+    let broker = Broker::start();
+    let socket = reapd_e2e::varlink_socket(&broker);
+    for round in 0..3 {
+        let mut helper = Command::new(reapd_e2e::bin("robust-victim"))
+            .arg((64 * MIB).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("robust-victim");
+        let stdout = helper.stdout.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let pid: i32 = lines.next().unwrap().unwrap().trim().parse().unwrap();
+        let reply = reapd_e2e::varlink_call_as(
+            Creds::ROOT,
+            &socket,
+            &format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"reapDelayMs":2000}}}}"#),
+            &[],
+        );
+        assert!(reply["parameters"]["outcome"].is_string(), "{reply}");
+        let peer = lines.next().unwrap().unwrap();
+        assert_eq!(peer, "peer: EOWNERDEAD", "round {round}: {reply}");
+        let _ = helper.wait();
+    }
+}

@@ -6,6 +6,9 @@
 //! a whole policy or a list of errors, never something in between.
 
 use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::reaper::MAX_REAP_DELAY;
 use std::ops::Range;
 
 use globset::GlobBuilder;
@@ -117,6 +120,17 @@ pub fn compile(file: &str, text: &str, resolver: &dyn Resolver) -> Result<(Polic
                 other => c.err(
                     check.span(),
                     format!("unknown check mode {other:?}: expected \"anyone\" or \"granted\""),
+                ),
+            }
+        }
+        if let Some(delay) = &d.reap_delay_ms {
+            match u32::try_from(*delay.get_ref()) {
+                Ok(ms) if u64::from(ms) <= MAX_REAP_DELAY.as_millis() as u64 => {
+                    policy.reap_delay = Duration::from_millis(ms.into());
+                }
+                _ => c.err(
+                    delay.span(),
+                    format!("`reap-delay-ms` must be between 0 and {}", MAX_REAP_DELAY.as_millis()),
                 ),
             }
         }

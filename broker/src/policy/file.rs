@@ -28,6 +28,9 @@ pub struct RawDefaults {
     pub kill_rule: Option<bool>,
     /// Who may ask CheckPermission: "anyone" (default) or "granted".
     pub check: Option<Spanned<String>>,
+    /// Milliseconds to let a killed process run its own exit path before
+    /// the broker reaps it (0: reap at once, the default).
+    pub reap_delay_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

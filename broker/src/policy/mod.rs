@@ -199,6 +199,10 @@ pub struct Policy {
     pub check_anyone: bool,
     /// Protect processes with oom_score_adj -1000.
     pub protect_oom_min: bool,
+    /// How long a killed process may run its own exit path before the
+    /// broker reaps it, unless a request says otherwise
+    /// (`[defaults] reap-delay-ms`; zero: reap at once).
+    pub reap_delay: std::time::Duration,
     /// What the `protect` section names, sorted by label.
     pub protected: Vec<Protected>,
     /// Sorted by name (names are unique).
@@ -212,6 +216,7 @@ impl Default for Policy {
             kill_rule: true,
             check_anyone: true,
             protect_oom_min: true,
+            reap_delay: std::time::Duration::ZERO,
             protected: Vec::new(),
             rules: Vec::new(),
             index: CallerIndex::default(),
