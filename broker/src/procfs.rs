@@ -212,29 +212,49 @@ pub fn read_process_memory(pid: i32) -> io::Result<(Memory, bool)> {
     Ok((status.memory, false))
 }
 
-/// System-wide anonymous and swap memory in use, from `/proc/meminfo`
-/// (`AnonPages` + `SwapTotal` − `SwapFree`), in bytes. What a kill gives
-/// back to the system shows here; copy-on-write pages still mapped by a
-/// survivor do not.
+/// System-wide anonymous and swap memory in use, in bytes: `AnonPages`
+/// summed over `/sys/devices/system/node/node*/meminfo` (or `/proc/meminfo`
+/// where there are no nodes), plus `SwapTotal` − `SwapFree` from
+/// `/proc/meminfo` when it is readable. Under the unit's `ProcSubset=pid`
+/// it is not: swap then counts as unchanged, so a figure built on this can
+/// only under-report. What a kill gives back to the system shows here;
+/// copy-on-write pages still mapped by a survivor do not.
 pub fn system_anon_and_swap() -> io::Result<u64> {
-    let text = fs::read_to_string("/proc/meminfo")?;
-    let (mut anon, mut swap_total, mut swap_free) = (None, None, None);
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else {
-            continue;
-        };
-        let kib = value.split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
-        match key {
-            "AnonPages" => anon = kib,
-            "SwapTotal" => swap_total = kib,
-            "SwapFree" => swap_free = kib,
-            _ => {}
+    let kib_of = |text: &str, key: &str| -> Option<u64> {
+        text.lines().find_map(|line| {
+            // "AnonPages:  123 kB" or, per node, "Node 0 AnonPages:  123 kB".
+            let (left, value) = line.split_once(':')?;
+            (left.split_whitespace().last()? == key).then(|| value.split_whitespace().next()?.parse().ok())?
+        })
+    };
+    let meminfo = fs::read_to_string("/proc/meminfo").ok();
+    let mut anon = None;
+    if let Ok(nodes) = fs::read_dir("/sys/devices/system/node") {
+        for node in nodes.flatten() {
+            let name = node.file_name();
+            if !name.to_string_lossy().starts_with("node") {
+                continue;
+            }
+            if let Some(kib) = fs::read_to_string(node.path().join("meminfo"))
+                .ok()
+                .and_then(|text| kib_of(&text, "AnonPages"))
+            {
+                *anon.get_or_insert(0) += kib;
+            }
         }
     }
-    match (anon, swap_total, swap_free) {
-        (Some(a), Some(t), Some(f)) => Ok((a + t.saturating_sub(f)) * 1024),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/meminfo")),
-    }
+    let anon = match anon {
+        Some(kib) => kib,
+        None => meminfo
+            .as_deref()
+            .and_then(|text| kib_of(text, "AnonPages"))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no AnonPages in node or /proc meminfo"))?,
+    };
+    let swap = meminfo
+        .as_deref()
+        .and_then(|text| Some(kib_of(text, "SwapTotal")?.saturating_sub(kib_of(text, "SwapFree")?)))
+        .unwrap_or(0);
+    Ok((anon + swap) * 1024)
 }
 
 /// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), or an
