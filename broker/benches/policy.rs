@@ -99,7 +99,7 @@ fn target(uid: u32, cgroup: &str) -> TargetProcess {
 }
 
 fn bench(c: &mut Criterion) {
-    let broker = BrokerFacts { pid: 1 << 30 };
+    let broker = BrokerFacts::with_cap_kill(1 << 30);
     let mut group = c.benchmark_group("decide");
     for rules in [10usize, 10_000] {
         let (policy, _) = compile("bench.toml", &policy_text(rules), &NoNames).expect("bench policy compiles");

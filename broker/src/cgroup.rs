@@ -71,7 +71,7 @@ fn root_only(path: &Path) -> bool {
 
 /// The directory `dir` lets only root create children in it and move
 /// processes into its subtree from outside.
-fn root_only_cgroup(dir: &Path) -> bool {
+pub fn root_only_cgroup(dir: &Path) -> bool {
     root_only(dir) && root_only(&dir.join("cgroup.procs"))
 }
 

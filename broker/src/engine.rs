@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::caller::Caller;
 use crate::error::EngineError;
 use crate::features::{KernelFeatures, KillPath};
+use crate::group::{self, GroupReport, GroupSpec};
 use crate::limits::{KillLimits, Limiter};
 use crate::policy::{BrokerFacts, Decision, Policy};
 use crate::reaper::{self, KillOptions, ReapReport};
@@ -71,14 +72,11 @@ pub struct Engine {
     limits: ArcSwap<KillLimits>,
     limiter: Arc<Limiter>,
     broker: BrokerFacts,
-    /// The broker's real and effective uid, read once: the engine is built
-    /// after any `--user` switch, and the uids never change afterwards.
-    /// Without CAP_KILL these are the only uids the kernel lets it signal.
-    own_uids: [u32; 2],
 }
 
 impl Engine {
     pub fn new(features: KernelFeatures, policy: Policy, limits: KillLimits) -> Self {
+        let cap_kill = features.has_cap_kill;
         Engine {
             features: Arc::new(features),
             policy: ArcSwap::from_pointee(policy),
@@ -86,8 +84,9 @@ impl Engine {
             limiter: Arc::new(Limiter::default()),
             broker: BrokerFacts {
                 pid: std::process::id() as i32,
+                cap_kill,
+                own_uids: [rustix::process::getuid().as_raw(), rustix::process::geteuid().as_raw()],
             },
-            own_uids: [rustix::process::getuid().as_raw(), rustix::process::geteuid().as_raw()],
         }
     }
 
@@ -110,32 +109,10 @@ impl Engine {
         }
     }
 
-    /// The policy's decision, refined by what the kernel will let the broker
-    /// do: without CAP_KILL (degraded mode) the broker can signal only
-    /// processes whose real or saved uid is its own real or effective uid,
-    /// so a kill the policy allows may still be impossible. Saying so here
-    /// keeps CheckPermission and KillAndReap in agreement.
+    /// The policy's decision, including what the kernel will let the
+    /// broker do (degraded mode without CAP_KILL: see `Policy::decide`).
     fn decide(&self, policy: &Policy, caller: &Caller, target: &TargetProcess) -> Decision {
-        let decision = policy.decide(caller, target, self.broker);
-        if !decision.allowed || self.features.has_cap_kill {
-            return decision;
-        }
-        if self
-            .own_uids
-            .iter()
-            .any(|uid| *uid == target.ruid || *uid == target.suid)
-        {
-            return decision;
-        }
-        Decision {
-            allowed: false,
-            rule: "degraded:no-cap-kill".into(),
-            reason: format!(
-                "the policy allows it ({}), but the broker runs without CAP_KILL (degraded mode) and the kernel \
-                 lets it kill only its own uid's processes, not uid {}",
-                decision.rule, target.ruid
-            ),
-        }
+        policy.decide(caller, target, self.broker)
     }
 
     /// Pins the target `spec` names, in the caller's pid namespace (the
@@ -269,6 +246,145 @@ impl Engine {
         });
         work.await
             .unwrap_or_else(|join| Err(EngineError::Internal(format!("kill task failed: {join}"))))
+    }
+}
+
+/// A whole-cgroup kill.
+#[derive(Debug)]
+pub struct GroupKillRequest {
+    pub group: GroupSpec,
+    /// As for [`KillRequest::pidns`].
+    pub pidns: Option<OwnedFd>,
+    /// As for [`KillRequest::reap_delay`], for the whole group.
+    pub reap_delay: Option<Duration>,
+}
+
+impl Engine {
+    /// Kills every process of a cgroup and reaps them, all or nothing: each
+    /// member is checked as a single kill would be (`Policy::decide`), and
+    /// if any is refused nothing is killed and the error names it. Members
+    /// that join during the kill are checked as they are found; refused
+    /// ones are left alive and reported. One kill for the rate limit.
+    pub async fn kill_cgroup(
+        &self,
+        caller: &Arc<Caller>,
+        request: GroupKillRequest,
+    ) -> Result<GroupReport, EngineError> {
+        let started = Instant::now();
+        let action = "kill-cgroup";
+        let ns = match target::caller_namespace(caller, request.pidns.as_ref()) {
+            Ok(Namespace::Broker) => None,
+            Ok(Namespace::Child(fd)) => Some(
+                fd.try_clone_to_owned()
+                    .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}")))?,
+            ),
+            Err(err) => {
+                audit_refusal(action, caller, &err, started);
+                return Err(err);
+            }
+        };
+        let ns = ns.map(Arc::new);
+        let features = Arc::clone(&self.features);
+        let group = request.group.clone();
+        let pin_ns = ns.clone();
+        let pinned = run_blocking(move || {
+            let (path, dir) = group::resolve(&group)?;
+            let ns = pin_ns
+                .as_deref()
+                .map_or(Namespace::Broker, |fd| Namespace::Child(fd.as_fd()));
+            let members = group::pin_members(&dir, ns, &features)?;
+            Ok((path, dir, members))
+        })
+        .await;
+        let (path, dir, members) = match pinned {
+            Ok(found) => found,
+            Err(err) => {
+                audit_refusal(action, caller, &err, started);
+                return Err(err);
+            }
+        };
+        if members.is_empty() {
+            let err = EngineError::NotFound(format!("cgroup {path} has no processes"));
+            audit_refusal(action, caller, &err, started);
+            return Err(err);
+        }
+        let policy = self.policy.load_full();
+        for member in &members {
+            let decision = self.decide(&policy, caller, member);
+            if !decision.allowed {
+                audit_decision(action, caller, member, &decision, started);
+                return Err(EngineError::PermissionDenied(format!(
+                    "member pid {} ({}, uid {}) of {path} is refused: {}; nothing was killed",
+                    member.caller_pid, member.comm, member.ruid, decision.reason
+                )));
+            }
+        }
+        let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
+            Ok(slot) => slot,
+            Err(err) => {
+                audit_refusal(action, caller, &err, started);
+                return Err(err);
+            }
+        };
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "decision",
+            action,
+            caller_pid = caller.pid,
+            caller_uid = caller.uid,
+            caller_comm = %caller.comm,
+            cgroup = %path,
+            members = members.len(),
+            allowed = true,
+            elapsed_us = started.elapsed().as_micros() as u64,
+        );
+        let options = KillOptions {
+            grace: Duration::ZERO,
+            reap_delay: request
+                .reap_delay
+                .unwrap_or(policy.reap_delay)
+                .min(reaper::MAX_REAP_DELAY),
+        };
+        let features = Arc::clone(&self.features);
+        let caller = Arc::clone(caller);
+        let broker = self.broker;
+        let work = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let audit_caller = CallerSummary::of(&caller);
+            let report = run_blocking(move || {
+                let ns = ns
+                    .as_deref()
+                    .map_or(Namespace::Broker, |fd| Namespace::Child(fd.as_fd()));
+                Ok(group::kill_all(
+                    path,
+                    &dir,
+                    members,
+                    ns,
+                    &features,
+                    options,
+                    |newcomer| policy.decide(&caller, newcomer, broker).allowed,
+                ))
+            })
+            .await?;
+            tracing::info!(
+                target: AUDIT_TARGET,
+                event = "outcome",
+                action = "kill-cgroup",
+                caller_pid = audit_caller.pid,
+                caller_uid = audit_caller.uid,
+                caller_comm = %audit_caller.comm,
+                cgroup = %report.cgroup,
+                killed = report.members.len(),
+                refused_newcomers = report.refused_newcomers.len(),
+                passes = report.passes,
+                bytes_released = report.bytes_released,
+                kill_to_reap_us = report.kill_to_reap.as_micros() as u64,
+                elapsed_us = started.elapsed().as_micros() as u64,
+            );
+            Ok(report)
+        });
+        work.await
+            .unwrap_or_else(|join| Err(EngineError::Internal(format!("group kill task failed: {join}"))))
     }
 }
 

@@ -14,9 +14,10 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::caller::Caller;
-use crate::engine::{Capabilities, Engine, KillReport, KillRequest, PermissionReport};
+use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
 use crate::features::KillPath;
+use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, ConnectionCounter, ConnectionLimits, PeerStream};
 use crate::procfs::Memory;
 use crate::reaper::Outcome;
@@ -103,14 +104,8 @@ fn kill_path(path: KillPath) -> pb::KillPath {
 }
 
 fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
-    let outcome = match report.reap.outcome {
-        Outcome::Reaped => pb::Outcome::Reaped,
-        Outcome::ExitedBeforeReap => pb::Outcome::ExitedBeforeReap,
-        Outcome::KilledNotReaped => pb::Outcome::KilledNotReaped,
-        Outcome::AlreadyDying => pb::Outcome::AlreadyDying,
-    };
     pb::KillAndReapResponse {
-        outcome: outcome as i32,
+        outcome: outcome(report.reap.outcome) as i32,
         not_reaped_reason: report.reap.not_reaped_reason,
         kill_path: kill_path(report.reap.kill_path) as i32,
         target: Some(process_info(&report.target)),
@@ -120,6 +115,35 @@ fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
         exited: report.exited,
         rule: report.rule,
         reap_retries: report.reap.reap_retries,
+    }
+}
+
+fn outcome(outcome: Outcome) -> pb::Outcome {
+    match outcome {
+        Outcome::Reaped => pb::Outcome::Reaped,
+        Outcome::ExitedBeforeReap => pb::Outcome::ExitedBeforeReap,
+        Outcome::KilledNotReaped => pb::Outcome::KilledNotReaped,
+        Outcome::AlreadyDying => pb::Outcome::AlreadyDying,
+    }
+}
+
+fn group_reply(report: GroupReport) -> pb::KillCgroupResponse {
+    pb::KillCgroupResponse {
+        cgroup: report.cgroup,
+        members: report
+            .members
+            .iter()
+            .map(|m| pb::MemberReport {
+                process: Some(process_info(&m.target)),
+                memory_before: Some(memory(&m.memory_before)),
+                outcome: outcome(m.outcome) as i32,
+                not_reaped_reason: m.not_reaped_reason.clone(),
+            })
+            .collect(),
+        refused_newcomers: report.refused_newcomers.iter().map(process_info).collect(),
+        bytes_released: report.bytes_released,
+        kill_to_reap_ns: report.kill_to_reap.as_nanos() as u64,
+        passes: report.passes,
     }
 }
 
@@ -182,6 +206,26 @@ impl Reaper for GrpcReaper {
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
         Ok(Response::new(capabilities_reply(self.engine.capabilities())))
+    }
+
+    async fn kill_cgroup(
+        &self,
+        request: Request<pb::KillCgroupRequest>,
+    ) -> Result<Response<pb::KillCgroupResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let request = request.into_inner();
+        let group = match request.group {
+            Some(pb::kill_cgroup_request::Group::Cgroup(path)) => GroupSpec::Path(path),
+            Some(pb::kill_cgroup_request::Group::Unit(unit)) => GroupSpec::Unit(unit),
+            None => return Err(Status::invalid_argument("group: give a cgroup or a unit")),
+        };
+        let kill = GroupKillRequest {
+            group,
+            pidns: None,
+            reap_delay: request.reap_delay_ms.map(|ms| Duration::from_millis(ms.into())),
+        };
+        let report = self.engine.kill_cgroup(&caller, kill).await.map_err(status_of)?;
+        Ok(Response::new(group_reply(report)))
     }
 }
 

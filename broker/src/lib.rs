@@ -22,6 +22,7 @@ pub mod cgroup;
 pub mod engine;
 pub mod error;
 pub mod features;
+pub mod group;
 pub mod grpc;
 pub mod limits;
 pub mod listener;

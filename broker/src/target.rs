@@ -212,6 +212,42 @@ pub fn pin(spec: TargetSpec, ns: Namespace<'_>, features: &KernelFeatures) -> Re
         }
     };
 
+    identify(pidfd, pid, caller_pid, expected_start, features)
+}
+
+/// Pins a process known by its pid in the broker's own namespace (a member
+/// of a cgroup), as the caller in `ns` would name it: `NotFound` when the
+/// caller cannot see it.
+pub(crate) fn pin_member(
+    host_pid: i32,
+    ns: Namespace<'_>,
+    features: &KernelFeatures,
+) -> Result<TargetProcess, EngineError> {
+    let not_found = || EngineError::NotFound(format!("member {host_pid} has exited"));
+    let raw = Pid::from_raw(host_pid).ok_or_else(not_found)?;
+    let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|err| match err {
+        rustix::io::Errno::SRCH => not_found(),
+        rustix::io::Errno::INVAL | rustix::io::Errno::NOENT => thread_refused(),
+        other => EngineError::Internal(format!("pidfd_open({host_pid}): {other}")),
+    })?;
+    let caller_pid = match ns {
+        Namespace::Broker => host_pid,
+        Namespace::Child(ns) => sys::pidns_translate(ns, PidnsTranslation::TgidInNs, host_pid)
+            .map_err(|_| EngineError::NotFound("a member is not in the caller's pid namespace".into()))?,
+    };
+    identify(pidfd, host_pid, caller_pid, None, features)
+}
+
+/// Reads who the process behind `pidfd` (pid `pid` in the broker's
+/// namespace, `caller_pid` in the caller's) is, re-validated against the
+/// pidfd.
+fn identify(
+    pidfd: OwnedFd,
+    pid: i32,
+    caller_pid: i32,
+    expected_start: Option<u64>,
+    features: &KernelFeatures,
+) -> Result<TargetProcess, EngineError> {
     let not_running = || EngineError::NotFound(format!("process {caller_pid} has exited"));
     // A read that fails is "exited" only if the pidfd says so; otherwise the
     // kernel answered something unexpected, which is reported as such.

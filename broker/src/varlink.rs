@@ -28,8 +28,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::caller::Caller;
-use crate::engine::{Capabilities, Engine, KillReport, KillRequest, PermissionReport};
+use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
+use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, Accepted, ConnectionCounter, ConnectionLimits};
 use crate::procfs::Memory;
 use crate::target::{TargetProcess, TargetSpec};
@@ -177,6 +178,22 @@ fn kill_reply(report: KillReport) -> Value {
     })
 }
 
+fn group_reply(report: GroupReport) -> Value {
+    json!({
+        "cgroup": report.cgroup,
+        "members": report.members.iter().map(|m| json!({
+            "process": process_info(&m.target),
+            "memoryBefore": memory(&m.memory_before),
+            "outcome": m.outcome.as_str(),
+            "notReapedReason": m.not_reaped_reason,
+        })).collect::<Vec<_>>(),
+        "refusedNewcomers": report.refused_newcomers.iter().map(process_info).collect::<Vec<_>>(),
+        "bytesReleased": report.bytes_released,
+        "killToReapNs": u64::try_from(report.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
+        "passes": report.passes,
+    })
+}
+
 fn permission_reply(report: PermissionReport) -> Value {
     json!({
         "allowed": report.decision.allowed,
@@ -319,7 +336,7 @@ fn target_of(
 /// Answers one call: the reply parameters, or the error to send.
 async fn dispatch(
     engine: &Engine,
-    caller: &Caller,
+    caller: &Arc<Caller>,
     call: &Call,
     fds: &mut [Option<OwnedFd>],
 ) -> Result<Value, VarlinkError> {
@@ -408,6 +425,41 @@ async fn dispatch(
                 only_params(params, &[])?;
                 Ok(capabilities_reply(engine.capabilities()))
             }
+            "KillCgroup" => {
+                only_params(params, &["cgroup", "unit", "pidns", "reapDelayMs"])?;
+                let string = |name: &str| match params.get(name) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(_) => Err(VarlinkError::invalid_parameter(name)),
+                };
+                let (group, blame) = match (string("cgroup")?, string("unit")?) {
+                    (Some(path), None) => (GroupSpec::Path(path), "cgroup"),
+                    (None, Some(unit)) => (GroupSpec::Unit(unit), "unit"),
+                    (Some(_), Some(_)) => return Err(VarlinkError::invalid_parameter("unit")),
+                    (None, None) => return Err(VarlinkError::invalid_parameter("cgroup")),
+                };
+                let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
+                let pidns = match int_param(params, "pidns", 0, u64::MAX)? {
+                    None => None,
+                    Some(index) => Some(
+                        usize::try_from(index)
+                            .ok()
+                            .and_then(|i| fds.get_mut(i))
+                            .and_then(Option::take)
+                            .ok_or_else(|| VarlinkError::invalid_parameter("pidns"))?,
+                    ),
+                };
+                let request = GroupKillRequest {
+                    group,
+                    pidns,
+                    reap_delay: reap_delay.map(Duration::from_millis),
+                };
+                let report = engine
+                    .kill_cgroup(caller, request)
+                    .await
+                    .map_err(|err| error_of(err, blame))?;
+                Ok(group_reply(report))
+            }
             _ => Err(method_not_found()),
         },
         other => Err(VarlinkError::new(
@@ -427,6 +479,7 @@ fn is_known_method(method: &str) -> bool {
             | "io.reapd.Reaper.KillAndReap"
             | "io.reapd.Reaper.CheckPermission"
             | "io.reapd.Reaper.GetCapabilities"
+            | "io.reapd.Reaper.KillCgroup"
     )
 }
 

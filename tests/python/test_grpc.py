@@ -168,3 +168,37 @@ def test_rate_limited_carries_the_retry_after_ms_trailer(tmp_path, pb):
         for v in victims:
             v.close()
         b.stop()
+
+
+def test_kill_cgroup_over_grpc(broker, pb):
+    """KillCgroup from an independent client: every member killed and reaped."""
+    import os
+    import pathlib
+
+    messages, services = pb
+    mount = next(
+        line.split(" - ")[0].split()[4]
+        for line in open("/proc/self/mountinfo")
+        if line.split(" - ")[1].split()[0] == "cgroup2"
+    )
+    name = f"reapd-py-{os.getpid()}.scope"
+    group = pathlib.Path(mount) / name
+    group.mkdir()
+    victims = [Victim(size=1 << 20) for _ in range(3)]
+    try:
+        for v in victims:
+            (group / "cgroup.procs").write_text(str(v.pid))
+        with channel(broker) as ch:
+            reply = services.ReaperStub(ch).KillCgroup(messages.KillCgroupRequest(cgroup="/" + name), timeout=10)
+        assert reply.cgroup == "/" + name
+        assert sorted(m.process.pid for m in reply.members) == sorted(v.pid for v in victims)
+        for v in victims:
+            assert v.proc.wait(timeout=5) == -signal.SIGKILL
+        with pytest.raises(grpc.RpcError) as err:
+            with channel(broker) as ch:
+                services.ReaperStub(ch).KillCgroup(messages.KillCgroupRequest(cgroup="/no/such/group"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        for v in victims:
+            v.close()
+        group.rmdir()

@@ -48,7 +48,26 @@ pub struct Decision {
 /// Facts about the broker itself that the policy needs.
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerFacts {
+    /// The broker's own pid (protected).
     pub pid: i32,
+    /// The broker holds CAP_KILL. Without it (degraded mode) the kernel lets
+    /// it signal only processes whose real or saved uid is one of
+    /// `own_uids`, so a kill the rules allow may still be impossible.
+    pub cap_kill: bool,
+    /// The broker's real and effective uid, read once after any `--user`
+    /// switch.
+    pub own_uids: [u32; 2],
+}
+
+impl BrokerFacts {
+    /// A broker with CAP_KILL (for tests and benchmarks).
+    pub const fn with_cap_kill(pid: i32) -> Self {
+        BrokerFacts {
+            pid,
+            cap_kill: true,
+            own_uids: [0, 0],
+        }
+    }
 }
 
 /// The credentials `kill_ok_by_cred()` compares, for the pure rule below
@@ -267,8 +286,33 @@ impl Policy {
             .find(|r| r.caller.matches(caller, mode) && r.target.matches(target, mode))
     }
 
-    /// Would kill-and-reap be allowed, and why.
+    /// Would kill-and-reap be allowed, and why: the rules' decision, refined
+    /// by what the kernel will let the broker do. In degraded mode (no
+    /// CAP_KILL) an allowed kill of a process the broker's own uids cannot
+    /// signal is refused here, so CheckPermission and KillAndReap agree.
     pub fn decide(&self, caller: &Caller, target: &TargetProcess, broker: BrokerFacts) -> Decision {
+        let decision = self.decide_rules(caller, target, broker);
+        if !decision.allowed
+            || broker.cap_kill
+            || broker
+                .own_uids
+                .iter()
+                .any(|uid| *uid == target.ruid || *uid == target.suid)
+        {
+            return decision;
+        }
+        Decision {
+            allowed: false,
+            rule: "degraded:no-cap-kill".into(),
+            reason: format!(
+                "the policy allows it ({}), but the broker runs without CAP_KILL (degraded mode) and the kernel \
+                 lets it kill only its own uid's processes, not uid {}",
+                decision.rule, target.ruid
+            ),
+        }
+    }
+
+    fn decide_rules(&self, caller: &Caller, target: &TargetProcess, broker: BrokerFacts) -> Decision {
         if let Some(protection) = self.protection(target, broker) {
             return Decision {
                 allowed: false,

@@ -88,7 +88,7 @@ fn target_in(ruid: u32, euid: u32, suid: u32, cgroup: Option<CgroupFacts>, oom: 
     }
 }
 
-const BROKER: BrokerFacts = BrokerFacts { pid: 1234 };
+const BROKER: BrokerFacts = BrokerFacts::with_cap_kill(1234);
 
 fn policy(text: &str) -> Policy {
     compile("test.toml", text, &Table).unwrap_or_else(|e| panic!("{e:?}")).0
@@ -214,6 +214,27 @@ proptest! {
         };
         prop_assert_eq!(indexed.decide(&c, &t, BROKER), brute.decide(&c, &t, BROKER));
         prop_assert_eq!(indexed.check_refusal(&c, &t), brute.check_refusal(&c, &t));
+    }
+
+    /// Degraded mode (no CAP_KILL) only ever refuses more, and never allows
+    /// a kill of a process the broker's own uids could not signal.
+    #[test]
+    fn degraded_mode_only_refuses_what_the_kernel_would(
+        rules in proptest::collection::vec(rule_strategy(), 0..6),
+        kill_rule in any::<bool>(),
+        own in (0u32..4, 0u32..4),
+        (c, t) in creds(),
+    ) {
+        let p = policy(&render(&rules, kill_rule));
+        let degraded = BrokerFacts { pid: 1234, cap_kill: false, own_uids: [own.0, own.1] };
+        let d = p.decide(&c, &t, degraded);
+        let full = p.decide(&c, &t, BROKER);
+        if d.allowed {
+            prop_assert!(full.allowed);
+            prop_assert!([own.0, own.1].iter().any(|u| *u == t.ruid || *u == t.suid));
+        } else if full.allowed {
+            prop_assert_eq!(d.rule, "degraded:no-cap-kill");
+        }
     }
 
     /// Adding a deny rule never allows more, for kill or check.
