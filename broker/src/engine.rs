@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::caller::Caller;
+use crate::candidates::{self, CandidatesReport};
 use crate::error::EngineError;
 use crate::features::{KernelFeatures, KillPath};
 use crate::group::{self, GroupReport, GroupSpec};
@@ -385,6 +386,59 @@ impl Engine {
         });
         work.await
             .unwrap_or_else(|join| Err(EngineError::Internal(format!("group kill task failed: {join}"))))
+    }
+}
+
+impl Engine {
+    /// The processes and cgroups `caller` may kill now (see
+    /// [`crate::candidates`]), one page, ranked as asked.
+    pub async fn candidates(
+        &self,
+        caller: &Arc<Caller>,
+        query: candidates::Query,
+        pidns: Option<OwnedFd>,
+    ) -> Result<CandidatesReport, EngineError> {
+        let started = Instant::now();
+        let ns = match target::caller_namespace(caller, pidns.as_ref()) {
+            Ok(Namespace::Broker) => None,
+            Ok(Namespace::Child(fd)) => Some(
+                fd.try_clone_to_owned()
+                    .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}")))?,
+            ),
+            Err(err) => {
+                audit_refusal("candidates", caller, &err, started);
+                return Err(err);
+            }
+        };
+        let policy = self.policy.load_full();
+        let features = Arc::clone(&self.features);
+        let caller_for_scan = Arc::clone(caller);
+        let broker = self.broker;
+        let report = run_blocking(move || {
+            let ns = ns.as_ref().map_or(Namespace::Broker, |fd| Namespace::Child(fd.as_fd()));
+            Ok(candidates::list(
+                &policy,
+                &caller_for_scan,
+                broker,
+                ns,
+                &features,
+                query,
+            ))
+        })
+        .await?;
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "decision",
+            action = "candidates",
+            caller_pid = caller.pid,
+            caller_uid = caller.uid,
+            caller_comm = %caller.comm,
+            allowed = true,
+            listed = report.processes.len(),
+            total = report.total,
+            elapsed_us = started.elapsed().as_micros() as u64,
+        );
+        Ok(report)
     }
 }
 

@@ -14,6 +14,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::caller::Caller;
+use crate::candidates::{self, CandidatesReport, SortKey};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
 use crate::features::KillPath;
@@ -127,6 +128,34 @@ fn outcome(outcome: Outcome) -> pb::Outcome {
     }
 }
 
+fn candidates_reply(report: CandidatesReport) -> pb::ListCandidatesResponse {
+    pb::ListCandidatesResponse {
+        processes: report
+            .processes
+            .iter()
+            .map(|c| pb::Candidate {
+                process: Some(process_info(&c.target)),
+                memory: Some(memory(&c.memory)),
+                unique_bytes: c.unique_bytes(),
+                oom_score: c.oom_score,
+                oom_score_adj: c.target.oom_score_adj,
+                rule: c.rule.clone(),
+            })
+            .collect(),
+        cgroups: report
+            .cgroups
+            .iter()
+            .map(|g| pb::CgroupCandidate {
+                cgroup: g.path.clone(),
+                processes: g.processes,
+                memory: Some(memory(&g.memory)),
+            })
+            .collect(),
+        total: report.total,
+        next_offset: report.next_offset,
+    }
+}
+
 fn group_reply(report: GroupReport) -> pb::KillCgroupResponse {
     pb::KillCgroupResponse {
         cgroup: report.cgroup,
@@ -206,6 +235,30 @@ impl Reaper for GrpcReaper {
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
         Ok(Response::new(capabilities_reply(self.engine.capabilities())))
+    }
+
+    async fn list_candidates(
+        &self,
+        request: Request<pb::ListCandidatesRequest>,
+    ) -> Result<Response<pb::ListCandidatesResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let request = request.into_inner();
+        let key = match pb::SortKey::try_from(request.sort_by) {
+            Ok(pb::SortKey::Unspecified | pb::SortKey::Unique) => SortKey::Unique,
+            Ok(pb::SortKey::Anon) => SortKey::Anon,
+            Ok(pb::SortKey::Rss) => SortKey::Rss,
+            Ok(pb::SortKey::Swap) => SortKey::Swap,
+            Ok(pb::SortKey::OomScore) => SortKey::OomScore,
+            Ok(pb::SortKey::StartTime) => SortKey::StartTime,
+            Err(_) => return Err(Status::invalid_argument("sort_by: unknown sort key")),
+        };
+        let query = candidates::Query {
+            key,
+            offset: request.offset as usize,
+            limit: request.limit as usize,
+        };
+        let report = self.engine.candidates(&caller, query, None).await.map_err(status_of)?;
+        Ok(Response::new(candidates_reply(report)))
     }
 
     async fn kill_cgroup(

@@ -18,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod caller;
+pub mod candidates;
 pub mod cgroup;
 pub mod engine;
 pub mod error;

@@ -28,6 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::caller::Caller;
+use crate::candidates::{self, CandidatesReport, SortKey};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
 use crate::group::{GroupReport, GroupSpec};
@@ -175,6 +176,26 @@ fn kill_reply(report: KillReport) -> Value {
         "exited": report.exited,
         "rule": report.rule,
         "reapRetries": report.reap.reap_retries,
+    })
+}
+
+fn candidates_reply(report: CandidatesReport) -> Value {
+    json!({
+        "processes": report.processes.iter().map(|c| json!({
+            "process": process_info(&c.target),
+            "memory": memory(&c.memory),
+            "uniqueBytes": c.unique_bytes(),
+            "oomScore": c.oom_score,
+            "oomScoreAdj": c.target.oom_score_adj,
+            "rule": c.rule,
+        })).collect::<Vec<_>>(),
+        "cgroups": report.cgroups.iter().map(|g| json!({
+            "cgroup": g.path,
+            "processes": g.processes,
+            "memory": memory(&g.memory),
+        })).collect::<Vec<_>>(),
+        "total": report.total,
+        "nextOffset": report.next_offset,
     })
 }
 
@@ -333,6 +354,23 @@ fn target_of(
     Ok((spec, blame, pidns))
 }
 
+/// Takes the received fd the integer parameter `name` indexes, if given.
+fn take_fd(
+    parameters: &Map<String, Value>,
+    fds: &mut [Option<OwnedFd>],
+    name: &str,
+) -> Result<Option<OwnedFd>, VarlinkError> {
+    match int_param(parameters, name, 0, u64::MAX)? {
+        None => Ok(None),
+        Some(index) => usize::try_from(index)
+            .ok()
+            .and_then(|i| fds.get_mut(i))
+            .and_then(Option::take)
+            .map(Some)
+            .ok_or_else(|| VarlinkError::invalid_parameter(name)),
+    }
+}
+
 /// Answers one call: the reply parameters, or the error to send.
 async fn dispatch(
     engine: &Engine,
@@ -425,6 +463,35 @@ async fn dispatch(
                 only_params(params, &[])?;
                 Ok(capabilities_reply(engine.capabilities()))
             }
+            "ListCandidates" => {
+                only_params(params, &["sortBy", "limit", "offset", "pidns"])?;
+                let key = match params.get("sortBy") {
+                    None | Some(Value::Null) => SortKey::Unique,
+                    Some(Value::String(k)) => match k.as_str() {
+                        "unique" => SortKey::Unique,
+                        "anon" => SortKey::Anon,
+                        "rss" => SortKey::Rss,
+                        "swap" => SortKey::Swap,
+                        "oom_score" => SortKey::OomScore,
+                        "start_time" => SortKey::StartTime,
+                        _ => return Err(VarlinkError::invalid_parameter("sortBy")),
+                    },
+                    Some(_) => return Err(VarlinkError::invalid_parameter("sortBy")),
+                };
+                let limit = int_param(params, "limit", 0, 1000)?.unwrap_or(0);
+                let offset = int_param(params, "offset", 0, u32::MAX as u64)?.unwrap_or(0);
+                let pidns = take_fd(params, fds, "pidns")?;
+                let query = candidates::Query {
+                    key,
+                    offset: offset as usize,
+                    limit: limit as usize,
+                };
+                let report = engine
+                    .candidates(caller, query, pidns)
+                    .await
+                    .map_err(|err| error_of(err, "pidns"))?;
+                Ok(candidates_reply(report))
+            }
             "KillCgroup" => {
                 only_params(params, &["cgroup", "unit", "pidns", "reapDelayMs"])?;
                 let string = |name: &str| match params.get(name) {
@@ -439,16 +506,7 @@ async fn dispatch(
                     (None, None) => return Err(VarlinkError::invalid_parameter("cgroup")),
                 };
                 let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
-                let pidns = match int_param(params, "pidns", 0, u64::MAX)? {
-                    None => None,
-                    Some(index) => Some(
-                        usize::try_from(index)
-                            .ok()
-                            .and_then(|i| fds.get_mut(i))
-                            .and_then(Option::take)
-                            .ok_or_else(|| VarlinkError::invalid_parameter("pidns"))?,
-                    ),
-                };
+                let pidns = take_fd(params, fds, "pidns")?;
                 let request = GroupKillRequest {
                     group,
                     pidns,
@@ -480,6 +538,7 @@ fn is_known_method(method: &str) -> bool {
             | "io.reapd.Reaper.CheckPermission"
             | "io.reapd.Reaper.GetCapabilities"
             | "io.reapd.Reaper.KillCgroup"
+            | "io.reapd.Reaper.ListCandidates"
     )
 }
 
