@@ -1,0 +1,261 @@
+//! Attacks on the identity fixes of issue 10, as a hostile local user
+//! would make them: each test is one attack that succeeded against
+//! `attack10`'s base, written as the behaviour the broker must have.
+//! Real processes, real cgroups, real namespaces; waits on observable
+//! state, never on time.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::process::Command;
+use std::time::Duration;
+
+use reapd_e2e::{
+    bin, policy_file, start_with_policy, top, varlink_socket, wait_for_log, Broker, CgroupTree, Creds, TestCgroup,
+    Value, Victim,
+};
+
+/// Makes `cg` look delegated to `uid` the way systemd's `Delegate=yes`
+/// does: the directory and its `cgroup.procs` chowned to the user.
+fn delegate(cg: &TestCgroup, uid: u32) {
+    std::os::unix::fs::chown(&cg.dir, Some(uid), Some(uid)).unwrap();
+    std::os::unix::fs::chown(cg.dir.join("cgroup.procs"), Some(uid), Some(uid)).unwrap();
+}
+
+/// A process of `uid` that, from inside the cgroup `home` delegated to it,
+/// makes a child cgroup named `name` (any bytes but `/` and `\n`) and moves
+/// itself there, as any user may in its own `user@UID.service`. Killed and
+/// waited for on drop.
+struct SelfPlaced {
+    pid: i32,
+    waited: bool,
+}
+
+impl SelfPlaced {
+    fn spawn(uid: u32, home: &TestCgroup, name: &[u8]) -> SelfPlaced {
+        let mut dir = home.dir.as_os_str().as_bytes().to_vec();
+        dir.push(b'/');
+        dir.extend_from_slice(name);
+        let mut procs = dir.clone();
+        procs.extend_from_slice(b"/cgroup.procs");
+        let dir = CString::new(dir).unwrap();
+        let procs = CString::new(procs).unwrap();
+        let (go_r, go_w) = pipe();
+        let (ready_r, ready_w) = pipe();
+        // SAFETY: the child makes raw syscalls only, on buffers prepared
+        // before the fork, and never returns.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            unsafe {
+                let mut byte = 0u8;
+                // Wait until root has put us into our delegated home.
+                if libc::read(go_r, (&mut byte as *mut u8).cast(), 1) != 1 {
+                    libc::_exit(89);
+                }
+                if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()) != 0
+                    || libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
+                    libc::_exit(90);
+                }
+                // From here on: an unprivileged user in its own subtree.
+                if libc::mkdir(dir.as_ptr(), 0o755) != 0 {
+                    libc::_exit(91);
+                }
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(92);
+                }
+                libc::close(fd);
+                libc::write(ready_w, b"r".as_ptr().cast(), 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        unsafe {
+            libc::close(go_r);
+            libc::close(ready_w);
+        }
+        home.add(pid);
+        let mut byte = [0u8; 1];
+        unsafe {
+            libc::write(go_w, b"g".as_ptr().cast(), 1);
+            libc::close(go_w);
+        }
+        let n = unsafe { libc::read(ready_r, byte.as_mut_ptr().cast(), 1) };
+        unsafe { libc::close(ready_r) };
+        assert_eq!(n, 1, "the self-placing process {pid} failed");
+        SelfPlaced { pid, waited: false }
+    }
+
+    /// Waits for it; the signal that killed it, if any.
+    fn wait(&mut self) -> Option<i32> {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let ret = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        self.waited = true;
+        (ret == self.pid && libc::WIFSIGNALED(status)).then(|| libc::WTERMSIG(status))
+    }
+}
+
+impl Drop for SelfPlaced {
+    fn drop(&mut self) {
+        if !self.waited {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.wait();
+        }
+    }
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a live 2-int array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    (fds[0], fds[1])
+}
+
+/// Attack: a user names a cgroup in its own delegated subtree with bytes
+/// that are not UTF-8 (`mkdir $'\xff'`) and moves itself in. The broker
+/// read `/proc/PID/cgroup` as UTF-8, so the target's cgroup became
+/// "unverified", and an unverified cgroup makes *every* cgroup or unit
+/// protection apply: the process was refused to root, to its own user and
+/// to the grant holder alike (`protect:cgroup /system.slice: unverified
+/// fact`), although the part of the path that protections and grants read
+/// (the trusted prefix, up to `user@UID.service`) was plain root-named
+/// UTF-8. A process made itself unkillable by a name it chose.
+#[test]
+fn a_non_utf8_cgroup_name_in_a_delegated_subtree_does_not_make_a_process_unkillable() {
+    const MONITOR: u32 = 61500;
+    const U: u32 = 61501;
+    let t = top("badname");
+    let _tree = CgroupTree::new(&t);
+    let _system = TestCgroup::new(&format!("{t}/system.slice"));
+    let home = TestCgroup::new(&format!("{t}/user.slice/user-{U}.slice/user@{U}.service"));
+    delegate(&home, U);
+    // Worked example 2 of docs/policy.md: services are protected, a
+    // monitor may kill what runs in login sessions and user managers.
+    let policy = policy_file(&format!(
+        r#"
+[protect]
+cgroups = ["/{t}/system.slice"]
+
+[[rule]]
+name = "oom-monitor"
+actions = ["kill-and-reap"]
+caller.uids = [{MONITOR}]
+target.cgroups = ["/{t}/user.slice"]
+"#
+    ));
+    let broker = start_with_policy(&policy);
+    let mut hiding = SelfPlaced::spawn(U, &home, b"app\xff.scope");
+    let cgroup = std::fs::read(format!("/proc/{}/cgroup", hiding.pid)).unwrap();
+    assert!(
+        cgroup.windows(4).any(|w| w == b"p\xff.s"),
+        "the process is in its own oddly named cgroup"
+    );
+    let pid = hiding.pid.to_string();
+
+    // Its own user and root: the kill(2) rule, no protection applies.
+    let r = broker.reapctl(Creds::uid(U), &["check", &pid]);
+    assert_eq!(r.code, 0, "its own user may kill it: {r:?}");
+    assert_eq!(r.json["allowed"], true, "{r:?}");
+    let r = broker.reapctl(Creds::ROOT, &["check", &pid]);
+    assert_eq!(r.code, 0, "root may kill it: {r:?}");
+    // The monitor: granted by the root-named part of the path.
+    let r = broker.reapctl(Creds::uid(MONITOR), &["kill", &pid, "--wait", "5000"]);
+    assert_eq!(r.code, 0, "the grant holder may kill it: {r:?}");
+    assert_eq!(hiding.wait(), Some(libc::SIGKILL));
+}
+
+/// Attack: a process names itself `x allowed=true` (14 bytes, any user may
+/// `prctl(PR_SET_NAME)`), and the default text audit log writes comms
+/// unquoted: the decision record then reads `target_comm=x allowed=true
+/// ... allowed=false`, and any key=value reader of the audit trail (logfmt,
+/// SIEM field extraction) takes the forged field. Comms are escaped for
+/// control characters but not for the field separator.
+#[test]
+fn a_command_name_cannot_forge_a_field_of_the_audit_record() {
+    const U: u32 = 61510;
+    const OTHER: u32 = 61511;
+    let broker = Broker::start();
+    let victim = Victim::spawn_named(Creds::uid(U), 0, Some(b"x allowed=true"));
+    // Another user is refused: the record says allowed=false.
+    let r = broker.reapctl(Creds::uid(OTHER), &["kill", &victim.pid.to_string()]);
+    assert_eq!(r.code, 6, "{r:?}");
+    let needle = format!("target_pid={} ", victim.pid);
+    assert!(wait_for_log(&broker.log, &needle, Duration::from_secs(10)));
+    let log = broker.log_text();
+    let record = log
+        .lines()
+        .find(|l| l.contains(&needle) && l.contains("event=\"decision\""))
+        .unwrap_or_else(|| panic!("no decision record for the victim:\n{log}"));
+    // Split the record as a key=value reader would (outside quotes).
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let mut in_quotes = false;
+    let mut token = String::new();
+    for ch in record.chars().chain(std::iter::once(' ')) {
+        match ch {
+            '"' => {
+                in_quotes = !in_quotes;
+                token.push(ch);
+            }
+            ' ' if !in_quotes => {
+                if let Some((k, v)) = token.split_once('=') {
+                    fields.push((k.to_string(), v.to_string()));
+                }
+                token.clear();
+            }
+            _ => token.push(ch),
+        }
+    }
+    let allowed: Vec<&str> = fields
+        .iter()
+        .filter(|(k, _)| k == "allowed")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(allowed, ["false"], "a forged field in the audit record: {record}");
+    assert!(victim.running());
+}
+
+/// Runs `ns-caller ARGS` and returns its client's reply (first line).
+fn ns_caller_reply(args: &[&str]) -> Value {
+    let out = Command::new(bin("ns-caller"))
+        .args(args)
+        .output()
+        .expect("run ns-caller");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (reply, _) = stdout
+        .rsplit_once("ns-caller: ")
+        .unwrap_or_else(|| panic!("ns-caller failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+    serde_json::from_str(reply.trim()).unwrap_or(Value::Null)
+}
+
+/// Attack: a caller in a child pid namespace passes, as `pidns`, a
+/// namespace that is not its own (here its parent's, opened before the
+/// unshare: with it every host pid would resolve). The broker refuses,
+/// rightly, but blames the `pid` parameter, so a client cannot tell its
+/// target from its namespace proof, and the documented contract ("pidns is
+/// verified") has no error that names it.
+#[test]
+fn a_wrong_pidns_fd_is_blamed_on_pidns_not_on_the_pid() {
+    let broker = Broker::start();
+    let sock = varlink_socket(&broker).to_string_lossy().into_owned();
+    for check in [false, true] {
+        let mut args = vec![
+            "--uid",
+            "61520",
+            "--victim-uid",
+            "61520",
+            "--varlink",
+            &sock,
+            "--pidns-from-host",
+        ];
+        if check {
+            args.push("--check");
+        }
+        let reply = ns_caller_reply(&args);
+        assert_eq!(reply["error"], "org.varlink.service.InvalidParameter", "{reply}");
+        assert_eq!(reply["parameters"]["parameter"], "pidns", "{reply}");
+    }
+}
