@@ -259,3 +259,47 @@ fn a_wrong_pidns_fd_is_blamed_on_pidns_not_on_the_pid() {
         assert_eq!(reply["parameters"]["parameter"], "pidns", "{reply}");
     }
 }
+
+/// Attack: a process names itself with Unicode format characters, which
+/// print as nothing but reorder or hide what follows: `\u{202e}dhss` (a
+/// right-to-left override, 7 bytes) shows as "sshd" in the reply, in
+/// `reapctl`'s "pid N (COMM, uid U)" line and in the audit record, while
+/// the broker's escaping (control characters and backslashes only) lets it
+/// through. An operator reading either sees a name the process does not
+/// have.
+#[test]
+fn a_command_name_cannot_hide_or_reorder_text_where_it_is_shown() {
+    const U: u32 = 61530;
+    let broker = Broker::start();
+    let names: [&'static [u8]; 3] = [
+        "\u{202e}dhss".as_bytes(),        // right-to-left override
+        "ss\u{200b}hd".as_bytes(),        // zero-width space
+        "a\u{2066}b\u{2069}c".as_bytes(), // isolates
+    ];
+    for name in names {
+        let victim = Victim::spawn_named(Creds::uid(U), 0, Some(name));
+        let r = broker.reapctl(Creds::ROOT, &["check", &victim.pid.to_string()]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let comm = r.json["target"]["comm"].as_str().unwrap_or_default().to_string();
+        assert!(
+            !comm.chars().any(is_invisible_format),
+            "the reply shows an invisible format character: {comm:?}"
+        );
+        let needle = format!("target_pid={} ", victim.pid);
+        assert!(wait_for_log(&broker.log, &needle, Duration::from_secs(10)));
+        let log = broker.log_text();
+        let record = log.lines().find(|l| l.contains(&needle)).unwrap();
+        assert!(
+            !record.chars().any(is_invisible_format),
+            "the audit record carries an invisible format character: {record:?}"
+        );
+    }
+}
+
+/// Bidirectional controls, zero-width characters and other invisible
+/// formatting (Unicode category Cf) and line/paragraph separators.
+fn is_invisible_format(ch: char) -> bool {
+    matches!(ch,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
