@@ -303,3 +303,61 @@ fn is_invisible_format(ch: char) -> bool {
         '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
         | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
+
+/// Attack (on the report, not the decision): a process whose main thread
+/// left with `pthread_exit` while another thread lives on. Every per-process
+/// read by pid then reads the zombie leader: `/proc/PID/status` has no
+/// memory lines, so the kill of a process holding 16 MiB is reported and
+/// audited as `memory_before` 0 and `bytes_released` 0. (The same holds for
+/// `/proc/PID/cgroup`: the leader's stays where it died when root moves the
+/// live threads; see threats.md.)
+#[test]
+fn a_process_whose_leader_exited_is_reported_with_the_memory_it_holds() {
+    use std::os::unix::process::CommandExt;
+    const U: u32 = 61540;
+    const BYTES: u64 = 16 << 20;
+    let broker = Broker::start();
+    let script = format!(
+        "import ctypes, threading\n\
+         held = bytearray(b'\\x01') * {BYTES}\n\
+         threading.Thread(target=lambda: threading.Event().wait()).start()\n\
+         print('r', flush=True)\n\
+         ctypes.CDLL(None).pthread_exit(None)\n"
+    );
+    let Ok(mut child) = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .uid(U)
+        .gid(U)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    else {
+        reapd_e2e::skip("leader-exited", "python3 needed for a process whose leader exits");
+        return;
+    };
+    let pid = child.id() as i32;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "r");
+    // The leader is a zombie once its exit is through; the process lives.
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()))
+            .flatten()
+    };
+    while state() != Some('Z') {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count() >= 1);
+
+    let r = broker.reapctl(Creds::uid(U), &["kill", &pid.to_string(), "--wait", "5000"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let _ = child.wait();
+    let before = r.json["memory_before"]["anon_bytes"].as_u64().unwrap_or_default();
+    assert!(
+        before >= BYTES,
+        "the process held {BYTES} bytes; the report says {before}: {r:?}"
+    );
+}
