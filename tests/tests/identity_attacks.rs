@@ -361,3 +361,60 @@ fn a_process_whose_leader_exited_is_reported_with_the_memory_it_holds() {
         "the process held {BYTES} bytes; the report says {before}: {r:?}"
     );
 }
+
+/// Runs `command` as uid 0 with CAP_KILL dropped from the bounding set (so
+/// the exec leaves it out of every set), as a hardened service
+/// (`CapabilityBoundingSet=~CAP_KILL`) or a container with `--cap-drop=KILL`
+/// runs its root.
+fn as_root_without_cap_kill(command: &mut Command) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    const CAP_KILL: libc::c_ulong = 5;
+    // SAFETY: runs in the forked child before exec; one prctl.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_KILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run command")
+}
+
+/// Attack: a process of uid 0 that does not hold CAP_KILL (a hardened
+/// root service, a container root with the capability dropped) may
+/// kill(2) only uid 0's processes. The broker's kill(2) rule reads "euid 0"
+/// as "root", and root as CAP_KILL: it allowed such a caller to kill any
+/// user's process.
+#[test]
+fn uid_0_without_cap_kill_gets_no_more_than_kill_2_gives_it() {
+    const V: u32 = 61550;
+    let broker = Broker::start();
+    let victim = Victim::spawn(Creds::uid(V), 0);
+    let pid = victim.pid.to_string();
+    let oracle = as_root_without_cap_kill(Command::new("/bin/sh").args(["-c", &format!("kill -0 {pid}")]));
+    if oracle.status.success() {
+        reapd_e2e::skip(
+            "no-cap-kill",
+            "dropping CAP_KILL from the bounding set had no effect here",
+        );
+        return;
+    }
+    let ctl = || {
+        let mut c = Command::new(bin("reapctl"));
+        c.arg("--socket").arg(&broker.grpc).arg("--json");
+        c
+    };
+    let check = as_root_without_cap_kill(ctl().args(["check", &pid]));
+    let reply: Value = serde_json::from_slice(&check.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        reply["allowed"], false,
+        "kill(2) refuses this caller, so must the broker: {reply}"
+    );
+    let kill = as_root_without_cap_kill(ctl().args(["kill", &pid]));
+    assert!(!kill.status.success(), "{}", String::from_utf8_lossy(&kill.stdout));
+    assert!(victim.running(), "the victim must live");
+}
