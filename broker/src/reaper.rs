@@ -53,7 +53,7 @@ pub struct ReapReport {
 pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapReport, EngineError> {
     // Read by pid, valid because the kill below goes through the pidfd: if
     // the process had gone (and the pid been reused) the kill would fail.
-    let memory_before = procfs::read_status(target.pid).map(|s| s.memory).unwrap_or_default();
+    let memory_before = procfs::read_memory(target.pid).unwrap_or_default();
     let started = Instant::now();
     let mut report = ReapReport {
         outcome: Outcome::Reaped,
@@ -98,7 +98,7 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
         Ok(()) => {
             // What is left after the reap, read by pid and trusted only while
             // the process has not been waited for (a zombie holds its pid).
-            let after = procfs::read_status(target.pid).ok().map(|s| s.memory);
+            let after = procfs::read_memory(target.pid).ok();
             let after = after.filter(|_| pid_still_held(target)).unwrap_or_default();
             report.bytes_released = memory_before.reapable_bytes().saturating_sub(after.reapable_bytes());
         }
