@@ -73,6 +73,7 @@ fn caller(uid: u32) -> Caller {
         }),
         pidns: CallerPidns::Broker,
         userns_capabilities: false,
+        cap_kill: uid == 0,
         pidfd: None,
     }
 }

@@ -69,9 +69,18 @@ pub struct Caller {
     /// there for processes of that namespace; the broker does not (see
     /// `docs/policy.md`), and says so when it refuses.
     pub userns_capabilities: bool,
+    /// The caller is uid 0 *and* holds CAP_KILL (bit 5 of `CapEff`): what
+    /// kill(2) needs to signal other users' processes. A uid 0 process
+    /// without it (a service with `CapabilityBoundingSet=~CAP_KILL`, a
+    /// container root with the capability dropped) may kill(2) only uid 0's
+    /// processes. `false` when it could not be read: no root authority.
+    pub cap_kill: bool,
     #[serde(skip)]
     pub pidfd: Option<OwnedFd>,
 }
+
+/// `CAP_KILL` in a `CapEff` mask (`include/uapi/linux/capability.h`).
+const CAP_KILL_BIT: u64 = 1 << 5;
 
 /// Why a peer is not served at all.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +127,7 @@ impl Caller {
             cgroup: None,
             pidns: CallerPidns::Unknown,
             userns_capabilities: false,
+            cap_kill: false,
             pidfd,
         };
         caller.read_process_details(features);
@@ -129,7 +139,7 @@ impl Caller {
     /// afterwards.
     fn read_process_details(&mut self, features: &KernelFeatures) {
         let comm = procfs::read_stat(self.pid).map(|s| s.comm).unwrap_or_default();
-        let cgroup = procfs::read_cgroup(self.pid).ok();
+        let cgroup = procfs::read_cgroup_bytes(self.pid).ok();
         let status = procfs::read_status(self.pid).ok();
         let Some(pidfd) = self.pidfd.as_ref() else {
             // No SO_PEERPIDFD (before 6.5): the pid may have been recycled;
@@ -150,6 +160,7 @@ impl Caller {
                 let pidns = pidns_of(status, pidfd.as_fd());
                 if crate::target::is_running(pidfd.as_fd()) {
                     self.pidns = pidns;
+                    self.cap_kill = self.uid == 0 && status.cap_eff & CAP_KILL_BIT != 0;
                 }
             }
             return;
@@ -171,6 +182,7 @@ impl Caller {
         if let Some(status) = &status {
             self.pidns = pidns_of(status, pidfd.as_fd());
             self.userns_capabilities = status.cap_eff != 0 && self.uid != 0;
+            self.cap_kill = self.uid == 0 && status.cap_eff & CAP_KILL_BIT != 0;
         }
         // A caller that changed its euid since connecting keeps the authority
         // of the socket it opened, but gains nothing from its new real uid.

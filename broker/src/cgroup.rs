@@ -31,7 +31,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CgroupFacts {
     /// The full path from `/proc/PID/cgroup`, in the broker's cgroup
-    /// namespace (`/` is the root).
+    /// namespace (`/` is the root), invalid UTF-8 escaped as `\xNN`.
     pub path: String,
     /// The longest prefix of `path` whose names and membership only root
     /// could have chosen.
@@ -39,16 +39,21 @@ pub struct CgroupFacts {
 }
 
 impl CgroupFacts {
-    /// Reads the facts for `path` from the cgroup2 mount. `None` when there
-    /// is no cgroup2 hierarchy or the path is not absolute (nothing about it
-    /// can be verified).
-    pub fn of(path: String) -> Option<CgroupFacts> {
+    /// Reads the facts for `path` (the bytes `/proc/PID/cgroup` gives) from
+    /// the cgroup2 mount. `None` when there is no cgroup2 hierarchy or the
+    /// path is not absolute (nothing about it can be verified). A name that
+    /// is not UTF-8 is no reason to doubt the rest: only a name below the
+    /// trusted prefix can be one a user chose.
+    pub fn of(path: Vec<u8>) -> Option<CgroupFacts> {
         let mount = mount()?;
-        if !path.starts_with('/') {
+        if !path.starts_with(b"/") {
             return None;
         }
         let trusted = trusted_prefix(mount, &path);
-        Some(CgroupFacts { path, trusted })
+        Some(CgroupFacts {
+            path: crate::procfs::escape_invalid_utf8(&path),
+            trusted,
+        })
     }
 
     /// The part of the path only root could have named: `path` itself when
@@ -76,16 +81,21 @@ pub fn root_only_cgroup(dir: &Path) -> bool {
 }
 
 /// The longest prefix of `path` (absolute, in the hierarchy mounted at
-/// `mount`) in which every component's parent is [`root_only_cgroup`].
-/// A component that cannot be examined (gone, unreadable) ends the prefix.
-pub fn trusted_prefix(mount: &Path, path: &str) -> String {
+/// `mount`, as bytes) in which every component's parent is
+/// [`root_only_cgroup`]. A component that cannot be examined (gone,
+/// unreadable) or is not UTF-8 (no policy can name it) ends the prefix.
+pub fn trusted_prefix(mount: &Path, path: impl AsRef<[u8]>) -> String {
+    use std::os::unix::ffi::OsStrExt;
     let mut trusted = String::from("/");
     let mut dir = mount.to_path_buf();
-    for component in path.split('/').filter(|c| !c.is_empty()) {
+    for component in path.as_ref().split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        let Ok(component) = std::str::from_utf8(component) else {
+            break;
+        };
         if component == "." || component == ".." || !root_only_cgroup(&dir) {
             break;
         }
-        dir.push(component);
+        dir.push(std::ffi::OsStr::from_bytes(component.as_bytes()));
         if trusted.len() > 1 {
             trusted.push('/');
         }
@@ -141,5 +151,12 @@ mod tests {
         // Missing components end the prefix; dot-dot never climbs.
         assert_eq!(trusted_prefix(base, "/gone/x"), "/gone");
         assert_eq!(trusted_prefix(base, "/user.slice/../system.slice"), "/user.slice");
+        // A name that is not UTF-8 ends the prefix (no policy can name it)
+        // but casts no doubt on the part above it.
+        assert_eq!(
+            trusted_prefix(base, b"/user.slice/user-61000.slice/user@61000.service/x\xff/y"),
+            "/user.slice/user-61000.slice/user@61000.service"
+        );
+        assert_eq!(trusted_prefix(base, b"/user.slice/\xff/y"), "/user.slice");
     }
 }

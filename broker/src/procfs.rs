@@ -44,10 +44,37 @@ pub fn escape_comm(bytes: &[u8]) -> String {
         for ch in chunk.valid().chars() {
             if ch.is_control() || ch == '\\' {
                 out.extend(ch.escape_debug());
+            } else if is_invisible_format(ch) {
+                // Printed as nothing, yet it reorders or hides what follows
+                // ("\u{202e}dhss" reads "sshd"): shown by its code point.
+                out.extend(ch.escape_unicode());
             } else {
                 out.push(ch);
             }
         }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
+}
+
+/// Bidirectional controls, zero-width and other invisible formatting
+/// characters (Unicode category Cf), and the line and paragraph separators.
+fn is_invisible_format(ch: char) -> bool {
+    matches!(ch,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
+/// Valid UTF-8 kept as it is, every invalid byte written `\xNN`: for cgroup
+/// paths, whose names are chosen by whoever may create them (systemd's own
+/// names carry backslashes, `system-systemd\x2dfsck.slice`, so these are
+/// kept; the result is for display and matching, never for file access).
+pub fn escape_invalid_utf8(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
         for byte in chunk.invalid() {
             out.push_str(&format!("\\x{byte:02x}"));
         }
@@ -257,20 +284,23 @@ pub fn system_anon_and_swap() -> io::Result<u64> {
     Ok((anon + swap) * 1024)
 }
 
-/// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), or an
-/// empty string on a machine with no unified hierarchy. The path is relative
-/// to the reader's (the broker's) cgroup namespace. Names are chosen by
-/// whoever may create the cgroup; a path that is not UTF-8 is an error (no
-/// policy could name it).
-pub fn read_cgroup(pid: i32) -> io::Result<String> {
+/// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), as
+/// the bytes the kernel gives, or empty on a machine with no unified
+/// hierarchy. The path is relative to the reader's (the broker's) cgroup
+/// namespace. Names are chosen by whoever may create the cgroup, so they
+/// need not be UTF-8 (see `crate::cgroup` for what of it is believed).
+pub fn read_cgroup_bytes(pid: i32) -> io::Result<Vec<u8>> {
     let bytes = fs::read(format!("/proc/{pid}/cgroup"))?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "cgroup path is not UTF-8"))?;
-    Ok(text
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
+    Ok(bytes
+        .split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"0::"))
         .unwrap_or_default()
-        .to_string())
+        .to_vec())
+}
+
+/// [`read_cgroup_bytes`], invalid UTF-8 escaped ([`escape_invalid_utf8`]).
+pub fn read_cgroup(pid: i32) -> io::Result<String> {
+    read_cgroup_bytes(pid).map(|bytes| escape_invalid_utf8(&bytes))
 }
 
 pub fn read_oom_score_adj(pid: i32) -> io::Result<i32> {
@@ -319,6 +349,19 @@ mod tests {
         assert_eq!(escape_comm(cut), r"жжжжжжж\xd0");
         assert_eq!(escape_comm(b"a\nb\\"), r"a\nb\\");
         assert_ne!(escape_comm(br"\xff"), escape_comm(b"\xff"));
+        // Invisible formatting is shown by code point: "\u{202e}dhss" must
+        // not read "sshd".
+        assert_eq!(escape_comm("\u{202e}dhss".as_bytes()), r"\u{202e}dhss");
+        assert_eq!(escape_comm("ss\u{200b}hd".as_bytes()), r"ss\u{200b}hd");
+    }
+
+    #[test]
+    fn cgroup_paths_keep_valid_utf8_and_escape_the_rest() {
+        assert_eq!(
+            escape_invalid_utf8(br"/system.slice/system-systemd\x2dfsck.slice"),
+            r"/system.slice/system-systemd\x2dfsck.slice"
+        );
+        assert_eq!(escape_invalid_utf8(b"/u/app\xff.scope"), r"/u/app\xff.scope");
     }
 
     #[test]

@@ -117,6 +117,10 @@ pub fn pidns_level(pidns: BorrowedFd<'_>) -> Option<usize> {
     None
 }
 
+/// How every refusal of a passed pid namespace begins, so a transport can
+/// blame the parameter that carried it.
+pub const PIDNS_REFUSAL: &str = "pidns: ";
+
 /// Checks that `pidns` is exactly the caller's own pid namespace: at the
 /// caller's depth, and the caller is in it under the pid its `NSpid` line
 /// gives. A namespace above the caller's would let it name processes it
@@ -124,7 +128,7 @@ pub fn pidns_level(pidns: BorrowedFd<'_>) -> Option<usize> {
 pub fn verify_caller_pidns(pidns: BorrowedFd<'_>, caller: &Caller) -> Result<(), EngineError> {
     let refuse = |why: &str| {
         EngineError::InvalidArgument(format!(
-            "pidns: the passed fd is not the caller's pid namespace ({why})"
+            "{PIDNS_REFUSAL}the passed fd is not the caller's pid namespace ({why})"
         ))
     };
     let status = procfs::read_status(caller.pid).map_err(|_| refuse("the caller is gone"))?;
@@ -265,7 +269,7 @@ fn identify(
     let status = procfs::read_status(pid).map_err(|e| read_failed("/proc/PID/status", e, pidfd.as_fd()))?;
     let oom_score_adj =
         procfs::read_oom_score_adj(pid).map_err(|e| read_failed("/proc/PID/oom_score_adj", e, pidfd.as_fd()))?;
-    let cgroup = procfs::read_cgroup(pid).ok().and_then(CgroupFacts::of);
+    let cgroup = procfs::read_cgroup_bytes(pid).ok().and_then(CgroupFacts::of);
 
     // Credentials: from the pidfd itself where the kernel can say (6.13+);
     // otherwise from /proc, trusted through the re-validation below. Both

@@ -141,6 +141,15 @@ pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
     }
 }
 
+/// The parameter an engine error is about: a refused namespace proof is the
+/// `pidns` parameter's fault, whichever parameter named the target.
+fn blame_of(err: &EngineError, target: &'static str) -> &'static str {
+    match err {
+        EngineError::InvalidArgument(message) if message.starts_with(crate::target::PIDNS_REFUSAL) => "pidns",
+        _ => target,
+    }
+}
+
 fn process_info(target: &TargetProcess) -> Value {
     json!({
         "pid": target.caller_pid,
@@ -444,19 +453,19 @@ async fn dispatch(
                     grace: grace.map(Duration::from_millis),
                     reap_delay: reap_delay.map(Duration::from_millis),
                 };
-                let report = engine
-                    .kill_and_reap(caller, request)
-                    .await
-                    .map_err(|err| error_of(err, blame))?;
+                let report = engine.kill_and_reap(caller, request).await.map_err(|err| {
+                    let blame = blame_of(&err, blame);
+                    error_of(err, blame)
+                })?;
                 Ok(kill_reply(report))
             }
             "CheckPermission" => {
                 only_params(params, &["pid", "startTime", "pidfd", "pidns"])?;
                 let (target, blame, pidns) = target_of(params, fds)?;
-                let report = engine
-                    .check_permission_in(caller, target, pidns)
-                    .await
-                    .map_err(|err| error_of(err, blame))?;
+                let report = engine.check_permission_in(caller, target, pidns).await.map_err(|err| {
+                    let blame = blame_of(&err, blame);
+                    error_of(err, blame)
+                })?;
                 Ok(permission_reply(report))
             }
             "GetCapabilities" => {

@@ -74,7 +74,10 @@ fn candidates_are_exactly_what_the_caller_may_kill_ranked_and_paged() {
         assert!(listed.contains(&(v.pid as i64)));
     }
     if shy_protected {
-        assert!(!listed.contains(&(shy.pid as i64)), "protected processes are not candidates");
+        assert!(
+            !listed.contains(&(shy.pid as i64)),
+            "protected processes are not candidates"
+        );
     }
 
     // Ranked by unique bytes, largest first.
@@ -85,7 +88,10 @@ fn candidates_are_exactly_what_the_caller_may_kill_ranked_and_paged() {
         .map(|c| c["uniqueBytes"].as_u64().unwrap())
         .collect();
     assert!(order.windows(2).all(|w| w[0] >= w[1]), "{order:?}");
-    assert_eq!(p["processes"][0]["process"]["pid"], mine[1].pid, "the 16 MiB victim ranks first");
+    assert_eq!(
+        p["processes"][0]["process"]["pid"], mine[1].pid,
+        "the 16 MiB victim ranks first"
+    );
 
     // Pages of one cover the same set.
     let mut paged = BTreeSet::new();

@@ -10,8 +10,9 @@
 //!    including the kill(2) rule.
 //! 3. The **kill(2) rule** (on by default, can be switched off): allowed iff
 //!    the caller's effective or real uid equals the target's real or saved
-//!    uid, or the caller is root — exactly `kill_ok_by_cred()` in
-//!    `kernel/signal.c`, with "root" standing for CAP_KILL.
+//!    uid, or the caller is root holding CAP_KILL — exactly
+//!    `kill_ok_by_cred()` in `kernel/signal.c` (uid 0 without CAP_KILL is
+//!    an ordinary uid to it).
 //! 4. A matching **allow** rule allows.
 //! 5. Nothing matched: refused, with the reason.
 //!
@@ -78,14 +79,16 @@ pub struct KillCreds {
     pub caller_ruid: Option<u32>,
     pub target_ruid: u32,
     pub target_suid: u32,
+    /// The caller is uid 0 and holds CAP_KILL.
+    pub caller_cap_kill: bool,
 }
 
 /// The kernel's kill(2) permission rule for an unprivileged sender: allowed
-/// iff the caller's euid or uid equals the target's uid or suid; root
-/// (euid 0) may kill anything.
+/// iff the caller's euid or uid equals the target's uid or suid; root with
+/// CAP_KILL may kill anything.
 pub fn kill_rule_allows(creds: KillCreds) -> bool {
     let caller = std::iter::once(creds.caller_euid).chain(creds.caller_ruid);
-    creds.caller_euid == 0
+    (creds.caller_euid == 0 && creds.caller_cap_kill)
         || caller
             .into_iter()
             .any(|uid| uid == creds.target_ruid || uid == creds.target_suid)
@@ -337,9 +340,10 @@ impl Policy {
             caller_ruid: caller.real_uid,
             target_ruid: target.ruid,
             target_suid: target.suid,
+            caller_cap_kill: caller.cap_kill,
         };
         if self.kill_rule && kill_rule_allows(creds) {
-            let why = if caller.uid == 0 {
+            let why = if caller.uid == 0 && caller.cap_kill {
                 "the caller is root".to_string()
             } else {
                 let uid = caller
@@ -368,7 +372,13 @@ impl Policy {
             Some(ruid) if ruid != caller.uid => format!("euid {} / uid {ruid}", caller.uid),
             _ => format!("uid {}", caller.uid),
         };
-        let kill_rule = if self.kill_rule {
+        let kill_rule = if self.kill_rule && caller.uid == 0 {
+            format!(
+                "caller uid 0 does not hold CAP_KILL (kill(2) would refuse it too) and owns neither the target's \
+                 real uid {} nor its saved uid {}",
+                target.ruid, target.suid
+            )
+        } else if self.kill_rule {
             format!(
                 "caller {caller_ids} is not root and owns neither the target's real uid {} nor its saved uid {}",
                 target.ruid, target.suid
@@ -414,6 +424,7 @@ impl Policy {
             caller_ruid: caller.real_uid,
             target_ruid: target.ruid,
             target_suid: target.suid,
+            caller_cap_kill: caller.cap_kill,
         };
         if (self.kill_rule && kill_rule_allows(creds))
             || self
@@ -498,9 +509,9 @@ mod tests {
     proptest! {
         /// The pure rule is exactly kill_ok_by_cred() written out.
         #[test]
-        fn kill_rule_matches_kernel_formula(e in 0u32..4, r in proptest::option::of(0u32..4), tr in 0u32..4, ts in 0u32..4) {
-            let creds = KillCreds { caller_euid: e, caller_ruid: r, target_ruid: tr, target_suid: ts };
-            let kernel = e == 0 || e == ts || e == tr || r == Some(ts) || r == Some(tr);
+        fn kill_rule_matches_kernel_formula(e in 0u32..4, r in proptest::option::of(0u32..4), tr in 0u32..4, ts in 0u32..4, cap in proptest::bool::ANY) {
+            let creds = KillCreds { caller_euid: e, caller_ruid: r, target_ruid: tr, target_suid: ts, caller_cap_kill: cap };
+            let kernel = (e == 0 && cap) || e == ts || e == tr || r == Some(ts) || r == Some(tr);
             prop_assert_eq!(kill_rule_allows(creds), kernel);
         }
     }

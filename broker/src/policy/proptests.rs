@@ -57,6 +57,7 @@ fn caller_in(uid: u32, ruid: Option<u32>, gid: u32, groups: Vec<u32>, cgroup: Op
         cgroup,
         pidns: crate::caller::CallerPidns::Broker,
         userns_capabilities: false,
+        cap_kill: uid == 0,
         pidfd: None,
     }
 }

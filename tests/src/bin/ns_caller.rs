@@ -17,6 +17,10 @@
 //! host process PID opened before the namespace existed. Afterwards it
 //! prints `ns-caller: victim=NSPID signal=SIG exit=CODE` (SIG 0: alive).
 //!
+//! With `--pidns-from-host`, the `pidns` fd passed is the namespace
+//! `ns-caller` was started in (opened before the unshare), not the
+//! client's own.
+//!
 //! With `--userns BASE` it makes a user namespace instead (no pid
 //! namespace) mapping uids and gids 0..10 to BASE..BASE+10; the client runs
 //! as root there and the victim as uid `--victim-uid` of the namespace.
@@ -36,6 +40,7 @@ struct Args {
     target_pid: Option<i32>,
     varlink: Option<String>,
     pidns: bool,
+    pidns_from_host: bool,
     check: bool,
     userns: Option<u32>,
     command: Vec<String>,
@@ -55,6 +60,7 @@ fn parse() -> Args {
             "--target-pid" => args.target_pid = Some(value().parse().unwrap()),
             "--varlink" => args.varlink = Some(value()),
             "--pidns" => args.pidns = true,
+            "--pidns-from-host" => args.pidns_from_host = true,
             "--check" => args.check = true,
             "--userns" => args.userns = Some(value().parse().unwrap()),
             "--" => {
@@ -141,6 +147,9 @@ fn main() {
         // SAFETY: a new fd we own.
         unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
     });
+    let host_pidns = args
+        .pidns_from_host
+        .then(|| std::fs::File::open("/proc/self/ns/pid").expect("open the starting pid namespace"));
     // SAFETY: unshare has no memory arguments.
     check(
         unsafe { libc::unshare(libc::CLONE_NEWPID) } as libc::c_long,
@@ -209,7 +218,10 @@ fn main() {
                 // is known when the client returns.
                 params.push("\"waitForExitMs\":5000".to_string());
             }
-            if args.pidns {
+            if let Some(host) = &host_pidns {
+                params.push(format!("\"pidns\":{}", fds.len()));
+                fds.push(host.as_raw_fd());
+            } else if args.pidns {
                 params.push(format!("\"pidns\":{}", fds.len()));
                 fds.push(pidns.as_raw_fd());
             }
