@@ -569,6 +569,11 @@ impl Receiver {
                 self.incomplete = true;
                 return Ok(Incoming::Partial);
             }
+            if peer_hung_up(stream) {
+                // The rest can never come. (The runtime never clears a
+                // hang-up from readiness, so waiting would spin.)
+                return Ok(Incoming::Eof { mid_message: true });
+            }
             if !self.incomplete {
                 self.incomplete = true;
                 return Ok(Incoming::Partial);
@@ -595,6 +600,16 @@ impl Receiver {
         };
         Ok(Incoming::Message(call, fds))
     }
+}
+
+/// The peer shut down its side: no more bytes will come.
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    let mut fds = [rustix::event::PollFd::new(stream, rustix::event::PollFlags::RDHUP)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::RDHUP | rustix::event::PollFlags::HUP)
 }
 
 /// Reads exactly `len` bytes (already seen by a peek) with room for as many
