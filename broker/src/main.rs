@@ -16,6 +16,11 @@ use reapd::listener::{self, AcceptConfig, ConnectionCounter, ConnectionLimits};
 /// on the blocking pool, pidfds of targets).
 const OWN_FDS: usize = 128;
 
+/// After SIGTERM and the kills in flight, how long gRPC connections may take
+/// to close after GOAWAY. A blocking client idle between calls never
+/// answers (its runtime is not running), so this bounds the stop.
+const GRPC_LINGER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "reapd",
@@ -362,13 +367,16 @@ fn main() -> ExitCode {
         // gRPC waits for its clients to close after GOAWAY; one that never
         // does (a blocking client between calls) must not hold up the stop.
         let grace_rx = stop_rx_for_grace;
+        let grace_engine = Arc::clone(&engine);
         let grpc = async move {
             tokio::select! {
                 result = grpc => result.map_err(std::io::Error::other),
                 _ = async {
                     let mut rx = grace_rx;
                     let _ = rx.wait_for(|stop| *stop).await;
-                    tokio::time::sleep(reapd::varlink::SHUTDOWN_GRACE).await;
+                    // Kills are what must finish; other calls are short.
+                    grace_engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await;
+                    tokio::time::sleep(GRPC_LINGER).await;
                 } => {
                     tracing::warn!("gRPC connections still open after the grace period; stopping anyway");
                     Ok(())
