@@ -614,3 +614,130 @@ fn spawn_as(creds: Creds, command: &mut Command) -> Child {
     }
     command.stdin(Stdio::null()).spawn().expect("spawn")
 }
+
+/// Threads of `pid` named `name` that are blocked (FUSE waits first
+/// interruptibly, S, then uninterruptibly, D, once a signal came).
+fn threads_blocked(pid: i32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                .filter(|stat| {
+                    let comm = stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')'));
+                    matches!(comm, Some((c, rest)) if c == name && rest.trim_start().starts_with(['S', 'D']))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A FUSE filesystem that never answers FLUSH; a uid passes fds of its file
+/// with varlink calls. The broker answers each call at once, closes the fds
+/// on closer threads that hang (in the kernel, not on the runtime), refuses
+/// that uid's further fd-carrying calls once its budget is used, and answers
+/// another uid within 100 ms on both transports. On SIGTERM it stops
+/// serving and writes "stopped" at once; the process itself is gone as soon
+/// as the FUSE server is.
+#[test]
+fn a_fuse_fd_that_never_flushes_costs_only_its_sender() {
+    let broker = start("", &[]);
+    let mountdir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(mountdir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let budget = 8; // reapd::closer::PER_UID
+    let mut fuse = {
+        use std::os::unix::process::CommandExt;
+        Command::new(bin("fuse-noflush"))
+            .arg(mountdir.path())
+            .arg(socket(&broker))
+            .arg(A.to_string())
+            .arg((budget + 1).to_string())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let group = fuse.id() as i32;
+    let kill_fuse = move || {
+        unsafe_kill(-group, libc::SIGKILL);
+    };
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(fuse.stdout.take().unwrap()));
+    let mut replies = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(reason) = line.strip_prefix("SKIP: ") {
+            kill_fuse();
+            let _ = fuse.wait();
+            eprintln!("SKIP: {reason}");
+            println!("SKIP: {reason}");
+            return;
+        }
+        if line == "done" {
+            break;
+        }
+        replies.push(line);
+    }
+    let mut broker = broker;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(replies.len(), budget + 1, "{replies:?}");
+        for reply in &replies[..budget] {
+            assert_eq!(reply, "reply org.varlink.service.InvalidParameter", "{replies:?}");
+        }
+        assert_eq!(replies[budget], "reply io.reapd.Reaper.RateLimited", "{replies:?}");
+        // The closes hang where they should: on closer threads, in the kernel.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while threads_blocked(broker.pid(), "reapd-closer") < budget {
+            assert!(Instant::now() < deadline, "closer threads: {}", threads_blocked(broker.pid(), "reapd-closer"));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Another uid, both transports: served within 100 ms.
+        let other = victim(Creds::uid(B), 0);
+        let t = Instant::now();
+        let mut command = Command::new(bin("reapctl"));
+        command
+            .arg("--varlink")
+            .arg("--socket")
+            .arg(socket(&broker))
+            .args(["check", &other.pid.to_string()]);
+        let out = reapd_e2e::run_as(Creds::uid(B), &mut command);
+        let varlink_took = t.elapsed();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let t = Instant::now();
+        let r = broker.reapctl(Creds::uid(B), &["check", &other.pid.to_string()]);
+        let grpc_took = t.elapsed();
+        assert_eq!(r.code, 0, "{r:?}");
+        eprintln!(
+            "with {budget} closes hung on FUSE FLUSH: uid {B} answered in {varlink_took:?} (varlink), {grpc_took:?} (gRPC), reapctl start included"
+        );
+        assert!(varlink_took < Duration::from_millis(100) && grpc_took < Duration::from_millis(100));
+        // The sender's pid-named calls still work; only fds are refused.
+        // SIGTERM: serving stops and the broker says so at once.
+        let t = Instant::now();
+        unsafe_kill(broker.pid(), libc::SIGTERM);
+        assert!(
+            wait_for_log(&broker.log, "stopped", Duration::from_secs(3)),
+            "{}",
+            broker.log_text()
+        );
+        eprintln!("SIGTERM to \"stopped\": {:?}", t.elapsed());
+    }));
+    // The kernel holds the process until the hung FLUSHes end: they end
+    // when the FUSE server goes away.
+    kill_fuse();
+    let _ = fuse.wait();
+    let t = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exited = loop {
+        if let Ok(Some(status)) = broker.child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(exited.is_some(), "broker still there after the FUSE server died");
+    eprintln!("broker process gone {:?} after the FUSE server", t.elapsed());
+}
