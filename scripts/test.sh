@@ -18,6 +18,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 export CARGO_TERM_COLOR=never
 LOGS=$(mktemp -d /tmp/reapd-test.XXXXXX)
+# Tests whose precondition is missing append "SKIP: reason" here; the
+# summary counts and prints them (a skip is never a silent pass).
+export REAPD_SKIP_FILE=$LOGS/skipped
 PASSED=0
 FAILED=0
 declare -a SUITES=()
@@ -94,6 +97,12 @@ fi
 echo
 echo "=== summary (logs in $LOGS)"
 printf '%s\n' "${SUITES[@]}"
+if [[ -s $REAPD_SKIP_FILE ]]; then
+    echo "skipped: $(wc -l <"$REAPD_SKIP_FILE")"
+    cat "$REAPD_SKIP_FILE"
+else
+    echo "skipped: 0"
+fi
 echo "wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
 echo "total: $PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

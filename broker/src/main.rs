@@ -163,6 +163,16 @@ fn main() -> ExitCode {
         },
     };
 
+    // gRPC never carries fds: have the kernel refuse them (EPERM to the
+    // sender), so none is ever queued for, or released on, the broker.
+    match reapd::sys::refuse_passed_fds(std::os::fd::AsFd::as_fd(&listener)) {
+        Ok(()) => tracing::info!("gRPC socket refuses passed fds (SO_PASSRIGHTS off)"),
+        Err(err) => tracing::info!(
+            error = %err,
+            "kernel cannot refuse passed fds on the gRPC socket (SO_PASSRIGHTS, Linux 6.16); fds sent there are dropped unread"
+        ),
+    }
+
     let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
         let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
         dir.join(reapd::varlink::INTERFACE)
