@@ -800,3 +800,80 @@ fn the_grpc_socket_refuses_passed_fds() {
     // Callers are served as ever.
     assert_eq!(broker.reapctl(Creds::uid(A), &["caps"]).code, 0);
 }
+
+/// Under socket activation, a client holding a connection (an OOM manager)
+/// keeps the broker running past its idle exit and past the slow-loris
+/// timeout, so it never pays a cold start; once it hangs up, the broker
+/// exits. Measures the cold start such a client would otherwise pay.
+#[test]
+fn a_held_connection_keeps_a_socket_activated_broker_warm() {
+    use std::os::unix::net::UnixListener;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let policy_path = policy(dir.path(), "");
+    let socket = dir.path().join("grpc.sock");
+    // The test plays systemd: it owns the listening socket.
+    let listener = UnixListener::bind(&socket).unwrap();
+    let activate = || {
+        let fd = listener.as_raw_fd();
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(bin("reapd"))
+            .arg("--grpc-socket")
+            .arg(dir.path().join("unused.sock"))
+            .arg("--policy")
+            .arg(&policy_path)
+            .args(["--idle-exit-secs=1", "--idle-timeout-ms=300"])
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "grpc")
+            .env("REAPD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("reapd.log")).unwrap());
+        // SAFETY: dup2/fcntl only, before exec.
+        unsafe {
+            command.pre_exec(move || {
+                if fd == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.spawn().unwrap()
+    };
+    let wait_exit = |child: &mut Child, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    };
+    // Cold: the client connects while no broker runs; the broker starts.
+    let t = Instant::now();
+    let mut broker = activate();
+    let mut client = reapd_client::blocking::Client::connect(&socket).unwrap();
+    client.capabilities().unwrap();
+    let cold = t.elapsed();
+    // Held and idle well past the idle exit (1 s) and the timeout (0.3 s).
+    assert!(
+        wait_exit(&mut broker, Duration::from_secs(3)).is_none(),
+        "the broker exited under a held connection"
+    );
+    let t = Instant::now();
+    client.capabilities().unwrap();
+    let warm = t.elapsed();
+    assert_eq!(client.reconnects(), 0);
+    eprintln!("first call with a broker start (cold): {cold:?}; on the held connection after 3 s idle: {warm:?}");
+    drop(client);
+    let status = wait_exit(&mut broker, Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "no idle exit once the client left");
+}
