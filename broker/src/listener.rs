@@ -134,8 +134,8 @@ impl ConnectionCounter {
         if per_uid >= limits.max_per_uid {
             return Err(Refused::PerUid);
         }
-        let ordinary_room = inner.connections < limits.max_total - reserved
-            && inner.fds + weight <= limits.max_fds - reserved_fds;
+        let ordinary_room =
+            inner.connections < limits.max_total - reserved && inner.fds + weight <= limits.max_fds - reserved_fds;
         let refused = if ordinary_room {
             None
         } else if inner.connections >= limits.max_total {

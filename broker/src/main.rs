@@ -373,7 +373,13 @@ fn main() -> ExitCode {
                 None => Ok(()),
             }
         };
-        let grpc = reapd::grpc::serve(listener, Arc::clone(&engine), grpc_config, Arc::clone(&counter), stopped());
+        let grpc = reapd::grpc::serve(
+            listener,
+            Arc::clone(&engine),
+            grpc_config,
+            Arc::clone(&counter),
+            stopped(),
+        );
         // gRPC waits for its clients to close after GOAWAY; one that never
         // does (a blocking client between calls) must not hold up the stop.
         let grace_rx = stop_rx_for_grace;

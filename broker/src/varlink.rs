@@ -319,7 +319,8 @@ impl MessageFds {
             .and_then(|i| self.fds.get_mut(i))
             .and_then(Option::take)
             .ok_or_else(|| VarlinkError::invalid_parameter(parameter))?;
-        slot.into_pidfd().ok_or_else(|| VarlinkError::invalid_parameter(parameter))
+        slot.into_pidfd()
+            .ok_or_else(|| VarlinkError::invalid_parameter(parameter))
     }
 
     pub fn len(&self) -> usize {
@@ -392,12 +393,7 @@ fn target_of(
 }
 
 /// Answers one call: the reply parameters, or the error to send.
-async fn dispatch(
-    engine: &Engine,
-    caller: &Caller,
-    call: &Call,
-    fds: &mut MessageFds,
-) -> Result<Value, VarlinkError> {
+async fn dispatch(engine: &Engine, caller: &Caller, call: &Call, fds: &mut MessageFds) -> Result<Value, VarlinkError> {
     let (interface, name) = match call.method.rsplit_once('.') {
         Some((interface, name)) if !interface.is_empty() && !name.is_empty() => (interface, name),
         _ => {
@@ -721,7 +717,7 @@ async fn serve_connection(
     // The slow-loris deadline: set until the first call completes, and
     // while a message is incomplete; an idle connection between calls has
     // none.
-    let mut deadline = Some(tokio::time::Instant::from(accepted_at) + idle_timeout);
+    let mut deadline = Some(accepted_at + idle_timeout);
     loop {
         if *shutdown.borrow() {
             return;

@@ -352,7 +352,7 @@ impl Client {
         let request = pb::CheckPermissionRequest {
             target: Some(target.into()),
         };
-        let reply = match self.inner.check_permission(request.clone()).await {
+        let reply = match self.inner.check_permission(request).await {
             Err(status) if is_transport_failure(&status) => {
                 self.reconnect().await?;
                 self.inner.check_permission(request).await?

@@ -101,7 +101,12 @@ fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[&OwnedFd]) {
             std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(cmsg) as *mut i32, raw.len());
         }
         let sent = libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
-        assert_eq!(sent, bytes.len() as isize, "sendmsg: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            sent,
+            bytes.len() as isize,
+            "sendmsg: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -279,7 +284,9 @@ fn pipelined_varlink_calls_keep_their_own_fds() {
         );
         send_with_fds(
             &stream,
-            &message(json!({"method": "io.reapd.Reaper.KillAndReap", "parameters": {"pidfd": 0, "waitForExitMs": 5000}})),
+            &message(
+                json!({"method": "io.reapd.Reaper.KillAndReap", "parameters": {"pidfd": 0, "waitForExitMs": 5000}}),
+            ),
             &[&pidfd],
         );
         let first = read_reply(&mut stream).expect("reply to the blocking kill");
@@ -373,7 +380,10 @@ fn long_lived_clients_outlive_every_timeout_and_a_restart() {
     let varlink = dir.path().join("io.reapd.Reaper");
     let mut broker = spawn_reapd(dir.path(), &policy_path, "first.log", &["--idle-timeout-ms", "300"]);
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut async_client = runtime.block_on(reapd_client::Client::connect(&grpc)).unwrap();
     let mut blocking = reapd_client::blocking::Client::connect(&grpc).unwrap();
     let mut vclient = VarlinkClient::connect(&varlink).unwrap();
@@ -383,7 +393,9 @@ fn long_lived_clients_outlive_every_timeout_and_a_restart() {
     let call_all = |async_client: &mut reapd_client::Client,
                     blocking: &mut reapd_client::blocking::Client,
                     vclient: &mut VarlinkClient| {
-        runtime.block_on(async_client.capabilities()).expect("async gRPC client");
+        runtime
+            .block_on(async_client.capabilities())
+            .expect("async gRPC client");
         blocking.capabilities().expect("blocking gRPC client");
         vclient.capabilities().expect("varlink client");
     };
@@ -399,7 +411,10 @@ fn long_lived_clients_outlive_every_timeout_and_a_restart() {
     call_all(&mut async_client, &mut blocking, &mut vclient);
     raw.write_all(&caps).unwrap();
     assert!(read_reply(&mut raw).is_some(), "the idle raw connection was closed");
-    assert_eq!(blocking.reconnects() + vclient.reconnects() + async_client.reconnects(), 0);
+    assert_eq!(
+        blocking.reconnects() + vclient.reconnects() + async_client.reconnects(),
+        0
+    );
 
     // Restart between calls.
     let stopped_in = sigterm_and_wait(&mut broker);
@@ -509,7 +524,11 @@ fn a_check_flood_never_crowds_out_kill_records() {
             .expect("kill");
     }
     let checks: u64 = flood.into_iter().map(|t| t.join().unwrap()).sum();
-    assert!(wait_for_log(&broker.log, "event=\"check_suppressed\"", Duration::from_secs(5)));
+    assert!(wait_for_log(
+        &broker.log,
+        "event=\"check_suppressed\"",
+        Duration::from_secs(5)
+    ));
     let log = broker.log_text();
     for v in &victims {
         let pid = format!("target_pid={} ", v.pid);
@@ -562,7 +581,11 @@ fn a_connection_flood_leaves_room_for_root_and_grantees() {
     let mut children: Vec<Child> = (0..7u32)
         .map(|i| {
             let mut command = Command::new("python3");
-            command.arg("-c").arg(script).arg(socket(&broker)).stdout(Stdio::piped());
+            command
+                .arg("-c")
+                .arg(script)
+                .arg(socket(&broker))
+                .stdout(Stdio::piped());
             spawn_as(Creds::uid(61300 + i), &mut command)
         })
         .collect();
@@ -575,10 +598,18 @@ fn a_connection_flood_leaves_room_for_root_and_grantees() {
     // An ordinary uid is refused: the connection is closed at once.
     let ordinary = reapd_e2e::run_as(
         Creds::uid(A),
-        Command::new(bin("reapctl")).arg("--varlink").arg("--socket").arg(socket(&broker)).arg("caps"),
+        Command::new(bin("reapctl"))
+            .arg("--varlink")
+            .arg("--socket")
+            .arg(socket(&broker))
+            .arg("caps"),
     );
     assert_ne!(ordinary.status.code(), Some(0), "an ordinary uid got a reserved slot");
-    assert!(wait_for_log(&broker.log, "over the connection limit", Duration::from_secs(2)));
+    assert!(wait_for_log(
+        &broker.log,
+        "over the connection limit",
+        Duration::from_secs(2)
+    ));
     // Root and the grantee are served, fast: connect, call, answer.
     let target = victim(Creds::uid(A), 0);
     let t = Instant::now();
@@ -597,10 +628,18 @@ fn a_connection_flood_leaves_room_for_root_and_grantees() {
     let t = Instant::now();
     let out = reapd_e2e::run_as(Creds::uid(GRANTED), &mut command);
     let granted_took = t.elapsed();
-    assert_eq!(out.status.code(), Some(0), "grantee: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "grantee: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("with the ordinary capacity full: root served in {root_took:?}, the grantee (reapctl, process start included) in {granted_took:?}");
     assert!(root_took < Duration::from_millis(100), "root took {root_took:?}");
-    assert!(granted_took < Duration::from_millis(100), "grantee took {granted_took:?}");
+    assert!(
+        granted_took < Duration::from_millis(100),
+        "grantee took {granted_took:?}"
+    );
     for mut child in children {
         let _ = child.kill();
         let _ = child.wait();
@@ -697,7 +736,11 @@ fn a_fuse_fd_that_never_flushes_costs_only_its_sender() {
         // The closes hang where they should: on closer threads, in the kernel.
         let deadline = Instant::now() + Duration::from_secs(5);
         while threads_blocked(broker.pid(), "reapd-closer") < budget {
-            assert!(Instant::now() < deadline, "closer threads: {}", threads_blocked(broker.pid(), "reapd-closer"));
+            assert!(
+                Instant::now() < deadline,
+                "closer threads: {}",
+                threads_blocked(broker.pid(), "reapd-closer")
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         // Another uid, both transports: served within 100 ms.
@@ -875,5 +918,9 @@ fn a_held_connection_keeps_a_socket_activated_broker_warm() {
     eprintln!("first call with a broker start (cold): {cold:?}; on the held connection after 3 s idle: {warm:?}");
     drop(client);
     let status = wait_exit(&mut broker, Duration::from_secs(10));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "no idle exit once the client left");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "no idle exit once the client left"
+    );
 }

@@ -129,7 +129,9 @@ fn serve(dev: std::fs::File, uid: u32) -> ! {
 fn send(mountdir: &str, socket: &str, uid: u32, calls: usize) -> ! {
     // SAFETY: plain credential syscalls in a single-threaded child.
     let ok = unsafe {
-        libc::setgroups(0, std::ptr::null()) == 0 && libc::setresgid(uid, uid, uid) == 0 && libc::setresuid(uid, uid, uid) == 0
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(uid, uid, uid) == 0
+            && libc::setresuid(uid, uid, uid) == 0
     };
     if !ok {
         println!("SKIP: cannot become uid {uid}");
@@ -166,7 +168,10 @@ fn send(mountdir: &str, socket: &str, uid: u32, calls: usize) -> ! {
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
             std::ptr::copy_nonoverlapping(&fd, libc::CMSG_DATA(cmsg) as *mut i32, 1);
-            assert_eq!(libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL), message.len() as isize);
+            assert_eq!(
+                libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL),
+                message.len() as isize
+            );
         }
         let mut data = Vec::new();
         let mut byte = [0u8; 1];
@@ -207,7 +212,14 @@ fn main() {
             skip(&format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
         }
         let root = CString::new("/").unwrap();
-        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
             skip(&format!("making / private: {}", std::io::Error::last_os_error()));
         }
     }
