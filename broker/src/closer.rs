@@ -236,9 +236,9 @@ mod tests {
         let _b = closer.reserve(2, 1, false).unwrap();
         // 3 of the 3 ordinary units are taken; the reserve is for privileged.
         assert!(matches!(closer.reserve(3, 1, false), Err(BudgetError::Total { .. })));
-        let _c = closer.reserve(0, 2, true).unwrap();
+        let c = closer.reserve(0, 2, true).unwrap();
         assert_eq!(closer.pending_total(), 5);
-        drop(a);
+        drop((a, c));
         assert_eq!(closer.pending(1), 0);
         assert!(closer.reserve(3, 1, false).is_ok());
     }
