@@ -18,8 +18,11 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 export CARGO_TERM_COLOR=never
 LOGS=$(mktemp -d /tmp/reapd-test.XXXXXX)
-# Tests that skip a precondition append a line here (reapd_e2e::skip).
+# Tests that skip a precondition append "SKIP: ..." here (reapd_e2e::skip
+# and the resilience tests); the summary counts and prints them, so a skip
+# is never a silent pass.
 export REAPD_SKIP_LOG=$LOGS/skips.txt
+export REAPD_SKIP_FILE=$REAPD_SKIP_LOG
 : >"$REAPD_SKIP_LOG"
 PASSED=0
 FAILED=0
@@ -97,8 +100,7 @@ fi
 echo
 echo "=== summary (logs in $LOGS)"
 printf '%s\n' "${SUITES[@]}"
-SKIPS=$(wc -l <"$REAPD_SKIP_LOG")
-echo "skipped: $SKIPS"
+echo "skipped: $(wc -l <"$REAPD_SKIP_LOG")"
 sed 's/^/  /' "$REAPD_SKIP_LOG"
 echo "wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
 echo "total: $PASSED passed, $FAILED failed"

@@ -5,7 +5,9 @@
 //! Request flow: Caller → Target (pin by pidfd) → Policy → Limits → Reaper →
 //! Audit. Every decision and every outcome is audited exactly once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -73,6 +75,94 @@ pub struct Engine {
     limits: ArcSwap<KillLimits>,
     limiter: Arc<Limiter>,
     broker: BrokerFacts,
+    /// Kill tasks started and not yet audited; shutdown waits for them.
+    kills: Arc<KillTracker>,
+    /// Per-uid rate limit on CheckPermission audit records.
+    check_audit: CheckAuditGate,
+}
+
+/// Counts kill tasks in flight so shutdown can wait for each one to finish
+/// and write its outcome record.
+#[derive(Debug, Default)]
+struct KillTracker {
+    running: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// Held by one kill task; uncounted (and shutdown woken) on drop, whatever
+/// way the task ends.
+struct KillGuard(Arc<KillTracker>);
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        self.0.done.notify_waiters();
+    }
+}
+
+/// CheckPermission records logged per caller uid per second; beyond this
+/// they are counted and summarised in one `check_suppressed` record, so a
+/// check loop can never push kill records out of journald's rate limit.
+pub const CHECK_AUDIT_PER_SECOND: u32 = 20;
+
+#[derive(Debug, Default)]
+struct CheckAuditGate {
+    windows: Mutex<HashMap<u32, CheckWindow>>,
+}
+
+#[derive(Debug)]
+struct CheckWindow {
+    started: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl CheckAuditGate {
+    /// Whether this check record may be written; writes the summary of the
+    /// previous window first when one is due.
+    fn admit(&self, uid: u32) -> bool {
+        let now = Instant::now();
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let window = windows.entry(uid).or_insert(CheckWindow {
+            started: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(window.started) >= Duration::from_secs(1) {
+            if window.suppressed > 0 {
+                audit_check_summary(uid, window.suppressed, now.duration_since(window.started));
+            }
+            *window = CheckWindow {
+                started: now,
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if window.logged < CHECK_AUDIT_PER_SECOND {
+            window.logged += 1;
+            true
+        } else {
+            window.suppressed += 1;
+            false
+        }
+    }
+
+    /// Writes the summary of every window that is over (all of them when
+    /// `all`, at shutdown) and forgets idle uids.
+    fn flush(&self, all: bool) {
+        let now = Instant::now();
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        windows.retain(|uid, window| {
+            let over = all || now.duration_since(window.started) >= Duration::from_secs(1);
+            if !over {
+                return true;
+            }
+            if window.suppressed > 0 {
+                audit_check_summary(*uid, window.suppressed, now.duration_since(window.started));
+            }
+            false
+        });
+    }
 }
 
 impl Engine {
@@ -88,7 +178,61 @@ impl Engine {
                 cap_kill,
                 own_uids: [rustix::process::getuid().as_raw(), rustix::process::geteuid().as_raw()],
             },
+            kills: Arc::default(),
+            check_audit: CheckAuditGate::default(),
         }
+    }
+
+    /// Whether a peer known only by its SO_PEERCRED/SO_PEERGROUPS ids may
+    /// use the capacity held in reserve: root, or a uid or group that an
+    /// allow rule for kill-and-reap names explicitly. Read-only, no /proc:
+    /// it runs before a connection is counted. Rules naming callers by
+    /// cgroup or unit do not count (those facts need /proc, and can be
+    /// forged inside delegated subtrees).
+    pub fn holds_kill_grant(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let policy = self.policy.load();
+        policy.rules().iter().any(|rule| {
+            !rule.deny
+                && rule.kill
+                && !rule.caller.any
+                && (rule.caller.uids.iter().any(|s| s.lo <= uid && uid <= s.hi)
+                    || rule
+                        .caller
+                        .gids
+                        .iter()
+                        .any(|s| std::iter::once(&gid).chain(groups).any(|g| s.lo <= *g && *g <= s.hi)))
+        })
+    }
+
+    /// Kill tasks in flight (started, outcome not yet audited).
+    pub fn kills_in_flight(&self) -> usize {
+        self.kills.running.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every kill task in flight has written its outcome record,
+    /// or `timeout` passes; true if none is left. Called at shutdown after
+    /// the transports stopped accepting calls.
+    pub async fn drain_kills(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.kills.done.notified();
+            if self.kills_in_flight() == 0 {
+                self.check_audit.flush(true);
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.kills_in_flight() == 0;
+            }
+        }
+    }
+
+    /// Writes the `check_suppressed` summaries that are due; main calls it
+    /// every second so a summary never waits for the uid's next check.
+    pub fn flush_audit_summaries(&self) {
+        self.check_audit.flush(false);
     }
 
     pub fn features(&self) -> &Arc<KernelFeatures> {
@@ -160,7 +304,9 @@ impl Engine {
         let target = match pinned {
             Ok(target) => target,
             Err(err) => {
-                audit_refusal("check", caller, &err, started);
+                if self.check_audit.admit(caller.uid) {
+                    audit_refusal("check", caller, &err, started);
+                }
                 return Err(err);
             }
         };
@@ -168,11 +314,15 @@ impl Engine {
         // this target (the `check` grant), and would the kill be allowed.
         let policy = self.policy.load();
         if let Some(refusal) = policy.check_refusal(caller, &target) {
-            audit_decision("check", caller, &target, &refusal, started);
+            if self.check_audit.admit(caller.uid) {
+                audit_decision("check", caller, &target, &refusal, started);
+            }
             return Err(EngineError::PermissionDenied(refusal.reason));
         }
         let decision = self.decide(&policy, caller, &target);
-        audit_decision("check", caller, &target, &decision, started);
+        if self.check_audit.admit(caller.uid) {
+            audit_decision("check", caller, &target, &decision, started);
+        }
         Ok(PermissionReport { decision, target })
     }
 
@@ -191,17 +341,25 @@ impl Engine {
         let decision = self.decide(&policy, caller, &target);
         let policy_reap_delay = policy.reap_delay;
         drop(policy);
-        audit_decision("kill", caller, &target, &decision, started);
         if !decision.allowed {
+            audit_decision("kill", caller, &target, &decision, started);
             return Err(EngineError::PermissionDenied(decision.reason));
         }
+        // The one decision record is written after the limiter, with the
+        // final verdict: allowed by the policy but over the rate is a refusal.
         let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
             Ok(slot) => slot,
             Err(err) => {
-                audit_refusal("kill", caller, &err, started);
+                let limited = Decision {
+                    allowed: false,
+                    rule: "rate-limit".into(),
+                    reason: format!("{} ({} allows it)", err, decision.rule),
+                };
+                audit_decision("kill", caller, &target, &limited, started);
                 return Err(err);
             }
         };
+        audit_decision("kill", caller, &target, &decision, started);
 
         // Past this point the kill happens and is audited even if the client
         // hangs up: the work runs in its own task, which the transport's
@@ -216,8 +374,13 @@ impl Engine {
         };
         let audit_caller = CallerSummary::of(caller);
         let rule = decision.rule;
+        self.kills.running.fetch_add(1, Ordering::SeqCst);
+        let tracked = KillGuard(Arc::clone(&self.kills));
         let work = tokio::spawn(async move {
             let _in_flight = in_flight;
+            // Dropped when the task ends, after its outcome record: shutdown
+            // waits for it.
+            let _tracked = tracked;
             let (target, reaped) = run_blocking(move || {
                 let report = reaper::kill_and_reap(&target, path, options);
                 Ok((target, report))
@@ -349,8 +512,12 @@ impl Engine {
         let features = Arc::clone(&self.features);
         let caller = Arc::clone(caller);
         let broker = self.broker;
+        self.kills.running.fetch_add(1, Ordering::SeqCst);
+        let tracked = KillGuard(Arc::clone(&self.kills));
         let work = tokio::spawn(async move {
             let _in_flight = in_flight;
+            // Shutdown waits for this group's outcome record too.
+            let _tracked = tracked;
             let audit_caller = CallerSummary::of(&caller);
             let report = run_blocking(move || {
                 let ns = ns
@@ -524,6 +691,18 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) 
         reap_retries = report.reap.reap_retries,
         exited = report.exited,
         elapsed_us = started.elapsed().as_micros() as u64,
+    );
+}
+
+fn audit_check_summary(uid: u32, suppressed: u64, window: Duration) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event = "check_suppressed",
+        action = "check",
+        caller_uid = uid,
+        suppressed,
+        window_ms = window.as_millis() as u64,
+        limit_per_second = CHECK_AUDIT_PER_SECOND,
     );
 }
 

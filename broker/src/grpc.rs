@@ -19,7 +19,7 @@ use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequ
 use crate::error::EngineError;
 use crate::features::KillPath;
 use crate::group::{GroupReport, GroupSpec};
-use crate::listener::{self, ConnectionCounter, ConnectionLimits, PeerStream};
+use crate::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
 use crate::procfs::Memory;
 use crate::reaper::Outcome;
 use crate::target::{TargetProcess, TargetSpec};
@@ -28,10 +28,20 @@ use crate::target::{TargetProcess, TargetSpec};
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 impl Connected for PeerStream {
-    type ConnectInfo = Arc<Caller>;
+    type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        Arc::clone(self.caller())
+        self.info().clone()
     }
+}
+
+/// Marks the connection as having carried a request, which turns its
+/// slow-loris timer off (see [`PeerStream`]). Runs for every service on the
+/// socket (health checks and reflection included).
+fn mark_served<B>(request: tonic::codegen::http::Request<B>) -> tonic::codegen::http::Request<B> {
+    if let Some(info) = request.extensions().get::<PeerInfo>() {
+        info.served.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    request
 }
 
 pub struct GrpcReaper {
@@ -41,8 +51,8 @@ pub struct GrpcReaper {
 fn caller_of<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
     request
         .extensions()
-        .get::<Arc<Caller>>()
-        .cloned()
+        .get::<PeerInfo>()
+        .map(|info| Arc::clone(&info.caller))
         .ok_or_else(|| Status::internal("connection has no caller identity"))
 }
 
@@ -287,7 +297,7 @@ impl Reaper for GrpcReaper {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     engine: Arc<Engine>,
-    limits: ConnectionLimits,
+    config: AcceptConfig,
     counter: Arc<ConnectionCounter>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -305,11 +315,11 @@ pub async fn serve(
         .max_encoding_message_size(64 * 1024);
 
     let (sender, receiver) = mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
-    let idle = limits.idle_timeout;
+    let idle = config.limits.idle_timeout;
     let acceptor = tokio::spawn(listener::accept_loop(
         listener,
         features,
-        limits,
+        config,
         counter,
         move |accepted| {
             match sender.try_send(Ok(PeerStream::new(accepted, idle))) {
@@ -322,7 +332,12 @@ pub async fn serve(
     ));
     // Shutdown stops the acceptor, not the server: connections already
     // accepted (queued in the channel, or still being identified) are then
-    // drained, the channel closes, and tonic finishes every call in flight.
+    // drained, the channel closes, and tonic sends GOAWAY on every
+    // connection, finishes the calls in flight and waits for the clients to
+    // close. A client that never does (a blocking client whose runtime is
+    // not running between calls) is bounded by the caller: main stops
+    // waiting after its grace period. A kill in flight is not lost either
+    // way: it runs in its own task, which main waits for.
     // Under socket activation nothing is lost: connections not yet accepted
     // stay in the socket, which systemd keeps.
     tokio::spawn(async move {
@@ -336,6 +351,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .timeout(Duration::from_secs(30))
+        .layer(tower::util::MapRequestLayer::new(mark_served))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reaper)

@@ -3,6 +3,7 @@
 //!
 //! Layout, in the order a request flows through it:
 //! - [`listener`]: Unix sockets, per-connection caller identity, connection caps.
+//! - [`closer`]: received fds closed off the executor, with per-uid budgets.
 //! - [`caller`]: who is asking (SO_PEERCRED, SO_PEERGROUPS, SO_PEERPIDFD).
 //! - [`target`]: which process, pinned by a pidfd before any check.
 //! - [`policy`]: may this caller kill this target, and why.
@@ -20,6 +21,7 @@
 pub mod caller;
 pub mod candidates;
 pub mod cgroup;
+pub mod closer;
 pub mod engine;
 pub mod error;
 pub mod features;

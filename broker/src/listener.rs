@@ -1,10 +1,13 @@
-//! Unix-socket listening shared by every transport: binding, identifying each
-//! peer at accept, connection caps (in total and per uid) and an idle
-//! timeout per connection.
+//! Unix-socket listening shared by every transport: binding, connection caps
+//! (in total, per uid, and in file descriptors, with a reserve for
+//! privileged callers), identifying each peer, and the slow-loris timer.
 //!
-//! A peer over its caps is closed at once, before it costs a task; a peer
-//! that stops sending is dropped when its idle timer fires. Neither affects
-//! any other connection.
+//! Caps are checked first, from SO_PEERCRED alone (one getsockopt on the
+//! accepting thread); the peer's /proc identification runs only for a
+//! connection that got a slot. A peer over its caps is closed at once,
+//! before it costs a task. A connection that has not completed a request is
+//! closed when its timer fires; one that has is served for as long as it
+//! stays open (an OOM manager holds one connection for days).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,8 +31,20 @@ use crate::features::KernelFeatures;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
+    /// Connections open at once, all callers together.
     pub max_total: usize,
+    /// Connections open at once from one uid.
     pub max_per_uid: usize,
+    /// File descriptors connections may hold, all together: the socket
+    /// itself plus, on varlink, the fds of a call being received.
+    pub max_fds: usize,
+    /// Of `max_total` (and of `max_fds`, times the largest weight), the part
+    /// only root and callers holding a kill grant may use, so they are served
+    /// while ordinary uids are at their caps.
+    pub reserved: usize,
+    /// How long a connection may take to complete its first request, or a
+    /// request it has started; an idle connection that completed one has no
+    /// timer.
     pub idle_timeout: Duration,
 }
 
@@ -38,15 +53,25 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             max_total: 4096,
             max_per_uid: 256,
+            max_fds: 4096 * 5,
+            reserved: 64,
             idle_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// Counts open connections, in total and per caller uid.
+/// Counts open connections and the fds they may hold, in total and per
+/// caller uid.
 #[derive(Debug, Default)]
 pub struct ConnectionCounter {
-    inner: Mutex<(usize, HashMap<u32, usize>)>,
+    inner: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    connections: usize,
+    fds: usize,
+    by_uid: HashMap<u32, usize>,
 }
 
 /// One counted connection; uncounted on drop.
@@ -54,40 +79,103 @@ pub struct ConnectionCounter {
 pub struct ConnectionSlot {
     counter: Arc<ConnectionCounter>,
     uid: u32,
+    weight: usize,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut inner = self.counter.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.0 = inner.0.saturating_sub(1);
-        if let Some(count) = inner.1.get_mut(&self.uid) {
+        inner.connections = inner.connections.saturating_sub(1);
+        inner.fds = inner.fds.saturating_sub(self.weight);
+        if let Some(count) = inner.by_uid.get_mut(&self.uid) {
             *count -= 1;
             if *count == 0 {
-                inner.1.remove(&self.uid);
+                inner.by_uid.remove(&self.uid);
             }
         }
     }
 }
 
-impl ConnectionCounter {
-    fn try_acquire(self: &Arc<Self>, uid: u32, limits: &ConnectionLimits) -> Option<ConnectionSlot> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let per_uid = inner.1.get(&uid).copied().unwrap_or(0);
-        if inner.0 >= limits.max_total || per_uid >= limits.max_per_uid {
-            return None;
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    PerUid,
+    Total,
+    Fds,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::PerUid => "per-uid connection limit",
+            Refused::Total => "connection limit",
+            Refused::Fds => "file descriptor budget",
         }
-        inner.0 += 1;
-        *inner.1.entry(uid).or_insert(0) += 1;
-        Some(ConnectionSlot {
+    }
+}
+
+impl ConnectionCounter {
+    /// Takes a slot for a connection of `uid` that may hold `weight` fds.
+    /// `privileged` is asked only when the ordinary capacity is used up, so
+    /// the common case costs one lock.
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        uid: u32,
+        weight: usize,
+        limits: &ConnectionLimits,
+        privileged: impl FnOnce() -> bool,
+    ) -> Result<ConnectionSlot, Refused> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let per_uid = inner.by_uid.get(&uid).copied().unwrap_or(0);
+        let reserved = limits.reserved.min(limits.max_total);
+        let reserved_fds = (reserved * weight).min(limits.max_fds);
+        // The per-uid cap applies to everyone: a caller at its own cap did
+        // it to itself. The reserve is about what other uids can take.
+        if per_uid >= limits.max_per_uid {
+            return Err(Refused::PerUid);
+        }
+        let ordinary_room =
+            inner.connections < limits.max_total - reserved && inner.fds + weight <= limits.max_fds - reserved_fds;
+        let refused = if ordinary_room {
+            None
+        } else if inner.connections >= limits.max_total {
+            Some(Refused::Total)
+        } else if inner.fds + weight > limits.max_fds {
+            Some(Refused::Fds)
+        } else if privileged() {
+            // Within the reserve: root and kill grantees only.
+            None
+        } else if inner.connections >= limits.max_total - reserved {
+            Some(Refused::Total)
+        } else {
+            Some(Refused::Fds)
+        };
+        if let Some(why) = refused {
+            return Err(why);
+        }
+        inner.connections += 1;
+        inner.fds += weight;
+        *inner.by_uid.entry(uid).or_insert(0) += 1;
+        Ok(ConnectionSlot {
             counter: Arc::clone(self),
             uid,
+            weight,
         })
     }
 
     pub fn open(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).connections
+    }
+
+    /// Fds the open connections may hold (their budgeted weight).
+    pub fn fds(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).fds
     }
 }
+
+/// Decides whether a peer, known by its SO_PEERCRED uid and gid and its
+/// SO_PEERGROUPS, may use the reserve (see [`crate::engine::Engine::holds_kill_grant`]).
+pub type PrivilegedCheck = Arc<dyn Fn(u32, u32, &[u32]) -> bool + Send + Sync>;
 
 /// Binds a Unix socket at `path` with `mode`, creating the directory if
 /// missing and replacing a stale socket file (one nobody listens on).
@@ -127,22 +215,46 @@ pub struct Accepted {
     pub stream: UnixStream,
     pub caller: Arc<Caller>,
     pub slot: ConnectionSlot,
+    /// Root or a kill grantee (see [`PrivilegedCheck`]).
+    pub privileged: bool,
+    /// When it was accepted: the slow-loris timer starts here.
+    pub accepted_at: Instant,
+}
+
+/// What the accept loop needs from its transport.
+#[derive(Clone)]
+pub struct AcceptConfig {
+    pub limits: ConnectionLimits,
+    /// Fds one connection of this transport may hold (socket included).
+    pub weight: usize,
+    pub privileged: PrivilegedCheck,
+}
+
+fn peer_ids(stream: &UnixStream) -> Option<(u32, u32, Vec<u32>)> {
+    // Our own SO_PEERCRED wrapper: rustix's `UCred` holds a non-zero pid,
+    // and a peer outside our pid namespace has pid 0.
+    let (_, uid, gid) = crate::sys::peer_cred(stream.as_fd()).ok()?;
+    let groups = crate::sys::peer_groups(stream.as_fd()).unwrap_or_default();
+    Some((uid, gid, groups))
 }
 
 /// Accepts connections until `deliver` returns false (the transport is
-/// shutting down), identifying each peer and enforcing the connection caps;
+/// shutting down), enforcing the connection caps and identifying each peer;
 /// `deliver` receives the accepted ones.
 ///
-/// Identification reads /proc, which can block, so it runs on the blocking
-/// pool, one task per new connection: a peer that is slow to identify never
-/// holds up the accept of the next one.
+/// The caps are checked on the accepting task from SO_PEERCRED alone, so a
+/// flood over its caps costs two getsockopt calls and a close per
+/// connection. Identification reads /proc, which can block, so it runs on
+/// the blocking pool, one task per counted connection: a peer that is slow
+/// to identify never holds up the accept of the next one.
 pub async fn accept_loop(
     listener: UnixListener,
     features: Arc<KernelFeatures>,
-    limits: ConnectionLimits,
+    config: AcceptConfig,
     counter: Arc<ConnectionCounter>,
     deliver: impl Fn(Accepted) -> bool + Send + Sync + 'static,
 ) {
+    let limits = config.limits;
     let deliver = Arc::new(deliver);
     let stopped = Arc::new(AtomicBool::new(false));
     while !stopped.load(Ordering::Relaxed) {
@@ -155,12 +267,29 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let (features, counter, deliver, stopped) = (
-            Arc::clone(&features),
-            Arc::clone(&counter),
-            Arc::clone(&deliver),
-            Arc::clone(&stopped),
-        );
+        let accepted_at = Instant::now();
+        let Some((uid, gid, groups)) = peer_ids(&stream) else {
+            tracing::debug!("no SO_PEERCRED for a new connection; closing it");
+            continue;
+        };
+        let mut privileged = None;
+        let mut is_privileged = || *privileged.get_or_insert_with(|| (config.privileged)(uid, gid, &groups));
+        let slot = match counter.try_acquire(uid, config.weight, &limits, &mut is_privileged) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::warn!(
+                    caller_uid = uid,
+                    limit = why.as_str(),
+                    open = counter.open(),
+                    fds = counter.fds(),
+                    "connection refused: over the {}",
+                    why.as_str()
+                );
+                continue;
+            }
+        };
+        let privileged = is_privileged();
+        let (features, deliver, stopped) = (Arc::clone(&features), Arc::clone(&deliver), Arc::clone(&stopped));
         tokio::spawn(async move {
             let identified = tokio::task::spawn_blocking(move || {
                 let caller = Caller::from_socket(stream.as_fd(), &features);
@@ -177,19 +306,12 @@ pub async fn accept_loop(
                     return;
                 }
             };
-            let Some(slot) = counter.try_acquire(caller.uid, &limits) else {
-                tracing::warn!(
-                    caller_uid = caller.uid,
-                    caller_pid = caller.pid,
-                    open = counter.open(),
-                    "connection limit reached; closing the new connection"
-                );
-                return;
-            };
             if !deliver(Accepted {
                 stream,
                 caller: Arc::new(caller),
                 slot,
+                privileged,
+                accepted_at,
             }) {
                 stopped.store(true, Ordering::Relaxed);
             }
@@ -197,15 +319,26 @@ pub async fn accept_loop(
     }
 }
 
+/// What a gRPC request learns about its connection: who is calling, and a
+/// flag the request sets to say the connection has carried a request.
+#[derive(Clone)]
+pub struct PeerInfo {
+    pub caller: Arc<Caller>,
+    pub served: Arc<AtomicBool>,
+}
+
 pin_project! {
-    /// A connection with its caller and an idle timer: reads reset it, and
-    /// when it fires the next read fails, which closes the connection.
+    /// A connection with its caller and a slow-loris timer: until the
+    /// connection has carried a request, reads reset the timer, and when it
+    /// fires the next read fails, which closes the connection. Once a
+    /// request arrived (`served`), the timer is off: HTTP/2 keepalive pings
+    /// find dead peers, and the per-uid cap bounds live ones.
     pub struct PeerStream {
         #[pin]
         stream: UnixStream,
         idle: Pin<Box<Sleep>>,
         idle_timeout: Duration,
-        caller: Arc<Caller>,
+        info: PeerInfo,
         _slot: ConnectionSlot,
     }
 }
@@ -214,15 +347,18 @@ impl PeerStream {
     pub fn new(accepted: Accepted, idle_timeout: Duration) -> Self {
         PeerStream {
             stream: accepted.stream,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle: Box::pin(tokio::time::sleep_until(accepted.accepted_at + idle_timeout)),
             idle_timeout,
-            caller: accepted.caller,
+            info: PeerInfo {
+                caller: accepted.caller,
+                served: Arc::new(AtomicBool::new(false)),
+            },
             _slot: accepted.slot,
         }
     }
 
-    pub fn caller(&self) -> &Arc<Caller> {
-        &self.caller
+    pub fn info(&self) -> &PeerInfo {
+        &self.info
     }
 }
 
@@ -239,6 +375,7 @@ impl AsyncRead for PeerStream {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending if this.info.served.load(Ordering::Relaxed) => Poll::Pending,
             Poll::Pending => match this.idle.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle"))),
                 Poll::Pending => Poll::Pending,

@@ -10,7 +10,16 @@ use std::time::Duration;
 use clap::Parser;
 use reapd::engine::Engine;
 use reapd::features::KernelFeatures;
-use reapd::listener::{self, ConnectionCounter, ConnectionLimits};
+use reapd::listener::{self, AcceptConfig, ConnectionCounter, ConnectionLimits};
+
+/// Descriptors the broker keeps for itself (listeners, journal, /proc reads
+/// on the blocking pool, pidfds of targets).
+const OWN_FDS: usize = 128;
+
+/// After SIGTERM and the kills in flight, how long gRPC connections may take
+/// to close after GOAWAY. A blocking client idle between calls never
+/// answers (its runtime is not running), so this bounds the stop.
+const GRPC_LINGER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,9 +41,18 @@ struct Args {
     /// Most connections open at once from one uid.
     #[arg(long, default_value_t = 256)]
     max_connections_per_uid: usize,
-    /// Close a connection after this many seconds without a byte from it.
+    /// Of --max-connections, how many only root and callers that a policy
+    /// rule grants kill-and-reap by uid or group may use.
+    #[arg(long, default_value_t = 64)]
+    reserved_connections: usize,
+    /// Slow-loris timer: close a connection that has not completed its
+    /// first call, or a call it started, within this many seconds. A
+    /// connection idle between calls is never closed by the broker.
     #[arg(long, default_value_t = 60)]
     idle_timeout_secs: u64,
+    /// The same in milliseconds (wins over --idle-timeout-secs; for tests).
+    #[arg(long, value_name = "MS")]
+    idle_timeout_ms: Option<u64>,
     /// Log format: "text", or "json" (one object per line).
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -49,7 +67,8 @@ struct Args {
     user: Option<String>,
     /// When socket-activated, exit after this many seconds with no open
     /// connection (0: never). The sockets stay with systemd, so the next
-    /// client starts the broker again.
+    /// client starts the broker again. A client holding a connection (an
+    /// OOM manager) keeps the broker running: it never pays a cold start.
     #[arg(long, default_value_t = 30)]
     idle_exit_secs: u64,
     /// Do not install the broker's own seccomp filter (for debugging).
@@ -144,6 +163,16 @@ fn main() -> ExitCode {
         },
     };
 
+    // gRPC never carries fds: have the kernel refuse them (EPERM to the
+    // sender), so none is ever queued for, or released on, the broker.
+    match reapd::sys::refuse_passed_fds(std::os::fd::AsFd::as_fd(&listener)) {
+        Ok(()) => tracing::info!("gRPC socket refuses passed fds (SO_PASSRIGHTS off)"),
+        Err(err) => tracing::info!(
+            error = %err,
+            "kernel cannot refuse passed fds on the gRPC socket (SO_PASSRIGHTS, Linux 6.16); fds sent there are dropped unread"
+        ),
+    }
+
     let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
         let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
         dir.join(reapd::varlink::INTERFACE)
@@ -237,23 +266,56 @@ fn main() -> ExitCode {
         }
     };
 
-    let max_total = args
-        .max_connections
-        .min(reapd::privilege::connections_within(open_files));
+    // The fd budget: the open-file limit, less what the broker itself uses
+    // and what received fds being closed may hold (the closer's cap).
+    let max_fds = usize::try_from(open_files)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(OWN_FDS + reapd::closer::TOTAL);
+    let max_total = args.max_connections.min(max_fds);
     if max_total < args.max_connections {
         tracing::warn!(
             open_files,
             requested = args.max_connections,
             max_connections = max_total,
-            "open-file limit too low for --max-connections; lowering it (two descriptors per connection)"
+            "open-file limit too low for --max-connections; lowering it"
         );
     }
     let limits = ConnectionLimits {
         max_total,
         max_per_uid: args.max_connections_per_uid,
-        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+        max_fds,
+        reserved: args.reserved_connections.min(max_total / 2),
+        idle_timeout: match args.idle_timeout_ms {
+            Some(ms) => Duration::from_millis(ms.max(10)),
+            None => Duration::from_secs(args.idle_timeout_secs.max(1)),
+        },
     };
+    tracing::info!(
+        max_connections = limits.max_total,
+        max_per_uid = limits.max_per_uid,
+        max_fds = limits.max_fds,
+        reserved = limits.reserved,
+        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+        "connection limits"
+    );
     let engine = Arc::new(Engine::new(features, policy, kill_limits));
+    let privileged: reapd::listener::PrivilegedCheck = {
+        let engine = Arc::clone(&engine);
+        Arc::new(move |uid, gid, groups: &[u32]| engine.holds_kill_grant(uid, gid, groups))
+    };
+    let grpc_config = AcceptConfig {
+        limits,
+        // gRPC never reads ancillary data: fds sent there are dropped by
+        // the kernel and never held.
+        weight: 1,
+        privileged: Arc::clone(&privileged),
+    };
+    let varlink_config = AcceptConfig {
+        limits,
+        weight: reapd::varlink::FDS_PER_CONNECTION,
+        privileged,
+    };
+    let closer = Arc::new(reapd::closer::Closer::default());
     reapd::reload::spawn_reloader(&runtime, Arc::clone(&engine), policy_source);
     if let Some(interval) = reapd::systemd::watchdog_interval() {
         runtime.spawn(reapd::systemd::watchdog_loop(interval));
@@ -274,6 +336,7 @@ fn main() -> ExitCode {
         let counter = Arc::new(ConnectionCounter::default());
         // One stop signal for both transports: SIGTERM/SIGINT, or idle exit.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_rx_for_grace = stop_rx.clone();
         let idle_counter = Arc::clone(&counter);
         tokio::spawn(async move {
             match idle_exit {
@@ -300,8 +363,9 @@ fn main() -> ExitCode {
                     reapd::varlink::serve(
                         varlink_listener,
                         Arc::clone(&engine),
-                        limits,
+                        varlink_config,
                         Arc::clone(&counter),
+                        closer,
                         stopped(),
                     )
                     .await
@@ -309,11 +373,59 @@ fn main() -> ExitCode {
                 None => Ok(()),
             }
         };
-        let grpc = reapd::grpc::serve(listener, Arc::clone(&engine), limits, Arc::clone(&counter), stopped());
+        let grpc = reapd::grpc::serve(
+            listener,
+            Arc::clone(&engine),
+            grpc_config,
+            Arc::clone(&counter),
+            stopped(),
+        );
+        // gRPC waits for its clients to close after GOAWAY; one that never
+        // does (a blocking client between calls) must not hold up the stop.
+        let grace_rx = stop_rx_for_grace;
+        let grace_engine = Arc::clone(&engine);
+        let grpc = async move {
+            tokio::select! {
+                result = grpc => result.map_err(std::io::Error::other),
+                _ = async {
+                    let mut rx = grace_rx;
+                    let _ = rx.wait_for(|stop| *stop).await;
+                    // Kills are what must finish; other calls are short.
+                    grace_engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await;
+                    tokio::time::sleep(GRPC_LINGER).await;
+                } => {
+                    tracing::warn!("gRPC connections still open after the grace period; stopping anyway");
+                    Ok(())
+                }
+            }
+        };
+        let summaries = Arc::clone(&engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                summaries.flush_audit_summaries();
+            }
+        });
         reapd::systemd::notify_ready(&status);
         let (grpc, varlink) = tokio::join!(grpc, varlink);
-        grpc.map_err(std::io::Error::other).and(varlink)
+        // Kills run in their own tasks, which outlive their clients: wait
+        // for each to write its outcome record before the process exits.
+        let in_flight = engine.kills_in_flight();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "waiting for kills in flight to finish");
+        }
+        if !engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await {
+            tracing::warn!(
+                in_flight = engine.kills_in_flight(),
+                "kills still running after the grace period; exiting without their outcome records"
+            );
+        }
+        grpc.and(varlink)
     });
+    // Blocking-pool threads still running (a /proc read, a reap) are not
+    // waited for beyond this.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => {
             tracing::info!("stopped");

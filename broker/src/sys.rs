@@ -302,3 +302,32 @@ pub fn peer_cred(socket: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
     }
     Ok((cred.pid, cred.uid, cred.gid))
 }
+
+// ---- Refusing SCM_RIGHTS at the socket (issue 11) ----
+
+/// `SO_PASSRIGHTS` (Linux 6.16): whether the socket accepts SCM_RIGHTS.
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// `setsockopt(SO_PASSRIGHTS, 0)`: the kernel then refuses, with EPERM to
+/// the sender, any fd sent to this socket (set on a listener, accepted
+/// sockets inherit it, including connections not yet accepted). ENOPROTOOPT
+/// before Linux 6.16.
+pub fn refuse_passed_fds(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let off: libc::c_int = 0;
+    // SAFETY: `off` is a live int and its size is passed; the kernel only
+    // reads it.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            &off as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

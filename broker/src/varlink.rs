@@ -13,6 +13,21 @@
 //! Per connection, calls are answered in order (varlink has no call ids);
 //! different connections run in parallel, each call's blocking work on the
 //! engine's blocking pool.
+//!
+//! Received fds are untrusted and stay bound to the bytes of the message
+//! they came with. The receive path peeks at the socket (which installs no
+//! fd), finds the end of the next message, parses it, and only then reads
+//! exactly that message's bytes with room for exactly the fds its
+//! parameters name by index ([`FD_PARAMS`]). The kernel attaches the fds of
+//! a `sendmsg` to its first byte and never returns bytes past an fd-carrying
+//! write in one read, so a read that ends at this message's NUL gets the fds
+//! that were sent with this message and no other's. fds beyond the room
+//! (and all fds sent with a message that names none) are never installed:
+//! the kernel drops them (an `fput`, which runs the file's `release` on the
+//! reading thread when it returns to user space, never `flush`; a FUSE
+//! `release` is asynchronous). An installed fd is kept only if it is a
+//! pidfd; every other one, and every one the call did not take, is closed by
+//! [`crate::closer`], charged to the sender's uid.
 
 use std::future::Future;
 use std::io::IoSliceMut;
@@ -21,7 +36,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+use rustix::net::{recv, recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
@@ -29,10 +44,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport, SortKey};
+use crate::closer::{Closer, Received, Unit};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
 use crate::group::{GroupReport, GroupSpec};
-use crate::listener::{self, Accepted, ConnectionCounter, ConnectionLimits};
+use crate::listener::{self, AcceptConfig, Accepted, ConnectionCounter};
 use crate::procfs::Memory;
 use crate::target::{TargetProcess, TargetSpec};
 
@@ -84,13 +100,22 @@ error ExpectedMore ()
 /// larger one gets an `InvalidMessage` reply and the connection is closed.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Most file descriptors accepted with one read, and held for one call. A
-/// call names at most one; the kernel drops (closes) any beyond the control
-/// buffer's room, and the broker closes any beyond this many pending.
-const MAX_FDS_PER_READ: usize = 8;
+/// Parameters whose value is the index of an fd passed with the call. A
+/// call takes exactly the fds these name; others are never installed.
+pub const FD_PARAMS: &[&str] = &["pidfd", "pidns"];
+
+/// Most fds one message may bring: the highest index a call may name, plus
+/// one. A connection's fd budget counts this many besides its socket.
+pub const MAX_FDS_PER_CALL: usize = 4;
+
+/// Fds one varlink connection may hold at once: its socket and the fds of
+/// the message being received.
+pub const FDS_PER_CONNECTION: usize = 1 + MAX_FDS_PER_CALL;
 
 /// How long shutdown waits for calls in flight before giving up on them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// Below the unit's `TimeoutStopSec=` (20 s), and above the longest call
+/// (a kill with the longest wait for exit, 10 s, plus its reap).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(12);
 
 /// A varlink error reply: its fully qualified name and its parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,13 +344,91 @@ fn only_params(parameters: &Map<String, Value>, allowed: &[&str]) -> Result<(), 
     }
 }
 
+/// The fds that came with one message, by index. A call takes the ones its
+/// parameters name; whatever is left when this is dropped is closed: a
+/// pidfd inline (that cannot block), anything else on a closer thread.
+#[derive(Debug, Default)]
+pub struct MessageFds {
+    fds: Vec<Option<Received>>,
+    /// The sender was over its fd budget, so the fds it sent with this
+    /// message were refused (dropped by the kernel); the reason.
+    refused: Option<String>,
+}
+
+impl MessageFds {
+    /// Takes the fd at `index` if it is a pidfd. `parameter` is the name to
+    /// blame. A non-pidfd is closed off the executor and refused.
+    pub fn take_pidfd(&mut self, index: u64, parameter: &str) -> Result<OwnedFd, VarlinkError> {
+        self.take(index, parameter)?
+            .into_pidfd()
+            .ok_or_else(|| VarlinkError::invalid_parameter(parameter))
+    }
+
+    /// Takes the fd at `index` if it is a pid namespace (an nsfs file,
+    /// whose close cannot block); anything else is closed off the executor
+    /// and refused.
+    pub fn take_pid_namespace(&mut self, index: u64, parameter: &str) -> Result<OwnedFd, VarlinkError> {
+        self.take(index, parameter)?
+            .into_pid_namespace()
+            .ok_or_else(|| VarlinkError::invalid_parameter(parameter))
+    }
+
+    fn take(&mut self, index: u64, parameter: &str) -> Result<Received, VarlinkError> {
+        if let Some(reason) = &self.refused {
+            return Err(fds_refused(reason));
+        }
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.fds.get_mut(i))
+            .and_then(Option::take)
+            .ok_or_else(|| VarlinkError::invalid_parameter(parameter))
+    }
+
+    pub fn len(&self) -> usize {
+        self.fds.iter().filter(|fd| fd.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for MessageFds {
+    fn drop(&mut self) {
+        for fd in self.fds.drain(..).flatten() {
+            fd.dispose();
+        }
+    }
+}
+
+fn fds_refused(reason: &str) -> VarlinkError {
+    VarlinkError::new(
+        "io.reapd.Reaper.RateLimited",
+        json!({ "reason": reason, "retryAfterMs": 1000 }),
+    )
+}
+
+/// How many fds a call may take: one more than the highest index its
+/// [`FD_PARAMS`] name (an index beyond [`MAX_FDS_PER_CALL`] names nothing
+/// and is refused when the call runs).
+fn fds_named(call: &Call) -> usize {
+    FD_PARAMS
+        .iter()
+        .filter_map(|name| call.parameters.get(*name)?.as_u64())
+        .filter_map(|index| usize::try_from(index).ok())
+        .filter(|index| *index < MAX_FDS_PER_CALL)
+        .map(|index| index + 1)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The target a call names, and the parameter to blame if the engine calls
 /// it invalid, plus the caller's pid namespace if it passed one (`pidns`, an
-/// fd index). Takes the named fds out of `fds`; the rest are closed by the
-/// caller.
+/// fd index). Takes the named fds out of `fds`; the rest are closed when
+/// `fds` is dropped.
 fn target_of(
     parameters: &Map<String, Value>,
-    fds: &mut [Option<OwnedFd>],
+    fds: &mut MessageFds,
 ) -> Result<(TargetSpec, &'static str, Option<OwnedFd>), VarlinkError> {
     let pid = int_param(parameters, "pid", 1, i32::MAX as u64)?;
     let start_time = int_param(parameters, "startTime", 0, u64::MAX)?;
@@ -333,13 +436,6 @@ fn target_of(
     let pidns = int_param(parameters, "pidns", 0, u64::MAX)?;
     // Each index names one received fd, taken once: the same fd cannot be
     // both the target and the namespace.
-    let mut take = |index: u64, name: &str| -> Result<OwnedFd, VarlinkError> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| fds.get_mut(i))
-            .and_then(Option::take)
-            .ok_or_else(|| VarlinkError::invalid_parameter(name))
-    };
     let (spec, blame) = match (pid, pidfd) {
         (Some(pid), None) => (
             TargetSpec::Pid {
@@ -354,30 +450,13 @@ fn target_of(
                 // would be a second, possibly contradicting, name.
                 return Err(VarlinkError::invalid_parameter("startTime"));
             }
-            (TargetSpec::Pidfd(take(index, "pidfd")?), "pidfd")
+            (TargetSpec::Pidfd(fds.take_pidfd(index, "pidfd")?), "pidfd")
         }
         (Some(_), Some(_)) => return Err(VarlinkError::invalid_parameter("pidfd")),
         (None, None) => return Err(VarlinkError::invalid_parameter("pid")),
     };
-    let pidns = pidns.map(|index| take(index, "pidns")).transpose()?;
+    let pidns = pidns.map(|index| fds.take_pid_namespace(index, "pidns")).transpose()?;
     Ok((spec, blame, pidns))
-}
-
-/// Takes the received fd the integer parameter `name` indexes, if given.
-fn take_fd(
-    parameters: &Map<String, Value>,
-    fds: &mut [Option<OwnedFd>],
-    name: &str,
-) -> Result<Option<OwnedFd>, VarlinkError> {
-    match int_param(parameters, name, 0, u64::MAX)? {
-        None => Ok(None),
-        Some(index) => usize::try_from(index)
-            .ok()
-            .and_then(|i| fds.get_mut(i))
-            .and_then(Option::take)
-            .map(Some)
-            .ok_or_else(|| VarlinkError::invalid_parameter(name)),
-    }
 }
 
 /// Answers one call: the reply parameters, or the error to send.
@@ -385,7 +464,7 @@ async fn dispatch(
     engine: &Engine,
     caller: &Arc<Caller>,
     call: &Call,
-    fds: &mut [Option<OwnedFd>],
+    fds: &mut MessageFds,
 ) -> Result<Value, VarlinkError> {
     let (interface, name) = match call.method.rsplit_once('.') {
         Some((interface, name)) if !interface.is_empty() && !name.is_empty() => (interface, name),
@@ -489,7 +568,9 @@ async fn dispatch(
                 };
                 let limit = int_param(params, "limit", 0, 1000)?.unwrap_or(0);
                 let offset = int_param(params, "offset", 0, u32::MAX as u64)?.unwrap_or(0);
-                let pidns = take_fd(params, fds, "pidns")?;
+                let pidns = int_param(params, "pidns", 0, u64::MAX)?
+                    .map(|index| fds.take_pid_namespace(index, "pidns"))
+                    .transpose()?;
                 let query = candidates::Query {
                     key,
                     offset: offset as usize,
@@ -515,7 +596,9 @@ async fn dispatch(
                     (None, None) => return Err(VarlinkError::invalid_parameter("cgroup")),
                 };
                 let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
-                let pidns = take_fd(params, fds, "pidns")?;
+                let pidns = int_param(params, "pidns", 0, u64::MAX)?
+                    .map(|index| fds.take_pid_namespace(index, "pidns"))
+                    .transpose()?;
                 let request = GroupKillRequest {
                     group,
                     pidns,
@@ -561,74 +644,181 @@ fn encode(reply: Result<Value, VarlinkError>) -> Vec<u8> {
     bytes
 }
 
-/// What one read brought.
-enum Read {
-    Data,
-    Eof,
+/// What the receive path produced.
+enum Incoming {
+    /// One complete message (without its NUL), decoded, with its fds.
+    Message(Result<Call, VarlinkError>, MessageFds),
+    /// Bytes of a message that is not complete yet: the slow-loris timer
+    /// now applies until it is.
+    Partial,
+    /// The client closed the connection; `mid_message` if it left a message
+    /// unfinished.
+    Eof { mid_message: bool },
+    /// A message longer than [`MAX_MESSAGE_BYTES`].
+    Oversized,
 }
 
-/// One connection's state: its socket, caller, the bytes read but not yet
-/// decoded, and the fds that came with them.
+/// The receive state of one connection.
+struct Receiver {
+    uid: u32,
+    privileged: bool,
+    closer: Arc<Closer>,
+    /// Bytes of the current message consumed from the socket so far (only
+    /// when a message arrives in pieces each carrying fds; usually empty).
+    partial: Vec<u8>,
+    /// fds that came with `partial`.
+    partial_fds: Vec<Received>,
+    /// Unconsumed bytes of an incomplete message wait in the socket.
+    incomplete: bool,
+}
+
+impl Receiver {
+    /// Charges up to `want` fds to the sender; on refusal, the reason (and
+    /// no room: the kernel then drops what the sender passed).
+    fn reserve(&self, want: usize) -> (Vec<Unit>, Option<String>) {
+        match self.closer.reserve(self.uid, want, self.privileged) {
+            Ok(units) => (units, None),
+            Err(err) => (Vec::new(), Some(err.to_string())),
+        }
+    }
+
+    /// One step of the receive path, run when the socket is readable.
+    /// `Err(WouldBlock)` waits for more bytes.
+    fn step(&mut self, stream: &UnixStream) -> std::io::Result<Incoming> {
+        let queued = rustix::io::ioctl_fionread(stream).map_err(std::io::Error::from)? as usize;
+        let room = MAX_MESSAGE_BYTES + 1 - self.partial.len().min(MAX_MESSAGE_BYTES);
+        let mut peeked = vec![0u8; queued.clamp(1, room)];
+        // A peek without a control buffer installs no fd (the kernel takes
+        // and drops an extra reference) and consumes nothing.
+        let n = match recv(stream, &mut peeked, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((n, _)) => n,
+            Err(err) => return Err(err.into()),
+        };
+        if n == 0 {
+            let mid_message = !self.partial.is_empty() || self.incomplete;
+            return Ok(Incoming::Eof { mid_message });
+        }
+        peeked.truncate(n);
+        let Some(nul) = peeked.iter().position(|&b| b == 0) else {
+            if self.partial.len() + n > MAX_MESSAGE_BYTES {
+                return Ok(Incoming::Oversized);
+            }
+            if n < queued {
+                // The peek stopped after a write that carried fds, before
+                // this message's end: take those bytes (and their fds) as
+                // part of this message, then look further.
+                let (units, _) = self.reserve(MAX_FDS_PER_CALL.saturating_sub(self.partial_fds.len()));
+                let (bytes, fds) = receive_exact(stream, n, units)?;
+                self.partial.extend_from_slice(&bytes);
+                self.partial_fds.extend(fds);
+                self.incomplete = true;
+                return Ok(Incoming::Partial);
+            }
+            if peer_hung_up(stream) {
+                // The rest can never come. (The runtime never clears a
+                // hang-up from readiness, so waiting would spin.)
+                return Ok(Incoming::Eof { mid_message: true });
+            }
+            if !self.incomplete {
+                self.incomplete = true;
+                return Ok(Incoming::Partial);
+            }
+            // Nothing new to decide until more bytes come (a new edge).
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        };
+        if self.partial.len() + nul > MAX_MESSAGE_BYTES {
+            return Ok(Incoming::Oversized);
+        }
+        let mut message = std::mem::take(&mut self.partial);
+        message.extend_from_slice(&peeked[..nul]);
+        let call = parse_call(&message);
+        let named = call.as_ref().map(fds_named).unwrap_or(0);
+        let (units, refused) = self.reserve(named.saturating_sub(self.partial_fds.len()));
+        let (_, fds) = receive_exact(stream, nul + 1, units)?;
+        let mut all: Vec<Received> = std::mem::take(&mut self.partial_fds);
+        all.extend(fds);
+        self.incomplete = false;
+        let refused = refused.filter(|_| named > 0);
+        let fds = MessageFds {
+            fds: all.into_iter().map(Some).collect(),
+            refused,
+        };
+        Ok(Incoming::Message(call, fds))
+    }
+}
+
+/// The peer shut down its side: no more bytes will come.
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    let mut fds = [rustix::event::PollFd::new(stream, rustix::event::PollFlags::RDHUP)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::RDHUP | rustix::event::PollFlags::HUP)
+}
+
+/// Reads exactly `len` bytes (already seen by a peek) with room for as many
+/// fds as `units` budgets. Fds beyond the room are dropped by the kernel;
+/// unused units are released.
+fn receive_exact(stream: &UnixStream, len: usize, units: Vec<Unit>) -> std::io::Result<(Vec<u8>, Vec<Received>)> {
+    let mut bytes = vec![0u8; len];
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(units.len().max(1)))];
+    let mut control = if units.is_empty() {
+        RecvAncillaryBuffer::default()
+    } else {
+        RecvAncillaryBuffer::new(&mut space)
+    };
+    let received = {
+        let mut iov = [IoSliceMut::new(&mut bytes)];
+        recvmsg(
+            stream,
+            &mut iov,
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+        )?
+    };
+    bytes.truncate(received.bytes);
+    let mut units = units.into_iter();
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            for fd in received {
+                match units.next() {
+                    Some(unit) => fds.push(Received::new(fd, unit)),
+                    // Cannot happen (the room is the units), but never keep
+                    // an unbudgeted fd on this thread: close it off-thread.
+                    None => Received::unbudgeted(fd),
+                }
+            }
+        }
+    }
+    if received.bytes != len {
+        // Peeked bytes are there to read; anything else is a broken socket.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "fewer bytes than peeked",
+        ));
+    }
+    Ok((bytes, fds))
+}
+
+/// One connection's state.
 struct Connection {
     stream: UnixStream,
     caller: Arc<Caller>,
-    buffer: Vec<u8>,
-    /// Fds received since the last decoded message: they belong to the next
-    /// complete message (the kernel attaches them to the first byte of the
-    /// write that carried them, and a client sends them with its call).
-    fds: Vec<OwnedFd>,
+    receiver: Receiver,
 }
 
 impl Connection {
-    /// One recvmsg, with room for a few fds. Close-on-exec is set on
-    /// receipt; fds beyond the room are discarded by the kernel.
-    async fn read(&mut self) -> std::io::Result<Read> {
-        let mut chunk = [0u8; 16 * 1024];
+    async fn next(&mut self) -> std::io::Result<Incoming> {
         loop {
             self.stream.readable().await?;
-            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_READ))];
-            let mut control = RecvAncillaryBuffer::new(&mut space);
-            let received = self.stream.try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(&mut chunk)];
-                recvmsg(
-                    &self.stream,
-                    &mut iov,
-                    &mut control,
-                    RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
-                )
-                .map_err(std::io::Error::from)
-            });
-            let received = match received {
-                Ok(received) => received,
+            let (stream, receiver) = (&self.stream, &mut self.receiver);
+            match stream.try_io(Interest::READABLE, || receiver.step(stream)) {
+                Ok(incoming) => return Ok(incoming),
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(err) => return Err(err),
-            };
-            for message in control.drain() {
-                if let RecvAncillaryMessage::ScmRights(fds) = message {
-                    self.fds.extend(fds);
-                }
             }
-            if self.fds.len() > MAX_FDS_PER_READ {
-                // A message sent in many small writes, each with fds, must
-                // not pile up descriptors in the broker: keep the first few
-                // (a call names at most one) and close the rest now.
-                self.fds.truncate(MAX_FDS_PER_READ);
-                tracing::debug!(
-                    caller_pid = self.caller.pid,
-                    "too many fds pending for one call; extra ones closed"
-                );
-            }
-            if received.flags.contains(ReturnFlags::CTRUNC) {
-                tracing::debug!(
-                    caller_pid = self.caller.pid,
-                    "more fds than a call may pass; extra ones dropped"
-                );
-            }
-            if received.bytes == 0 {
-                return Ok(Read::Eof);
-            }
-            self.buffer.extend_from_slice(&chunk[..received.bytes]);
-            return Ok(Read::Data);
         }
     }
 
@@ -644,11 +834,13 @@ impl Connection {
     }
 }
 
-/// Serves one connection until the client closes it, it idles out, it
-/// sends an oversized message, or the broker shuts down (between calls).
+/// Serves one connection until the client closes it, it sends an oversized
+/// message, it is too slow with a message (or with its first one), or the
+/// broker shuts down (between calls).
 async fn serve_connection(
     accepted: Accepted,
     engine: Arc<Engine>,
+    closer: Arc<Closer>,
     idle_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -656,67 +848,61 @@ async fn serve_connection(
         stream,
         caller,
         slot: _slot,
+        privileged,
+        accepted_at,
     } = accepted;
     let mut conn = Connection {
         stream,
+        receiver: Receiver {
+            uid: caller.uid,
+            privileged,
+            closer,
+            partial: Vec::new(),
+            partial_fds: Vec::new(),
+            incomplete: false,
+        },
         caller,
-        buffer: Vec::new(),
-        fds: Vec::new(),
     };
+    // The slow-loris deadline: set until the first call completes, and
+    // while a message is incomplete; an idle connection between calls has
+    // none.
+    let mut deadline = Some(accepted_at + idle_timeout);
     loop {
-        // Answer every complete message already buffered, in order.
-        while let Some(end) = conn.buffer.iter().position(|&b| b == 0) {
-            let message: Vec<u8> = conn.buffer.drain(..=end).collect();
-            // The fds that arrived with this message; whatever the call does
-            // not take is dropped (closed) at the end of this iteration.
-            let mut fds: Vec<Option<OwnedFd>> = std::mem::take(&mut conn.fds).into_iter().map(Some).collect();
-            let (reply, oneway) = match parse_call(&message[..end]) {
-                Ok(call) if call.more && is_known_method(&call.method) => {
-                    // No method of ours streams: `more` is a malformed call.
-                    (Err(VarlinkError::invalid_parameter("more")), call.oneway)
-                }
-                Ok(call) => {
-                    let reply = dispatch(&engine, &conn.caller, &call, &mut fds).await;
-                    (reply, call.oneway)
-                }
-                Err(err) => (Err(err), false),
-            };
-            drop(fds);
-            if let Err(err) = &reply {
-                tracing::debug!(caller_pid = conn.caller.pid, error = err.name, "varlink call failed");
-            }
-            if !oneway {
-                if let Err(err) = conn.write(&encode(reply), idle_timeout).await {
-                    tracing::debug!(caller_pid = conn.caller.pid, error = %err, "cannot reply; closing");
-                    return;
-                }
-            }
-        }
-        if conn.buffer.len() > MAX_MESSAGE_BYTES {
-            let reply = Err(VarlinkError::invalid_message(format!(
-                "message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection"
-            )));
-            let _ = conn.write(&encode(reply), Duration::from_secs(1)).await;
-            tracing::info!(
-                caller_pid = conn.caller.pid,
-                caller_uid = conn.caller.uid,
-                "oversized varlink message; connection closed"
-            );
-            return;
-        }
         if *shutdown.borrow() {
             return;
         }
-        let read = tokio::select! {
-            read = tokio::time::timeout(idle_timeout, conn.read()) => read,
+        let next = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, conn.next()).await,
+                None => Ok(conn.next().await),
+            }
+        };
+        let incoming = tokio::select! {
+            incoming = next => incoming,
             _ = shutdown.changed() => return,
         };
-        match read {
-            Ok(Ok(Read::Data)) => {}
-            Ok(Ok(Read::Eof)) => {
-                if !conn.buffer.is_empty() {
+        let (call, mut fds) = match incoming {
+            Ok(Ok(Incoming::Message(call, fds))) => (call, fds),
+            Ok(Ok(Incoming::Partial)) => {
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + idle_timeout);
+                continue;
+            }
+            Ok(Ok(Incoming::Eof { mid_message })) => {
+                if mid_message {
                     tracing::debug!(caller_pid = conn.caller.pid, "connection closed mid-message");
                 }
+                return;
+            }
+            Ok(Ok(Incoming::Oversized)) => {
+                let reply = Err(VarlinkError::invalid_message(format!(
+                    "message longer than {MAX_MESSAGE_BYTES} bytes; closing the connection"
+                )));
+                let _ = conn.write(&encode(reply), Duration::from_secs(1)).await;
+                tracing::info!(
+                    caller_pid = conn.caller.pid,
+                    caller_uid = conn.caller.uid,
+                    "oversized varlink message; connection closed"
+                );
                 return;
             }
             Ok(Err(err)) => {
@@ -724,22 +910,52 @@ async fn serve_connection(
                 return;
             }
             Err(_) => {
-                tracing::debug!(caller_pid = conn.caller.pid, "connection idle; closing");
+                tracing::debug!(
+                    caller_pid = conn.caller.pid,
+                    "no complete call within the timeout; closing"
+                );
+                return;
+            }
+        };
+        let (reply, oneway) = match call {
+            Ok(call) if call.more && is_known_method(&call.method) => {
+                // No method of ours streams: `more` is a malformed call.
+                (Err(VarlinkError::invalid_parameter("more")), call.oneway)
+            }
+            Ok(call) => {
+                let reply = dispatch(&engine, &conn.caller, &call, &mut fds).await;
+                (reply, call.oneway)
+            }
+            Err(err) => (Err(err), false),
+        };
+        // Whatever the call did not take is closed now (off the executor
+        // unless it is a pidfd).
+        drop(fds);
+        if let Err(err) = &reply {
+            tracing::debug!(caller_pid = conn.caller.pid, error = err.name, "varlink call failed");
+        }
+        if !oneway {
+            if let Err(err) = conn.write(&encode(reply), idle_timeout).await {
+                tracing::debug!(caller_pid = conn.caller.pid, error = %err, "cannot reply; closing");
                 return;
             }
         }
+        // A call completed: no timer until the next message starts (a
+        // pipelined one already waiting re-arms it if incomplete).
+        deadline = None;
     }
 }
 
 /// Serves varlink on `listener` until `shutdown` completes, then finishes
-/// the calls in flight (up to a grace period) and returns. Mirrors
+/// the calls in flight (up to [`SHUTDOWN_GRACE`]) and returns. Mirrors
 /// [`crate::grpc::serve`]: same caller identity, same connection caps
-/// (`counter` may be shared with the gRPC listener), same idle timeout.
+/// (`counter` may be shared with the gRPC listener), same timeouts.
 pub async fn serve(
     listener: UnixListener,
     engine: Arc<Engine>,
-    limits: ConnectionLimits,
+    config: AcceptConfig,
     counter: Arc<ConnectionCounter>,
+    closer: Arc<Closer>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let features = Arc::clone(engine.features());
@@ -747,19 +963,20 @@ pub async fn serve(
     // Every connection task holds a clone of `alive`; when all are gone,
     // `all_done` yields None.
     let (alive, mut all_done) = mpsc::channel::<()>(1);
-    let idle = limits.idle_timeout;
+    let idle = config.limits.idle_timeout;
     let accept_engine = Arc::clone(&engine);
     let acceptor = tokio::spawn(listener::accept_loop(
         listener,
         features,
-        limits,
+        config,
         counter,
         move |accepted| {
             let engine = Arc::clone(&accept_engine);
+            let closer = Arc::clone(&closer);
             let stop = stop_rx.clone();
             let alive = alive.clone();
             tokio::spawn(async move {
-                serve_connection(accepted, engine, idle, stop).await;
+                serve_connection(accepted, engine, closer, idle, stop).await;
                 drop(alive);
             });
             true
@@ -815,7 +1032,7 @@ mod tests {
 
     #[test]
     fn target_needs_exactly_one_name() {
-        let mut fds: Vec<Option<OwnedFd>> = Vec::new();
+        let mut fds = MessageFds::default();
         let params = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
         assert_eq!(
             target_of(&params("{}"), &mut fds).unwrap_err(),

@@ -15,6 +15,18 @@
 //!
 //! [`blocking::Client`] wraps the same calls for code without an async
 //! runtime.
+//!
+//! # Long-lived connections
+//!
+//! Hold one client for as long as you like: the broker never closes a
+//! connection that has completed a call, however long it then stays idle.
+//! When the connection is gone anyway (the broker restarted, was stopped by
+//! socket-activation idle exit, or dropped the connection), the next call
+//! reconnects and is retried **once**, transparently. A retried
+//! `kill_and_reap` never hits a recycled pid: a target given without a start
+//! time is pinned to the start time read before the first attempt, and is
+//! not retried if that could not be read. Every client here (async and
+//! [`blocking`] gRPC, and the [`varlink`] client) behaves this way.
 
 #![forbid(unsafe_code)]
 
@@ -236,16 +248,57 @@ fn kill_path_name(value: i32) -> String {
     .to_string()
 }
 
-/// An async connection to the broker.
+/// The call failed in the client's transport (no connection, connection
+/// closed or reset), not with a status the broker sent: worth one retry on a
+/// new connection. A status from the broker carries no source error; one
+/// made from a transport failure does.
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    status.source().is_some()
+        && !matches!(
+            status.code(),
+            tonic::Code::InvalidArgument
+                | tonic::Code::NotFound
+                | tonic::Code::PermissionDenied
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::ResourceExhausted
+        )
+}
+
+/// An async connection to the broker. Reconnects once, transparently, when
+/// the connection is gone (see the crate docs).
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: ReaperClient<Channel>,
+    path: PathBuf,
+    reconnects: u64,
 }
 
 impl Client {
     /// Connects to the broker's gRPC socket at `path`.
     pub async fn connect(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
+        Ok(Client {
+            inner: ReaperClient::new(Self::channel(&path).await?),
+            path,
+            reconnects: 0,
+        })
+    }
+
+    /// How many times this client reconnected after a lost connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Replaces the channel with a new connection.
+    async fn reconnect(&mut self) -> Result<(), Error> {
+        self.inner = ReaperClient::new(Self::channel(&self.path).await?);
+        self.reconnects += 1;
+        Ok(())
+    }
+
+    async fn channel(path: &Path) -> Result<Channel, Error> {
+        let path = path.to_path_buf();
         let socket = path.clone();
         // The URI is required by the API but unused: the connector below
         // always dials the Unix socket. Its authority is what grpcio clients
@@ -257,9 +310,7 @@ impl Client {
             }))
             .await
             .map_err(|source| Error::Connect { path, source })?;
-        Ok(Client {
-            inner: ReaperClient::new(channel),
-        })
+        Ok(channel)
     }
 
     /// Kills `target` and reaps its memory. `wait_for_exit`: also wait up to
@@ -269,13 +320,29 @@ impl Client {
         target: Target,
         wait_for_exit: Option<Duration>,
     ) -> Result<KillReport, Error> {
-        let request = pb::KillAndReapRequest {
+        let request = |target: Target| pb::KillAndReapRequest {
             target: Some(target.into()),
             wait_for_exit_ms: wait_for_exit.map(|w| w.as_millis().min(u32::MAX as u128) as u32),
             grace_ms: None,
             reap_delay_ms: None,
         };
-        let reply = self.inner.kill_and_reap(request).await?.into_inner();
+        // Read before the first attempt: what a retry is pinned to.
+        let retry_target = match target.start_time {
+            Some(_) => Some(target),
+            None => Target::pinned(target.pid).ok(),
+        };
+        let reply = match self.inner.kill_and_reap(request(target)).await {
+            Ok(reply) => reply,
+            Err(status) if is_transport_failure(&status) => match retry_target {
+                Some(pinned) => {
+                    self.reconnect().await?;
+                    self.inner.kill_and_reap(request(pinned)).await?
+                }
+                None => return Err(status.into()),
+            },
+            Err(status) => return Err(status.into()),
+        }
+        .into_inner();
         Ok(KillReport {
             outcome: outcome_name(reply.outcome),
             not_reaped_reason: reply.not_reaped_reason,
@@ -295,7 +362,14 @@ impl Client {
         let request = pb::CheckPermissionRequest {
             target: Some(target.into()),
         };
-        let reply = self.inner.check_permission(request).await?.into_inner();
+        let reply = match self.inner.check_permission(request).await {
+            Err(status) if is_transport_failure(&status) => {
+                self.reconnect().await?;
+                self.inner.check_permission(request).await?
+            }
+            other => other?,
+        }
+        .into_inner();
         Ok(Permission {
             allowed: reply.allowed,
             reason: reply.reason,
@@ -304,11 +378,14 @@ impl Client {
     }
 
     pub async fn capabilities(&mut self) -> Result<Capabilities, Error> {
-        let reply = self
-            .inner
-            .get_capabilities(pb::GetCapabilitiesRequest {})
-            .await?
-            .into_inner();
+        let reply = match self.inner.get_capabilities(pb::GetCapabilitiesRequest {}).await {
+            Err(status) if is_transport_failure(&status) => {
+                self.reconnect().await?;
+                self.inner.get_capabilities(pb::GetCapabilitiesRequest {}).await?
+            }
+            other => other?,
+        }
+        .into_inner();
         Ok(Capabilities {
             broker_version: reply.broker_version,
             kernel_release: reply.kernel_release,
@@ -324,7 +401,10 @@ impl Client {
     }
 }
 
-/// A blocking wrapper around [`Client`], with its own small runtime.
+/// A blocking wrapper around [`Client`], with its own small runtime. The
+/// runtime runs only during calls, so between calls nothing answers the
+/// broker's HTTP/2 pings; if the broker then drops the connection, the next
+/// call reconnects once, transparently, as [`Client`] does.
 pub mod blocking {
     use super::*;
 
@@ -353,6 +433,11 @@ pub mod blocking {
 
         pub fn capabilities(&mut self) -> Result<Capabilities, Error> {
             self.runtime.block_on(self.inner.capabilities())
+        }
+
+        /// How many times this client reconnected after a lost connection.
+        pub fn reconnects(&self) -> u64 {
+            self.inner.reconnects()
         }
     }
 }

@@ -148,10 +148,34 @@ pub fn pidfd_of(pid: i32, expected_start: Option<u64>) -> Result<OwnedFd, Error>
 
 /// A blocking connection to the broker's varlink socket. Calls on one
 /// connection are answered in order.
+///
+/// Long-lived: the broker never closes a connection that completed a call.
+/// If the connection is gone anyway (broker restarted or stopped), the next
+/// call notices before sending (the socket shows the broker's hang-up) or
+/// when its send fails, reconnects and sends it once more. A call whose
+/// reply never came after it was sent is retried only if it has no side
+/// effect (not `KillAndReap`).
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
     buffer: Vec<u8>,
+    path: PathBuf,
+    reconnects: u64,
+}
+
+/// The transport failed (not a reply from the broker).
+fn is_disconnect(err: &Error) -> bool {
+    match err {
+        Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::NotConnected
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
 }
 
 impl Client {
@@ -164,7 +188,35 @@ impl Client {
         Ok(Client {
             stream,
             buffer: Vec::new(),
+            path: path.to_path_buf(),
+            reconnects: 0,
         })
+    }
+
+    /// How many times this client reconnected after a lost connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    fn reconnect(&mut self) -> Result<(), Error> {
+        self.stream = UnixStream::connect(&self.path).map_err(|source| Error::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.buffer.clear();
+        self.reconnects += 1;
+        Ok(())
+    }
+
+    /// The broker hung up on this connection (nothing is in flight between
+    /// calls, so a readable hang-up means the connection is dead).
+    fn broker_hung_up(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.stream,
+            rustix::event::PollFlags::RDHUP,
+        )];
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
     }
 
     /// Makes one call, passing `fds` with it, and returns the reply's
@@ -173,8 +225,30 @@ impl Client {
         let mut message = serde_json::to_vec(&json!({ "method": method, "parameters": parameters }))
             .expect("a serde_json::Value always serializes");
         message.push(0);
-        self.send(&message, fds)?;
-        let reply = self.receive()?;
+        let mut retried = false;
+        if self.broker_hung_up() {
+            self.reconnect()?;
+            retried = true;
+        }
+        let reply = match self.send(&message, fds) {
+            Err(err) if !retried && is_disconnect(&err) => {
+                // Not delivered: safe to send again, whatever the method.
+                self.reconnect()?;
+                retried = true;
+                self.send(&message, fds)?;
+                self.receive()
+            }
+            Err(err) => return Err(err),
+            Ok(()) => self.receive(),
+        };
+        let reply = match reply {
+            Err(err) if !retried && is_disconnect(&err) && method != "io.reapd.Reaper.KillAndReap" => {
+                self.reconnect()?;
+                self.send(&message, fds)?;
+                self.receive()?
+            }
+            other => other?,
+        };
         let mut reply = match reply {
             Value::Object(reply) => reply,
             other => return Err(Error::Protocol(format!("reply is not an object: {other}"))),
@@ -224,7 +298,10 @@ impl Client {
             let mut chunk = [0u8; 8192];
             let n = self.stream.read(&mut chunk)?;
             if n == 0 {
-                return Err(Error::Protocol("the broker closed the connection".into()));
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the broker closed the connection",
+                )));
             }
             self.buffer.extend_from_slice(&chunk[..n]);
         }

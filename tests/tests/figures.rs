@@ -15,6 +15,14 @@ const SIZE: u64 = 256 * MIB;
 /// reapctl, the test harness); the counters also lag by per-CPU batches.
 const SLACK: u64 = 24 * MIB;
 
+/// The figures are system-wide counters: the tests of this file must not
+/// allocate or free beside each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn system_anon_and_swap() -> u64 {
     reapd::procfs::system_anon_and_swap().expect("/proc/meminfo")
 }
@@ -58,6 +66,7 @@ fn released(r: &CtlResult) -> u64 {
 
 #[test]
 fn a_plain_victim_releases_what_the_system_gets_back() {
+    let _serial = serial();
     let broker = Broker::start();
     let (mut child, pid) = python_victim(&format!(
         "{TOUCH}m = touch({SIZE})\nprint(os.getpid(), flush=True)\ntime.sleep(600)\n"
@@ -78,6 +87,7 @@ fn a_plain_victim_releases_what_the_system_gets_back() {
 
 #[test]
 fn a_victim_whose_leader_exited_reports_its_memory() {
+    let _serial = serial();
     let broker = Broker::start();
     // The main thread calls pthread_exit(): the leader is a zombie with no
     // mm, while a worker thread keeps the address space alive.
@@ -112,6 +122,7 @@ fn a_victim_whose_leader_exited_reports_its_memory() {
 
 #[test]
 fn a_copy_on_write_child_releases_nothing_its_parent_still_maps() {
+    let _serial = serial();
     let broker = Broker::start();
     // The parent touches the memory and forks; the child shares every page
     // copy-on-write and prints its pid.
@@ -137,6 +148,7 @@ fn a_copy_on_write_child_releases_nothing_its_parent_still_maps() {
 
 #[test]
 fn two_concurrent_kills_of_one_victim_count_its_memory_once() {
+    let _serial = serial();
     let broker = Broker::start();
     let size = 4 * SIZE;
     let (mut child, pid) = python_victim(&format!(
@@ -181,6 +193,7 @@ fn two_concurrent_kills_of_one_victim_count_its_memory_once() {
 /// EOWNERDEAD (issue 12, robust futexes).
 #[test]
 fn with_a_reap_delay_a_robust_mutex_waiter_gets_eownerdead() {
+    let _serial = serial();
     let broker = Broker::start();
     let socket = reapd_e2e::varlink_socket(&broker);
     for round in 0..3 {
