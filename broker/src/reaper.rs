@@ -71,7 +71,7 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
             Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
                 return Err(EngineError::NotFound(format!(
                     "process {} exited before the kill",
-                    target.pid
+                    target.caller_pid
                 )))
             }
             Err(err) if err.raw_os_error() == Some(libc::EPERM) => return Err(kernel_refused(target, err)),
@@ -121,7 +121,9 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath) -> Result<ReapRepor
 
 fn send_kill(target: &TargetProcess) -> Result<(), EngineError> {
     pidfd_send_signal(target.pidfd.as_fd(), Signal::KILL).map_err(|err| match err {
-        rustix::io::Errno::SRCH => EngineError::NotFound(format!("process {} exited before the kill", target.pid)),
+        rustix::io::Errno::SRCH => {
+            EngineError::NotFound(format!("process {} exited before the kill", target.caller_pid))
+        }
         rustix::io::Errno::PERM => kernel_refused(target, err.into()),
         other => EngineError::Internal(format!("pidfd_send_signal: {other}")),
     })
@@ -130,7 +132,7 @@ fn send_kill(target: &TargetProcess) -> Result<(), EngineError> {
 fn kernel_refused(target: &TargetProcess, err: io::Error) -> EngineError {
     EngineError::PermissionDenied(format!(
         "the kernel refused the broker's kill of pid {} ({err}); the broker lacks CAP_KILL (degraded mode)",
-        target.pid
+        target.caller_pid
     ))
 }
 

@@ -243,7 +243,7 @@ pub fn pin(spec: TargetSpec, ns: Namespace<'_>, features: &KernelFeatures) -> Re
     // kernel answered something unexpected, which is reported as such.
     let read_failed = |what: &str, err: std::io::Error, pidfd: BorrowedFd<'_>| {
         if is_running(pidfd) {
-            EngineError::Internal(format!("reading {what} of pid {pid}: {err}"))
+            EngineError::Internal(format!("reading {what} of pid {caller_pid}: {err}"))
         } else {
             not_running()
         }
@@ -266,7 +266,7 @@ pub fn pin(spec: TargetSpec, ns: Namespace<'_>, features: &KernelFeatures) -> Re
                 .raw_os_error()
             {
                 Some(libc::ESRCH) => not_running(),
-                _ => EngineError::Internal(format!("PIDFD_GET_INFO on pid {pid}: {err}")),
+                _ => EngineError::Internal(format!("PIDFD_GET_INFO on pid {caller_pid}: {err}")),
             })?;
         if info.pid != info.tgid {
             return Err(thread_refused());
