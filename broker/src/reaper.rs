@@ -167,7 +167,7 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath, options: KillOption
             Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
                 return Err(EngineError::NotFound(format!(
                     "process {} exited before the kill",
-                    target.pid
+                    target.caller_pid
                 )))
             }
             Err(err) if err.raw_os_error() == Some(libc::EPERM) => return Err(kernel_refused(target, err)),
@@ -247,7 +247,7 @@ fn signal_error(target: &TargetProcess, err: rustix::io::Errno) -> EngineError {
 fn kernel_refused(target: &TargetProcess, err: io::Error) -> EngineError {
     EngineError::PermissionDenied(format!(
         "the kernel refused the broker's kill of pid {} ({err}); the broker lacks CAP_KILL (degraded mode)",
-        target.pid
+        target.caller_pid
     ))
 }
 

@@ -131,6 +131,12 @@ pub fn verify_caller_pidns(pidns: BorrowedFd<'_>, caller: &Caller) -> Result<(),
             "{PIDNS_REFUSAL}the passed fd is not the caller's pid namespace ({why})"
         ))
     };
+    // First what the fd is, from its /proc link alone: every ioctl below
+    // would go to whatever implements the file, and for a FUSE file that is
+    // the caller's own server, which need never answer.
+    if !is_pid_namespace_file(pidns) {
+        return Err(refuse("not a pid namespace file"));
+    }
     let status = procfs::read_status(caller.pid).map_err(|_| refuse("the caller is gone"))?;
     let (Some(level), Some(own)) = (status.ns_pids.len().checked_sub(1), status.ns_pids.last()) else {
         return Err(refuse("the caller's NSpid is unknown"));
@@ -147,6 +153,22 @@ pub fn verify_caller_pidns(pidns: BorrowedFd<'_>, caller: &Caller) -> Result<(),
         return Err(refuse("the caller is gone"));
     }
     Ok(())
+}
+
+/// `fd` is a pid namespace file (nsfs, linked as `pid:[INODE]`), judged by
+/// `/proc/self/fd`'s link, which the kernel composes without asking the
+/// file's file system anything.
+fn is_pid_namespace_file(fd: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+        return false;
+    };
+    link.as_os_str()
+        .as_bytes()
+        .strip_prefix(b"pid:[")
+        .and_then(|rest| rest.strip_suffix(b"]"))
+        .is_some_and(|inode| !inode.is_empty() && inode.iter().all(u8::is_ascii_digit))
 }
 
 /// The pid namespace a request's pids are read in.
@@ -257,7 +279,7 @@ fn identify(
     // kernel answered something unexpected, which is reported as such.
     let read_failed = |what: &str, err: std::io::Error, pidfd: BorrowedFd<'_>| {
         if is_running(pidfd) {
-            EngineError::Internal(format!("reading {what} of pid {pid}: {err}"))
+            EngineError::Internal(format!("reading {what} of pid {caller_pid}: {err}"))
         } else {
             not_running()
         }
@@ -280,7 +302,7 @@ fn identify(
                 .raw_os_error()
             {
                 Some(libc::ESRCH) => not_running(),
-                _ => EngineError::Internal(format!("PIDFD_GET_INFO on pid {pid}: {err}")),
+                _ => EngineError::Internal(format!("PIDFD_GET_INFO on pid {caller_pid}: {err}")),
             })?;
         if info.pid != info.tgid {
             return Err(thread_refused());

@@ -418,3 +418,252 @@ fn uid_0_without_cap_kill_gets_no_more_than_kill_2_gives_it() {
     assert!(!kill.status.success(), "{}", String::from_utf8_lossy(&kill.stdout));
     assert!(victim.running(), "the victim must live");
 }
+
+/// A FUSE file system with one file, `f`, served by a thread of the test
+/// that answers what opening and closing need and never answers an
+/// `FUSE_IOCTL`: a file whose ioctls block until the server says so. It is
+/// mounted `allow_other` for `uid`, as `fusermount3 -o allow_other` mounts
+/// it for a user where `/etc/fuse.conf` has `user_allow_other`.
+struct FuseFile {
+    dir: tempfile::TempDir,
+    fd: i32,
+    ioctls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Unanswered ioctl requests (their `unique`), for [`FuseFile::release`].
+    pending: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl FuseFile {
+    fn mount(uid: u32) -> Option<FuseFile> {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::Builder::new().prefix("reapd-fuse").tempdir().ok()?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).ok()?;
+        let dev = CString::new("/dev/fuse").unwrap();
+        // SAFETY: open returns a new fd or -1.
+        let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        let target = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        let options = CString::new(format!(
+            "fd={fd},rootmode=40000,user_id={uid},group_id={uid},allow_other"
+        ))
+        .unwrap();
+        let source = CString::new("reapd-test").unwrap();
+        let fstype = CString::new("fuse.reapd-test").unwrap();
+        // SAFETY: all pointers are live C strings.
+        let ret = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                options.as_ptr().cast(),
+            )
+        };
+        if ret != 0 {
+            unsafe { libc::close(fd) };
+            return None;
+        }
+        let ioctls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = std::sync::Arc::clone(&ioctls);
+        let pending = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = std::sync::Arc::clone(&pending);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let attr = |ino: u64, mode: u32| -> Vec<u8> {
+                let mut a = Vec::with_capacity(88);
+                for v in [ino, 0, 0, 0, 0, 0] {
+                    a.extend_from_slice(&v.to_le_bytes());
+                }
+                for v in [0u32, 0, 0, mode, 1, uid, uid, 0, 4096, 0] {
+                    a.extend_from_slice(&v.to_le_bytes());
+                }
+                a
+            };
+            let reply = |unique: u64, error: i32, body: &[u8]| {
+                let mut out = Vec::with_capacity(16 + body.len());
+                out.extend_from_slice(&(16 + body.len() as u32).to_le_bytes());
+                out.extend_from_slice(&error.to_le_bytes());
+                out.extend_from_slice(&unique.to_le_bytes());
+                out.extend_from_slice(body);
+                // SAFETY: writing a live buffer to our own fd.
+                unsafe { libc::write(fd, out.as_ptr().cast(), out.len()) };
+            };
+            loop {
+                // SAFETY: reading into a live buffer.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 40 {
+                    if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    return; // unmounted or aborted
+                }
+                let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().unwrap());
+                let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
+                let (opcode, unique, nodeid) = (u32_at(4), u64_at(8), u64_at(16));
+                match opcode {
+                    26 => {
+                        // INIT: protocol 7.31, nothing optional.
+                        let mut body = Vec::new();
+                        for v in [7u32, 31, 0, 0] {
+                            body.extend_from_slice(&v.to_le_bytes());
+                        }
+                        body.extend_from_slice(&16u16.to_le_bytes());
+                        body.extend_from_slice(&12u16.to_le_bytes());
+                        body.extend_from_slice(&65536u32.to_le_bytes());
+                        body.extend_from_slice(&1u32.to_le_bytes());
+                        body.resize(64, 0);
+                        reply(unique, 0, &body);
+                    }
+                    1 => {
+                        // LOOKUP: every name is the file, inode 2.
+                        let mut body = Vec::new();
+                        for v in [2u64, 0, 60, 60] {
+                            body.extend_from_slice(&v.to_le_bytes());
+                        }
+                        body.extend_from_slice(&[0u8; 8]);
+                        body.extend_from_slice(&attr(2, 0o100666));
+                        reply(unique, 0, &body);
+                    }
+                    3 => {
+                        // GETATTR
+                        let mut body = Vec::new();
+                        body.extend_from_slice(&60u64.to_le_bytes());
+                        body.extend_from_slice(&[0u8; 8]);
+                        let mode = if nodeid == 1 { 0o40755 } else { 0o100666 };
+                        body.extend_from_slice(&attr(nodeid, mode));
+                        reply(unique, 0, &body);
+                    }
+                    14 | 27 => reply(unique, 0, &[0u8; 16]), // OPEN, OPENDIR
+                    39 => {
+                        // IOCTL: not answered (until release()).
+                        held.lock().unwrap().push(unique);
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    25 | 18 | 29 => reply(unique, 0, &[]), // FLUSH, RELEASE, RELEASEDIR
+                    2 | 42 => {}                           // FORGET, BATCH_FORGET: no reply
+                    _ => reply(unique, -libc::ENOSYS, &[]),
+                }
+            }
+        });
+        Some(FuseFile {
+            dir,
+            fd,
+            ioctls,
+            pending,
+        })
+    }
+
+    /// Answers every pending ioctl with ENOTTY: a thread waiting in one
+    /// cannot even be killed before that (`request_wait_answer` waits out
+    /// a request the server has read).
+    fn release(&self) {
+        for unique in self.pending.lock().unwrap().drain(..) {
+            let mut out = Vec::with_capacity(16);
+            out.extend_from_slice(&16u32.to_le_bytes());
+            out.extend_from_slice(&(-libc::ENOTTY).to_le_bytes());
+            out.extend_from_slice(&unique.to_le_bytes());
+            // SAFETY: writing a live buffer to the server's fd.
+            unsafe { libc::write(self.fd, out.as_ptr().cast(), out.len()) };
+        }
+    }
+
+    fn file(&self) -> String {
+        self.dir.path().join("f").to_string_lossy().into_owned()
+    }
+
+    fn ioctls(&self) -> usize {
+        self.ioctls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        self.release();
+        let target = CString::new(self.dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: a live C string.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Attack: a caller in a child pid namespace passes, as `pidns`, an open
+/// file of a FUSE file system it serves itself. The broker asks the fd for
+/// its parent namespace (`ioctl(NS_GET_PARENT)`) before knowing what it is,
+/// and on the async executor: FUSE forwards the ioctl to the caller's
+/// server, which never answers: the executor thread sits in
+/// `request_wait_answer`, where not even SIGKILL ends it once the server
+/// has read the request (the broker becomes unkillable), and the calls
+/// queued on that thread wait with it; one more such call for the other
+/// executor thread and no caller, root included, gets an answer until the
+/// attacker lets go.
+#[test]
+fn a_fuse_file_passed_as_pidns_cannot_stall_the_broker() {
+    use std::io::Read;
+    const U: u32 = 61570;
+    const ATTACKERS: usize = 2;
+    // Declared before the broker, so the broker goes first on drop.
+    let Some(fuse) = FuseFile::mount(U) else {
+        reapd_e2e::skip("fuse", "cannot mount a FUSE file system here (/dev/fuse, mount)");
+        return;
+    };
+    let broker = Broker::start();
+    let sock = varlink_socket(&broker).to_string_lossy().into_owned();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut attackers = Vec::new();
+    for _ in 0..ATTACKERS {
+        let mut child = Command::new(bin("ns-caller"))
+            .args(["--uid", &U.to_string(), "--victim-uid", &U.to_string()])
+            .args(["--varlink", &sock, "--check", "--pidns-file", &fuse.file()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ns-caller");
+        let mut out = child.stdout.take().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = out.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        attackers.push(child);
+    }
+    // Each attacker's call is either answered or stuck in the file system.
+    let mut replies = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while replies.len() + fuse.ioctls() < ATTACKERS && std::time::Instant::now() < deadline {
+        if let Ok(text) = rx.recv_timeout(Duration::from_millis(20)) {
+            replies.push(text);
+        }
+    }
+    // Another caller, meanwhile.
+    let probe_sock = varlink_socket(&broker);
+    let (ptx, prx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let reply = reapd_e2e::varlink_call_as(
+            Creds::uid(61571),
+            &probe_sock,
+            r#"{"method":"io.reapd.Reaper.GetCapabilities"}"#,
+            &[],
+        );
+        let _ = ptx.send(reply);
+    });
+    let answered = prx.recv_timeout(Duration::from_secs(10));
+    let stuck = fuse.ioctls();
+    // Let go before anything can fail: a broker waiting in an ioctl could
+    // not be stopped.
+    fuse.release();
+    drop(broker);
+    for mut a in attackers {
+        let _ = a.wait();
+    }
+    let answered = answered
+        .unwrap_or_else(|_| panic!("the broker answered nobody while {stuck} FUSE ioctls from it were pending"));
+    assert!(answered["parameters"]["brokerVersion"].is_string(), "{answered}");
+    assert_eq!(stuck, 0, "the broker sent ioctls to an fd it had not identified");
+    while let Ok(text) = rx.recv_timeout(Duration::from_secs(5)) {
+        replies.push(text);
+    }
+    for text in &replies {
+        assert!(text.contains(r#""parameter":"pidns""#), "{text}");
+    }
+}

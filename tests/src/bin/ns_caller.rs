@@ -21,6 +21,9 @@
 //! `ns-caller` was started in (opened before the unshare), not the
 //! client's own.
 //!
+//! With `--pidns-file PATH`, the `pidns` fd passed is PATH, opened by the
+//! client after it took its uid (any file the caller can open).
+//!
 //! With `--userns BASE` it makes a user namespace instead (no pid
 //! namespace) mapping uids and gids 0..10 to BASE..BASE+10; the client runs
 //! as root there and the victim as uid `--victim-uid` of the namespace.
@@ -41,6 +44,7 @@ struct Args {
     varlink: Option<String>,
     pidns: bool,
     pidns_from_host: bool,
+    pidns_file: Option<String>,
     check: bool,
     userns: Option<u32>,
     command: Vec<String>,
@@ -61,6 +65,7 @@ fn parse() -> Args {
             "--varlink" => args.varlink = Some(value()),
             "--pidns" => args.pidns = true,
             "--pidns-from-host" => args.pidns_from_host = true,
+            "--pidns-file" => args.pidns_file = Some(value()),
             "--check" => args.check = true,
             "--userns" => args.userns = Some(value().parse().unwrap()),
             "--" => {
@@ -218,7 +223,14 @@ fn main() {
                 // is known when the client returns.
                 params.push("\"waitForExitMs\":5000".to_string());
             }
-            if let Some(host) = &host_pidns {
+            let pidns_file = args
+                .pidns_file
+                .as_ref()
+                .map(|path| std::fs::File::open(path).expect("open the --pidns-file"));
+            if let Some(file) = &pidns_file {
+                params.push(format!("\"pidns\":{}", fds.len()));
+                fds.push(file.as_raw_fd());
+            } else if let Some(host) = &host_pidns {
                 params.push(format!("\"pidns\":{}", fds.len()));
                 fds.push(host.as_raw_fd());
             } else if args.pidns {
