@@ -42,16 +42,16 @@ fn start_wrapped(wrapper: &[String]) -> Broker {
 
 /// The socket accepts (into its backlog) as soon as it is bound, before the
 /// broker drops privileges: wait for the line logged after the drop.
+/// The broker has dropped its privileges and installed its seccomp filter
+/// (logged in that order, the filter a few lines after the drop).
 fn settled(broker: Broker) -> Broker {
-    assert!(
-        wait_for_log(
-            &broker.log,
-            "privileges restricted to CAP_KILL",
-            Duration::from_secs(20)
-        ),
-        "{}",
-        broker.log_text()
-    );
+    for line in ["privileges restricted to CAP_KILL", "seccomp allow-list installed"] {
+        assert!(
+            wait_for_log(&broker.log, line, Duration::from_secs(20)),
+            "no {line:?} in:\n{}",
+            broker.log_text()
+        );
+    }
     broker
 }
 
