@@ -30,7 +30,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod manager;
 pub mod varlink;
+
+pub use manager::{Candidates, CandidatesQuery, Group, GroupReport, KillOptions, SortKey};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -429,6 +432,12 @@ pub mod blocking {
 
         pub fn check_permission(&mut self, target: Target) -> Result<Permission, Error> {
             self.runtime.block_on(self.inner.check_permission(target))
+        }
+
+        /// The runtime and the async client, for the calls other modules
+        /// add (`manager`).
+        pub(crate) fn parts(&mut self) -> (&tokio::runtime::Runtime, &mut super::Client) {
+            (&self.runtime, &mut self.inner)
         }
 
         pub fn capabilities(&mut self) -> Result<Capabilities, Error> {

@@ -333,12 +333,29 @@ impl Client {
         target: VarlinkTarget,
         wait_for_exit: Option<Duration>,
     ) -> Result<KillReport, Error> {
+        let options = crate::KillOptions {
+            wait_for_exit,
+            ..Default::default()
+        };
+        self.kill_and_reap_with(target, options)
+    }
+
+    /// Kills `target` paced by `options` (SIGTERM grace, reap delay).
+    pub fn kill_and_reap_with(
+        &mut self,
+        target: VarlinkTarget,
+        options: crate::KillOptions,
+    ) -> Result<KillReport, Error> {
         let mut extra = Map::new();
-        if let Some(wait) = wait_for_exit {
-            extra.insert(
-                "waitForExitMs".into(),
-                json!(wait.as_millis().min(u32::MAX as u128) as u64),
-            );
+        let ms = |d: Duration| json!(d.as_millis().min(u32::MAX as u128) as u64);
+        for (name, value) in [
+            ("waitForExitMs", options.wait_for_exit),
+            ("graceMs", options.grace),
+            ("reapDelayMs", options.reap_delay),
+        ] {
+            if let Some(value) = value {
+                extra.insert(name.into(), ms(value));
+            }
         }
         let r = self.target_call("io.reapd.Reaper.KillAndReap", &target, extra)?;
         let memory = r.get("memoryBefore").cloned().unwrap_or(Value::Null);
@@ -404,7 +421,7 @@ fn boolean(v: &Value, key: &str) -> bool {
     v.get(key).and_then(Value::as_bool).unwrap_or_default()
 }
 
-fn process_info(v: &Value) -> ProcessInfo {
+pub(crate) fn process_info(v: &Value) -> ProcessInfo {
     ProcessInfo {
         pid: v.get("pid").and_then(Value::as_i64).unwrap_or_default() as i32,
         uid: uint(v, "uid") as u32,

@@ -191,3 +191,55 @@ fn a_unit_is_found_only_where_root_names_it() {
     assert!(wait_empty(&real, Duration::from_secs(5)));
     assert!(in_forged.running(), "the forged unit's process must live");
 }
+
+/// The same through reapctl and the Rust client, over gRPC and varlink:
+/// `reapctl candidates` lists the group's processes, `reapctl kill
+/// --cgroup` kills them all.
+#[test]
+fn reapctl_lists_candidates_and_kills_a_cgroup_over_both_transports() {
+    let t = top("group-reapctl");
+    let _tree = CgroupTree::new(&t);
+    let broker = Broker::start();
+    let varlink = varlink_socket(&broker);
+    for transport in ["grpc", "varlink"] {
+        let cg = TestCgroup::new(&format!("{t}/{transport}.scope"));
+        let victims: Vec<Victim> = (0..3).map(|_| Victim::spawn(Creds::uid(U + 1), 1 << 20)).collect();
+        for v in &victims {
+            cg.add(v.pid);
+        }
+        let run = |extra: &[&str]| {
+            let mut command = Command::new(reapd_e2e::bin("reapctl"));
+            if transport == "varlink" {
+                command.arg("--varlink").arg("--socket").arg(&varlink);
+            } else {
+                command.arg("--socket").arg(&broker.grpc);
+            }
+            command.arg("--json").args(extra);
+            reapd_e2e::CtlResult::from(reapd_e2e::run_as(Creds::uid(U + 1), &mut command))
+        };
+        let listed = run(&["candidates", "--limit", "1000"]);
+        assert_eq!(listed.code, 0, "{listed:?}");
+        let pids: Vec<i64> = listed.json["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["process"]["pid"].as_i64().unwrap())
+            .collect();
+        for v in &victims {
+            assert!(pids.contains(&(v.pid as i64)), "{transport}: {listed:?}");
+        }
+        let path = format!("/{t}/{transport}.scope");
+        assert!(
+            listed.json["cgroups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["cgroup"] == path),
+            "{transport}: the group is a candidate: {listed:?}"
+        );
+        let killed = run(&["kill", "--cgroup", &path]);
+        assert_eq!(killed.code, 0, "{transport}: {killed:?}");
+        assert_eq!(killed.json["members"].as_array().unwrap().len(), 3, "{killed:?}");
+        assert!(wait_empty(&cg, Duration::from_secs(5)), "{transport}");
+    }
+}

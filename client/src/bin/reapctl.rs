@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use reapd_client::varlink::{self, VarlinkTarget};
-use reapd_client::{blocking::Client, Capabilities, Error, KillReport, Permission, Target, DEFAULT_SOCKET};
+use reapd_client::{
+    blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillOptions, KillReport,
+    Permission, Target, DEFAULT_SOCKET,
+};
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
@@ -46,10 +49,30 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Kill PID with SIGKILL and reap its memory at once.
+    /// Kill PID (or a whole cgroup) with SIGKILL and reap its memory at once.
     Kill {
-        #[arg(required_unless_present = "pidfd_of", conflicts_with = "pidfd_of")]
+        #[arg(
+            required_unless_present_any = ["pidfd_of", "cgroup", "unit"],
+            conflicts_with_all = ["pidfd_of", "cgroup", "unit"]
+        )]
         pid: Option<i32>,
+        /// Kill every process of this cgroup (an absolute path as the broker
+        /// sees it), all or nothing, and reap them.
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["pidfd_of", "unit", "start_time", "grace"])]
+        cgroup: Option<String>,
+        /// Kill every process of this systemd unit's cgroup (looked up only
+        /// where root names cgroups), all or nothing.
+        #[arg(long, value_name = "UNIT", conflicts_with_all = ["pidfd_of", "start_time", "grace"])]
+        unit: Option<String>,
+        /// SIGTERM first; SIGKILL and reap only if still alive after MS
+        /// milliseconds (at most 10000).
+        #[arg(long, value_name = "MS")]
+        grace: Option<u64>,
+        /// After SIGKILL, let the process run its exit path for MS
+        /// milliseconds (robust futexes reach their waiters), then reap
+        /// whatever is left [default: the policy's reap-delay-ms].
+        #[arg(long, value_name = "MS")]
+        reap_delay: Option<u64>,
         /// Name the target by a pidfd: open it here, check --start-time
         /// against the pinned process, and pass it with the call (varlink
         /// only). The broker then acts on exactly that process.
@@ -70,6 +93,18 @@ enum Command {
     },
     /// What the broker and the running kernel can do.
     Caps,
+    /// The processes (and whole cgroups) I may kill now, largest first.
+    Candidates {
+        /// Rank by: unique (anon + swap), anon, rss, swap, oom_score, start_time.
+        #[arg(long, default_value = "unique")]
+        sort: reapd_client::SortKey,
+        /// Entries per page (1-1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Entries to skip (the previous page's next offset).
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
 }
 
 /// `println!` that ends the program quietly when stdout is closed early
@@ -133,10 +168,10 @@ enum Backend {
 }
 
 impl Backend {
-    fn kill(&mut self, target: VarlinkTarget, wait: Option<Duration>) -> Result<KillReport, Error> {
+    fn kill(&mut self, target: VarlinkTarget, options: KillOptions) -> Result<KillReport, Error> {
         match (self, target) {
-            (Backend::Grpc(c), VarlinkTarget::Pid(t)) => c.kill_and_reap(t, wait),
-            (Backend::Varlink(c), target) => Ok(c.kill_and_reap(target, wait)?),
+            (Backend::Grpc(c), VarlinkTarget::Pid(t)) => c.kill_and_reap_with(t, options),
+            (Backend::Varlink(c), target) => Ok(c.kill_and_reap_with(target, options)?),
             (Backend::Grpc(_), VarlinkTarget::Pidfd(_)) => {
                 Err(Error::InvalidArgument("a pidfd can be passed over varlink only".into()))
             }
@@ -147,6 +182,20 @@ impl Backend {
         match self {
             Backend::Grpc(c) => c.check_permission(target),
             Backend::Varlink(c) => Ok(c.check_permission(VarlinkTarget::Pid(target))?),
+        }
+    }
+
+    fn kill_cgroup(&mut self, group: Group, reap_delay: Option<Duration>) -> Result<GroupReport, Error> {
+        match self {
+            Backend::Grpc(c) => c.kill_cgroup(group, reap_delay),
+            Backend::Varlink(c) => Ok(c.kill_cgroup(group, reap_delay)?),
+        }
+    }
+
+    fn candidates(&mut self, query: CandidatesQuery) -> Result<Candidates, Error> {
+        match self {
+            Backend::Grpc(c) => c.list_candidates(query),
+            Backend::Varlink(c) => Ok(c.list_candidates(query)?),
         }
     }
 
@@ -178,11 +227,64 @@ fn run(args: Args) -> Result<u8, Error> {
         )?))
     };
     match args.command {
+        Command::Kill { cgroup: Some(_), .. } | Command::Kill { unit: Some(_), .. } => {
+            let Command::Kill {
+                cgroup,
+                unit,
+                reap_delay,
+                ..
+            } = args.command
+            else {
+                unreachable!("matched above")
+            };
+            let group = match (cgroup, unit) {
+                (Some(path), _) => Group::Cgroup(path),
+                (None, Some(unit)) => Group::Unit(unit),
+                (None, None) => unreachable!("matched above"),
+            };
+            let report = client.kill_cgroup(group, reap_delay.map(Duration::from_millis))?;
+            if args.json {
+                print_json(&report);
+            } else {
+                outln!(
+                    "{}: {} processes killed in {:.3} ms ({} pass{}), released {}",
+                    report.cgroup,
+                    report.members.len(),
+                    report.kill_to_reap_ns as f64 / 1e6,
+                    report.passes,
+                    if report.passes == 1 { "" } else { "es" },
+                    mib(report.bytes_released)
+                );
+                for m in &report.members {
+                    if let Some(p) = &m.process {
+                        outln!(
+                            "  pid {} ({}, uid {}): {}, held {} anon",
+                            p.pid,
+                            p.comm,
+                            p.uid,
+                            m.outcome.replace('_', " "),
+                            mib(m.memory_before.anon_bytes)
+                        );
+                    }
+                }
+                for p in &report.refused_newcomers {
+                    outln!(
+                        "  left alive (joined during the kill, not yours to kill): pid {} ({})",
+                        p.pid,
+                        p.comm
+                    );
+                }
+            }
+            Ok(0)
+        }
         Command::Kill {
             pid,
             pidfd_of,
             start_time,
             wait,
+            grace,
+            reap_delay,
+            ..
         } => {
             let target = match (pid, pidfd_of) {
                 (_, Some(of)) => VarlinkTarget::Pidfd(varlink::pidfd_of(of, start_time)?),
@@ -190,7 +292,12 @@ fn run(args: Args) -> Result<u8, Error> {
                 (None, None) => unreachable!("clap requires a pid or --pidfd-of"),
             };
             let pid = pid.or(pidfd_of).unwrap_or_default();
-            let report = client.kill(target, wait.map(Duration::from_millis))?;
+            let options = KillOptions {
+                wait_for_exit: wait.map(Duration::from_millis),
+                grace: grace.map(Duration::from_millis),
+                reap_delay: reap_delay.map(Duration::from_millis),
+            };
+            let report = client.kill(target, options)?;
             if args.json {
                 print_json(&report);
             } else {
@@ -236,6 +343,52 @@ fn run(args: Args) -> Result<u8, Error> {
                 outln!("pid {pid}: {verdict}: {}", permission.reason);
             }
             Ok(if permission.allowed { 0 } else { 1 })
+        }
+        Command::Candidates { sort, limit, offset } => {
+            let page = client.candidates(CandidatesQuery {
+                sort_by: sort,
+                limit,
+                offset,
+            })?;
+            if args.json {
+                print_json(&page);
+            } else {
+                outln!(
+                    "{} processes you may kill ({} shown), by {}:",
+                    page.total,
+                    page.processes.len(),
+                    sort.as_str()
+                );
+                for c in &page.processes {
+                    if let Some(p) = &c.process {
+                        outln!(
+                            "  {:>8} {:>10} anon+swap {:>5} oom_score  {} (uid {}, {})  rule {}",
+                            p.pid,
+                            mib(c.unique_bytes),
+                            c.oom_score,
+                            p.comm,
+                            p.uid,
+                            p.cgroup,
+                            c.rule
+                        );
+                    }
+                }
+                if !page.cgroups.is_empty() {
+                    outln!("whole cgroups you may kill:");
+                    for g in &page.cgroups {
+                        outln!(
+                            "  {} ({} processes, {} anon+swap)",
+                            g.cgroup,
+                            g.processes,
+                            mib(g.memory.anon_bytes + g.memory.swap_bytes)
+                        );
+                    }
+                }
+                if let Some(next) = page.next_offset {
+                    outln!("more: --offset {next}");
+                }
+            }
+            Ok(0)
         }
         Command::Caps => {
             let caps = client.caps()?;
