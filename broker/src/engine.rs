@@ -317,7 +317,7 @@ impl Engine {
             if self.check_audit.admit(caller.uid) {
                 audit_decision("check", caller, &target, &refusal, started);
             }
-            return Err(EngineError::PermissionDenied(refusal.reason));
+            return Err(EngineError::refused(&refusal));
         }
         let decision = self.decide(&policy, caller, &target);
         if self.check_audit.admit(caller.uid) {
@@ -343,7 +343,7 @@ impl Engine {
         drop(policy);
         if !decision.allowed {
             audit_decision("kill", caller, &target, &decision, started);
-            return Err(EngineError::PermissionDenied(decision.reason));
+            return Err(EngineError::refused(&decision));
         }
         // The one decision record is written after the limiter, with the
         // final verdict: allowed by the policy but over the rate is a refusal.
@@ -352,6 +352,7 @@ impl Engine {
             Err(err) => {
                 let limited = Decision {
                     allowed: false,
+                    kind: crate::policy::DecisionKind::RateLimited,
                     rule: "rate-limit".into(),
                     reason: format!("{} ({} allows it)", err, decision.rule),
                 };
@@ -477,10 +478,14 @@ impl Engine {
             let decision = self.decide(&policy, caller, member);
             if !decision.allowed {
                 audit_decision(action, caller, member, &decision, started);
-                return Err(EngineError::PermissionDenied(format!(
-                    "member pid {} ({}, uid {}) of {path} is refused: {}; nothing was killed",
-                    member.caller_pid, member.comm, member.ruid, decision.reason
-                )));
+                return Err(EngineError::PermissionDenied {
+                    kind: decision.kind,
+                    rule: decision.rule,
+                    reason: format!(
+                        "member pid {} ({}, uid {}) of {path} is refused: {}; nothing was killed",
+                        member.caller_pid, member.comm, member.ruid, decision.reason
+                    ),
+                });
             }
         }
         let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {

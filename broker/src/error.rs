@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::policy::{Decision, DecisionKind};
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The request is malformed (bad pid, bad fd, out-of-range value).
@@ -12,9 +14,15 @@ pub enum EngineError {
     /// No such process.
     #[error("no such process: {0}")]
     NotFound(String),
-    /// The policy (or the kernel) refuses this caller this target.
-    #[error("permission denied: {0}")]
-    PermissionDenied(String),
+    /// The policy (or the kernel) refuses this caller this target: the
+    /// verdict's kind and the rule or protection that decided, for clients
+    /// to branch on, and a sentence for people.
+    #[error("permission denied: {reason}")]
+    PermissionDenied {
+        kind: DecisionKind,
+        rule: String,
+        reason: String,
+    },
     /// The pid no longer names the process the caller meant.
     #[error("process changed: {0}")]
     ProcessChanged(String),
@@ -24,4 +32,54 @@ pub enum EngineError {
     /// A broker bug or an unexpected kernel answer.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl EngineError {
+    /// The refusal a decision makes.
+    pub fn refused(decision: &Decision) -> Self {
+        EngineError::PermissionDenied {
+            kind: decision.kind,
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+        }
+    }
+
+    /// A refusal because a fact could not be verified; `rule` names it
+    /// (`unverified:...`).
+    pub fn unverified(rule: &str, reason: impl Into<String>) -> Self {
+        EngineError::PermissionDenied {
+            kind: DecisionKind::Unverified,
+            rule: rule.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The message for the wire: the error's own sentence, without the
+    /// prefix `Display` adds (the status code or varlink error name already
+    /// says what kind of error it is, and clients add their own prefix).
+    pub fn message(&self) -> String {
+        match self {
+            EngineError::InvalidArgument(m)
+            | EngineError::NotFound(m)
+            | EngineError::ProcessChanged(m)
+            | EngineError::Internal(m) => m.clone(),
+            EngineError::PermissionDenied { reason, .. } => reason.clone(),
+            EngineError::RateLimited { reason, retry_after } => {
+                format!("{reason}; retry after {} ms", retry_after.as_millis())
+            }
+        }
+    }
+
+    /// The verdict's kind, for the refusals that have one: PERMISSION_DENIED
+    /// carries its own, NOT_FOUND is always `not_visible` (a process the
+    /// caller cannot see and one that does not exist look the same), and
+    /// RESOURCE_EXHAUSTED `rate_limited`.
+    pub fn decision(&self) -> Option<(DecisionKind, &str)> {
+        match self {
+            EngineError::PermissionDenied { kind, rule, .. } => Some((*kind, rule.as_str())),
+            EngineError::NotFound(_) => Some((DecisionKind::NotVisible, "")),
+            EngineError::RateLimited { .. } => Some((DecisionKind::RateLimited, "rate-limit")),
+            _ => None,
+        }
+    }
 }

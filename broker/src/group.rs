@@ -187,9 +187,11 @@ pub fn pin_members(
             Ok(t) => pinned.push(t),
             Err(EngineError::NotFound(msg)) if msg.contains("has exited") => {}
             Err(EngineError::NotFound(_)) => {
-                return Err(EngineError::PermissionDenied(
-                    "a member of the group is outside the caller's pid namespace; nothing was killed".into(),
-                ))
+                return Err(EngineError::PermissionDenied {
+                    kind: crate::policy::DecisionKind::NotVisible,
+                    rule: "not-visible".into(),
+                    reason: "a member of the group is outside the caller's pid namespace; nothing was killed".into(),
+                })
             }
             Err(err) => return Err(err),
         }

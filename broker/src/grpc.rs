@@ -20,6 +20,7 @@ use crate::error::EngineError;
 use crate::features::KillPath;
 use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
+use crate::policy::DecisionKind;
 use crate::procfs::Memory;
 use crate::reaper::Outcome;
 use crate::target::{TargetProcess, TargetSpec};
@@ -65,22 +66,40 @@ fn target_spec(target: Option<pb::Target>) -> Result<TargetSpec, Status> {
     })
 }
 
+/// The `domain` of the broker's `google.rpc.ErrorInfo` details.
+pub const ERROR_DOMAIN: &str = "reapd.v1";
+
 pub fn status_of(err: EngineError) -> Status {
-    let message = err.to_string();
-    match err {
-        EngineError::InvalidArgument(_) => Status::invalid_argument(message),
-        EngineError::NotFound(_) => Status::not_found(message),
-        EngineError::PermissionDenied(_) => Status::permission_denied(message),
-        EngineError::ProcessChanged(_) => Status::failed_precondition(message),
-        EngineError::RateLimited { retry_after, .. } => {
-            let mut status = Status::resource_exhausted(message);
-            if let Ok(value) = retry_after.as_millis().to_string().parse() {
-                status.metadata_mut().insert("retry-after-ms", value);
-            }
-            status
+    let message = err.message();
+    let code = match &err {
+        EngineError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+        EngineError::NotFound(_) => tonic::Code::NotFound,
+        EngineError::PermissionDenied { .. } => tonic::Code::PermissionDenied,
+        EngineError::ProcessChanged(_) => tonic::Code::FailedPrecondition,
+        EngineError::RateLimited { .. } => tonic::Code::ResourceExhausted,
+        EngineError::Internal(_) => tonic::Code::Internal,
+    };
+    // The typed verdict rides in the standard rich error model: an
+    // ErrorInfo whose reason is the decision kind (UPPER_SNAKE, as AIP-193
+    // asks) and whose metadata names the kind and the deciding rule.
+    let mut status = match err.decision() {
+        Some((kind, rule)) => {
+            use tonic_types::{ErrorDetails, StatusExt};
+            let metadata = std::collections::HashMap::from([
+                ("kind".to_string(), kind.as_str().to_string()),
+                ("rule".to_string(), rule.to_string()),
+            ]);
+            let details = ErrorDetails::with_error_info(kind.as_str().to_uppercase(), ERROR_DOMAIN, metadata);
+            Status::with_error_details(code, message, details)
         }
-        EngineError::Internal(_) => Status::internal(message),
+        None => Status::new(code, message),
+    };
+    if let EngineError::RateLimited { retry_after, .. } = &err {
+        if let Ok(value) = retry_after.as_millis().to_string().parse() {
+            status.metadata_mut().insert("retry-after-ms", value);
+        }
     }
+    status
 }
 
 fn process_info(target: &TargetProcess) -> pb::ProcessInfo {
@@ -191,6 +210,21 @@ fn permission_reply(report: PermissionReport) -> pb::CheckPermissionResponse {
         allowed: report.decision.allowed,
         reason: report.decision.reason,
         target: Some(process_info(&report.target)),
+        kind: decision_kind(report.decision.kind) as i32,
+        rule: report.decision.rule,
+    }
+}
+
+fn decision_kind(kind: DecisionKind) -> pb::DecisionKind {
+    match kind {
+        DecisionKind::Allowed => pb::DecisionKind::Allowed,
+        DecisionKind::Protected => pb::DecisionKind::Protected,
+        DecisionKind::NoRule => pb::DecisionKind::NoRule,
+        DecisionKind::DeniedByRule => pb::DecisionKind::DeniedByRule,
+        DecisionKind::Degraded => pb::DecisionKind::Degraded,
+        DecisionKind::NotVisible => pb::DecisionKind::NotVisible,
+        DecisionKind::RateLimited => pb::DecisionKind::RateLimited,
+        DecisionKind::Unverified => pb::DecisionKind::Unverified,
     }
 }
 

@@ -245,10 +245,14 @@ fn signal_error(target: &TargetProcess, err: rustix::io::Errno) -> EngineError {
 }
 
 fn kernel_refused(target: &TargetProcess, err: io::Error) -> EngineError {
-    EngineError::PermissionDenied(format!(
-        "the kernel refused the broker's kill of pid {} ({err}); the broker lacks CAP_KILL (degraded mode)",
-        target.caller_pid
-    ))
+    EngineError::PermissionDenied {
+        kind: crate::policy::DecisionKind::Degraded,
+        rule: "degraded:no-cap-kill".into(),
+        reason: format!(
+            "the kernel refused the broker's kill of pid {} ({err}); the broker lacks CAP_KILL (degraded mode)",
+            target.caller_pid
+        ),
+    }
 }
 
 fn reap_with_retries(target: &TargetProcess, retries: &mut u32) -> io::Result<()> {

@@ -192,16 +192,19 @@ pub fn caller_namespace<'a>(caller: &'a Caller, proof: Option<&'a OwnedFd>) -> R
                 verify_caller_pidns(fd.as_fd(), caller)?;
                 Ok(Namespace::Child(fd.as_fd()))
             }
-            None => Err(EngineError::PermissionDenied(format!(
-                "unverified fact: the caller's pid namespace ({level} below the broker's): the broker may not \
+            None => Err(EngineError::unverified(
+                "unverified:caller-pidns",
+                format!(
+                    "unverified fact: the caller's pid namespace ({level} below the broker's): the broker may not \
                  open another user's namespace (the kernel wants ptrace access), so it cannot tell which process \
                  a pid means there; over varlink, pass the namespace (an fd of /proc/self/ns/pid) as `pidns`"
-            ))),
+                ),
+            )),
         },
-        CallerPidns::Unknown => Err(EngineError::PermissionDenied(
+        CallerPidns::Unknown => Err(EngineError::unverified(
+            "unverified:caller-pidns",
             "unverified fact: the caller's pid namespace could not be read (the caller may have exited), so \
-             no pid it names can be resolved"
-                .into(),
+             no pid it names can be resolved",
         )),
     }
 }

@@ -49,6 +49,7 @@ use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequ
 use crate::error::EngineError;
 use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, AcceptConfig, Accepted, ConnectionCounter};
+use crate::policy::DecisionKind;
 use crate::procfs::Memory;
 use crate::target::{TargetProcess, TargetSpec};
 
@@ -145,13 +146,17 @@ impl VarlinkError {
 /// [`crate::grpc::status_of`] for gRPC). `parameter` names the call
 /// parameter an `InvalidArgument` is about.
 pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
-    let reason = err.to_string();
+    let reason = err.message();
     match err {
         EngineError::InvalidArgument(_) => VarlinkError::invalid_parameter(parameter),
-        EngineError::NotFound(_) => VarlinkError::new("io.reapd.Reaper.NoSuchProcess", json!({ "reason": reason })),
-        EngineError::PermissionDenied(_) => {
-            VarlinkError::new("io.reapd.Reaper.PermissionDenied", json!({ "reason": reason }))
-        }
+        EngineError::NotFound(_) => VarlinkError::new(
+            "io.reapd.Reaper.NoSuchProcess",
+            json!({ "reason": reason, "kind": DecisionKind::NotVisible.as_str() }),
+        ),
+        EngineError::PermissionDenied { kind, rule, .. } => VarlinkError::new(
+            "io.reapd.Reaper.PermissionDenied",
+            json!({ "reason": reason, "kind": kind.as_str(), "rule": rule }),
+        ),
         EngineError::ProcessChanged(_) => {
             VarlinkError::new("io.reapd.Reaper.ProcessChanged", json!({ "reason": reason }))
         }
@@ -159,6 +164,7 @@ pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
             "io.reapd.Reaper.RateLimited",
             json!({
                 "reason": reason,
+                "kind": DecisionKind::RateLimited.as_str(),
                 "retryAfterMs": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
             }),
         ),
@@ -254,6 +260,8 @@ fn permission_reply(report: PermissionReport) -> Value {
         "allowed": report.decision.allowed,
         "reason": report.decision.reason,
         "target": process_info(&report.target),
+        "kind": report.decision.kind.as_str(),
+        "rule": report.decision.rule,
     })
 }
 
@@ -1068,7 +1076,11 @@ mod tests {
             ),
             (EngineError::NotFound("x".into()), "io.reapd.Reaper.NoSuchProcess"),
             (
-                EngineError::PermissionDenied("x".into()),
+                EngineError::PermissionDenied {
+                    kind: DecisionKind::NoRule,
+                    rule: "no-matching-rule".into(),
+                    reason: "x".into(),
+                },
                 "io.reapd.Reaper.PermissionDenied",
             ),
             (

@@ -60,7 +60,9 @@ pub enum Error {
     #[error("not found: {0}")]
     NotFound(String),
     #[error("permission denied: {0}")]
-    PermissionDenied(String),
+    /// Refused: by the policy, a protection, degraded mode, or an
+    /// unverifiable fact; [`Refusal::kind`] says which.
+    PermissionDenied(Refusal),
     #[error("process changed: {0}")]
     ProcessChanged(String),
     #[error("rate limited: {message}")]
@@ -72,13 +74,46 @@ pub enum Error {
     Other { code: tonic::Code, message: String },
 }
 
+/// Why the broker refused: its sentence, the verdict's kind ("protected",
+/// "no_rule", "denied_by_rule", "degraded", "not_visible", "unverified")
+/// and the rule or protection that decided. Displays as the sentence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub reason: String,
+    /// Empty when the broker sent none (an older broker).
+    pub kind: String,
+    pub rule: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// The kind and rule of a refusal, from the status's `google.rpc.ErrorInfo`.
+fn refusal_of(status: &tonic::Status) -> Refusal {
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info();
+    let field = |k: &str| {
+        info.as_ref()
+            .and_then(|i| i.metadata.get(k).cloned())
+            .unwrap_or_default()
+    };
+    Refusal {
+        reason: status.message().to_string(),
+        kind: field("kind"),
+        rule: field("rule"),
+    }
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         let message = status.message().to_string();
         match status.code() {
             tonic::Code::InvalidArgument => Error::InvalidArgument(message),
             tonic::Code::NotFound => Error::NotFound(message),
-            tonic::Code::PermissionDenied => Error::PermissionDenied(message),
+            tonic::Code::PermissionDenied => Error::PermissionDenied(refusal_of(&status)),
             tonic::Code::FailedPrecondition => Error::ProcessChanged(message),
             tonic::Code::ResourceExhausted => {
                 let retry_after = status
@@ -212,6 +247,11 @@ pub struct Permission {
     pub allowed: bool,
     pub reason: String,
     pub target: Option<ProcessInfo>,
+    /// The verdict's kind ("allowed", "protected", "no_rule",
+    /// "denied_by_rule", "degraded").
+    pub kind: String,
+    /// The rule or protection that decided.
+    pub rule: String,
 }
 
 /// What the broker and its kernel can do.
@@ -239,6 +279,20 @@ fn outcome_name(value: i32) -> String {
         _ => "unspecified",
     }
     .to_string()
+}
+
+fn decision_kind_name(value: i32) -> &'static str {
+    match pb::DecisionKind::try_from(value) {
+        Ok(pb::DecisionKind::Allowed) => "allowed",
+        Ok(pb::DecisionKind::Protected) => "protected",
+        Ok(pb::DecisionKind::NoRule) => "no_rule",
+        Ok(pb::DecisionKind::DeniedByRule) => "denied_by_rule",
+        Ok(pb::DecisionKind::Degraded) => "degraded",
+        Ok(pb::DecisionKind::NotVisible) => "not_visible",
+        Ok(pb::DecisionKind::RateLimited) => "rate_limited",
+        Ok(pb::DecisionKind::Unverified) => "unverified",
+        _ => "",
+    }
 }
 
 fn kill_path_name(value: i32) -> String {
@@ -377,6 +431,8 @@ impl Client {
             allowed: reply.allowed,
             reason: reply.reason,
             target: reply.target.map(Into::into),
+            kind: decision_kind_name(reply.kind).to_string(),
+            rule: reply.rule,
         })
     }
 

@@ -76,7 +76,19 @@ impl From<Error> for crate::Error {
                     parameters.get("parameter").and_then(Value::as_str).unwrap_or("?")
                 )),
                 "io.reapd.Reaper.NoSuchProcess" => crate::Error::NotFound(Error::reason(&parameters)),
-                "io.reapd.Reaper.PermissionDenied" => crate::Error::PermissionDenied(Error::reason(&parameters)),
+                "io.reapd.Reaper.PermissionDenied" => crate::Error::PermissionDenied(crate::Refusal {
+                    reason: Error::reason(&parameters),
+                    kind: parameters
+                        .get("kind")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    rule: parameters
+                        .get("rule")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                }),
                 "io.reapd.Reaper.ProcessChanged" => crate::Error::ProcessChanged(Error::reason(&parameters)),
                 "io.reapd.Reaper.RateLimited" => crate::Error::RateLimited {
                     message: Error::reason(&parameters),
@@ -385,6 +397,8 @@ impl Client {
             allowed: boolean(&r, "allowed"),
             reason: string(&r, "reason"),
             target: r.get("target").map(process_info),
+            kind: string(&r, "kind"),
+            rule: string(&r, "rule"),
         })
     }
 

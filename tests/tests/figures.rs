@@ -14,6 +14,10 @@ const SIZE: u64 = 256 * MIB;
 /// Other processes allocate and free while the test runs (the broker,
 /// reapctl, the test harness); the counters also lag by per-CPU batches.
 const SLACK: u64 = 24 * MIB;
+/// The test's own reading of the counters spans more than the broker's
+/// (process start-up, reply, exit), so other processes' activity shows
+/// more there: compared with this wider margin.
+const OUTER_SLACK: u64 = 64 * MIB;
 
 /// The figures are system-wide counters: the tests of this file must not
 /// allocate or free beside each other.
@@ -79,7 +83,7 @@ fn a_plain_victim_releases_what_the_system_gets_back() {
         "released {got}, size {SIZE}: {r:?}"
     );
     assert!(
-        got.abs_diff(dropped) <= SLACK,
+        got.abs_diff(dropped) <= OUTER_SLACK,
         "released {got}, the system got back {dropped}"
     );
     let _ = child.wait();
@@ -114,7 +118,7 @@ fn a_victim_whose_leader_exited_reports_its_memory() {
     let got = released(&r);
     assert!(got + SLACK >= SIZE, "released {got}");
     assert!(
-        got.abs_diff(dropped) <= SLACK,
+        got.abs_diff(dropped) <= OUTER_SLACK,
         "released {got}, the system got back {dropped}"
     );
     let _ = child.wait();
@@ -170,7 +174,7 @@ fn two_concurrent_kills_of_one_victim_count_its_memory_once() {
         "counted {total} for a {size}-byte victim: {a:?} {b:?}"
     );
     assert!(
-        total.abs_diff(dropped) <= SLACK,
+        total.abs_diff(dropped) <= OUTER_SLACK,
         "counted {total}, the system got back {dropped}: {a:?} {b:?}"
     );
     let outcomes: Vec<&str> = [&a, &b]

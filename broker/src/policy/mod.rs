@@ -35,10 +35,53 @@ use serde::Serialize;
 use crate::caller::Caller;
 use crate::target::TargetProcess;
 
+/// What kind of verdict: what an OOM manager branches on (try the next
+/// candidate, back off, report a misconfiguration) without parsing text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Allowed by the kill(2) rule or an allow rule.
+    Allowed,
+    /// A protection holds (init, kernel thread, the broker, oom_score_adj
+    /// -1000, the `protect` section).
+    Protected,
+    /// No rule allows it.
+    NoRule,
+    /// A deny rule refuses it.
+    DeniedByRule,
+    /// The rules allow it but the broker lacks CAP_KILL (degraded mode).
+    Degraded,
+    /// No such process, as far as the caller can see (never says which).
+    NotVisible,
+    /// The caller is over its kill rate or in-flight limit.
+    RateLimited,
+    /// A fact the decision needs could not be verified (the caller's pid
+    /// namespace), so the broker refuses rather than guess.
+    Unverified,
+}
+
+impl DecisionKind {
+    /// The wire name (snake_case), as in the proto and varlink IDL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionKind::Allowed => "allowed",
+            DecisionKind::Protected => "protected",
+            DecisionKind::NoRule => "no_rule",
+            DecisionKind::DeniedByRule => "denied_by_rule",
+            DecisionKind::Degraded => "degraded",
+            DecisionKind::NotVisible => "not_visible",
+            DecisionKind::RateLimited => "rate_limited",
+            DecisionKind::Unverified => "unverified",
+        }
+    }
+}
+
 /// The verdict and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub allowed: bool,
+    /// The verdict's kind, `Allowed` iff `allowed`.
+    pub kind: DecisionKind,
     /// Short name of what decided: a rule name, a protection, or
     /// "no-matching-rule".
     pub rule: String,
@@ -305,6 +348,7 @@ impl Policy {
             return decision;
         }
         Decision {
+            kind: DecisionKind::Degraded,
             allowed: false,
             rule: "degraded:no-cap-kill".into(),
             reason: format!(
@@ -318,6 +362,7 @@ impl Policy {
     fn decide_rules(&self, caller: &Caller, target: &TargetProcess, broker: BrokerFacts) -> Decision {
         if let Some(protection) = self.protection(target, broker) {
             return Decision {
+                kind: DecisionKind::Protected,
                 allowed: false,
                 rule: protection.0,
                 reason: protection.1,
@@ -326,6 +371,7 @@ impl Policy {
         let candidates = self.index.candidates(caller);
         if let Some(rule) = self.first_match(&candidates, caller, target, Action::KillAndReap, true) {
             return Decision {
+                kind: DecisionKind::DeniedByRule,
                 allowed: false,
                 rule: rule.name.clone(),
                 reason: format!(
@@ -356,6 +402,7 @@ impl Policy {
                 )
             };
             return Decision {
+                kind: DecisionKind::Allowed,
                 allowed: true,
                 rule: "kill(2)".into(),
                 reason: format!("allowed by the kill(2) rule: {why}"),
@@ -363,6 +410,7 @@ impl Policy {
         }
         if let Some(rule) = self.first_match(&candidates, caller, target, Action::KillAndReap, false) {
             return Decision {
+                kind: DecisionKind::Allowed,
                 allowed: true,
                 rule: rule.name.clone(),
                 reason: format!("allowed by rule {:?}", rule.name),
@@ -393,6 +441,7 @@ impl Policy {
             ""
         };
         Decision {
+            kind: DecisionKind::NoRule,
             allowed: false,
             rule: "no-matching-rule".into(),
             reason: format!("no rule allows it: {kill_rule}{userns}"),
@@ -407,6 +456,7 @@ impl Policy {
         let candidates = self.index.candidates(caller);
         if let Some(rule) = self.first_match(&candidates, caller, target, Action::Check, true) {
             return Some(Decision {
+                kind: DecisionKind::DeniedByRule,
                 allowed: false,
                 rule: rule.name.clone(),
                 reason: format!(
@@ -434,6 +484,7 @@ impl Policy {
             return None;
         }
         Some(Decision {
+            kind: DecisionKind::NoRule,
             allowed: false,
             rule: "no-check-grant".into(),
             reason: format!("no rule grants caller uid {} `check` over this process", caller.uid),

@@ -419,20 +419,38 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            report_error(json, error_kind(&err), &err.to_string());
+            let refusal = match &err {
+                Error::PermissionDenied(refusal) => Some(refusal),
+                _ => None,
+            };
+            report_refusal(json, error_kind(&err), &err.to_string(), refusal);
             ExitCode::from(exit_code_of(&err))
         }
     }
 }
 
 fn report_error(json: bool, kind: &str, message: &str) {
+    report_refusal(json, kind, message, None);
+}
+
+/// An error, with the broker's typed verdict when it refused.
+fn report_refusal(json: bool, kind: &str, message: &str, refusal: Option<&reapd_client::Refusal>) {
     if json {
         #[derive(Serialize)]
         struct ErrorReply<'a> {
             error: &'a str,
             message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            decision: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            rule: Option<&'a str>,
         }
-        print_json(&ErrorReply { error: kind, message });
+        print_json(&ErrorReply {
+            error: kind,
+            message,
+            decision: refusal.map(|r| r.kind.as_str()),
+            rule: refusal.map(|r| r.rule.as_str()),
+        });
     }
     eprintln!("reapctl: {message}");
 }
