@@ -202,3 +202,24 @@ def test_kill_cgroup_over_grpc(broker, pb):
         for v in victims:
             v.close()
         group.rmdir()
+
+
+def test_refusals_carry_error_info_details(broker, pb):
+    """PERMISSION_DENIED comes with a google.rpc.ErrorInfo (grpcio-status):
+    reason = the decision kind, metadata = kind and rule."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    messages, services = pb
+    with channel(broker) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            services.ReaperStub(ch).KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=1)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status = rpc_status.from_call(err.value)
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert info.reason == "PROTECTED"
+    assert info.domain == "reapd.v1"
+    assert dict(info.metadata) == {"kind": "protected", "rule": "protect:init"}

@@ -147,9 +147,12 @@ fn without_cap_kill_cross_uid_kills_are_refused_as_degraded() {
         r.json["reason"].as_str().unwrap_or_default().contains("degraded mode"),
         "{r:?}"
     );
+    assert_eq!(r.json["kind"], "degraded", "{r:?}");
+    assert_eq!(r.json["rule"], "degraded:no-cap-kill", "{r:?}");
     let r = broker.reapctl(Creds::uid(61045), &["kill", &victim.pid.to_string()]);
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("degraded mode"), "{r:?}");
+    assert_eq!(r.json["decision"], "degraded", "{r:?}");
     assert!(victim.running());
 
     // The broker's own uid still works.
