@@ -106,9 +106,9 @@ pub const FD_PARAMS: &[&str] = &["pidfd"];
 /// one. A connection's fd budget counts this many besides its socket.
 pub const MAX_FDS_PER_CALL: usize = 4;
 
-/// Fds one varlink connection may hold at once: its socket and the fds of
-/// the message being received.
-pub const FDS_PER_CONNECTION: usize = 1 + MAX_FDS_PER_CALL;
+/// Fds one varlink connection may hold at once: its socket, the caller's
+/// pidfd (SO_PEERPIDFD), and the fds of the message being received.
+pub const FDS_PER_CONNECTION: usize = 2 + MAX_FDS_PER_CALL;
 
 /// How long shutdown waits for calls in flight before giving up on them.
 /// Below the unit's `TimeoutStopSec=` (20 s), and above the longest call
