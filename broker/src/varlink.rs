@@ -99,7 +99,10 @@ error ExpectedMore ()
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Parameters whose value is the index of an fd passed with the call. A
-/// call takes exactly the fds these name; others are never installed.
+/// call takes exactly the fds these name; others are never installed. A new
+/// fd parameter (e.g. a pid namespace fd) is added here and taken with a
+/// verifier like [`MessageFds::take_pidfd`]: an fd that fails it goes to the
+/// closer, never back to the caller of `take_*`.
 pub const FD_PARAMS: &[&str] = &["pidfd"];
 
 /// Most fds one message may bring: the highest index a call may name, plus
