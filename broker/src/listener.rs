@@ -53,7 +53,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             max_total: 4096,
             max_per_uid: 256,
-            max_fds: 4096 * 5,
+            max_fds: 4096 * 6,
             reserved: 64,
             idle_timeout: Duration::from_secs(60),
         }

@@ -146,6 +146,28 @@ fn main() -> ExitCode {
     };
 
     let activated = activation.activated();
+    let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
+        let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
+        dir.join(reapd::varlink::INTERFACE)
+    });
+    // Socket-activated without a varlink socket (e.g. systemd-socket-activate
+    // with one -l): serve gRPC only, unless --varlink-socket asks for one.
+    let passed_varlink = activation
+        .take_named(reapd::systemd::VARLINK_FD_NAME)
+        .or_else(|| activation.take_path(&varlink_socket));
+    let varlink_listener = match passed_varlink {
+        Some(listener) => Some(listener),
+        None if activated && args.varlink_socket.is_none() => None,
+        None => match listener::bind(&varlink_socket, 0o666) {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                tracing::error!(socket = %varlink_socket.display(), error = %err, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    // The gRPC socket is bound last: a client that can connect to it (tests,
+    // scripts waiting for the broker) finds the varlink one listening too.
     let passed_grpc = activation
         .take_named(reapd::systemd::GRPC_FD_NAME)
         .or_else(|| activation.take_path(&args.grpc_socket));
@@ -173,26 +195,6 @@ fn main() -> ExitCode {
         ),
     }
 
-    let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
-        let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
-        dir.join(reapd::varlink::INTERFACE)
-    });
-    // Socket-activated without a varlink socket (e.g. systemd-socket-activate
-    // with one -l): serve gRPC only, unless --varlink-socket asks for one.
-    let passed_varlink = activation
-        .take_named(reapd::systemd::VARLINK_FD_NAME)
-        .or_else(|| activation.take_path(&varlink_socket));
-    let varlink_listener = match passed_varlink {
-        Some(listener) => Some(listener),
-        None if activated && args.varlink_socket.is_none() => None,
-        None => match listener::bind(&varlink_socket, 0o666) {
-            Ok(listener) => Some(listener),
-            Err(err) => {
-                tracing::error!(socket = %varlink_socket.display(), error = %err, "cannot listen");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
     for name in activation.leftover_names() {
         tracing::warn!(name = %name, "ignoring a passed socket with an unknown FileDescriptorName");
     }
@@ -305,9 +307,9 @@ fn main() -> ExitCode {
     };
     let grpc_config = AcceptConfig {
         limits,
-        // gRPC never reads ancillary data: fds sent there are dropped by
-        // the kernel and never held.
-        weight: 1,
+        // The socket and the caller's pidfd: gRPC never receives fds (the
+        // kernel refuses them, or drops them unread).
+        weight: 2,
         privileged: Arc::clone(&privileged),
     };
     let varlink_config = AcceptConfig {

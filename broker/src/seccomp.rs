@@ -140,6 +140,8 @@ pub const STARTUP: &[&str] = &[
     "prlimit64",
     "seccomp",
     "set_tid_address",
+    // SO_PASSRIGHTS off on the gRPC listener (main, before the filter).
+    "setsockopt",
     "unlink",
     "unlinkat",
 ];

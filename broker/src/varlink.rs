@@ -102,16 +102,19 @@ error ExpectedMore ()
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Parameters whose value is the index of an fd passed with the call. A
-/// call takes exactly the fds these name; others are never installed.
+/// call takes exactly the fds these name; others are never installed. Each
+/// is taken with a verifier ([`MessageFds::take_pidfd`],
+/// [`MessageFds::take_pid_namespace`]): an fd that fails it goes to the
+/// closer, never back to the caller of `take_*`.
 pub const FD_PARAMS: &[&str] = &["pidfd", "pidns"];
 
 /// Most fds one message may bring: the highest index a call may name, plus
 /// one. A connection's fd budget counts this many besides its socket.
 pub const MAX_FDS_PER_CALL: usize = 4;
 
-/// Fds one varlink connection may hold at once: its socket and the fds of
-/// the message being received.
-pub const FDS_PER_CONNECTION: usize = 1 + MAX_FDS_PER_CALL;
+/// Fds one varlink connection may hold at once: its socket, the caller's
+/// pidfd (SO_PEERPIDFD), and the fds of the message being received.
+pub const FDS_PER_CONNECTION: usize = 2 + MAX_FDS_PER_CALL;
 
 /// How long shutdown waits for calls in flight before giving up on them.
 /// Below the unit's `TimeoutStopSec=` (20 s), and above the longest call

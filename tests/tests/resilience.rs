@@ -319,8 +319,31 @@ fn pipelined_varlink_calls_keep_their_own_fds() {
     assert!(target.running(), "fds sent with one message were used by another");
 }
 
+/// A child killed (and reaped) on drop, so a failing test leaves no broker.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Starts `reapd` by hand on fixed socket paths (a restart keeps the paths).
-fn spawn_reapd(dir: &Path, policy: &Path, log_name: &str, extra: &[&str]) -> Child {
+fn spawn_reapd(dir: &Path, policy: &Path, log_name: &str, extra: &[&str]) -> KillOnDrop {
     let grpc = dir.join("grpc.sock");
     let child = Command::new(bin("reapd"))
         .arg("--grpc-socket")
@@ -339,7 +362,7 @@ fn spawn_reapd(dir: &Path, policy: &Path, log_name: &str, extra: &[&str]) -> Chi
         assert!(Instant::now() < deadline, "restarted broker did not come up");
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
+    KillOnDrop(child)
 }
 
 fn sigterm_and_wait(child: &mut Child) -> Duration {
@@ -888,7 +911,7 @@ fn a_held_connection_keeps_a_socket_activated_broker_warm() {
                 Ok(())
             });
         }
-        command.spawn().unwrap()
+        KillOnDrop(command.spawn().unwrap())
     };
     let wait_exit = |child: &mut Child, timeout: Duration| {
         let deadline = Instant::now() + timeout;

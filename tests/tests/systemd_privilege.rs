@@ -66,6 +66,12 @@ fn root_by_hand_keeps_only_cap_kill_and_switches_user() {
     }
     assert_eq!(status_field(pid, "CapInh"), "0000000000000000");
     assert_eq!(status_field(pid, "CapAmb"), "0000000000000000");
+    // The filter goes on after the privilege drop (and the feature probe).
+    assert!(wait_for_log(
+        &broker.log,
+        "seccomp allow-list installed",
+        Duration::from_secs(20)
+    ));
     assert_eq!(status_field(pid, "Seccomp"), "2", "own seccomp filter");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
 
