@@ -269,15 +269,7 @@ impl Engine {
         spec: TargetSpec,
         pidns: Option<OwnedFd>,
     ) -> Result<TargetProcess, EngineError> {
-        // The namespace fd moves to the blocking pool with the work: a dup
-        // of the caller's, whose connection may outlive this request or not.
-        let ns = match target::caller_namespace(caller, pidns.as_ref())? {
-            Namespace::Broker => None,
-            Namespace::Child(fd) => Some(
-                fd.try_clone_to_owned()
-                    .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}")))?,
-            ),
-        };
+        let ns = owned_namespace(caller, pidns.as_ref())?;
         let features = Arc::clone(&self.features);
         run_blocking(move || {
             let ns = ns.as_ref().map_or(Namespace::Broker, |fd| Namespace::Child(fd.as_fd()));
@@ -437,12 +429,8 @@ impl Engine {
     ) -> Result<GroupReport, EngineError> {
         let started = Instant::now();
         let action = "kill-cgroup";
-        let ns = match target::caller_namespace(caller, request.pidns.as_ref()) {
-            Ok(Namespace::Broker) => None,
-            Ok(Namespace::Child(fd)) => Some(
-                fd.try_clone_to_owned()
-                    .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}")))?,
-            ),
+        let ns = match owned_namespace(caller, request.pidns.as_ref()) {
+            Ok(ns) => ns,
             Err(err) => {
                 audit_refusal(action, caller, &err, started);
                 return Err(err);
@@ -571,12 +559,8 @@ impl Engine {
         pidns: Option<OwnedFd>,
     ) -> Result<CandidatesReport, EngineError> {
         let started = Instant::now();
-        let ns = match target::caller_namespace(caller, pidns.as_ref()) {
-            Ok(Namespace::Broker) => None,
-            Ok(Namespace::Child(fd)) => Some(
-                fd.try_clone_to_owned()
-                    .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}")))?,
-            ),
+        let ns = match owned_namespace(caller, pidns.as_ref()) {
+            Ok(ns) => ns,
             Err(err) => {
                 audit_refusal("candidates", caller, &err, started);
                 return Err(err);
@@ -629,6 +613,20 @@ impl CallerSummary {
             uid: caller.uid,
             comm: caller.comm.clone(),
         }
+    }
+}
+
+/// The caller's pid namespace for one request, as an fd the request owns
+/// (`None`: the broker's own). Owned because it moves to the blocking pool
+/// with the work: a dup of the caller's, whose connection may outlive this
+/// request or not.
+fn owned_namespace(caller: &Caller, proof: Option<&OwnedFd>) -> Result<Option<OwnedFd>, EngineError> {
+    match target::caller_namespace(caller, proof)? {
+        Namespace::Broker => Ok(None),
+        Namespace::Child(fd) => fd
+            .try_clone_to_owned()
+            .map(Some)
+            .map_err(|err| EngineError::Internal(format!("dup of the caller's pid namespace fd: {err}"))),
     }
 }
 

@@ -377,41 +377,11 @@ impl Client {
         target: Target,
         wait_for_exit: Option<Duration>,
     ) -> Result<KillReport, Error> {
-        let request = |target: Target| pb::KillAndReapRequest {
-            target: Some(target.into()),
-            wait_for_exit_ms: wait_for_exit.map(|w| w.as_millis().min(u32::MAX as u128) as u32),
-            grace_ms: None,
-            reap_delay_ms: None,
+        let options = KillOptions {
+            wait_for_exit,
+            ..KillOptions::default()
         };
-        // Read before the first attempt: what a retry is pinned to.
-        let retry_target = match target.start_time {
-            Some(_) => Some(target),
-            None => Target::pinned(target.pid).ok(),
-        };
-        let reply = match self.inner.kill_and_reap(request(target)).await {
-            Ok(reply) => reply,
-            Err(status) if is_transport_failure(&status) => match retry_target {
-                Some(pinned) => {
-                    self.reconnect().await?;
-                    self.inner.kill_and_reap(request(pinned)).await?
-                }
-                None => return Err(status.into()),
-            },
-            Err(status) => return Err(status.into()),
-        }
-        .into_inner();
-        Ok(KillReport {
-            outcome: outcome_name(reply.outcome),
-            not_reaped_reason: reply.not_reaped_reason,
-            kill_path: kill_path_name(reply.kill_path),
-            target: reply.target.map(Into::into),
-            memory_before: reply.memory_before.map(Into::into).unwrap_or_default(),
-            bytes_released: reply.bytes_released,
-            kill_to_reap_ns: reply.kill_to_reap_ns,
-            exited: reply.exited,
-            rule: reply.rule,
-            reap_retries: reply.reap_retries,
-        })
+        self.kill_and_reap_with(target, options).await
     }
 
     /// Whether the broker would kill `target` for this caller, and why.
