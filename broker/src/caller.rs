@@ -92,14 +92,15 @@ pub enum IdentifyError {
 }
 
 /// The number of `NSpid` entries of the broker itself: 1 when its `/proc`
-/// belongs to its own pid namespace, as the rules below assume.
+/// belongs to its own pid namespace, as the rules below assume; 0 on a
+/// kernel built without pid namespaces (no `NSpid` line: one namespace
+/// only); `None` if the broker cannot read its own status.
 fn own_ns_depth() -> Option<usize> {
     static DEPTH: OnceLock<Option<usize>> = OnceLock::new();
     *DEPTH.get_or_init(|| {
         procfs::read_status(std::process::id() as i32)
             .ok()
             .map(|s| s.ns_pids.len())
-            .filter(|n| *n > 0)
     })
 }
 
@@ -206,12 +207,15 @@ impl Caller {
 /// re-validated by the caller's pidfd) and, for a child namespace, an fd for
 /// it if the kernel lets the broker open one.
 fn pidns_of(status: &procfs::Status, pidfd: BorrowedFd<'_>) -> CallerPidns {
-    let Some(own) = own_ns_depth() else {
-        return CallerPidns::Unknown;
-    };
-    if own != 1 || status.ns_pids.is_empty() {
-        // The broker's /proc is not its own pid namespace's: NSpid depths
-        // say nothing about the broker's namespace.
+    match own_ns_depth() {
+        // A kernel without CONFIG_PID_NS prints no NSpid: there is only one
+        // pid namespace, the broker's.
+        Some(0) => return CallerPidns::Broker,
+        Some(1) => {}
+        _ => return CallerPidns::Unknown,
+    }
+    if status.ns_pids.is_empty() {
+        // Ours has NSpid and the caller's has none: nothing to go on.
         return CallerPidns::Unknown;
     }
     let level = status.ns_pids.len() - 1;
