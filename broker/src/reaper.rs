@@ -208,9 +208,14 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath, options: KillOption
     // The system's own counters, not the target's: a reap of pages a
     // survivor still maps (copy-on-write after fork) frees nothing.
     let system_after = procfs::system_anon_and_swap().ok();
-    if let (Some(before), Some(after)) = (system_before, system_after) {
-        report.bytes_released = before.saturating_sub(after).min(memory_before.reapable_bytes());
-    }
+    report.bytes_released = match (system_before, system_after) {
+        (Some(before), Some(after)) => before.saturating_sub(after).min(memory_before.reapable_bytes()),
+        // No system counters readable (a sandbox hiding both /proc/meminfo
+        // and /sys): the victim's own anon + swap, an upper bound, for what
+        // the reap tore down.
+        _ if reaped.is_ok() => memory_before.reapable_bytes(),
+        _ => 0,
+    };
     match reaped {
         Ok(()) => {}
         Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
