@@ -80,6 +80,9 @@ fn systemd_socket_activate_starts_the_broker_which_exits_when_idle() {
         // mistake from touching /run/reapd.
         .arg("--grpc-socket")
         .arg(dir.path().join("unused.sock"))
+        // Hermetic: never the host's /etc/reapd/policy.toml.
+        .arg("--policy")
+        .arg(empty_policy(dir.path()))
         .arg("--idle-exit-secs=1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -117,6 +120,14 @@ fn systemd_socket_activate_starts_the_broker_which_exits_when_idle() {
     assert!(log_of(&log).contains("idle with no connections"), "{}", log_of(&log));
 }
 
+/// An empty policy file in `dir` (the built-in default), so no test broker
+/// reads the host's /etc.
+fn empty_policy(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, "").unwrap();
+    path
+}
+
 /// Starts `reapd` as systemd would: `listener` as fd 3, LISTEN_FDS=1,
 /// LISTEN_FDNAMES=grpc, LISTEN_PID = the broker's own pid (sh sets it to
 /// its `$$` and execs, which keeps the pid).
@@ -129,6 +140,8 @@ fn activate(listener: &UnixListener, dir: &Path, log: &Path) -> Child {
         .arg(bin("reapd"))
         .arg("--grpc-socket")
         .arg(dir.join("unused.sock"))
+        .arg("--policy")
+        .arg(empty_policy(dir))
         .arg("--idle-exit-secs=1")
         .env("LISTEN_FDS", "1")
         .env("LISTEN_FDNAMES", "grpc")
