@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport};
 use crate::error::EngineError;
+use crate::events::{EventHub, KillKind, KillRecord, Requester, Subscription, VictimOutcome};
 use crate::features::{KernelFeatures, KillPath};
 use crate::group::{self, GroupReport, GroupSpec};
 use crate::limits::{KillLimits, Limiter};
@@ -79,6 +80,8 @@ pub struct Engine {
     kills: Arc<KillTracker>,
     /// Per-uid rate limit on CheckPermission audit records.
     check_audit: CheckAuditGate,
+    /// Kill-event subscribers (`WatchKills`).
+    events: Arc<EventHub>,
 }
 
 /// Counts kill tasks in flight so shutdown can wait for each one to finish
@@ -180,6 +183,7 @@ impl Engine {
             },
             kills: Arc::default(),
             check_audit: CheckAuditGate::default(),
+            events: Arc::default(),
         }
     }
 
@@ -205,6 +209,35 @@ impl Engine {
                         .iter()
                         .any(|s| std::iter::once(&gid).chain(groups).any(|g| s.lo <= *g && *g <= s.hi)))
         })
+    }
+
+    /// Subscribes `caller` to kill events (see [`crate::events`]): it
+    /// receives one event per later kill of a process it is entitled to
+    /// see. Errors: RESOURCE_EXHAUSTED over the subscription caps.
+    pub fn watch_kills(&self, caller: &Arc<Caller>) -> Result<Subscription, EngineError> {
+        let subscription = self.events.subscribe(Arc::clone(caller));
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "decision",
+            action = "watch",
+            caller_pid = caller.pid,
+            caller_uid = caller.uid,
+            caller_comm = caller.comm.as_str(),
+            allowed = subscription.is_ok(),
+            reason = %subscription.as_ref().err().map(EngineError::message).unwrap_or_default(),
+        );
+        subscription
+    }
+
+    /// Ends every kill-event subscription and refuses new ones: called at
+    /// shutdown, so streams that would never end do not hold it up.
+    pub fn close_event_streams(&self) {
+        self.events.close();
+    }
+
+    /// Kill-event subscriptions open now.
+    pub fn event_subscribers(&self) -> usize {
+        self.events.subscribers()
     }
 
     /// Kill tasks in flight (started, outcome not yet audited).
@@ -329,10 +362,9 @@ impl Engine {
                 return Err(err);
             }
         };
-        let policy = self.policy.load();
+        let policy = self.policy.load_full();
         let decision = self.decide(&policy, caller, &target);
         let policy_reap_delay = policy.reap_delay;
-        drop(policy);
         if !decision.allowed {
             audit_decision("kill", caller, &target, &decision, started);
             return Err(EngineError::refused(&decision));
@@ -366,6 +398,8 @@ impl Engine {
                 .min(reaper::MAX_REAP_DELAY),
         };
         let audit_caller = CallerSummary::of(caller);
+        let requester = Requester::of(caller);
+        let events = Arc::clone(&self.events);
         let rule = decision.rule;
         self.kills.running.fetch_add(1, Ordering::SeqCst);
         let tracked = KillGuard(Arc::clone(&self.kills));
@@ -399,6 +433,27 @@ impl Engine {
                 exited,
             };
             audit_outcome(&audit_caller, &report, started);
+            events.publish(
+                &policy,
+                KillRecord {
+                    kind: KillKind::Process,
+                    requester,
+                    rule: &report.rule,
+                    cgroup: "",
+                    kill_path: report.reap.kill_path,
+                    victims: vec![(
+                        &report.target,
+                        VictimOutcome {
+                            memory_before: report.reap.memory_before,
+                            outcome: report.reap.outcome,
+                            not_reaped_reason: report.reap.not_reaped_reason.clone(),
+                        },
+                    )],
+                    bytes_released: report.reap.bytes_released,
+                    kill_to_reap: report.reap.kill_to_reap,
+                    elapsed: started.elapsed(),
+                },
+            );
             Ok(report)
         });
         work.await
@@ -462,9 +517,13 @@ impl Engine {
             return Err(err);
         }
         let policy = self.policy.load_full();
+        // The rules that allowed the members, for the kill event.
+        let mut rules = std::collections::BTreeSet::new();
         for member in &members {
             let decision = self.decide(&policy, caller, member);
-            if !decision.allowed {
+            if decision.allowed {
+                rules.insert(decision.rule.clone());
+            } else {
                 audit_decision(action, caller, member, &decision, started);
                 return Err(EngineError::PermissionDenied {
                     kind: decision.kind,
@@ -505,6 +564,10 @@ impl Engine {
         let features = Arc::clone(&self.features);
         let caller = Arc::clone(caller);
         let broker = self.broker;
+        let events = Arc::clone(&self.events);
+        let event_policy = Arc::clone(&policy);
+        let rules = rules.into_iter().collect::<Vec<_>>().join(",");
+        let kill_path = self.features.kill_path();
         self.kills.running.fetch_add(1, Ordering::SeqCst);
         let tracked = KillGuard(Arc::clone(&self.kills));
         let work = tokio::spawn(async move {
@@ -512,6 +575,7 @@ impl Engine {
             // Shutdown waits for this group's outcome record too.
             let _tracked = tracked;
             let audit_caller = CallerSummary::of(&caller);
+            let requester = Requester::of(&caller);
             let report = run_blocking(move || {
                 let ns = ns
                     .as_deref()
@@ -542,7 +606,39 @@ impl Engine {
                 kill_to_reap_us = report.kill_to_reap.as_micros() as u64,
                 elapsed_us = started.elapsed().as_micros() as u64,
             );
-            Ok(report)
+            // Entitlement is checked per member and per subscriber: off the
+            // executor, as a big group meets many subscribers.
+            run_blocking(move || {
+                events.publish(
+                    &event_policy,
+                    KillRecord {
+                        kind: KillKind::Cgroup,
+                        requester,
+                        rule: &rules,
+                        cgroup: &report.cgroup,
+                        kill_path,
+                        victims: report
+                            .members
+                            .iter()
+                            .map(|m| {
+                                (
+                                    &m.target,
+                                    VictimOutcome {
+                                        memory_before: m.memory_before,
+                                        outcome: m.outcome,
+                                        not_reaped_reason: m.not_reaped_reason.clone(),
+                                    },
+                                )
+                            })
+                            .collect(),
+                        bytes_released: report.bytes_released,
+                        kill_to_reap: report.kill_to_reap,
+                        elapsed: started.elapsed(),
+                    },
+                );
+                Ok(report)
+            })
+            .await
         });
         work.await
             .unwrap_or_else(|join| Err(EngineError::Internal(format!("group kill task failed: {join}"))))

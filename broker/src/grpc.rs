@@ -17,13 +17,14 @@ use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport, SortKey};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
+use crate::events::{KillEvent, KillKind, Subscription};
 use crate::features::KillPath;
 use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
 use crate::policy::DecisionKind;
 use crate::procfs::Memory;
 use crate::reaper::Outcome;
-use crate::target::{TargetProcess, TargetSpec};
+use crate::target::{ProcessInfo, TargetSpec};
 
 /// Largest request the broker decodes. Real requests are a few bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
@@ -102,16 +103,16 @@ pub fn status_of(err: EngineError) -> Status {
     status
 }
 
-fn process_info(target: &TargetProcess) -> pb::ProcessInfo {
+fn process_info(process: ProcessInfo) -> pb::ProcessInfo {
     pb::ProcessInfo {
-        pid: target.caller_pid,
-        uid: target.ruid,
-        euid: target.euid,
-        suid: target.suid,
-        gid: target.gid,
-        comm: target.comm.clone(),
-        start_time: target.start_time,
-        cgroup: target.cgroup_path().to_string(),
+        pid: process.pid,
+        uid: process.ruid,
+        euid: process.euid,
+        suid: process.suid,
+        gid: process.gid,
+        comm: process.comm,
+        start_time: process.start_time,
+        cgroup: process.cgroup,
     }
 }
 
@@ -138,7 +139,7 @@ fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
         outcome: outcome(report.reap.outcome) as i32,
         not_reaped_reason: report.reap.not_reaped_reason,
         kill_path: kill_path(report.reap.kill_path) as i32,
-        target: Some(process_info(&report.target)),
+        target: Some(process_info(report.target.info())),
         memory_before: Some(memory(&report.reap.memory_before)),
         bytes_released: report.reap.bytes_released,
         kill_to_reap_ns: report.reap.kill_to_reap.as_nanos() as u64,
@@ -163,7 +164,7 @@ fn candidates_reply(report: CandidatesReport) -> pb::ListCandidatesResponse {
             .processes
             .iter()
             .map(|c| pb::Candidate {
-                process: Some(process_info(&c.target)),
+                process: Some(process_info(c.target.info())),
                 memory: Some(memory(&c.memory)),
                 unique_bytes: c.unique_bytes(),
                 oom_score: c.oom_score,
@@ -192,24 +193,69 @@ fn group_reply(report: GroupReport) -> pb::KillCgroupResponse {
             .members
             .iter()
             .map(|m| pb::MemberReport {
-                process: Some(process_info(&m.target)),
+                process: Some(process_info(m.target.info())),
                 memory_before: Some(memory(&m.memory_before)),
                 outcome: outcome(m.outcome) as i32,
                 not_reaped_reason: m.not_reaped_reason.clone(),
             })
             .collect(),
-        refused_newcomers: report.refused_newcomers.iter().map(process_info).collect(),
+        refused_newcomers: report
+            .refused_newcomers
+            .iter()
+            .map(|t| process_info(t.info()))
+            .collect(),
         bytes_released: report.bytes_released,
         kill_to_reap_ns: report.kill_to_reap.as_nanos() as u64,
         passes: report.passes,
     }
 }
 
+fn kill_event(event: KillEvent) -> pb::KillEvent {
+    pb::KillEvent {
+        sequence: event.sequence,
+        time_unix_ns: unix_ns(event.time),
+        kind: match event.kind {
+            KillKind::Process => pb::KillKind::Process,
+            KillKind::Cgroup => pb::KillKind::Cgroup,
+        } as i32,
+        requester: Some(pb::Requester {
+            pid: event.requester.pid,
+            uid: event.requester.uid,
+            comm: event.requester.comm,
+        }),
+        rule: event.rule,
+        cgroup: event.cgroup,
+        kill_path: kill_path(event.kill_path) as i32,
+        victims: event
+            .victims
+            .into_iter()
+            .map(|v| pb::Victim {
+                process: Some(process_info(v.process)),
+                memory_before: Some(memory(&v.memory_before)),
+                outcome: outcome(v.outcome) as i32,
+                not_reaped_reason: v.not_reaped_reason,
+                seen_as: v.seen_as,
+            })
+            .collect(),
+        complete: event.complete,
+        bytes_released: event.bytes_released,
+        kill_to_reap_ns: event.kill_to_reap.as_nanos() as u64,
+        elapsed_ns: event.elapsed.as_nanos() as u64,
+        dropped: event.dropped,
+    }
+}
+
+/// Nanoseconds since the Unix epoch (0 before it).
+fn unix_ns(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn permission_reply(report: PermissionReport) -> pb::CheckPermissionResponse {
     pb::CheckPermissionResponse {
         allowed: report.decision.allowed,
         reason: report.decision.reason,
-        target: Some(process_info(&report.target)),
+        target: Some(process_info(report.target.info())),
         kind: decision_kind(report.decision.kind) as i32,
         rule: report.decision.rule,
     }
@@ -243,8 +289,32 @@ fn capabilities_reply(caps: Capabilities) -> pb::GetCapabilitiesResponse {
     }
 }
 
+/// A `WatchKills` response stream: the subscription's events, mapped.
+pub type KillEventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::KillEvent, Status>> + Send>>;
+
+fn event_stream(subscription: Subscription) -> KillEventStream {
+    Box::pin(futures_util::stream::unfold(
+        subscription,
+        |mut subscription| async move {
+            let event = subscription.next().await?;
+            Some((Ok(kill_event(event)), subscription))
+        },
+    ))
+}
+
 #[tonic::async_trait]
 impl Reaper for GrpcReaper {
+    type WatchKillsStream = KillEventStream;
+
+    async fn watch_kills(
+        &self,
+        request: Request<pb::WatchKillsRequest>,
+    ) -> Result<Response<Self::WatchKillsStream>, Status> {
+        let caller = caller_of(&request)?;
+        let subscription = self.engine.watch_kills(&caller).map_err(status_of)?;
+        Ok(Response::new(event_stream(subscription)))
+    }
+
     async fn kill_and_reap(
         &self,
         request: Request<pb::KillAndReapRequest>,

@@ -24,6 +24,7 @@ pub mod cgroup;
 pub mod closer;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod features;
 pub mod group;
 pub mod grpc;

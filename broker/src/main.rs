@@ -339,6 +339,7 @@ fn main() -> ExitCode {
         // One stop signal for both transports: SIGTERM/SIGINT, or idle exit.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stop_rx_for_grace = stop_rx.clone();
+        let stop_rx_for_events = stop_rx.clone();
         let idle_counter = Arc::clone(&counter);
         tokio::spawn(async move {
             match idle_exit {
@@ -401,6 +402,16 @@ fn main() -> ExitCode {
                 }
             }
         };
+        // Kill-event streams never end by themselves: end them once the
+        // kills in flight have finished (and published their events), so
+        // subscribers hear every kill and the transports can stop.
+        let events_engine = Arc::clone(&engine);
+        let mut events_rx = stop_rx_for_events;
+        tokio::spawn(async move {
+            let _ = events_rx.wait_for(|stop| *stop).await;
+            events_engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await;
+            events_engine.close_event_streams();
+        });
         let summaries = Arc::clone(&engine);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -30,9 +30,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod events;
 pub mod manager;
 pub mod varlink;
 
+pub use events::{KillEvent, KillEvents, Requester, Victim};
 pub use manager::{Candidates, CandidatesQuery, Group, GroupReport, KillOptions, SortKey};
 
 use std::path::{Path, PathBuf};

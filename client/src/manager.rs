@@ -297,7 +297,7 @@ impl crate::blocking::Client {
 
 // ---- varlink ----
 
-fn memory_of(v: &Value) -> MemoryUsage {
+pub(crate) fn memory_of(v: &Value) -> MemoryUsage {
     let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     MemoryUsage {
         anon_bytes: n("anonBytes"),

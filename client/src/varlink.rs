@@ -175,6 +175,54 @@ pub struct Client {
     reconnects: u64,
 }
 
+/// A reply's parameters, or the broker's error.
+fn reply_parameters(reply: Value) -> Result<Value, Error> {
+    let mut reply = match reply {
+        Value::Object(reply) => reply,
+        other => return Err(Error::Protocol(format!("reply is not an object: {other}"))),
+    };
+    let parameters = reply.remove("parameters").unwrap_or_else(|| Value::Object(Map::new()));
+    match reply.remove("error") {
+        Some(Value::String(name)) => Err(Error::Reply { name, parameters }),
+        Some(other) => Err(Error::Protocol(format!("error name is not a string: {other}"))),
+        None => Ok(parameters),
+    }
+}
+
+/// A varlink kill-event subscription ([`Client::watch_kills`]); it owns the
+/// connection.
+#[derive(Debug)]
+pub struct KillEvents {
+    client: Client,
+}
+
+/// Yields each event as it comes (blocking) and ends when the broker closes
+/// the stream (it is shutting down).
+impl Iterator for KillEvents {
+    type Item = Result<crate::events::KillEvent, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let reply = match self.client.receive() {
+            Ok(reply) => reply,
+            Err(err) if is_disconnect(&err) => return None,
+            Err(err) => return Some(Err(err)),
+        };
+        Some(
+            reply_parameters(reply).and_then(|parameters| match parameters.get("event") {
+                Some(event) => Ok(crate::events::from_varlink(event)),
+                None => Err(Error::Protocol(format!("expected an event, got {parameters}"))),
+            }),
+        )
+    }
+}
+
+impl KillEvents {
+    /// The connection's fd, to wait for readiness (poll) before `next`.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.client.stream.as_fd()
+    }
+}
+
 /// The transport failed (not a reply from the broker).
 fn is_disconnect(err: &Error) -> bool {
     match err {
@@ -261,16 +309,26 @@ impl Client {
             }
             other => other?,
         };
-        let mut reply = match reply {
-            Value::Object(reply) => reply,
-            other => return Err(Error::Protocol(format!("reply is not an object: {other}"))),
-        };
-        let parameters = reply.remove("parameters").unwrap_or_else(|| Value::Object(Map::new()));
-        match reply.remove("error") {
-            Some(Value::String(name)) => Err(Error::Reply { name, parameters }),
-            Some(other) => Err(Error::Protocol(format!("error name is not a string: {other}"))),
-            None => Ok(parameters),
+        reply_parameters(reply)
+    }
+
+    /// Subscribes to kill events (see [`crate::events`]), giving this
+    /// connection to the stream: returns once the broker says the
+    /// subscription exists (its `ready` reply), so every kill that completes
+    /// afterwards and that the caller may see is delivered.
+    pub fn watch_kills(mut self) -> Result<KillEvents, Error> {
+        let mut message = serde_json::to_vec(&json!({ "method": "io.reapd.Reaper.WatchKills", "more": true }))
+            .expect("a serde_json::Value always serializes");
+        message.push(0);
+        if self.broker_hung_up() {
+            self.reconnect()?;
         }
+        self.send(&message, &[])?;
+        let first = reply_parameters(self.receive()?)?;
+        if first.get("ready").and_then(Value::as_bool) != Some(true) {
+            return Err(Error::Protocol(format!("expected the ready reply, got {first}")));
+        }
+        Ok(KillEvents { client: self })
     }
 
     fn send(&mut self, message: &[u8], fds: &[&OwnedFd]) -> Result<(), Error> {

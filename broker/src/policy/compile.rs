@@ -459,15 +459,16 @@ impl<'a> Checker<'a> {
                 false
             }
         };
-        let (mut kill, mut check) = (false, false);
+        let (mut kill, mut check, mut watch) = (false, false, false);
         if self.nonempty(&r.actions, "actions") {
             for action in r.actions.get_ref() {
                 match action.get_ref().as_str() {
                     "kill-and-reap" => kill = true,
                     "check" => check = true,
+                    "watch" => watch = true,
                     other => self.err(
                         action.span(),
-                        format!("unknown action {other:?}: expected \"kill-and-reap\" or \"check\""),
+                        format!("unknown action {other:?}: expected \"kill-and-reap\", \"check\" or \"watch\""),
                     ),
                 }
             }
@@ -506,6 +507,7 @@ impl<'a> Checker<'a> {
             deny,
             kill,
             check,
+            watch,
             caller,
             target,
         })

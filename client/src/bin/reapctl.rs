@@ -21,8 +21,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use reapd_client::varlink::{self, VarlinkTarget};
 use reapd_client::{
-    blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillOptions, KillReport,
-    Permission, Target, DEFAULT_SOCKET,
+    blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillEvent, KillOptions,
+    KillReport, Permission, Target, DEFAULT_SOCKET,
 };
 use serde::Serialize;
 
@@ -104,6 +104,14 @@ enum Command {
         /// Entries to skip (the previous page's next offset).
         #[arg(long, default_value_t = 0)]
         offset: u32,
+    },
+    /// Print kills as they happen: those of my own processes, or all that a
+    /// `watch` grant (or root) lets me see. One line per kill (with --json,
+    /// one JSON object per line). Runs until the broker stops, or N events.
+    Watch {
+        /// Exit after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
 }
 
@@ -226,7 +234,11 @@ fn run(args: Args) -> Result<u8, Error> {
             args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET)),
         )?))
     };
+    if let Command::Watch { count } = args.command {
+        return watch(client, count, args.json);
+    }
     match args.command {
+        Command::Watch { .. } => unreachable!("handled above"),
         Command::Kill { cgroup: Some(_), .. } | Command::Kill { unit: Some(_), .. } => {
             let Command::Kill {
                 cgroup,
@@ -411,6 +423,82 @@ fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
     }
+}
+
+/// `reapctl watch`: prints events until the stream ends or `count` came.
+fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
+    let print = |event: &KillEvent| {
+        if json {
+            outln!("{}", serde_json::to_string(event).expect("events serialize"));
+            return;
+        }
+        if event.dropped > 0 {
+            outln!("({} events dropped: this watcher read too slowly)", event.dropped);
+        }
+        let what = if event.kind == "cgroup" {
+            format!("cgroup {}", event.cgroup)
+        } else {
+            "process".to_string()
+        };
+        let partial = if event.complete {
+            ""
+        } else {
+            " (partial: not all victims shown)"
+        };
+        outln!(
+            "#{} {what} killed by uid {} ({}, pid {}) under rule {}: {} released in {:.1} ms{partial}",
+            event.sequence,
+            event.requester.uid,
+            event.requester.comm,
+            event.requester.pid,
+            event.rule,
+            mib(event.bytes_released),
+            event.kill_to_reap_ns as f64 / 1e6,
+        );
+        for v in &event.victims {
+            if let Some(p) = &v.process {
+                outln!(
+                    "  pid {} {} (uid {}, {}): {}, {} anon before",
+                    p.pid,
+                    p.comm,
+                    p.uid,
+                    p.cgroup,
+                    v.outcome,
+                    mib(v.memory_before.anon_bytes)
+                );
+            }
+        }
+    };
+    let mut seen = 0u64;
+    let done = |seen: u64| count.is_some_and(|n| seen >= n);
+    if done(0) {
+        return Ok(0);
+    }
+    match client {
+        Backend::Grpc(mut c) => {
+            let events = c.watch_kills()?;
+            eprintln!("reapctl: watching kill events");
+            for event in events {
+                print(&event?);
+                seen += 1;
+                if done(seen) {
+                    break;
+                }
+            }
+        }
+        Backend::Varlink(c) => {
+            let events = c.watch_kills()?;
+            eprintln!("reapctl: watching kill events");
+            for event in events {
+                print(&event?);
+                seen += 1;
+                if done(seen) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn main() -> ExitCode {
