@@ -220,8 +220,8 @@ unsafe fn become_creds(creds: Creds) -> bool {
         && libc::syscall(libc::SYS_setresuid, creds.ruid, creds.euid, creds.suid) == 0
 }
 
-/// Runs `command` (waiting for it) with `creds`.
-pub fn run_as(creds: Creds, command: &mut Command) -> Output {
+/// Makes `command` take `creds` in its child, before exec.
+fn with_creds(creds: Creds, command: &mut Command) -> &mut Command {
     if creds != Creds::ROOT {
         // SAFETY: pre_exec runs in the forked child before exec; become_creds
         // makes only raw syscalls.
@@ -235,7 +235,17 @@ pub fn run_as(creds: Creds, command: &mut Command) -> Output {
             });
         }
     }
-    command.stdin(Stdio::null()).output().expect("run command")
+    command.stdin(Stdio::null())
+}
+
+/// Runs `command` (waiting for it) with `creds`.
+pub fn run_as(creds: Creds, command: &mut Command) -> Output {
+    with_creds(creds, command).output().expect("run command")
+}
+
+/// Starts `command` (without waiting) with `creds`.
+pub fn spawn_as(creds: Creds, command: &mut Command) -> Child {
+    with_creds(creds, command).spawn().expect("spawn command")
 }
 
 /// A process with chosen credentials, optionally holding memory, killed
