@@ -223,3 +223,27 @@ def test_refusals_carry_error_info_details(broker, pb):
     assert info.reason == "PROTECTED"
     assert info.domain == "reapd.v1"
     assert dict(info.metadata) == {"kind": "protected", "rule": "protect:init"}
+
+
+def test_watch_kills_streams_one_event_per_kill(broker, pb, victim):
+    """A server stream from grpcio: subscribed once the initial metadata
+    arrives; the kill's event says what the kill's reply said."""
+    messages, services = pb
+    with channel(broker) as ch:
+        stub = services.ReaperStub(ch)
+        events = stub.WatchKills(messages.WatchKillsRequest(), timeout=30)
+        events.initial_metadata()  # the subscription exists from here on
+        reply = stub.KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=victim.pid)), timeout=10)
+        event = next(events)
+        events.cancel()
+    assert event.kind == messages.KILL_KIND_PROCESS
+    assert event.sequence == 1
+    assert event.complete and event.dropped == 0
+    assert event.rule == reply.rule == "kill(2)"
+    assert event.requester.uid == 0
+    assert event.bytes_released == reply.bytes_released
+    (v,) = event.victims
+    assert v.process.pid == victim.pid
+    assert v.outcome == reply.outcome
+    assert v.seen_as == "root"
+    assert v.memory_before.anon_bytes >= 4 << 20

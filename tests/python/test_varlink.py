@@ -211,3 +211,22 @@ def test_oneway_kill_is_honoured(broker):
         assert v.proc.wait(timeout=10) == -9
     finally:
         v.close()
+
+
+def test_watch_kills_with_more(broker, victim):
+    """`more` from the reference Python client: the first reply says the
+    subscription exists, then one reply per kill, each with continues."""
+    with client(broker) as c, c.open("io.reapd.Reaper") as watcher:
+        replies = watcher.WatchKills(_more=True)
+        assert next(replies) == {"ready": True}
+        with client(broker) as c2, c2.open("io.reapd.Reaper") as killer:
+            report = killer.KillAndReap(pid=victim.pid)
+        event = next(replies)["event"]
+    assert event["kind"] == "process"
+    assert event["rule"] == report["rule"]
+    assert event["bytesReleased"] == report["bytesReleased"]
+    (v,) = event["victims"]
+    assert v["process"]["pid"] == victim.pid
+    assert v["outcome"] == report["outcome"]
+    assert v["seenAs"] == "root"
+    assert victim.proc.wait(timeout=10) == -9
