@@ -636,6 +636,8 @@ impl Engine {
                         elapsed: started.elapsed(),
                     },
                 );
+                let mut report = report;
+                report.truncate_for_reply();
                 Ok(report)
             })
             .await

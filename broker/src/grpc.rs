@@ -29,6 +29,13 @@ use crate::target::{ProcessInfo, TargetSpec};
 /// Largest request the broker decodes. Real requests are a few bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 
+/// Largest reply the broker encodes. The largest are a group kill's (its
+/// member list is bounded by `group::MAX_REPORTED_BYTES`) and a candidates
+/// page (1,000 entries); both stay far below it and below the 4 MiB every
+/// gRPC client accepts by default. A reply that did not fit would fail
+/// after its kill was done, so the bound is on what replies list.
+pub const MAX_REPLY_BYTES: usize = 4 << 20;
+
 impl Connected for PeerStream {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -207,6 +214,7 @@ fn group_reply(report: GroupReport) -> pb::KillCgroupResponse {
         bytes_released: report.bytes_released,
         kill_to_reap_ns: report.kill_to_reap.as_nanos() as u64,
         passes: report.passes,
+        members_total: report.members_total as u32,
     }
 }
 
@@ -416,7 +424,7 @@ pub async fn serve(
     let features = Arc::clone(engine.features());
     let reaper = ReaperServer::new(GrpcReaper { engine })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(64 * 1024);
+        .max_encoding_message_size(MAX_REPLY_BYTES);
 
     let (sender, receiver) = mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
     let idle = config.limits.idle_timeout;

@@ -284,6 +284,7 @@ fn group_reply(report: GroupReport) -> Value {
         "bytesReleased": report.bytes_released,
         "killToReapNs": u64::try_from(report.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
         "passes": report.passes,
+        "membersTotal": report.members_total,
     })
 }
 

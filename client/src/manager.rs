@@ -49,7 +49,11 @@ pub struct MemberReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupReport {
     pub cgroup: String,
+    /// The killed members, at most 10,000 listed (`members_total` counts
+    /// them all).
     pub members: Vec<MemberReport>,
+    /// Members killed in all.
+    pub members_total: u32,
     /// Joined during the kill, not the caller's to kill: left alive.
     pub refused_newcomers: Vec<ProcessInfo>,
     /// What the kill gave back to the system, in bytes.
@@ -229,6 +233,7 @@ impl crate::Client {
             bytes_released: reply.bytes_released,
             kill_to_reap_ns: reply.kill_to_reap_ns,
             passes: reply.passes,
+            members_total: reply.members_total,
         })
     }
 
@@ -351,6 +356,7 @@ impl crate::varlink::Client {
             bytes_released: uint(&r, "bytesReleased"),
             kill_to_reap_ns: uint(&r, "killToReapNs"),
             passes: uint(&r, "passes") as u32,
+            members_total: uint(&r, "membersTotal") as u32,
         })
     }
 

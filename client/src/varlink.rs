@@ -26,8 +26,9 @@ use crate::{Capabilities, KillReport, MemoryUsage, Permission, ProcessInfo, Targ
 /// The broker's default varlink socket.
 pub const DEFAULT_SOCKET: &str = "/run/reapd/io.reapd.Reaper";
 
-/// Largest reply the client reads (replies are a few hundred bytes).
-const MAX_REPLY_BYTES: usize = 1024 * 1024;
+/// Largest reply the client reads (a group kill lists at most ~2 MiB of
+/// members; most replies are a few hundred bytes).
+const MAX_REPLY_BYTES: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -164,6 +164,17 @@ fn two_thousand_members_are_killed_and_reaped_in_well_under_ten_seconds() {
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
     let _ = parent.wait();
+
+    // The same over gRPC: a reply listing 2,000 members (~300 KiB) arrives
+    // whole (a reply too big to encode would fail after the kill).
+    let mut parent = populate(&cg, U, 1999);
+    let mut client = reapd_client::blocking::Client::connect(&broker.grpc).unwrap();
+    let report = client
+        .kill_cgroup(reapd_client::Group::Cgroup(format!("/{t}/big.scope")), None)
+        .unwrap();
+    assert_eq!((report.members.len(), report.members_total), (2000, 2000));
+    assert!(wait_empty(&cg, Duration::from_secs(10)), "the group must be empty");
+    let _ = parent.wait();
 }
 
 #[test]

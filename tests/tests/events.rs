@@ -42,7 +42,10 @@ impl Watcher {
         } else {
             command.arg("--socket").arg(&broker.grpc);
         }
-        command.args(["--json", "watch"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .args(["--json", "watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = spawn_as(creds, &mut command);
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
@@ -94,7 +97,12 @@ impl Drop for Watcher {
 fn victim_pids(event: &Value) -> Vec<i32> {
     event["victims"]
         .as_array()
-        .map(|v| v.iter().filter_map(|v| v["process"]["pid"].as_i64()).map(|p| p as i32).collect())
+        .map(|v| {
+            v.iter()
+                .filter_map(|v| v["process"]["pid"].as_i64())
+                .map(|p| p as i32)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -154,7 +162,12 @@ fn kill_events_reach_the_entitled_and_nobody_else_on_both_transports() {
 
     for watcher in [&owner_grpc, &owner_varlink] {
         let events = watcher.until(sentinel(A));
-        assert_eq!(pids(&events), vec![a1.pid, a2.pid, sentinel(A)], "{}: {events:#?}", watcher.name);
+        assert_eq!(
+            pids(&events),
+            vec![a1.pid, a2.pid, sentinel(A)],
+            "{}: {events:#?}",
+            watcher.name
+        );
         let first = &events[0];
         assert_eq!(first["requester"]["uid"], K, "{first}");
         assert_eq!(first["rule"], "k-kills", "{first}");
@@ -168,11 +181,18 @@ fn kill_events_reach_the_entitled_and_nobody_else_on_both_transports() {
         assert_eq!(first["bytes_released"], a1_reply["bytes_released"], "{first}");
         assert_eq!(first["kill_path"], a1_reply["kill_path"], "{first}");
         assert_eq!(victim["process"]["uid"], A, "{first}");
-        assert!(victim["memory_before"]["anon_bytes"].as_u64().unwrap() >= 4 << 20, "{first}");
+        assert!(
+            victim["memory_before"]["anon_bytes"].as_u64().unwrap() >= 4 << 20,
+            "{first}"
+        );
         assert_eq!(events[1]["rule"], "kill(2)", "{}", events[1]);
     }
     let events = ops.until(sentinel(W));
-    assert_eq!(pids(&events), vec![a1.pid, a2.pid, sentinel(A), sentinel(W)], "{events:#?}");
+    assert_eq!(
+        pids(&events),
+        vec![a1.pid, a2.pid, sentinel(A), sentinel(W)],
+        "{events:#?}"
+    );
     assert_eq!(events[0]["victims"][0]["seen_as"], "ops-watch");
     let events = other_owner.until(sentinel(B));
     assert_eq!(pids(&events), vec![b1.pid, sentinel(B)], "{events:#?}");
@@ -257,8 +277,15 @@ fn a_subscriber_that_never_reads_costs_kills_nothing_and_learns_what_it_missed()
             }
         }
     }
-    assert!(dropped > 0, "a subscriber that never read lost nothing? ({received} received)");
-    assert_eq!(received + dropped, total, "every kill is either delivered or counted as dropped");
+    assert!(
+        dropped > 0,
+        "a subscriber that never read lost nothing? ({received} received)"
+    );
+    assert_eq!(
+        received + dropped,
+        total,
+        "every kill is either delivered or counted as dropped"
+    );
     eprintln!("{KILLS} kills in {took:?} with a stalled subscriber: {received} delivered, {dropped} dropped");
 }
 
