@@ -20,6 +20,7 @@ use crate::events::{EventHub, KillKind, KillRecord, Requester, Subscription, Vic
 use crate::features::{KernelFeatures, KillPath};
 use crate::group::{self, GroupReport, GroupSpec};
 use crate::limits::{KillLimits, Limiter};
+use crate::metrics;
 use crate::policy::{BrokerFacts, Decision, Policy};
 use crate::reaper::{self, KillOptions, ReapReport};
 use crate::target::{self, Namespace, TargetProcess, TargetSpec};
@@ -146,6 +147,7 @@ impl CheckAuditGate {
             true
         } else {
             window.suppressed += 1;
+            metrics::get().audit_suppressed(1);
             false
         }
     }
@@ -240,6 +242,26 @@ impl Engine {
         self.events.subscribers()
     }
 
+    /// Every metric (see [`crate::metrics`]), for root and for callers a
+    /// `watch` rule names; others get PERMISSION_DENIED (`no-watch-grant`):
+    /// the counts cover every caller's kills.
+    pub fn metrics(&self, caller: &Caller) -> Result<Vec<metrics::Metric>, EngineError> {
+        if self.policy.load().metrics_grant(caller).is_none() {
+            return Err(EngineError::PermissionDenied {
+                kind: crate::policy::DecisionKind::NoRule,
+                rule: "no-watch-grant".into(),
+                reason: format!(
+                    "the broker's metrics count every caller's kills: root or a `watch` grant may read them, not uid {}",
+                    caller.uid
+                ),
+            });
+        }
+        Ok(metrics::get().snapshot(&[
+            ("kills_in_flight", self.kills_in_flight() as u64),
+            ("event_subscribers", self.event_subscribers() as u64),
+        ]))
+    }
+
     /// Kill tasks in flight (started, outcome not yet audited).
     pub fn kills_in_flight(&self) -> usize {
         self.kills.running.load(Ordering::SeqCst)
@@ -325,6 +347,19 @@ impl Engine {
         pidns: Option<OwnedFd>,
     ) -> Result<PermissionReport, EngineError> {
         let started = Instant::now();
+        let result = self.check_permission_at(caller, spec, pidns, started).await;
+        metrics::get().checked(started.elapsed());
+        count_refusal(&result);
+        result
+    }
+
+    async fn check_permission_at(
+        &self,
+        caller: &Caller,
+        spec: TargetSpec,
+        pidns: Option<OwnedFd>,
+        started: Instant,
+    ) -> Result<PermissionReport, EngineError> {
         let pinned = self.pin(caller, spec, pidns).await;
         let target = match pinned {
             Ok(target) => target,
@@ -354,6 +389,17 @@ impl Engine {
     /// Kills the target and reaps its memory, if the policy allows.
     pub async fn kill_and_reap(&self, caller: &Caller, request: KillRequest) -> Result<KillReport, EngineError> {
         let started = Instant::now();
+        let result = self.kill_and_reap_at(caller, request, started).await;
+        count_refusal(&result);
+        result
+    }
+
+    async fn kill_and_reap_at(
+        &self,
+        caller: &Caller,
+        request: KillRequest,
+        started: Instant,
+    ) -> Result<KillReport, EngineError> {
         let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
         let target = match self.pin(caller, request.target, request.pidns).await {
             Ok(target) => target,
@@ -417,6 +463,7 @@ impl Engine {
                 Ok(report) => report,
                 Err(err) => {
                     audit_outcome_error(&audit_caller, &target, &err, started);
+                    metrics::get().killed(None, path, 0);
                     return Err(err);
                 }
             };
@@ -433,6 +480,12 @@ impl Engine {
                 exited,
             };
             audit_outcome(&audit_caller, &report, started);
+            metrics::get().killed(
+                Some(report.reap.outcome),
+                report.reap.kill_path,
+                report.reap.bytes_released,
+            );
+            metrics::get().kill_done(started.elapsed());
             events.publish(
                 &policy,
                 KillRecord {
@@ -483,6 +536,17 @@ impl Engine {
         request: GroupKillRequest,
     ) -> Result<GroupReport, EngineError> {
         let started = Instant::now();
+        let result = self.kill_cgroup_at(caller, request, started).await;
+        count_refusal(&result);
+        result
+    }
+
+    async fn kill_cgroup_at(
+        &self,
+        caller: &Arc<Caller>,
+        request: GroupKillRequest,
+        started: Instant,
+    ) -> Result<GroupReport, EngineError> {
         let action = "kill-cgroup";
         let ns = match owned_namespace(caller, request.pidns.as_ref()) {
             Ok(ns) => ns,
@@ -606,6 +670,11 @@ impl Engine {
                 kill_to_reap_us = report.kill_to_reap.as_micros() as u64,
                 elapsed_us = started.elapsed().as_micros() as u64,
             );
+            for member in &report.members {
+                metrics::get().killed(Some(member.outcome), kill_path, 0);
+            }
+            metrics::get().killed_bytes(report.bytes_released);
+            metrics::get().group_killed(started.elapsed());
             // Entitlement is checked per member and per subscriber: off the
             // executor, as a big group meets many subscribers.
             run_blocking(move || {
@@ -693,6 +762,16 @@ impl Engine {
             elapsed_us = started.elapsed().as_micros() as u64,
         );
         Ok(report)
+    }
+}
+
+/// Counts a refused request by its decision kind (errors without one, such
+/// as a malformed request, are not refusals).
+fn count_refusal<T>(result: &Result<T, EngineError>) {
+    if let Err(err) = result {
+        if let Some((kind, _)) = err.decision() {
+            metrics::get().refused(kind);
+        }
     }
 }
 

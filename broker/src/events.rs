@@ -317,6 +317,7 @@ impl EventHub {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     subscriber.dropped.fetch_add(earlier + 1, Ordering::Relaxed);
+                    crate::metrics::get().event_dropped();
                 }
                 // The subscription is being dropped; its Drop unlists it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}

@@ -30,6 +30,7 @@ pub mod group;
 pub mod grpc;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod policy;
 pub mod privilege;
 pub mod procfs;

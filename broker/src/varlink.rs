@@ -527,7 +527,7 @@ async fn dispatch(
                     "product": "reapd",
                     "version": env!("CARGO_PKG_VERSION"),
                     "url": "https://example.invalid/reapd",
-                    "interfaces": [SERVICE_INTERFACE, INTERFACE],
+                    "interfaces": [SERVICE_INTERFACE, INTERFACE, METRICS_INTERFACE],
                 }))
             }
             "GetInterfaceDescription" => {
@@ -538,6 +538,9 @@ async fn dispatch(
                     }
                     Some(Value::String(i)) if i == SERVICE_INTERFACE => {
                         Ok(json!({ "description": SERVICE_DESCRIPTION }))
+                    }
+                    Some(Value::String(i)) if i == METRICS_INTERFACE => {
+                        Ok(json!({ "description": METRICS_DESCRIPTION }))
                     }
                     Some(Value::String(i)) => Err(VarlinkError::new(
                         "org.varlink.service.InterfaceNotFound",
@@ -876,6 +879,67 @@ impl Connection {
     }
 }
 
+/// systemd's metrics interface, served beside ours.
+pub const METRICS_INTERFACE: &str = "io.systemd.Metrics";
+const METRICS_INTERFACE_DOT: &str = "io.systemd.Metrics.";
+
+/// `io.systemd.Metrics`, in the shape systemd gives it (`List` and
+/// `Describe`, both with `more`; a metric's value is any JSON value, which
+/// the varlink IDL can only call `object`).
+pub const METRICS_DESCRIPTION: &str = "\
+# Metrics of the reapd broker, in systemd's io.systemd.Metrics shape: one
+# reply per metric (continues: true but the last). Names are prefixed
+# io.reapd.; histograms are _bucket (fields.le), _count and _sum families.
+# Readable by root and by callers a watch rule of the policy names.
+interface io.systemd.Metrics
+
+type MetricFamilyType (counter, gauge, string)
+
+# Every metric now.
+method List() -> (name: string, value: object, object: ?string, fields: ?object)
+
+# Every metric family: what it counts.
+method Describe() -> (name: string, description: string, type: MetricFamilyType)
+
+error NoSuchMetric ()
+";
+
+/// The replies of an `io.systemd.Metrics` call, or its error.
+fn metrics_replies(engine: &Engine, caller: &Caller, call: &Call) -> Result<Vec<Value>, VarlinkError> {
+    let method = &call.method[METRICS_INTERFACE_DOT.len()..];
+    if !matches!(method, "List" | "Describe") {
+        return Err(VarlinkError::new(
+            "org.varlink.service.MethodNotFound",
+            json!({ "method": call.method }),
+        ));
+    }
+    only_params(&call.parameters, &[])?;
+    if !call.more {
+        return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
+    }
+    let metrics = engine.metrics(caller).map_err(|err| error_of(err, "more"))?;
+    let prefixed = |name: &str| format!("{}{name}", crate::metrics::PREFIX);
+    Ok(match method {
+        "List" => metrics
+            .into_iter()
+            .map(|m| {
+                let mut reply = json!({ "name": prefixed(&m.name), "value": m.value });
+                if !m.fields.is_empty() {
+                    let fields: Map<String, Value> = m.fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+                    reply["fields"] = Value::Object(fields);
+                }
+                reply
+            })
+            .collect(),
+        _ => crate::metrics::FAMILIES
+            .iter()
+            .map(
+                |(name, kind, description)| json!({ "name": prefixed(name), "description": description, "type": kind }),
+            )
+            .collect(),
+    })
+}
+
 /// The one streaming method.
 const WATCH_KILLS: &str = "io.reapd.Reaper.WatchKills";
 
@@ -1047,6 +1111,31 @@ async fn serve_connection(
                     // so does the connection, as varlink has no way to end
                     // a `more` call but an error or the connection.
                     Ok(()) => return,
+                    Err(err) => (Err(err), call.oneway),
+                }
+            }
+            Ok(call) if call.method.starts_with(METRICS_INTERFACE_DOT) => {
+                drop(std::mem::take(&mut fds));
+                match metrics_replies(&engine, &conn.caller, &call) {
+                    Ok(replies) if !call.oneway => {
+                        let last = replies.len().saturating_sub(1);
+                        for (i, reply) in replies.into_iter().enumerate() {
+                            let bytes = if i < last {
+                                encode_continues(reply)
+                            } else {
+                                encode(Ok(reply))
+                            };
+                            if conn.write(&bytes, idle_timeout).await.is_err() {
+                                return;
+                            }
+                        }
+                        deadline = None;
+                        continue;
+                    }
+                    Ok(_) => {
+                        deadline = None;
+                        continue;
+                    }
                     Err(err) => (Err(err), call.oneway),
                 }
             }

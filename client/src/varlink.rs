@@ -176,6 +176,16 @@ pub struct Client {
     reconnects: u64,
 }
 
+/// One metric value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Metric {
+    /// E.g. `io.reapd.kills_total`.
+    pub name: String,
+    pub value: f64,
+    /// What tells it from others of its family (e.g. `outcome`, `le`).
+    pub fields: Vec<(String, String)>,
+}
+
 /// A reply's parameters, or the broker's error.
 fn reply_parameters(reply: Value) -> Result<Value, Error> {
     let mut reply = match reply {
@@ -311,6 +321,61 @@ impl Client {
             other => other?,
         };
         reply_parameters(reply)
+    }
+
+    /// Makes one call with `more` and returns every reply's parameters, up
+    /// to the one without `continues` (for methods that end, such as
+    /// `io.systemd.Metrics.List`).
+    pub fn call_more(&mut self, method: &str, parameters: Value) -> Result<Vec<Value>, Error> {
+        let mut message = serde_json::to_vec(&json!({ "method": method, "parameters": parameters, "more": true }))
+            .expect("a serde_json::Value always serializes");
+        message.push(0);
+        if self.broker_hung_up() {
+            self.reconnect()?;
+        }
+        self.send(&message, &[])?;
+        let mut replies = Vec::new();
+        loop {
+            let reply = self.receive()?;
+            let continues = reply.get("continues").and_then(Value::as_bool) == Some(true);
+            replies.push(reply_parameters(reply)?);
+            if !continues {
+                return Ok(replies);
+            }
+        }
+    }
+
+    /// The broker's metrics (`io.systemd.Metrics.List`; root or a `watch`
+    /// grant): one entry per value, names prefixed `io.reapd.`.
+    pub fn metrics(&mut self) -> Result<Vec<Metric>, Error> {
+        Ok(self
+            .call_more("io.systemd.Metrics.List", json!({}))?
+            .into_iter()
+            .map(|m| Metric {
+                name: m.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+                value: m.get("value").and_then(Value::as_f64).unwrap_or(0.0),
+                fields: m
+                    .get("fields")
+                    .and_then(Value::as_object)
+                    .map(|f| {
+                        f.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// What each metric family means (`io.systemd.Metrics.Describe`):
+    /// (name, type, description).
+    pub fn describe_metrics(&mut self) -> Result<Vec<(String, String, String)>, Error> {
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        Ok(self
+            .call_more("io.systemd.Metrics.Describe", json!({}))?
+            .iter()
+            .map(|d| (s(d, "name"), s(d, "type"), s(d, "description")))
+            .collect())
     }
 
     /// Subscribes to kill events (see [`crate::events`]), giving this

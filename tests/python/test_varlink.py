@@ -56,7 +56,7 @@ def raw(broker, *messages, read=True):
 
 def test_get_info_lists_both_interfaces(broker):
     with client(broker) as c:
-        assert c.get_interfaces() == ["org.varlink.service", "io.reapd.Reaper"]
+        assert c.get_interfaces() == ["org.varlink.service", "io.reapd.Reaper", "io.systemd.Metrics"]
         with c.open("org.varlink.service") as service:
             info = service.GetInfo()
     assert info["vendor"] == "reapd"

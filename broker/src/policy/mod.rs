@@ -531,6 +531,21 @@ impl Policy {
             .map(|rule| rule.name.clone())
     }
 
+    /// May `caller` read the broker's metrics (aggregate counts of every
+    /// caller's kills)? Root holding CAP_KILL, or a caller an allow rule with
+    /// the `watch` action names (whatever its targets); `Some` names which.
+    pub fn metrics_grant(&self, caller: &Caller) -> Option<String> {
+        if caller.uid == 0 && caller.cap_kill {
+            return Some("root".into());
+        }
+        self.index
+            .candidates(caller)
+            .iter()
+            .map(|i| &self.rules[*i as usize])
+            .find(|r| r.watch && !r.deny && r.caller.matches(caller, Mode::Allow))
+            .map(|r| r.name.clone())
+    }
+
     /// Targets nobody may kill through the broker.
     fn protection(&self, target: &TargetProcess, broker: BrokerFacts) -> Option<(String, String)> {
         // The caller's pid 1 too: kill(2) from inside a pid namespace never

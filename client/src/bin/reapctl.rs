@@ -113,6 +113,15 @@ enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+    /// The broker's counters and latency histograms (root, or a `watch`
+    /// grant). Always over varlink (io.systemd.Metrics): with --socket,
+    /// also give --varlink.
+    Stats {
+        /// Print the Prometheus text format (for node_exporter's textfile
+        /// collector) instead of a table.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
+    },
 }
 
 /// `println!` that ends the program quietly when stdout is closed early
@@ -216,6 +225,13 @@ impl Backend {
 }
 
 fn run(args: Args) -> Result<u8, Error> {
+    if let Command::Stats { prometheus } = args.command {
+        let socket = match (&args.socket, args.varlink) {
+            (Some(socket), true) => socket.clone(),
+            _ => PathBuf::from(varlink::DEFAULT_SOCKET),
+        };
+        return stats(&socket, prometheus, args.json);
+    }
     let mut client = if args.varlink {
         let socket = args.socket.as_deref().unwrap_or(Path::new(varlink::DEFAULT_SOCKET));
         match varlink::Client::connect(socket) {
@@ -238,7 +254,7 @@ fn run(args: Args) -> Result<u8, Error> {
         return watch(client, count, args.json);
     }
     match args.command {
-        Command::Watch { .. } => unreachable!("handled above"),
+        Command::Watch { .. } | Command::Stats { .. } => unreachable!("handled above"),
         Command::Kill { cgroup: Some(_), .. } | Command::Kill { unit: Some(_), .. } => {
             let Command::Kill {
                 cgroup,
@@ -423,6 +439,68 @@ fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
     }
+}
+
+/// `reapctl stats`: the broker's metrics as a table, JSON or Prometheus text.
+fn stats(socket: &Path, prometheus: bool, json: bool) -> Result<u8, Error> {
+    let mut client = match varlink::Client::connect(socket) {
+        Ok(client) => client,
+        Err(err) => {
+            report_error(json, "connect", &err.to_string());
+            return Ok(3);
+        }
+    };
+    let metrics = client.metrics()?;
+    if json {
+        print_json(&metrics);
+        return Ok(0);
+    }
+    let labels = |m: &varlink::Metric| {
+        m.fields
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if prometheus {
+        // Families, in the order the broker lists them; histograms are the
+        // families with _bucket/_count/_sum members.
+        let families = client.describe_metrics()?;
+        for (name, kind, description) in &families {
+            let family = name.replace("io.reapd.", "reapd_").replace('.', "_");
+            let histogram = description.contains("_bucket");
+            let kind = if histogram { "histogram" } else { kind.as_str() };
+            outln!("# HELP {family} {description}");
+            outln!("# TYPE {family} {kind}");
+            for m in &metrics {
+                let base = m.name.replace("io.reapd.", "reapd_").replace('.', "_");
+                let member = base == family
+                    || (histogram
+                        && ["_bucket", "_count", "_sum"]
+                            .iter()
+                            .any(|s| base == format!("{family}{s}")));
+                if member {
+                    let labels = labels(m);
+                    if labels.is_empty() {
+                        outln!("{base} {}", m.value);
+                    } else {
+                        outln!("{base}{{{labels}}} {}", m.value);
+                    }
+                }
+            }
+        }
+        return Ok(0);
+    }
+    for m in &metrics {
+        let labels = labels(m);
+        let name = m.name.trim_start_matches("io.reapd.");
+        if labels.is_empty() {
+            outln!("{name:<40} {}", m.value);
+        } else {
+            outln!("{:<40} {}", format!("{name}{{{labels}}}"), m.value);
+        }
+    }
+    Ok(0)
 }
 
 /// `reapctl watch`: prints events until the stream ends or `count` came.
