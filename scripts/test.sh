@@ -97,11 +97,23 @@ if [[ $QUICK -eq 0 ]]; then
     unset REAPD_BIN_DIR
 fi
 
+# A skip is a counted precondition that did not hold; one not listed in
+# tests/expected-skips.txt (with its reason) fails the run.
+UNEXPECTED=$(grep -vE -f <(grep -vE '^(#|$)' tests/expected-skips.txt) "$REAPD_SKIP_LOG" || true)
+if [[ -n $UNEXPECTED ]]; then
+    FAILED=$((FAILED + $(wc -l <<<"$UNEXPECTED")))
+    SUITES+=("$(printf '%-16s FAILED %33s' "unexpected-skip" "")")
+fi
+
 echo
 echo "=== summary (logs in $LOGS)"
 printf '%s\n' "${SUITES[@]}"
 echo "skipped: $(wc -l <"$REAPD_SKIP_LOG")"
 sed 's/^/  /' "$REAPD_SKIP_LOG"
+if [[ -n $UNEXPECTED ]]; then
+    echo "unexpected skips (not in tests/expected-skips.txt): each counts as a failure"
+    sed 's/^/  /' <<<"$UNEXPECTED"
+fi
 echo "wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
 echo "total: $PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]
