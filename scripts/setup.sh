@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Sets up and runs the reapd broker on a fresh Debian 12 machine, as root:
 # installs build dependencies, builds in release mode, installs the binaries,
 # and then either starts the socket-activated service (systemd as PID 1) or

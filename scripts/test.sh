@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Runs every test of reapd, as root (the tests switch uids, freeze cgroups,
 # mount a v1 freezer and boot kernels in qemu).
 #

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Builds the reapd .deb with dpkg-deb and prints its path.
 #
 #   systemd/package.sh            cargo build --release, then package

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The gRPC transport (`reapd.v1.Reaper`, plus `grpc.health.v1` and server
 //! reflection on the same socket). A thin adapter: decode, call the engine,
 //! encode. No decision is made here.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! reapd: a privileged broker that kills a process and reaps its memory at
 //! once, on behalf of unprivileged callers.
 //!

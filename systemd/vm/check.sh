@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Runs inside the VM (as root, under systemd as PID 1) from the per-run disk
 # mounted at /mnt/t. Prints "VMTEST PASS|FAIL name[: why]" per check and
 # "VMINFO key=value" measurements on the serial console; run.sh counts them.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """reapd's gRPC API from an independent client: Python grpcio.
 
 Stubs are generated at test time from proto/reapd/v1/reaper.proto with

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The systemd files as systemd itself sees them: `systemd-analyze verify`,
 //! the `security` exposure score (must stay ≤ 1.0), every syscall the unit
 //! names known to systemd, and sysusers/tmpfiles applied to a scratch root.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `reapctl`: kill-and-reap, check and inspect through the reapd broker.
 //!
 //! Exit codes:
