@@ -19,6 +19,7 @@
 // All unsafe code lives in `sys`, which opts back in.
 #![deny(unsafe_code)]
 
+pub mod authority;
 pub mod caller;
 pub mod candidates;
 pub mod cgroup;

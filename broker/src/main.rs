@@ -155,34 +155,37 @@ enum Command {
 }
 
 fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("REAPD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // REAPD_LOG filters the output only (a per-layer filter), so that the
+    // :authority watch sees h2's debug event whatever the log level.
+    let registry = tracing_subscriber::registry().with(reapd::authority::layer());
     // Under systemd with stderr connected to the journal: structured
     // entries (every tracing field becomes a journal field).
     if reapd::systemd::journal_stream_is_stderr() {
         if let Ok(layer) = tracing_journald::layer() {
-            use tracing_subscriber::layer::SubscriberExt;
-            use tracing_subscriber::util::SubscriberInitExt;
-            tracing_subscriber::registry()
-                .with(filter)
+            registry
                 .with(
                     // Fields become REAPD_TARGET_PID etc.: namespaced, and
                     // never mistaken for journald's own MESSAGE/PRIORITY.
                     layer
                         .with_syslog_identifier("reapd".into())
-                        .with_field_prefix(Some("REAPD".into())),
+                        .with_field_prefix(Some("REAPD".into()))
+                        .with_filter(filter),
                 )
                 .init();
             return;
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if format == "json" {
-        builder.json().flatten_event(true).init();
+        registry
+            .with(output.json().flatten_event(true).with_filter(filter))
+            .init();
     } else {
-        builder.with_ansi(false).init();
+        registry.with(output.with_ansi(false).with_filter(filter)).init();
     }
 }
 
