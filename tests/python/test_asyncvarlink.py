@@ -18,22 +18,42 @@ import pytest
 from conftest import Victim
 
 
-class Reaper(asyncvarlink.VarlinkInterface, name="io.reapd.Reaper"):
-    """The client's view of io.reapd.Reaper: only the types matter here."""
+class Permission(typing.TypedDict):
+    allowed: bool
+    reason: str
+    target: typing.Any
+    kind: str
+    rule: str
 
-    @asyncvarlink.varlinkmethod
+
+class KillReport(typing.TypedDict):
+    outcome: str
+    notReapedReason: str
+    killPath: str
+    target: typing.Any
+    memoryBefore: typing.Any
+    bytesReleased: int
+    killToReapNs: int
+    exited: bool
+    rule: str
+    reapRetries: int
+
+
+class Reaper(asyncvarlink.VarlinkInterface, name="io.reapd.Reaper"):
+    """The client's view of io.reapd.Reaper: only the types matter here
+    (nested records are left untyped)."""
+
+    @asyncvarlink.varlinkmethod(allow_foreign=True)
     def KillAndReap(
         self,
         *,
         pidfd: asyncvarlink.FileDescriptor | None = None,
         waitForExitMs: int | None = None,
-    ) -> dict[str, typing.Any]:
+    ) -> KillReport:
         raise NotImplementedError
 
-    @asyncvarlink.varlinkmethod
-    def CheckPermission(
-        self, *, pidfd: asyncvarlink.FileDescriptor | None = None
-    ) -> dict[str, typing.Any]:
+    @asyncvarlink.varlinkmethod(allow_foreign=True)
+    def CheckPermission(self, *, pidfd: asyncvarlink.FileDescriptor | None = None) -> Permission:
         raise NotImplementedError
 
 
