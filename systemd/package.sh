@@ -48,7 +48,8 @@ gzip -9n "$BIN_DIR"/docs/man/*
 
 OUT=${REAPD_DEB_OUT:-$REPO/target/debian}
 mkdir -p "$OUT"
-args=(--no-build --locked -p reapd --profile "$PROFILE" --output "$OUT" --quiet)
+# --strip: a dev profile has debug = true, which cargo-deb would otherwise keep.
+args=(--no-build --locked -p reapd --profile "$PROFILE" --output "$OUT" --quiet --strip)
 [ -n "${REAPD_DEB_MAINTAINER:-}" ] && args+=(--maintainer "$REAPD_DEB_MAINTAINER")
 # Debug binaries (tests) are large: skip compression there, not in releases.
 [ -n "${REAPD_DEB_FAST:-}" ] && args+=(--compress-type gzip --fast)

@@ -92,8 +92,8 @@ impl<S: Subscriber> Layer<S> for AuthorityWatch {
                 detail = detail.trim_start_matches([' ', ':']),
                 "refused a gRPC stream: its :authority is not a valid URI authority (a socket path?); the \
                  client sees a stream reset (grpcio: INTERNAL). Have the client send \"localhost\": grpcio \
-                 option grpc.default_authority=localhost, grpcurl -authority localhost, or a unix:// target \
-                 that sets it. At most one such warning a minute; `refused` counts the streams since the last"
+                 option grpc.default_authority=localhost, grpcurl -authority localhost. At most one such \
+                 warning a minute; `refused` counts the streams since the last"
             );
         }
     }

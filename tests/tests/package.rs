@@ -168,6 +168,7 @@ fn dpkg_installs_it_into_an_empty_root_and_purges_it() {
         let found = Command::new("sh")
             .arg("-c")
             .arg(format!("command -v {tool}"))
+            .stdout(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if !found {
