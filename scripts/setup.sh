@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Sets up and runs the reapd broker on a fresh Debian 12 machine, as root:
 # installs build dependencies, builds in release mode, installs the binaries,
 # and then either starts the socket-activated service (systemd as PID 1) or
@@ -44,8 +45,16 @@ if [[ ! -e /etc/reapd/policy.toml ]]; then
     # The built-in default written out (kill(2) rule, protections, limits).
     install -D -m 0644 systemd/policy.toml /etc/reapd/policy.toml
 fi
-install -D -m 0644 systemd/man/reapd.8 /usr/local/share/man/man8/reapd.8
-install -D -m 0644 systemd/man/reapctl.1 /usr/local/share/man/man1/reapctl.1
+# Man pages and completions, generated from the command lines. (The .deb
+# from systemd/package.sh ships the same; it needs cargo-deb, a build tool:
+# `cargo install cargo-deb --locked --version 3.8.0`.)
+docs=$(mktemp -d)
+target/release/reapd generate-docs "$docs"
+target/release/reapctl generate-docs "$docs"
+install -D -m 0644 -t /usr/local/share/man/man8 "$docs"/man/*.8
+install -D -m 0644 -t /usr/local/share/man/man1 "$docs"/man/*.1
+install -D -m 0644 -t /usr/local/share/bash-completion/completions "$docs"/completions/reapd "$docs"/completions/reapctl
+rm -rf "$docs"
 echo "installed /usr/sbin/reapd, /usr/bin/reapctl and /etc/reapd/policy.toml (the kill(2) rule; delegate more as docs/policy.md explains)"
 
 if [[ -d /run/systemd/system ]]; then

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Runs every test of reapd, as root (the tests switch uids, freeze cgroups,
 # mount a v1 freezer and boot kernels in qemu).
 #
@@ -70,6 +71,17 @@ check() {
         SUITES+=("$(printf '%-16s FAILED %33s' "$name" "$((SECONDS - started))s")")
     fi
 }
+
+# Packaging tools for tests/tests/package.rs and the systemd VM's .deb:
+# cargo-deb (pinned; compiled once into ~/.cargo/bin, about 7 minutes cold
+# on 2 shared cores, then cached) and lintian from Debian.
+CARGO_DEB_VERSION=3.8.0
+if [[ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]]; then
+    check cargo-deb cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
+fi
+if ! command -v lintian >/dev/null; then
+    check lintian bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lintian'
+fi
 
 check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The engine: one implementation of every broker operation, shared by all
 //! transports. A transport decodes its request, calls one of these methods
 //! with the caller it authenticated at accept, and encodes the result.

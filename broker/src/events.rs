@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Kill events: one per kill (of a process, or of a whole cgroup), sent to
 //! the subscribers entitled to see it (`WatchKills` on both transports).
 //!

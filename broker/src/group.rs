@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Whole-cgroup kills: every member checked first, then all killed, forks
 //! during the kill caught, each member reaped.
 //!

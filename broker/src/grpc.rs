@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The gRPC transport (`reapd.v1.Reaper`, plus `grpc.health.v1` and server
 //! reflection on the same socket). A thin adapter: decode, call the engine,
 //! encode. No decision is made here.
@@ -415,10 +416,17 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ReaperServer<GrpcReaper>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    // Reflection in both versions: v1, and v1alpha for the clients that
+    // still speak only that (older grpcurl, grpcio-reflection's Python
+    // descriptor database). Same descriptors, same answers.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
     let features = Arc::clone(engine.features());
@@ -465,7 +473,8 @@ pub async fn serve(
         .timeout(Duration::from_secs(30))
         .layer(tower::util::MapRequestLayer::new(mark_served))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(reaper)
         .serve_with_incoming_shutdown(ReceiverStream::new(receiver), std::future::pending::<()>())
         .await

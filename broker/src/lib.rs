@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! reapd: a privileged broker that kills a process and reaps its memory at
 //! once, on behalf of unprivileged callers.
 //!
@@ -18,6 +19,7 @@
 // All unsafe code lives in `sys`, which opts back in.
 #![deny(unsafe_code)]
 
+pub mod authority;
 pub mod caller;
 pub mod candidates;
 pub mod cgroup;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Unix-socket listening shared by every transport: binding, connection caps
 //! (in total, per uid, and in file descriptors, with a reserve for
 //! privileged callers), identifying each peer, and the slow-loris timer.

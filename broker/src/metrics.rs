@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The broker's counters and latency histograms, for operators: kills by
 //! outcome and path, bytes released, refusals by kind, connections, audit
 //! records not written, events dropped. Served over varlink as

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Thin wrappers for the few Linux calls that neither `rustix` nor `libc`
 //! wrap: `process_mrelease(2)`, the `PIDFD_GET_INFO` ioctl, and the
 //! `SO_PEERPIDFD` / `SO_PEERGROUPS` socket options.

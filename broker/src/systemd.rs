@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! systemd integration: socket activation, `sd_notify`, the watchdog, idle
 //! exit, and whether stderr is the journal.
 //!

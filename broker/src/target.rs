@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Which process: pinned by a pidfd before any check.
 //!
 //! The broker opens a pidfd for the named pid first (or takes the pidfd a

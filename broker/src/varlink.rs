@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The varlink transport (`io.reapd.Reaper`, plus the `org.varlink.service`
 //! introspection methods). A thin adapter like [`crate::grpc`]: decode the
 //! call, call the engine, encode. No decision is made here.
@@ -526,7 +527,9 @@ async fn dispatch(
                     "vendor": "reapd",
                     "product": "reapd",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "url": "https://example.invalid/reapd",
+                    // No public home yet: the manual page is where the service is documented
+                    // (the unit's Documentation= names it too).
+                    "url": "man:reapd(8)",
                     "interfaces": [SERVICE_INTERFACE, INTERFACE, METRICS_INTERFACE],
                 }))
             }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Kill events (`WatchKills`): one per later kill of a process the caller is
 //! entitled to see (root, the victim's owner, or a `watch` grant in the
 //! broker's policy). Available on the async and blocking gRPC clients and on

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Client for the reapd broker.
 //!
 //! ```no_run

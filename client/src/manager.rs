@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! What an OOM manager needs beyond single kills: whole-cgroup kills, the
 //! list of victims it may kill, and a paced kill (SIGTERM grace, reap
 //! delay). Available on the async and blocking gRPC clients and on the

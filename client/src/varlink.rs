@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A blocking varlink client for the broker's `io.reapd.Reaper` interface,
 //! including passing a pidfd with a call (SCM_RIGHTS) so the broker acts on
 //! exactly the process the client holds.

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Runs inside the VM (as root, under systemd as PID 1) from the per-run disk
 # mounted at /mnt/t. Prints "VMTEST PASS|FAIL name[: why]" per check and
 # "VMINFO key=value" measurements on the serial console; run.sh counts them.
@@ -80,6 +81,34 @@ check "watchdog armed, never fired" sh -c "[ \"$(systemctl show -P WatchdogUSec 
 check "no SIGSYS in the journal" sh -c "! journalctl -u reapd.service -b | grep -q SIGSYS"
 check "journal entries carry structured fields" sh -c "journalctl -u reapd.service -b -o json | grep -q '\"REAPD_TARGET_PID\"'"
 check "a cross-uid caller is refused by policy" sh -c "! setpriv --reuid=61002 --regid=61002 --clear-groups reapctl kill 1"
+
+# systemctl reload: a rule added to the policy file is in force after a
+# reload (ExecReload sends SIGHUP; asynchronous on systemd 252, so wait for
+# the decision itself, at most 10 s). The calls just before keep the broker
+# from idling out, and the MainPID check shows that the same broker reloaded
+# rather than a new one that read the file at start.
+as_61002() { setpriv --reuid=61002 --regid=61002 --clear-groups "$@"; }
+setpriv --reuid=61001 --regid=61001 --clear-groups sleep 600 &
+VICTIM=$!
+check "before reload: uid 61002 may not kill uid 61001's process" sh -c "! setpriv --reuid=61002 --regid=61002 --clear-groups reapctl check $VICTIM"
+PID=$(main_pid)
+cat >>/etc/reapd/policy.toml <<'RULE'
+
+[[rule]]
+name = "vm-reload-test"
+actions = ["kill-and-reap", "check"]
+caller.uids = ["61002"]
+target.uids = ["61001"]
+RULE
+check "systemctl reload reapd" systemctl reload reapd.service
+reloaded=no
+for _ in $(seq 50); do
+    if as_61002 reapctl --json check "$VICTIM" >/tmp/reload.out 2>&1; then reloaded=yes; break; fi
+    sleep 0.2
+done
+check "after reload: the new rule allows it" sh -c "[ $reloaded = yes ] && grep -q '\"vm-reload-test\"' /tmp/reload.out"
+check "the same broker reloaded (journal, MainPID)" sh -c "journalctl -u reapd.service -b -o cat | grep -q 'policy reloaded' && [ \"\$(systemctl show -P MainPID reapd.service)\" = $PID ]"
+kill "$VICTIM" 2>/dev/null
 
 info "$(systemd-analyze security reapd.service 2>/dev/null | tail -n1)"
 check "exposure <= 1.0" sh -c "systemd-analyze security --threshold=10 reapd.service >/dev/null"

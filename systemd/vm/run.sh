@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Boot a real systemd (PID 1) in qemu (TCG) from a cached Debian 12 rootfs,
 # install the reapd .deb and check it under the unit's full hardening.
 #

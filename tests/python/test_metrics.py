@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """`reapctl stats --prometheus` is valid Prometheus text, checked by the
 reference parser (prometheus_client), with the counters and histograms a
 scrape (node_exporter's textfile collector) expects."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """reapd's varlink API from an independent client: the `varlink` PyPI package.
 
 The client resolves io.reapd.Reaper through the broker's own
@@ -61,6 +62,8 @@ def test_get_info_lists_both_interfaces(broker):
             info = service.GetInfo()
     assert info["vendor"] == "reapd"
     assert info["version"]
+    # No placeholder host: the manual page documents the service.
+    assert info["url"] == "man:reapd(8)"
 
 
 def test_interface_description_is_the_published_idl(broker):

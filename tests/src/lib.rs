@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Support for reapd's end-to-end tests: a broker on a private socket,
 //! victims with chosen credentials that hold real memory, clients run under
 //! other uids, and the kernel's own kill(2) as an oracle.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Whole-cgroup kills (issue 12): all or nothing, forks during the kill
 //! caught, thousands of members killed and reaped fast, units found only
 //! where root names them. Real cgroups, real processes, real uids.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Kill events (issue 12, item 5): `WatchKills` delivers one event per kill
 //! to the subscribers entitled to see it (the victim's owner, root, callers
 //! a `watch` rule grants) and to nobody else, over gRPC and varlink, through

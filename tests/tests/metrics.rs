@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Metrics (issue 14): the broker counts kills by outcome and path, bytes
 //! released, refusals by kind, checks, connections, and latency histograms;
 //! `reapctl stats` reads them over varlink (`io.systemd.Metrics`) as root

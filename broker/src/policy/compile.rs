@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! From a policy file's text to a compiled [`Policy`]: parse, validate
 //! every field (reporting `file:line:col` for each problem), resolve user
 //! and group names through NSS, compile globs, and build the indexes.

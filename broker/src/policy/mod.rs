@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! May this caller kill this target? (See `docs/policy.md` for the file
 //! format and the exact semantics.)
 //!

@@ -1,16 +1,7 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `reapctl`: kill-and-reap, check and inspect through the reapd broker.
 //!
-//! Exit codes:
-//! - 0: success (for `check`: the kill would be allowed)
-//! - 1: `check` only: the kill would be refused
-//! - 2: usage error
-//! - 3: cannot reach the broker
-//! - 4: invalid argument
-//! - 5: no such process
-//! - 6: permission denied
-//! - 7: the process changed (start time mismatch)
-//! - 8: rate limited
-//! - 10: any other broker error
+//! Exit codes: [`EXIT_STATUS`] (also the man page's EXIT STATUS section).
 
 #![forbid(unsafe_code)]
 
@@ -24,7 +15,47 @@ use reapd_client::{
     blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillEvent, KillOptions,
     KillReport, Permission, Target, DEFAULT_SOCKET,
 };
+use reapd_docgen::{Block, Manual, Section};
 use serde::Serialize;
+
+/// The exit codes, as reapctl(1) documents them; `exit_code_of` maps errors
+/// onto them.
+const EXIT_STATUS: Section = Section {
+    title: "EXIT STATUS",
+    body: &[
+        Block::Item("0", "Success (for check: the kill would be allowed)."),
+        Block::Item("1", "check only: the kill would be refused."),
+        Block::Item("2", "Usage error (including --pidfd-of without --varlink)."),
+        Block::Item("3", "Cannot reach the broker."),
+        Block::Item("4", "Invalid argument."),
+        Block::Item("5", "No such process."),
+        Block::Item(
+            "6",
+            "Permission denied: the broker's policy refused (with --json, the decision kind and rule are printed).",
+        ),
+        Block::Item(
+            "7",
+            "The process changed: its start time is not --start-time (the pid was reused).",
+        ),
+        Block::Item("8", "Rate limited."),
+        Block::Item("10", "Any other broker error."),
+    ],
+};
+
+const MANUAL: Manual<'static> = Manual {
+    section: "1",
+    extra: &[
+        Section {
+            title: "TRANSPORTS",
+            body: &[
+                Block::Para("reapctl speaks gRPC to /run/reapd/grpc.sock by default and varlink (io.reapd.Reaper) to /run/reapd/io.reapd.Reaper with --varlink. Both give the same typed results; only varlink carries file descriptors, so --pidfd-of needs --varlink."),
+                Block::Para("The broker identifies the caller from the kernel (SO_PEERCRED, the caller's pidfd), never from anything the caller sends; run reapctl as the user whose rights apply."),
+            ],
+        },
+        EXIT_STATUS,
+    ],
+    see_also: &["reapd(8)", "process_mrelease(2)", "pidfd_open(2)"],
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +86,7 @@ enum Command {
             required_unless_present_any = ["pidfd_of", "cgroup", "unit"],
             conflicts_with_all = ["pidfd_of", "cgroup", "unit"]
         )]
+        /// The process to kill (or --pidfd-of, --cgroup, --unit).
         pid: Option<i32>,
         /// Kill every process of this cgroup (an absolute path as the broker
         /// sees it), all or nothing, and reap them.
@@ -87,7 +119,11 @@ enum Command {
     },
     /// Would the broker kill PID for me? No side effect.
     Check {
+        /// The process to ask about.
         pid: i32,
+        /// Answer only if PID still started at this time (field 22 of
+        /// /proc/PID/stat, clock ticks since boot); a reused pid fails with
+        /// exit status 7 instead of answering for another process.
         #[arg(long)]
         start_time: Option<u64>,
     },
@@ -580,6 +616,10 @@ fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
 }
 
 fn main() -> ExitCode {
+    // `reapctl generate-docs DIR`: the man pages and completions (packaging).
+    if let Some(dir) = reapd_docgen::requested_dir() {
+        return reapd_docgen::generate_command(<Args as clap::CommandFactory>::command(), &MANUAL, &dir);
+    }
     let args = Args::parse();
     let json = args.json;
     match run(args) {
