@@ -54,6 +54,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawScope {
     cgroup: Option<Spanned<String>>,
+    memory_cgroup: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +145,10 @@ pub struct Config {
     /// Watch and act in this cgroup subtree (a path below the cgroup2 root,
     /// as `/proc/self/cgroup` shows it); `None`: the whole machine.
     pub scope: Option<String>,
+    /// Where the scope's memory limit and usage are read when not the
+    /// scope itself: on a hybrid host whose memory controller is on cgroup
+    /// v1, the path in the v1 memory hierarchy. `None`: the scope.
+    pub memory_cgroup: Option<String>,
     /// Kill when available memory is below this percentage (machine:
     /// MemAvailable of MemTotal; cgroup: the limit minus usage plus
     /// inactive file cache, of the limit).
@@ -177,6 +182,7 @@ impl Default for Config {
         Config {
             socket: PathBuf::from(reapd_client::DEFAULT_SOCKET),
             scope: None,
+            memory_cgroup: None,
             mem_available_percent: 10.0,
             swap_free_percent: 10.0,
             psi: Some(Psi {
@@ -229,18 +235,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         }
         config.socket = PathBuf::from(socket.into_inner());
     }
-    if let Some(cgroup) = raw.scope.and_then(|s| s.cgroup) {
-        let path = cgroup.get_ref();
-        let bad = !path.starts_with('/')
-            || path.len() > 1 && path.ends_with('/')
-            || path.split('/').skip(1).any(|c| c == "." || c == ".." || (c.is_empty() && path != "/"));
-        if bad {
-            v.fail(
-                cgroup.span(),
-                "scope.cgroup must be an absolute cgroup path like \"/user.slice\" (no \".\", \"..\", \"//\" or trailing \"/\")",
-            );
-        }
-        config.scope = Some(path.clone());
+    let scope = raw.scope.unwrap_or_default();
+    if let Some(cgroup) = scope.cgroup {
+        config.scope = Some(v.cgroup_path(cgroup, "scope.cgroup"));
+    }
+    if let Some(cgroup) = scope.memory_cgroup {
+        config.memory_cgroup = Some(v.cgroup_path(cgroup, "scope.memory-cgroup"));
+    }
+    if config.memory_cgroup.is_some() && config.scope.is_none() {
+        v.fail(0..0, "scope.memory-cgroup needs scope.cgroup");
     }
     let trigger = raw.trigger.unwrap_or_default();
     if let Some(p) = trigger.mem_available_percent {
@@ -309,6 +312,21 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn fail(&mut self, span: Range<usize>, message: &str) {
         self.problems.push(problem(self.text, span.start, message.to_string()));
+    }
+
+    fn cgroup_path(&mut self, cgroup: Spanned<String>, key: &str) -> String {
+        let span = cgroup.span();
+        let path = cgroup.into_inner();
+        let bad = !path.starts_with('/')
+            || path.len() > 1 && path.ends_with('/')
+            || path.split('/').skip(1).any(|c| c == "." || c == ".." || (c.is_empty() && path != "/"));
+        if bad {
+            self.fail(
+                span,
+                &format!("{key} must be an absolute cgroup path like \"/user.slice\" (no \".\", \"..\", \"//\" or trailing \"/\")"),
+            );
+        }
+        path
     }
 
     fn percent(&mut self, p: &Spanned<f64>, key: &str) -> f64 {

@@ -129,7 +129,7 @@ impl Killer {
     /// Connects to the broker, finds the memory figures, arms the PSI
     /// trigger; `out` receives the event lines.
     pub fn new(config: Config, dry_run: bool, out: Box<dyn Write + Send>) -> Result<Killer, RunError> {
-        let source = Source::for_scope(config.scope.as_deref())?;
+        let source = Source::for_scope(config.memory_cgroup.as_deref().or(config.scope.as_deref()))?;
         source.read()?;
         let trigger = match config.psi {
             Some(psi) => Some(Trigger::arm(config.scope.as_deref(), psi)?),
