@@ -7,8 +7,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use regex::Regex;
 use reapd_client::SortKey;
+use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -261,7 +261,10 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "process" => Mode::Process,
             "cgroup" => Mode::Cgroup,
             other => {
-                v.fail(mode.span(), &format!("unknown mode {other:?}: \"process\" or \"cgroup\""));
+                v.fail(
+                    mode.span(),
+                    &format!("unknown mode {other:?}: \"process\" or \"cgroup\""),
+                );
                 Mode::Process
             }
         };
@@ -284,7 +287,10 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     config.grace = kill.grace_ms.map(|g| v.millis(&g, "grace-ms", 1, 10_000));
     if config.grace.is_some() && config.mode == Mode::Cgroup {
         let span = kill.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
-        v.fail(span, "grace-ms applies to mode = \"process\" only (a cgroup kill is SIGKILL)");
+        v.fail(
+            span,
+            "grace-ms applies to mode = \"process\" only (a cgroup kill is SIGKILL)",
+        );
     }
     config.reap_delay = kill.reap_delay_ms.map(|d| v.millis(&d, "reap-delay-ms", 0, 10_000));
     if let Some(c) = kill.cooldown_ms {
@@ -292,7 +298,10 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     }
     if let Some(notify) = raw.notify {
         if notify.get_ref().is_empty() || notify.get_ref()[0].get_ref().is_empty() {
-            v.fail(notify.span(), "notify must name a program: [\"/usr/bin/prog\", \"arg\", ...]");
+            v.fail(
+                notify.span(),
+                "notify must name a program: [\"/usr/bin/prog\", \"arg\", ...]",
+            );
         }
         config.notify = notify.into_inner().into_iter().map(Spanned::into_inner).collect();
     }
@@ -319,7 +328,10 @@ impl Validator<'_> {
         let path = cgroup.into_inner();
         let bad = !path.starts_with('/')
             || path.len() > 1 && path.ends_with('/')
-            || path.split('/').skip(1).any(|c| c == "." || c == ".." || (c.is_empty() && path != "/"));
+            || path
+                .split('/')
+                .skip(1)
+                .any(|c| c == "." || c == ".." || (c.is_empty() && path != "/"));
         if bad {
             self.fail(
                 span,
@@ -482,7 +494,13 @@ cooldown-ms = 50
 
     #[test]
     fn unknown_keys_and_syntax_errors_point_at_themselves() {
-        assert_eq!(problems("[kill]\nmodee = \"process\"\n")[0].split(':').take(2).collect::<Vec<_>>(), ["2", "1"]);
+        assert_eq!(
+            problems("[kill]\nmodee = \"process\"\n")[0]
+                .split(':')
+                .take(2)
+                .collect::<Vec<_>>(),
+            ["2", "1"]
+        );
         let syntax = problems("[trigger\n");
         assert_eq!(syntax.len(), 1);
         assert!(syntax[0].starts_with("1:"), "{syntax:?}");

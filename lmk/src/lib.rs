@@ -197,7 +197,10 @@ impl Killer {
                 }
                 Ok(None) => {
                     if !reported_nothing {
-                        tracing::warn!(?cause, "memory is low but the broker lists nothing this killer may kill");
+                        tracing::warn!(
+                            ?cause,
+                            "memory is low but the broker lists nothing this killer may kill"
+                        );
                         reported_nothing = true;
                     }
                 }

@@ -116,7 +116,9 @@ fn unescape(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let n = std::str::from_utf8(&bytes[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok());
+            let n = std::str::from_utf8(&bytes[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok());
             if let Some(n) = n {
                 out.push(n);
                 i += 4;
@@ -333,7 +335,10 @@ mod tests {
 
     #[test]
     fn fields_parse_from_meminfo_and_memory_stat() {
-        assert_eq!(field("MemTotal:  100 kB\nMemAvailable: 7 kB\n", "MemAvailable"), Some(7));
+        assert_eq!(
+            field("MemTotal:  100 kB\nMemAvailable: 7 kB\n", "MemAvailable"),
+            Some(7)
+        );
         assert_eq!(field("active_file 3\ninactive_file 9\n", "inactive_file"), Some(9));
         assert_eq!(field("total_inactive_file 4\n", "inactive_file"), None);
         assert_eq!(unescape("/a\\040b"), "/a b");

@@ -166,7 +166,9 @@ impl Hog {
         command.args(args).stdout(Stdio::piped());
         let mut child = spawn_as(Creds::uid(uid), cgroups, &mut command);
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "ready", "hog {args:?}");
         Hog { child }
     }
@@ -268,7 +270,10 @@ impl Killer {
 }
 
 fn no_caps(lines: &[String]) {
-    for l in lines.iter().filter(|l| !l.starts_with("CapBnd") && !l.starts_with("CapAmb")) {
+    for l in lines
+        .iter()
+        .filter(|l| !l.starts_with("CapBnd") && !l.starts_with("CapAmb"))
+    {
         assert!(l.ends_with("0000000000000000"), "the killer holds a capability: {l}");
     }
 }
