@@ -77,6 +77,8 @@ pub struct KillEvent {
     pub rule: String,
     /// From the decision to kill to the broker's reply.
     pub decision_to_reply_ms: f64,
+    /// Of which listing the candidates (every page).
+    pub candidates_ms: f64,
 }
 
 /// The killer: a broker connection, a memory source, a PSI trigger.
@@ -217,6 +219,7 @@ impl Killer {
     fn act(&mut self, cause: Cause, state: MemoryState) -> Result<Option<KillEvent>, ClientError> {
         let decided = Instant::now();
         let candidates = all_candidates(&mut self.client, &self.config)?;
+        let candidates_ms = decided.elapsed().as_secs_f64() * 1e3;
         let mut event = KillEvent {
             event: if self.dry_run { "would_kill" } else { "kill" },
             time: now_secs(),
@@ -239,6 +242,7 @@ impl Killer {
             outcome: String::new(),
             rule: String::new(),
             decision_to_reply_ms: 0.0,
+            candidates_ms,
         };
         match self.config.mode {
             Mode::Process => {
