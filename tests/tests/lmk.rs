@@ -119,13 +119,19 @@ impl Arena {
 
     /// The killer's config for this arena (readable by the killer's uid).
     fn config(&self, broker: &Path, extra: &str) -> tempfile::NamedTempFile {
+        self.config_at(broker, 25, extra)
+    }
+
+    /// As [`Arena::config`], killing below `percent` % of the limit left
+    /// (0: on PSI only).
+    fn config_at(&self, broker: &Path, percent: u32, extra: &str) -> tempfile::NamedTempFile {
         let memory = match &self.v1_path {
             Some(p) => format!("memory-cgroup = {p:?}\n"),
             None => String::new(),
         };
         let file = policy_file(&format!(
             "socket = {broker:?}\n[scope]\ncgroup = \"/{}\"\n{memory}\
-             [trigger]\nmem-available-percent = 25\n\
+             [trigger]\nmem-available-percent = {percent}\n\
              psi = {{ level = \"some\", stall-ms = 100, window-ms = 2000 }}\n\
              [kill]\navoid = {{ comm = [\"^lmk-db$\"] }}\n{extra}",
             self.name
@@ -402,4 +408,67 @@ fn config_errors_are_reported_at_file_line_col_with_exit_code_3() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let at = config.path().display().to_string();
     assert!(stderr.contains(&format!("{at}:4:1: unknown field `modee`")), "{stderr}");
+}
+
+/// A file on disk (not tmpfs: its pages must be reclaimable page cache)
+/// with none of it cached.
+fn uncached_file(bytes: u64) -> tempfile::NamedTempFile {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut file = tempfile::Builder::new().tempfile_in("/var/tmp").unwrap();
+    let chunk = vec![0x5au8; MIB as usize];
+    for _ in 0..bytes / MIB {
+        file.write_all(&chunk).unwrap();
+    }
+    file.as_file().sync_all().unwrap();
+    // SAFETY: fadvise on an fd we own; it only drops clean cached pages.
+    unsafe { libc::posix_fadvise(file.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    std::fs::set_permissions(file.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    file
+}
+
+#[test]
+fn psi_fires_the_killer_on_thrashing_without_low_memory() {
+    let Some(arena) = Arena::new("lmk-psi") else { return };
+    let policy = grant(&arena);
+    let broker = start_with_policy(&policy);
+    // 208 MiB of anon memory the killer may not touch leaves about 48 MiB
+    // of the limit for page cache ...
+    let mut other = Hog::start(OTHER, &arena.group("other"), &["lmk-other", "208"]);
+    arena.delegate_pressure_to(KILLER);
+    // ... and no memory threshold: only PSI can set the killer off.
+    let config = arena.config_at(&broker.grpc, 0, "");
+    let killer = Killer::start(config.path(), &["--max-kills", "1"]);
+    // ... so reading a 256 MiB file over and over thrashes: every pass
+    // evicts what the next one needs, and reclaim stalls the reader.
+    let data = uncached_file(256 * MIB);
+    let code = format!(
+        "import sys\nprint('ready', flush=True)\nb = bytearray(1 << 20)\nf = open({:?}, 'rb', buffering=0)\nwhile True:\n    f.seek(0)\n    while f.readinto(b):\n        pass\n",
+        data.path().display()
+    );
+    let mut command = Command::new("python3");
+    command.arg("-c").arg(code).stdout(Stdio::piped());
+    let mut reader = Hog {
+        child: spawn_as(Creds::uid(HOGS), &arena.group("reader"), &mut command),
+    };
+    let mut line = String::new();
+    BufReader::new(reader.child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let log = killer.log();
+    // Unprivileged triggers are evaluated every 2 s.
+    let (code, events) = killer.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "killer log:\n{log}");
+    let e = &events[0];
+    assert_eq!(e["event"], "kill", "{e}");
+    assert_eq!(e["cause"], "pressure", "{e}");
+    assert_eq!(e["pid"], reader.pid(), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reader.killed_by().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(reader.killed_by(), Some(libc::SIGKILL));
+    assert_eq!(other.killed_by(), None);
+    assert_eq!(arena.oom_kills(), 0);
 }
