@@ -197,6 +197,37 @@ impl Drop for Hog {
     }
 }
 
+/// An arena, a broker granting the killer the hogs' uid in it, and the
+/// arena's PSI file delegated to the killer.
+struct Scene {
+    arena: Arena,
+    broker: reapd_e2e::Broker,
+    _policy: tempfile::NamedTempFile,
+}
+
+impl Scene {
+    fn new(test: &str) -> Option<Scene> {
+        let arena = Arena::new(test)?;
+        let policy = grant(&arena);
+        let broker = start_with_policy(&policy);
+        arena.delegate_pressure_to(KILLER);
+        Some(Scene {
+            arena,
+            broker,
+            _policy: policy,
+        })
+    }
+}
+
+/// Waits (up to 5 s) for `hog` to end; the signal that ended it.
+fn wait_killed(hog: &mut Hog) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hog.killed_by().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    hog.killed_by()
+}
+
 /// The broker's policy: the killer's uid may kill the hogs' uid in the arena.
 fn grant(arena: &Arena) -> tempfile::NamedTempFile {
     policy_file(&format!(
@@ -310,11 +341,10 @@ impl Standing {
 
 #[test]
 fn the_unprivileged_killer_kills_the_leak_before_the_oom_killer() {
-    let Some(arena) = Arena::new("lmk-kill") else { return };
-    let policy = grant(&arena);
-    let broker = start_with_policy(&policy);
+    let Some(Scene { arena, broker, _policy }) = Scene::new("lmk-kill") else {
+        return;
+    };
     let mut standing = Standing::start(&arena);
-    arena.delegate_pressure_to(KILLER);
     let config = arena.config(&broker.grpc, "");
     let killer = Killer::start(config.path(), &["--max-kills", "1"]);
     no_caps(&killer.capabilities());
@@ -334,22 +364,17 @@ fn the_unprivileged_killer_kills_the_leak_before_the_oom_killer() {
     assert_eq!(e["rule"], "lmk");
     assert!(e["bytes_released"].as_u64().unwrap() > 0, "{e}");
     assert!(e["available_percent"].as_f64().unwrap() < 25.0, "{e}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while leak.killed_by().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(leak.killed_by(), Some(libc::SIGKILL));
+    assert_eq!(wait_killed(&mut leak), Some(libc::SIGKILL));
     standing.all_alive();
     assert_eq!(arena.oom_kills(), 0, "the kernel's OOM killer fired");
 }
 
 #[test]
 fn dry_run_kills_nothing_and_logs_the_would_be_kill() {
-    let Some(arena) = Arena::new("lmk-dry") else { return };
-    let policy = grant(&arena);
-    let broker = start_with_policy(&policy);
+    let Some(Scene { arena, broker, _policy }) = Scene::new("lmk-dry") else {
+        return;
+    };
     let mut standing = Standing::start(&arena);
-    arena.delegate_pressure_to(KILLER);
     let config = arena.config(&broker.grpc, "");
     let killer = Killer::start(config.path(), &["--dry-run", "--max-kills", "1"]);
     // Stops at 64 MiB: past the trigger, under the limit.
@@ -368,11 +393,10 @@ fn dry_run_kills_nothing_and_logs_the_would_be_kill() {
 
 #[test]
 fn cgroup_mode_kills_the_whole_leaking_group_and_nothing_else() {
-    let Some(arena) = Arena::new("lmk-group") else { return };
-    let policy = grant(&arena);
-    let broker = start_with_policy(&policy);
+    let Some(Scene { arena, broker, _policy }) = Scene::new("lmk-group") else {
+        return;
+    };
     let mut standing = Standing::start(&arena);
-    arena.delegate_pressure_to(KILLER);
     let config = arena.config(&broker.grpc, "mode = \"cgroup\"\n");
     let killer = Killer::start(config.path(), &["--max-kills", "1"]);
     let group = arena.group("leaky");
@@ -385,12 +409,8 @@ fn cgroup_mode_kills_the_whole_leaking_group_and_nothing_else() {
     assert_eq!(e["event"], "kill", "{e}");
     assert_eq!(e["cgroup"], format!("/{}/leaky", arena.name), "{e}");
     assert_eq!(e["processes"], 2, "{e}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while (leak.killed_by().is_none() || helper.killed_by().is_none()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(leak.killed_by(), Some(libc::SIGKILL));
-    assert_eq!(helper.killed_by(), Some(libc::SIGKILL));
+    assert_eq!(wait_killed(&mut leak), Some(libc::SIGKILL));
+    assert_eq!(wait_killed(&mut helper), Some(libc::SIGKILL));
     standing.all_alive();
     assert_eq!(arena.oom_kills(), 0, "the kernel's OOM killer fired");
 }
@@ -429,13 +449,12 @@ fn uncached_file(bytes: u64) -> tempfile::NamedTempFile {
 
 #[test]
 fn psi_fires_the_killer_on_thrashing_without_low_memory() {
-    let Some(arena) = Arena::new("lmk-psi") else { return };
-    let policy = grant(&arena);
-    let broker = start_with_policy(&policy);
+    let Some(Scene { arena, broker, _policy }) = Scene::new("lmk-psi") else {
+        return;
+    };
     // 208 MiB of anon memory the killer may not touch leaves about 48 MiB
     // of the limit for page cache ...
     let mut other = Hog::start(OTHER, &arena.group("other"), &["lmk-other", "208"]);
-    arena.delegate_pressure_to(KILLER);
     // ... and no memory threshold: only PSI can set the killer off.
     let config = arena.config_at(&broker.grpc, 0, "");
     let killer = Killer::start(config.path(), &["--max-kills", "1"]);
@@ -464,11 +483,7 @@ fn psi_fires_the_killer_on_thrashing_without_low_memory() {
     assert_eq!(e["event"], "kill", "{e}");
     assert_eq!(e["cause"], "pressure", "{e}");
     assert_eq!(e["pid"], reader.pid(), "{e}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while reader.killed_by().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(reader.killed_by(), Some(libc::SIGKILL));
+    assert_eq!(wait_killed(&mut reader), Some(libc::SIGKILL));
     assert_eq!(other.killed_by(), None);
     assert_eq!(arena.oom_kills(), 0);
 }
