@@ -97,7 +97,8 @@ if [[ $LMK -eq 1 ]]; then
     if [[ -d /run/systemd/system ]]; then
         install -D -m 0644 systemd/reapd-lmk.service /etc/systemd/system/reapd-lmk.service
         systemctl daemon-reload
-        systemctl try-reload-or-restart reapd.service || true
+        # The broker rereads its policy on SIGHUP (or at its next start).
+        systemctl kill -s HUP --kill-whom=main reapd.service 2>/dev/null || true
         if [[ $RUN -eq 1 ]]; then
             systemctl enable --now reapd-lmk.service
             echo "reapd-lmk.service is running: journalctl -u reapd-lmk shows one JSON line per kill"

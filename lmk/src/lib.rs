@@ -133,8 +133,17 @@ impl Killer {
     pub fn new(config: Config, dry_run: bool, out: Box<dyn Write + Send>) -> Result<Killer, RunError> {
         let source = Source::for_scope(config.memory_cgroup.as_deref().or(config.scope.as_deref()))?;
         source.read()?;
+        // Kernels before 6.5 refuse unprivileged PSI triggers (EPERM), and
+        // a cgroup's memory.pressure may not be delegated: the thresholds
+        // still work, so the killer carries on with them alone.
         let trigger = match config.psi {
-            Some(psi) => Some(Trigger::arm(config.scope.as_deref(), psi)?),
+            Some(psi) => match Trigger::arm(config.scope.as_deref(), psi) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no PSI trigger; deciding on the memory thresholds alone");
+                    None
+                }
+            },
             None => None,
         };
         let mut client = blocking::Client::connect(&config.socket)?;

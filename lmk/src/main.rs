@@ -25,7 +25,10 @@ Exit codes:
   1  a runtime error (the PSI trigger failed, memory figures unreadable)
   2  bad command line
   3  the config file is invalid (each problem as file:line:col: message)
-  4  cannot start: broker unreachable, cgroup or PSI trigger unavailable
+  4  cannot start: broker unreachable, no memory figures for the scope
+
+Without a PSI trigger (kernels before 6.5 refuse unprivileged ones; an
+undelegated cgroup) it warns and decides on the memory thresholds alone.
 
 The broker must grant this killer's uid kill-and-reap over its victims: see \
 docs/policy.md, \"An unprivileged low-memory killer\"."
