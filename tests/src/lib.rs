@@ -249,6 +249,39 @@ pub fn spawn_as(creds: Creds, command: &mut Command) -> Child {
     with_creds(creds, command).spawn().expect("spawn command")
 }
 
+/// Starts `command` (without waiting) with `creds`, first moved (still as
+/// root) into each cgroup directory of `cgroups` (a cgroup2 cgroup and,
+/// on a hybrid host, a cgroup v1 one).
+pub fn spawn_as(creds: Creds, cgroups: &[PathBuf], command: &mut Command) -> Child {
+    let procs: Vec<CString> = cgroups
+        .iter()
+        .map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap())
+        .collect();
+    // SAFETY: runs in the forked child before exec; only open/write/close
+    // and become_creds's raw syscalls.
+    unsafe {
+        command.pre_exec(move || {
+            for path in &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if creds == Creds::ROOT || become_creds(creds) {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command.stdin(Stdio::null()).spawn().expect("spawn")
+}
+
 /// A process with chosen credentials, optionally holding memory, killed
 /// and waited for on drop.
 pub struct Victim {

@@ -26,12 +26,45 @@ fn have(tool: &str) -> bool {
 fn units_in_tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let reapd = bin("reapd");
-    for name in ["reapd.socket", "reapd-varlink.socket", "reapd.service"] {
+    let lmk = bin("reapd-lmk");
+    for name in [
+        "reapd.socket",
+        "reapd-varlink.socket",
+        "reapd.service",
+        "reapd-lmk.service",
+    ] {
         let text = std::fs::read_to_string(systemd_dir().join(name)).unwrap();
-        let text = text.replace("/usr/sbin/reapd", reapd.to_str().unwrap());
+        let text = text
+            .replace("/usr/sbin/reapd", reapd.to_str().unwrap())
+            .replace("/usr/bin/reapd-lmk", lmk.to_str().unwrap());
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     dir
+}
+
+/// `systemd-analyze security`'s overall exposure of `unit` in `dir`.
+fn exposure(dir: &Path, unit: &str) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(dir.join(unit))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(&format!("Overall exposure level for {unit}")))
+        .unwrap_or_else(|| {
+            panic!(
+                "no overall exposure line:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    eprintln!("{line}");
+    line.split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unparsable: {line}"))
 }
 
 #[test]
@@ -60,29 +93,36 @@ fn units_pass_systemd_analyze_verify() {
 #[test]
 fn service_exposure_is_at_most_1_0() {
     let dir = units_in_tempdir();
+    let score = exposure(dir.path(), "reapd.service");
+    assert!(score <= 1.0, "exposure {score} > 1.0");
+}
+
+#[test]
+fn lmk_service_holds_nothing_and_is_exposed_no_more_than_the_broker() {
+    let dir = units_in_tempdir();
     let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--no-pager"])
-        .arg(dir.path().join("reapd.service"))
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("reapd-lmk.service"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.contains("Overall exposure level for reapd.service"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no overall exposure line:\n{stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let score: f64 = line
-        .split(':')
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("unparsable: {line}"));
-    eprintln!("{line}");
-    assert!(score <= 1.0, "exposure {score} > 1.0:\n{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("reapd-lmk")).collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
+    let unit = std::fs::read_to_string(systemd_dir().join("reapd-lmk.service")).unwrap();
+    for line in [
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing");
+    }
+    let lmk = exposure(dir.path(), "reapd-lmk.service");
+    let broker = exposure(dir.path(), "reapd.service");
+    assert!(lmk <= broker, "reapd-lmk exposure {lmk} > the broker's {broker}");
 }
 
 #[test]
