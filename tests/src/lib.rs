@@ -244,11 +244,6 @@ pub fn run_as(creds: Creds, command: &mut Command) -> Output {
     with_creds(creds, command).output().expect("run command")
 }
 
-/// Starts `command` (without waiting) with `creds`.
-pub fn spawn_as(creds: Creds, command: &mut Command) -> Child {
-    with_creds(creds, command).spawn().expect("spawn command")
-}
-
 /// Starts `command` (without waiting) with `creds`, first moved (still as
 /// root) into each cgroup directory of `cgroups` (a cgroup2 cgroup and,
 /// on a hybrid host, a cgroup v1 one).

@@ -47,7 +47,7 @@ impl Watcher {
             .args(["--json", "watch"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = spawn_as(creds, &mut command);
+        let mut child = spawn_as(creds, &[], &mut command);
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
         stderr.read_line(&mut line).unwrap();
