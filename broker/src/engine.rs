@@ -100,17 +100,14 @@ impl Drop for KillGuard {
     }
 }
 
-/// Records of requests that changed nothing (CheckPermission, and refused
-/// kills, group kills and candidate listings) logged per caller uid and
-/// action per second; beyond this they are counted and summarised in one
-/// `check_suppressed` (checks) or `refusal_suppressed` (refusals) record, so
-/// no loop of such requests can push kill records out of the journal.
-/// Allowed kills are never limited here (the kill rate limits them).
+/// CheckPermission records logged per caller uid per second; beyond this
+/// they are counted and summarised in one `check_suppressed` record, so a
+/// check loop can never push kill records out of journald's rate limit.
 pub const CHECK_AUDIT_PER_SECOND: u32 = 20;
 
 #[derive(Debug, Default)]
 struct CheckAuditGate {
-    windows: Mutex<HashMap<(u32, &'static str), CheckWindow>>,
+    windows: Mutex<HashMap<u32, CheckWindow>>,
 }
 
 #[derive(Debug)]
@@ -123,17 +120,17 @@ struct CheckWindow {
 impl CheckAuditGate {
     /// Whether this check record may be written; writes the summary of the
     /// previous window first when one is due.
-    fn admit(&self, uid: u32, action: &'static str) -> bool {
+    fn admit(&self, uid: u32) -> bool {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let window = windows.entry((uid, action)).or_insert(CheckWindow {
+        let window = windows.entry(uid).or_insert(CheckWindow {
             started: now,
             logged: 0,
             suppressed: 0,
         });
         if now.duration_since(window.started) >= Duration::from_secs(1) {
             if window.suppressed > 0 {
-                audit_check_summary(uid, action, window.suppressed, now.duration_since(window.started));
+                audit_check_summary(uid, window.suppressed, now.duration_since(window.started));
             }
             *window = CheckWindow {
                 started: now,
@@ -155,13 +152,13 @@ impl CheckAuditGate {
     fn flush(&self, all: bool) {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        windows.retain(|(uid, action), window| {
+        windows.retain(|uid, window| {
             let over = all || now.duration_since(window.started) >= Duration::from_secs(1);
             if !over {
                 return true;
             }
             if window.suppressed > 0 {
-                audit_check_summary(*uid, action, window.suppressed, now.duration_since(window.started));
+                audit_check_summary(*uid, window.suppressed, now.duration_since(window.started));
             }
             false
         });
@@ -299,7 +296,7 @@ impl Engine {
         let target = match pinned {
             Ok(target) => target,
             Err(err) => {
-                if self.check_audit.admit(caller.uid, "check") {
+                if self.check_audit.admit(caller.uid) {
                     audit_refusal("check", caller, &err, started);
                 }
                 return Err(err);
@@ -309,13 +306,13 @@ impl Engine {
         // this target (the `check` grant), and would the kill be allowed.
         let policy = self.policy.load();
         if let Some(refusal) = policy.check_refusal(caller, &target) {
-            if self.check_audit.admit(caller.uid, "check") {
+            if self.check_audit.admit(caller.uid) {
                 audit_decision("check", caller, &target, &refusal, started);
             }
             return Err(EngineError::refused(&refusal));
         }
         let decision = self.decide(&policy, caller, &target);
-        if self.check_audit.admit(caller.uid, "check") {
+        if self.check_audit.admit(caller.uid) {
             audit_decision("check", caller, &target, &decision, started);
         }
         Ok(PermissionReport { decision, target })
@@ -328,9 +325,7 @@ impl Engine {
         let target = match self.pin(caller, request.target, request.pidns).await {
             Ok(target) => target,
             Err(err) => {
-                if self.check_audit.admit(caller.uid, "kill") {
-                    audit_refusal("kill", caller, &err, started);
-                }
+                audit_refusal("kill", caller, &err, started);
                 return Err(err);
             }
         };
@@ -339,9 +334,7 @@ impl Engine {
         let policy_reap_delay = policy.reap_delay;
         drop(policy);
         if !decision.allowed {
-            if self.check_audit.admit(caller.uid, "kill") {
-                audit_decision("kill", caller, &target, &decision, started);
-            }
+            audit_decision("kill", caller, &target, &decision, started);
             return Err(EngineError::refused(&decision));
         }
         // The one decision record is written after the limiter, with the
@@ -355,9 +348,7 @@ impl Engine {
                     rule: "rate-limit".into(),
                     reason: format!("{} ({} allows it)", err, decision.rule),
                 };
-                if self.check_audit.admit(caller.uid, "kill") {
-                    audit_decision("kill", caller, &target, &limited, started);
-                }
+                audit_decision("kill", caller, &target, &limited, started);
                 return Err(err);
             }
         };
@@ -441,9 +432,7 @@ impl Engine {
         let ns = match owned_namespace(caller, request.pidns.as_ref()) {
             Ok(ns) => ns,
             Err(err) => {
-                if self.check_audit.admit(caller.uid, action) {
-                    audit_refusal(action, caller, &err, started);
-                }
+                audit_refusal(action, caller, &err, started);
                 return Err(err);
             }
         };
@@ -463,26 +452,20 @@ impl Engine {
         let (path, dir, members) = match pinned {
             Ok(found) => found,
             Err(err) => {
-                if self.check_audit.admit(caller.uid, action) {
-                    audit_refusal(action, caller, &err, started);
-                }
+                audit_refusal(action, caller, &err, started);
                 return Err(err);
             }
         };
         if members.is_empty() {
             let err = EngineError::NotFound(format!("cgroup {path} has no processes"));
-            if self.check_audit.admit(caller.uid, action) {
-                audit_refusal(action, caller, &err, started);
-            }
+            audit_refusal(action, caller, &err, started);
             return Err(err);
         }
         let policy = self.policy.load_full();
         for member in &members {
             let decision = self.decide(&policy, caller, member);
             if !decision.allowed {
-                if self.check_audit.admit(caller.uid, action) {
-                    audit_decision(action, caller, member, &decision, started);
-                }
+                audit_decision(action, caller, member, &decision, started);
                 return Err(EngineError::PermissionDenied {
                     kind: decision.kind,
                     rule: decision.rule,
@@ -496,9 +479,7 @@ impl Engine {
         let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
             Ok(slot) => slot,
             Err(err) => {
-                if self.check_audit.admit(caller.uid, action) {
-                    audit_refusal(action, caller, &err, started);
-                }
+                audit_refusal(action, caller, &err, started);
                 return Err(err);
             }
         };
@@ -581,9 +562,7 @@ impl Engine {
         let ns = match owned_namespace(caller, pidns.as_ref()) {
             Ok(ns) => ns,
             Err(err) => {
-                if self.check_audit.admit(caller.uid, "candidates") {
-                    audit_refusal("candidates", caller, &err, started);
-                }
+                audit_refusal("candidates", caller, &err, started);
                 return Err(err);
             }
         };
@@ -718,17 +697,11 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) 
     );
 }
 
-fn audit_check_summary(uid: u32, action: &str, suppressed: u64, window: Duration) {
-    // Checks keep their own event name; refusals of other actions share one.
-    let event = if action == "check" {
-        "check_suppressed"
-    } else {
-        "refusal_suppressed"
-    };
+fn audit_check_summary(uid: u32, suppressed: u64, window: Duration) {
     tracing::info!(
         target: AUDIT_TARGET,
-        event,
-        action,
+        event = "check_suppressed",
+        action = "check",
         caller_uid = uid,
         suppressed,
         window_ms = window.as_millis() as u64,

@@ -176,8 +176,8 @@ fn wait_for_stuck_closes(broker: &Broker, count: usize) -> usize {
     }
 }
 
-/// Root (not the attacker) is answered within 100 ms on both transports,
-/// and another ordinary uid is answered at all (reapctl, within 3 s).
+/// Another uid is answered within 100 ms on both transports (reapctl's
+/// own start included, as in resilience.rs), and root in-process too.
 fn others_are_served(broker: &Broker, what: &str) {
     let victim = Victim::spawn(Creds::uid(OTHER), 0);
     let t = Instant::now();
@@ -196,22 +196,6 @@ fn others_are_served(broker: &Broker, what: &str) {
             .is_some_and(|p| p["parameters"]["allowed"].is_boolean()),
         "{what}: root not answered: {permission:?}"
     );
-    // gRPC in-process too (on a thread: a stalled broker must fail the
-    // test, not hang it).
-    let (grpc_path, pid) = (broker.grpc.clone(), victim.pid);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = Instant::now();
-    std::thread::spawn(move || {
-        let answer = reapd_client::blocking::Client::connect(&grpc_path)
-            .and_then(|mut c| c.check_permission(reapd_client::Target::pid(pid)));
-        let _ = tx.send(answer.map(|_| t.elapsed()));
-    });
-    let grpc_took = match rx.recv_timeout(Duration::from_secs(3)) {
-        Ok(Ok(took)) => took,
-        other => panic!("{what}: root not answered over gRPC: {other:?}"),
-    };
-    // Another ordinary uid, with reapctl (its process start included, so
-    // only a stall is caught here).
     let t = Instant::now();
     let mut command = Command::new(bin("reapctl"));
     command
@@ -219,25 +203,29 @@ fn others_are_served(broker: &Broker, what: &str) {
         .arg("--socket")
         .arg(varlink(broker))
         .args(["check", &victim.pid.to_string()]);
-    let varlink_out = timed_out_after(Creds::uid(OTHER), &mut command);
-    let other_varlink = t.elapsed();
+    let out = timed_out_after(Creds::uid(OTHER), &mut command);
+    let varlink_took = t.elapsed();
     let t = Instant::now();
     let mut command = Command::new(bin("reapctl"));
     command
         .arg("--socket")
         .arg(&broker.grpc)
         .args(["check", &victim.pid.to_string()]);
-    let grpc_out = timed_out_after(Creds::uid(OTHER), &mut command);
-    let other_grpc = t.elapsed();
+    let grpc = timed_out_after(Creds::uid(OTHER), &mut command);
+    let grpc_took = t.elapsed();
     eprintln!(
-        "{what}: root answered in {root_took:?} (varlink), {grpc_took:?} (gRPC); uid {OTHER} with reapctl in {other_varlink:?} (varlink), {other_grpc:?} (gRPC)"
+        "{what}: root answered in {root_took:?}; uid {OTHER} in {varlink_took:?} (varlink), {grpc_took:?} (gRPC)"
+    );
+    assert_eq!(out, Some(0), "{what}: varlink caller not answered");
+    assert_eq!(grpc, Some(0), "{what}: gRPC caller not answered");
+    assert!(
+        root_took < Duration::from_millis(100),
+        "{what}: root took {root_took:?}"
     );
     assert!(
-        root_took < Duration::from_millis(100) && grpc_took < Duration::from_millis(100),
-        "{what}: root took {root_took:?} / {grpc_took:?}"
+        varlink_took < Duration::from_millis(100) && grpc_took < Duration::from_millis(100),
+        "{what}: uid {OTHER} took {varlink_took:?} / {grpc_took:?}"
     );
-    assert_eq!(varlink_out, Some(0), "{what}: uid {OTHER} not answered over varlink");
-    assert_eq!(grpc_out, Some(0), "{what}: uid {OTHER} not answered over gRPC");
 }
 
 /// Runs `command` as `creds` for at most 3 s; its exit code (None if it
@@ -429,56 +417,5 @@ fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[i32]) {
             "sendmsg: {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-/// A loop of refused kills (pid 1 is protected) wrote one audit record per
-/// call, ~1,500 a second from one connection, with nothing to stop it: the
-/// same journal flood the CheckPermission limit prevents. Refusals change
-/// nothing, so they now share that limit (20 a second per uid and action,
-/// the rest summarised); a kill allowed meanwhile keeps both its records.
-#[test]
-fn a_refused_kill_flood_writes_bounded_records_and_kills_keep_theirs() {
-    let broker = Broker::start();
-    let mut stream = UnixStream::connect(varlink(&broker)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let refused = b"{\"method\":\"io.reapd.Reaper.KillAndReap\",\"parameters\":{\"pid\":1}}\0";
-    let t = Instant::now();
-    let mut calls = 0;
-    while calls < 300 {
-        stream.write_all(refused).unwrap();
-        let reply = read_reply(&mut stream).unwrap();
-        assert_eq!(reply["error"], "io.reapd.Reaper.PermissionDenied", "{reply}");
-        calls += 1;
-    }
-    let flood = t.elapsed();
-    let mut victim = Victim::spawn(Creds::uid(ATTACKER), 0);
-    let kill = format!(
-        "{{\"method\":\"io.reapd.Reaper.KillAndReap\",\"parameters\":{{\"pid\":{}}}}}\0",
-        victim.pid
-    );
-    stream.write_all(kill.as_bytes()).unwrap();
-    let reply = read_reply(&mut stream).unwrap();
-    assert_eq!(reply["parameters"]["target"]["pid"], victim.pid, "{reply}");
-    assert_eq!(victim.wait(), Some(libc::SIGKILL));
-    assert!(
-        reapd_e2e::wait_for_log(&broker.log, "refusal_suppressed", Duration::from_secs(3)),
-        "no summary of the suppressed refusals"
-    );
-    let log = broker.log_text();
-    let refusals = log
-        .lines()
-        .filter(|l| l.contains("event=\"decision\"") && l.contains("target_pid=1 "))
-        .count();
-    let seconds = flood.as_secs() as usize + 1;
-    eprintln!("{calls} refused kills in {flood:?}: {refusals} decision records");
-    assert!(
-        refusals <= 20 * (seconds + 1),
-        "{refusals} records for {calls} refusals in {flood:?}"
-    );
-    let target = format!("target_pid={} ", victim.pid);
-    for event in ["event=\"decision\"", "event=\"outcome\""] {
-        let n = log.lines().filter(|l| l.contains(event) && l.contains(&target)).count();
-        assert_eq!(n, 1, "{event} for the allowed kill: {log}");
     }
 }
