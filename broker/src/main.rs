@@ -309,7 +309,8 @@ fn main() -> ExitCode {
     let grpc_config = AcceptConfig {
         limits,
         // The socket and the caller's pidfd: gRPC never receives fds (the
-        // kernel refuses them, or drops them unread).
+        // kernel refuses them; before Linux 6.16 it drops them unread, on
+        // the reading thread: see docs/threats.md).
         weight: 2,
         privileged: Arc::clone(&privileged),
         closer: Arc::clone(&closer),

@@ -16,17 +16,19 @@
 //!
 //! Received fds are untrusted and stay bound to the bytes of the message
 //! they came with. The receive path peeks at the socket (which installs no
-//! fd), finds the end of the next message, parses it, and only then reads
-//! exactly that message's bytes with room for exactly the fds its
-//! parameters name by index ([`FD_PARAMS`]). The kernel attaches the fds of
-//! a `sendmsg` to its first byte and never returns bytes past an fd-carrying
-//! write in one read, so a read that ends at this message's NUL gets the fds
-//! that were sent with this message and no other's. fds beyond the room
-//! (and all fds sent with a message that names none) are never installed:
-//! the kernel drops them (an `fput`, which runs the file's `release` on the
-//! reading thread when it returns to user space, never `flush`; a FUSE
-//! `release` is asynchronous). An installed fd is kept only if it is a
-//! pidfd; every other one, and every one the call did not take, is closed by
+//! fd, and says whether fds are attached), finds the end of the next
+//! message, parses it, and only then reads exactly that message's bytes.
+//! The kernel attaches the fds of a `sendmsg` to its first byte and never
+//! returns bytes past an fd-carrying write in one read, so a read that ends
+//! at this message's NUL gets the fds that were sent with this message and
+//! no other's. The kernel is never asked to drop a passed fd: dropping one
+//! releases it on the reading thread, and a release can block (a lingering
+//! TCP socket waits in `tcp_close`), so a read of fd-carrying bytes has room
+//! for all of them, and the fds its call does not name ([`FD_PARAMS`]) go
+//! to a closer thread; a socket whose queue still holds fds is closed on a
+//! closer thread too ([`listener::close_socket`]). An installed fd is kept
+//! only if it is a pidfd (or, for `pidns`, a pid namespace); every other
+//! one, and every one the call did not take, is closed by
 //! [`crate::closer`], charged to the sender's uid.
 
 use std::future::Future;
@@ -102,7 +104,8 @@ error ExpectedMore ()
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Parameters whose value is the index of an fd passed with the call. A
-/// call takes exactly the fds these name; others are never installed. Each
+/// call takes exactly the fds these name; others are closed off the
+/// executor, charged to the sender. Each
 /// is taken with a verifier ([`MessageFds::take_pidfd`],
 /// [`MessageFds::take_pid_namespace`]): an fd that fails it goes to the
 /// closer, never back to the caller of `take_*`.
