@@ -28,6 +28,17 @@ pub const TOTAL: usize = 256;
 /// Of [`TOTAL`], the part only privileged callers (root, kill grantees) use.
 pub const RESERVED: usize = 32;
 
+/// Most fds one `sendmsg` can attach (`SCM_MAX_FD`), so most one
+/// `recvmsg` can return. A read with room for this many never makes the
+/// kernel drop (and so release, on the reading thread) a passed fd.
+pub const SCM_MAX_FD: usize = 253;
+
+/// How far the fds pending close can exceed [`TOTAL`]: a read of a message
+/// that carries fds installs up to [`SCM_MAX_FD`] of them before the ones
+/// its call does not name are charged (over the budget); reads run on the
+/// runtime's two worker threads.
+pub const OVERSHOOT: usize = 2 * SCM_MAX_FD;
+
 /// Stack of a closer thread: it only calls close(2).
 const CLOSER_STACK: usize = 64 * 1024;
 
@@ -129,6 +140,23 @@ impl Closer {
             .collect())
     }
 
+    /// Charges `n` fds to `uid` whatever the budget: for fds the kernel has
+    /// already installed (a message can bring up to [`SCM_MAX_FD`] more than
+    /// its call names). The uid is then over its budget, and its further
+    /// fd-carrying messages are refused, until their closes return.
+    pub fn charge(self: &Arc<Self>, uid: u32, n: usize) -> Vec<Unit> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.total += n;
+        *state.by_uid.entry(uid).or_insert(0) += n;
+        drop(state);
+        (0..n)
+            .map(|_| Unit {
+                closer: Arc::clone(self),
+                uid,
+            })
+            .collect()
+    }
+
     /// Fds pending for `uid` (received and not yet released).
     pub fn pending(&self, uid: u32) -> usize {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -213,6 +241,21 @@ pub fn is_pid_namespace(fd: &OwnedFd) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map(|link| link.to_string_lossy().starts_with("pid:["))
         .unwrap_or(false)
+}
+
+/// Closes every fd of `batch` in turn on one closer thread; each one's
+/// budget unit is released as its close returns.
+pub fn close_batch(batch: Vec<Received>) {
+    if !batch.is_empty() {
+        spawn_close(batch);
+    }
+}
+
+/// Drops `item` on a closer thread: for a socket whose receive queue may
+/// hold passed fds, which closing it releases (see
+/// [`crate::varlink`]'s connection close).
+pub fn drop_off_executor<T: Send + 'static>(item: T) {
+    spawn_close(item);
 }
 
 fn close_off_thread(received: Received) {

@@ -28,6 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
 
 use crate::caller::Caller;
+use crate::closer::Closer;
 use crate::features::KernelFeatures;
 
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +232,9 @@ pub struct AcceptConfig {
     /// Fds one connection of this transport may hold (socket included).
     pub weight: usize,
     pub privileged: PrivilegedCheck,
+    /// Closes refused sockets whose queue holds passed fds (see
+    /// [`close_socket`]).
+    pub closer: Arc<Closer>,
 }
 
 fn peer_ids(stream: &UnixStream) -> Option<(u32, u32, Vec<u32>)> {
@@ -239,6 +243,52 @@ fn peer_ids(stream: &UnixStream) -> Option<(u32, u32, Vec<u32>)> {
     let (_, uid, gid) = crate::sys::peer_cred(stream.as_fd()).ok()?;
     let groups = crate::sys::peer_groups(stream.as_fd()).unwrap_or_default();
     Some((uid, gid, groups))
+}
+
+/// How much of a closing socket's queue [`close_socket`] peeks at; a longer
+/// queue is assumed to hold fds.
+const PEEK_LIMIT: usize = 64 * 1024 + 1;
+
+/// Closes a connection's socket. Closing it releases whatever fds are still
+/// queued on it, on the closing thread, and such a release can block (see
+/// `crate::varlink::Receiver::take`). So the peer is cut off first (no more bytes can
+/// come), then a peek says whether fds wait in the queue: if not, the
+/// socket is closed here; if so, on a closer thread, which holds the
+/// connection's slot (and one unit of the sender's fd budget, charged
+/// whatever the budget: the connection is going either way) until the
+/// close returns, so the cost stays with the sender's caps.
+pub fn close_socket<S: Send + 'static>(stream: UnixStream, uid: u32, closer: &Arc<Closer>, slot: S) {
+    if !may_hold_fds(&stream) {
+        return;
+    }
+    match stream.into_std() {
+        Ok(stream) => {
+            tracing::debug!(
+                caller_uid = uid,
+                "fds queued on a closed connection; closing it off the executor"
+            );
+            let unit = closer.charge(uid, 1);
+            crate::closer::drop_off_executor((stream, slot, unit));
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot take a socket off the runtime; closing it here"),
+    }
+}
+
+/// Whether `stream`'s receive queue may hold passed fds. Shuts the read
+/// side down first, so the answer cannot change afterwards.
+fn may_hold_fds(stream: &UnixStream) -> bool {
+    let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Read);
+    let queued = match rustix::io::ioctl_fionread(stream) {
+        Ok(0) => return false,
+        Ok(queued) => queued as usize,
+        Err(_) => return true,
+    };
+    let mut buf = vec![0u8; queued.min(PEEK_LIMIT)];
+    match crate::sys::peek_for_fds(stream.as_fd(), &mut buf) {
+        // Everything queued was seen and none of it carries fds.
+        Ok((n, false)) => n < queued,
+        _ => true,
+    }
 }
 
 /// Accepts connections until `deliver` returns false (the transport is
@@ -290,11 +340,13 @@ pub async fn accept_loop(
                     why.as_str()
                 );
                 crate::metrics::get().connection(false);
+                close_socket(stream, uid, &config.closer, ());
                 continue;
             }
         };
         let privileged = is_privileged();
         let (features, deliver, stopped) = (Arc::clone(&features), Arc::clone(&deliver), Arc::clone(&stopped));
+        let closer = Arc::clone(&config.closer);
         tokio::spawn(async move {
             let identified = tokio::task::spawn_blocking(move || {
                 let caller = Caller::from_socket(stream.as_fd(), &features);
@@ -309,6 +361,7 @@ pub async fn accept_loop(
                 Err(err) => {
                     tracing::warn!(error = %err, "could not identify a peer; closing its connection");
                     crate::metrics::get().connection(false);
+                    close_socket(stream, uid, &closer, slot);
                     return;
                 }
             };

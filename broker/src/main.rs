@@ -348,7 +348,7 @@ fn main() -> ExitCode {
     // and what received fds being closed may hold (the closer's cap).
     let max_fds = usize::try_from(open_files)
         .unwrap_or(usize::MAX)
-        .saturating_sub(OWN_FDS + reapd::closer::TOTAL);
+        .saturating_sub(OWN_FDS + reapd::closer::TOTAL + reapd::closer::OVERSHOOT);
     let max_total = args.max_connections.min(max_fds);
     if max_total < args.max_connections {
         tracing::warn!(
@@ -381,19 +381,22 @@ fn main() -> ExitCode {
         let engine = Arc::clone(&engine);
         Arc::new(move |uid, gid, groups: &[u32]| engine.holds_kill_grant(uid, gid, groups))
     };
+    let closer = Arc::new(reapd::closer::Closer::default());
     let grpc_config = AcceptConfig {
         limits,
         // The socket and the caller's pidfd: gRPC never receives fds (the
-        // kernel refuses them, or drops them unread).
+        // kernel refuses them; before Linux 6.16 it drops them unread, on
+        // the reading thread: see docs/threats.md).
         weight: 2,
         privileged: Arc::clone(&privileged),
+        closer: Arc::clone(&closer),
     };
     let varlink_config = AcceptConfig {
         limits,
         weight: reapd::varlink::FDS_PER_CONNECTION,
         privileged,
+        closer: Arc::clone(&closer),
     };
-    let closer = Arc::new(reapd::closer::Closer::default());
     reapd::reload::spawn_reloader(&runtime, Arc::clone(&engine), policy_source);
     if let Some(interval) = reapd::systemd::watchdog_interval() {
         runtime.spawn(reapd::systemd::watchdog_loop(interval));

@@ -342,3 +342,33 @@ pub fn refuse_passed_fds(socket: BorrowedFd<'_>) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+// ---- Seeing passed fds without receiving them (issue 11, attacks pass) ----
+
+/// `recvmsg(MSG_PEEK | MSG_DONTWAIT)` into `buf` with a control buffer that
+/// has room for no fd: returns the bytes peeked and whether fds are
+/// attached to them (`MSG_CTRUNC`). No fd is installed: with
+/// `msg_controllen` no larger than a `cmsghdr` the kernel's room for fds is
+/// zero, and the references the peek took are dropped while the queued
+/// message still holds its own, so nothing is released here either.
+pub fn peek_for_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut control = MaybeUninit::<libc::cmsghdr>::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no iovec, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = size_of::<libc::cmsghdr>() as _;
+    // SAFETY: `iov` points at `buf`, live and writable for its length;
+    // `control` is a live cmsghdr of the length passed. The kernel writes at
+    // most those lengths and keeps no pointer after returning.
+    let ret = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((ret as usize, msg.msg_flags & libc::MSG_CTRUNC != 0))
+}

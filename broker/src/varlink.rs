@@ -17,27 +17,29 @@
 //!
 //! Received fds are untrusted and stay bound to the bytes of the message
 //! they came with. The receive path peeks at the socket (which installs no
-//! fd), finds the end of the next message, parses it, and only then reads
-//! exactly that message's bytes with room for exactly the fds its
-//! parameters name by index ([`FD_PARAMS`]). The kernel attaches the fds of
-//! a `sendmsg` to its first byte and never returns bytes past an fd-carrying
-//! write in one read, so a read that ends at this message's NUL gets the fds
-//! that were sent with this message and no other's. fds beyond the room
-//! (and all fds sent with a message that names none) are never installed:
-//! the kernel drops them (an `fput`, which runs the file's `release` on the
-//! reading thread when it returns to user space, never `flush`; a FUSE
-//! `release` is asynchronous). An installed fd is kept only if it is a
-//! pidfd; every other one, and every one the call did not take, is closed by
+//! fd, and says whether fds are attached), finds the end of the next
+//! message, parses it, and only then reads exactly that message's bytes.
+//! The kernel attaches the fds of a `sendmsg` to its first byte and never
+//! returns bytes past an fd-carrying write in one read, so a read that ends
+//! at this message's NUL gets the fds that were sent with this message and
+//! no other's. The kernel is never asked to drop a passed fd: dropping one
+//! releases it on the reading thread, and a release can block (a lingering
+//! TCP socket waits in `tcp_close`), so a read of fd-carrying bytes has room
+//! for all of them, and the fds its call does not name ([`FD_PARAMS`]) go
+//! to a closer thread; a socket whose queue still holds fds is closed on a
+//! closer thread too ([`listener::close_socket`]). An installed fd is kept
+//! only if it is a pidfd (or, for `pidns`, a pid namespace); every other
+//! one, and every one the call did not take, is closed by
 //! [`crate::closer`], charged to the sender's uid.
 
 use std::future::Future;
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::net::{recv, recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
@@ -45,7 +47,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport, SortKey};
-use crate::closer::{Closer, Received, Unit};
+use crate::closer::{self, Closer, Received, SCM_MAX_FD};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
 use crate::events::KillEvent;
@@ -104,7 +106,8 @@ error ExpectedMore ()
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Parameters whose value is the index of an fd passed with the call. A
-/// call takes exactly the fds these name; others are never installed. Each
+/// call takes exactly the fds these name; others are closed off the
+/// executor, charged to the sender. Each
 /// is taken with a verifier ([`MessageFds::take_pidfd`],
 /// [`MessageFds::take_pid_namespace`]): an fd that fails it goes to the
 /// closer, never back to the caller of `take_*`.
@@ -392,9 +395,6 @@ fn only_params(parameters: &Map<String, Value>, allowed: &[&str]) -> Result<(), 
 #[derive(Debug, Default)]
 pub struct MessageFds {
     fds: Vec<Option<Received>>,
-    /// The sender was over its fd budget, so the fds it sent with this
-    /// message were refused (dropped by the kernel); the reason.
-    refused: Option<String>,
 }
 
 impl MessageFds {
@@ -416,9 +416,6 @@ impl MessageFds {
     }
 
     fn take(&mut self, index: u64, parameter: &str) -> Result<Received, VarlinkError> {
-        if let Some(reason) = &self.refused {
-            return Err(fds_refused(reason));
-        }
         usize::try_from(index)
             .ok()
             .and_then(|i| self.fds.get_mut(i))
@@ -432,6 +429,16 @@ impl MessageFds {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // fds of an unfinished message: closed like any others, off the
+        // executor unless they are pidfds.
+        for fd in self.partial_fds.drain(..) {
+            fd.dispose();
+        }
     }
 }
 
@@ -704,7 +711,17 @@ enum Incoming {
     Eof { mid_message: bool },
     /// A message longer than [`MAX_MESSAGE_BYTES`].
     Oversized,
+    /// The sender passed fds while over its fd budget: nothing was read
+    /// (reading would release them here). `call` is the message, if
+    /// complete, to refuse with a reply; the connection is then closed.
+    FdsRefused {
+        reason: String,
+        call: Option<Result<Call, VarlinkError>>,
+    },
 }
+
+/// Bytes read off the socket and the fds kept with them.
+type Taken = (Vec<u8>, Vec<Received>);
 
 /// The receive state of one connection.
 struct Receiver {
@@ -721,13 +738,60 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Charges up to `want` fds to the sender; on refusal, the reason (and
-    /// no room: the kernel then drops what the sender passed).
-    fn reserve(&self, want: usize) -> (Vec<Unit>, Option<String>) {
-        match self.closer.reserve(self.uid, want, self.privileged) {
-            Ok(units) => (units, None),
-            Err(err) => (Vec::new(), Some(err.to_string())),
+    /// Reads the next `len` peeked bytes and the fds sent with them,
+    /// keeping up to `want` of those fds (each charged to the sender).
+    ///
+    /// The kernel releases a passed fd on the reading thread when a read
+    /// has no room for it, and that release can block for as long as the
+    /// sender likes (a TCP socket with `SO_LINGER` and unsent data waits in
+    /// `tcp_close`; a FUSE file with dirty pages in writeback-cache mode
+    /// waits for its server). So a read never asks the kernel to drop one:
+    /// when the peek saw fds (`carries_fds`), the read has room for all that
+    /// one read can bring ([`SCM_MAX_FD`]), and those the call does not
+    /// take are closed on one closer thread, charged to the sender. Such a
+    /// read first needs at least one unit of the sender's budget; a sender
+    /// over its budget gets `Err(reason)` and nothing is read.
+    fn take(
+        &self,
+        stream: &UnixStream,
+        len: usize,
+        want: usize,
+        carries_fds: bool,
+    ) -> std::io::Result<Result<Taken, String>> {
+        if !carries_fds {
+            // Nothing is attached to these bytes (queued data never changes).
+            return receive_exact(stream, len, 0).map(|(bytes, _)| Ok((bytes, Vec::new())));
         }
+        let units = match self.closer.reserve(self.uid, want.max(1), self.privileged) {
+            Ok(units) => units,
+            Err(err) => return Ok(Err(err.to_string())),
+        };
+        let (bytes, fds) = receive_exact(stream, len, SCM_MAX_FD)?;
+        let mut units = units.into_iter();
+        let mut kept = Vec::new();
+        let mut extra = Vec::new();
+        for fd in fds {
+            match units.next().filter(|_| kept.len() < want) {
+                Some(unit) => kept.push(Received::new(fd, unit)),
+                None => extra.push(fd),
+            }
+        }
+        if !extra.is_empty() {
+            tracing::debug!(
+                caller_uid = self.uid,
+                fds = extra.len(),
+                "fds the call does not name; closing them off the executor"
+            );
+            let charged = self.closer.charge(self.uid, extra.len());
+            closer::close_batch(
+                extra
+                    .into_iter()
+                    .zip(charged)
+                    .map(|(fd, unit)| Received::new(fd, unit))
+                    .collect(),
+            );
+        }
+        Ok(Ok((bytes, kept)))
     }
 
     /// One step of the receive path, run when the socket is readable.
@@ -736,12 +800,10 @@ impl Receiver {
         let queued = rustix::io::ioctl_fionread(stream).map_err(std::io::Error::from)? as usize;
         let room = MAX_MESSAGE_BYTES + 1 - self.partial.len().min(MAX_MESSAGE_BYTES);
         let mut peeked = vec![0u8; queued.clamp(1, room)];
-        // A peek without a control buffer installs no fd (the kernel takes
-        // and drops an extra reference) and consumes nothing.
-        let n = match recv(stream, &mut peeked, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-            Ok((n, _)) => n,
-            Err(err) => return Err(err.into()),
-        };
+        // The peek installs no fd and consumes nothing; it says whether fds
+        // are attached to the bytes it saw (it stops after the first write
+        // that carried some).
+        let (n, carries_fds) = crate::sys::peek_for_fds(stream.as_fd(), &mut peeked)?;
         if n == 0 {
             let mid_message = !self.partial.is_empty() || self.incomplete;
             return Ok(Incoming::Eof { mid_message });
@@ -755,8 +817,11 @@ impl Receiver {
                 // The peek stopped after a write that carried fds, before
                 // this message's end: take those bytes (and their fds) as
                 // part of this message, then look further.
-                let (units, _) = self.reserve(MAX_FDS_PER_CALL.saturating_sub(self.partial_fds.len()));
-                let (bytes, fds) = receive_exact(stream, n, units)?;
+                let want = MAX_FDS_PER_CALL.saturating_sub(self.partial_fds.len());
+                let (bytes, fds) = match self.take(stream, n, want, carries_fds)? {
+                    Ok(taken) => taken,
+                    Err(reason) => return Ok(Incoming::FdsRefused { reason, call: None }),
+                };
                 self.partial.extend_from_slice(&bytes);
                 self.partial_fds.extend(fds);
                 self.incomplete = true;
@@ -781,15 +846,21 @@ impl Receiver {
         message.extend_from_slice(&peeked[..nul]);
         let call = parse_call(&message);
         let named = call.as_ref().map(fds_named).unwrap_or(0);
-        let (units, refused) = self.reserve(named.saturating_sub(self.partial_fds.len()));
-        let (_, fds) = receive_exact(stream, nul + 1, units)?;
+        let want = named.saturating_sub(self.partial_fds.len());
+        let fds = match self.take(stream, nul + 1, want, carries_fds)? {
+            Ok((_, fds)) => fds,
+            Err(reason) => {
+                return Ok(Incoming::FdsRefused {
+                    reason,
+                    call: Some(call),
+                })
+            }
+        };
         let mut all: Vec<Received> = std::mem::take(&mut self.partial_fds);
         all.extend(fds);
         self.incomplete = false;
-        let refused = refused.filter(|_| named > 0);
         let fds = MessageFds {
             fds: all.into_iter().map(Some).collect(),
-            refused,
         };
         Ok(Incoming::Message(call, fds))
     }
@@ -805,13 +876,13 @@ fn peer_hung_up(stream: &UnixStream) -> bool {
             .intersects(rustix::event::PollFlags::RDHUP | rustix::event::PollFlags::HUP)
 }
 
-/// Reads exactly `len` bytes (already seen by a peek) with room for as many
-/// fds as `units` budgets. Fds beyond the room are dropped by the kernel;
-/// unused units are released.
-fn receive_exact(stream: &UnixStream, len: usize, units: Vec<Unit>) -> std::io::Result<(Vec<u8>, Vec<Received>)> {
+/// Reads exactly `len` bytes (already seen by a peek) with room for `room`
+/// fds; returns the fds the kernel installed (none when `room` is 0, and
+/// then the caller knows from its peek that none were attached).
+fn receive_exact(stream: &UnixStream, len: usize, room: usize) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut bytes = vec![0u8; len];
-    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(units.len().max(1)))];
-    let mut control = if units.is_empty() {
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(room.max(1)))];
+    let mut control = if room == 0 {
         RecvAncillaryBuffer::default()
     } else {
         RecvAncillaryBuffer::new(&mut space)
@@ -826,22 +897,16 @@ fn receive_exact(stream: &UnixStream, len: usize, units: Vec<Unit>) -> std::io::
         )?
     };
     bytes.truncate(received.bytes);
-    let mut units = units.into_iter();
     let mut fds = Vec::new();
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received) = message {
-            for fd in received {
-                match units.next() {
-                    Some(unit) => fds.push(Received::new(fd, unit)),
-                    // Cannot happen (the room is the units), but never keep
-                    // an unbudgeted fd on this thread: close it off-thread.
-                    None => Received::unbudgeted(fd),
-                }
-            }
+            fds.extend(received);
         }
     }
     if received.bytes != len {
         // Peeked bytes are there to read; anything else is a broken socket.
+        // (Any fds that came are closed off the executor, charged to nobody.)
+        fds.into_iter().for_each(Received::unbudgeted);
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "fewer bytes than peeked",
@@ -1035,10 +1100,11 @@ async fn serve_connection(
     let Accepted {
         stream,
         caller,
-        slot: _slot,
+        slot,
         privileged,
         accepted_at,
     } = accepted;
+    let closer_for_close = Arc::clone(&closer);
     let mut conn = Connection {
         stream,
         receiver: Receiver {
@@ -1055,12 +1121,25 @@ async fn serve_connection(
     // while a message is incomplete; an idle connection between calls has
     // none.
     let mut deadline = Some(accepted_at + idle_timeout);
+    serve_calls(&mut conn, &engine, idle_timeout, &mut deadline, &mut shutdown).await;
+    listener::close_socket(conn.stream, conn.caller.uid, &closer_for_close, slot);
+}
+
+/// The call loop of [`serve_connection`]; returns when the connection is
+/// to be closed.
+async fn serve_calls(
+    conn: &mut Connection,
+    engine: &Engine,
+    idle_timeout: Duration,
+    deadline: &mut Option<tokio::time::Instant>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     loop {
         if *shutdown.borrow() {
             return;
         }
         let next = async {
-            match deadline {
+            match *deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, conn.next()).await,
                 None => Ok(conn.next().await),
             }
@@ -1074,6 +1153,22 @@ async fn serve_connection(
             Ok(Ok(Incoming::Partial)) => {
                 deadline.get_or_insert_with(|| tokio::time::Instant::now() + idle_timeout);
                 continue;
+            }
+            Ok(Ok(Incoming::FdsRefused { reason, call })) => {
+                tracing::info!(
+                    caller_pid = conn.caller.pid,
+                    caller_uid = conn.caller.uid,
+                    reason = %reason,
+                    "fds passed over the sender's budget; connection closed"
+                );
+                if let Some(call) = call {
+                    if !matches!(call, Ok(Call { oneway: true, .. })) {
+                        let _ = conn
+                            .write(&encode(Err(fds_refused(&reason))), Duration::from_secs(1))
+                            .await;
+                    }
+                }
+                return;
             }
             Ok(Ok(Incoming::Eof { mid_message })) => {
                 if mid_message {
@@ -1109,7 +1204,7 @@ async fn serve_connection(
             Ok(call) if call.method == WATCH_KILLS => {
                 // It takes no fds: close whatever came with it now.
                 drop(std::mem::take(&mut fds));
-                match watch_kills(&mut conn, &engine, &call, &mut shutdown).await {
+                match watch_kills(conn, engine, &call, shutdown).await {
                     // The stream ended (hang-up, shutdown, a failed write):
                     // so does the connection, as varlink has no way to end
                     // a `more` call but an error or the connection.
@@ -1119,7 +1214,7 @@ async fn serve_connection(
             }
             Ok(call) if call.method.starts_with(METRICS_INTERFACE_DOT) => {
                 drop(std::mem::take(&mut fds));
-                match metrics_replies(&engine, &conn.caller, &call) {
+                match metrics_replies(engine, &conn.caller, &call) {
                     Ok(replies) if !call.oneway => {
                         let last = replies.len().saturating_sub(1);
                         for (i, reply) in replies.into_iter().enumerate() {
@@ -1132,11 +1227,11 @@ async fn serve_connection(
                                 return;
                             }
                         }
-                        deadline = None;
+                        *deadline = None;
                         continue;
                     }
                     Ok(_) => {
-                        deadline = None;
+                        *deadline = None;
                         continue;
                     }
                     Err(err) => (Err(err), call.oneway),
@@ -1147,7 +1242,7 @@ async fn serve_connection(
                 (Err(VarlinkError::invalid_parameter("more")), call.oneway)
             }
             Ok(call) => {
-                let reply = dispatch(&engine, &conn.caller, &call, &mut fds).await;
+                let reply = dispatch(engine, &conn.caller, &call, &mut fds).await;
                 (reply, call.oneway)
             }
             Err(err) => (Err(err), false),
@@ -1166,7 +1261,7 @@ async fn serve_connection(
         }
         // A call completed: no timer until the next message starts (a
         // pipelined one already waiting re-arms it if incomplete).
-        deadline = None;
+        *deadline = None;
     }
 }
 
