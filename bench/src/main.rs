@@ -504,8 +504,27 @@ fn floor_only(reapd: &Path, out: &Path, compare: &[String], quick: bool) -> anyh
     let results = floor::run(&floor::Config::new(quick), &subjects(reapd, compare)?, &dir.0)?;
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("floor.json"), serde_json::to_string_pretty(&results)?)?;
-    std::fs::write(out.join("floor.md"), floor::markdown(&results))?;
+    let section = floor::markdown(&results);
+    std::fs::write(out.join("floor.md"), &section)?;
     eprintln!("wrote {}", out.join("floor.md").display());
+    // A full report in OUT gets this section in place of its own, marked as
+    // measured apart from the rest.
+    let report = out.join("benchmarks.md");
+    if let Ok(text) = std::fs::read_to_string(&report) {
+        let section = format!(
+            "{}\n_Section 0 measured on its own by `reapd-bench floor` on {}; the sections below are from the date above._\n\n",
+            section.trim_end(),
+            utc_now()
+        );
+        let start = text
+            .find("## 0. Against the floor")
+            .or_else(|| text.find("## Headline"));
+        let end = text.find("## Headline");
+        if let (Some(start), Some(end)) = (start, end) {
+            std::fs::write(&report, format!("{}{section}{}", &text[..start], &text[end..]))?;
+            eprintln!("updated section 0 of {}", report.display());
+        }
+    }
     Ok(())
 }
 
