@@ -580,7 +580,7 @@ fn fixed_rate(
 /// Instructions per call on each transport from one run of the broker
 /// under callgrind: a dump after start-up, after `n` gRPC calls and after
 /// `n` varlink calls. `None` when valgrind is missing or fails.
-fn callgrind(reapd: &Path, dir: &Path, target: Target, n: usize) -> Option<(f64, f64)> {
+fn callgrind(reapd: &Path, dir: &Path, target: Target, n: usize, notes: &mut Vec<String>) -> Option<(f64, f64)> {
     let grpc = dir.join("cg.sock");
     let varlink = dir.join("cg.varlink");
     let prefix = dir.join("callgrind.out");
@@ -604,6 +604,11 @@ fn callgrind(reapd: &Path, dir: &Path, target: Target, n: usize) -> Option<(f64,
                 if c.capabilities().is_ok() {
                     break c;
                 }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // Valgrind 3.19 (Debian 12) knows neither pidfd_open nor
+                // seccomp: the broker refuses to start under it.
+                anyhow::bail!("the broker exited under valgrind ({status}): valgrind lacks a syscall it needs");
             }
             anyhow::ensure!(Instant::now() < deadline, "broker under valgrind did not answer");
             std::thread::sleep(Duration::from_millis(50));
@@ -657,7 +662,7 @@ fn callgrind(reapd: &Path, dir: &Path, target: Target, n: usize) -> Option<(f64,
     match result {
         Ok(r) => Some(r),
         Err(e) => {
-            eprintln!("floor: callgrind: {e}");
+            notes.push(format!("no instruction counts for {}: {e}", reapd.display()));
             None
         }
     }
@@ -849,7 +854,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
             for (k, (_, path)) in brokers.iter().enumerate() {
                 let cg = dir.join(format!("callgrind{k}"));
                 std::fs::create_dir_all(&cg)?;
-                if let Some((g, v)) = callgrind(path, &cg, target, 300) {
+                if let Some((g, v)) = callgrind(path, &cg, target, 300, &mut notes) {
                     servers[k + 1].grpc.cost.instructions = Some(g);
                     servers[k + 1].varlink.cost.instructions = Some(v);
                 }
