@@ -7,6 +7,7 @@
 //! cgroup v1 freezer, SCHED_IDLE, process_mrelease).
 
 mod broker;
+mod floor;
 mod memback;
 mod overhead;
 mod probe;
@@ -57,6 +58,38 @@ enum Cmd {
         /// The command line to print in the report.
         #[arg(long, default_value = "bench/run.sh")]
         command_line: String,
+        /// Another broker binary for the floor section, as LABEL=PATH
+        /// (repeatable), measured in the same run (e.g. before=/tmp/reapd).
+        #[arg(long)]
+        compare: Vec<String>,
+    },
+    /// Only the floor benchmark (section 0): bare tonic and JSON echoes,
+    /// the in-process syscalls and each broker, interleaved; writes
+    /// OUT/floor.md and OUT/floor.json.
+    Floor {
+        #[arg(long, default_value = "target/release/reapd")]
+        reapd: PathBuf,
+        #[arg(long, default_value = "target/reapd-bench")]
+        out: PathBuf,
+        /// As for `run --compare`.
+        #[arg(long)]
+        compare: Vec<String>,
+        #[arg(long)]
+        quick: bool,
+    },
+    /// (internal) The bare tonic and JSON echo servers of the floor.
+    FloorServer {
+        #[arg(long)]
+        grpc: PathBuf,
+        #[arg(long)]
+        varlink: PathBuf,
+    },
+    /// (internal) The floor's in-process check, `count` times (for strace).
+    InprocessCheck {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        count: usize,
     },
     /// Rewrite the report and plots from a run's raw results (results.json)
     /// without measuring again.
@@ -104,7 +137,16 @@ fn main() -> std::process::ExitCode {
             quick,
             reps,
             command_line,
-        } => run(&reapd, &out, &scratch, quick, reps, command_line),
+            compare,
+        } => run(&reapd, &out, &scratch, quick, reps, command_line, &compare),
+        Cmd::Floor {
+            reapd,
+            out,
+            compare,
+            quick,
+        } => floor_only(&reapd, &out, &compare, quick),
+        Cmd::FloorServer { grpc, varlink } => floor::server_main(&grpc, &varlink),
+        Cmd::InprocessCheck { pid, count } => floor::inprocess_main(pid, count),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -193,6 +235,7 @@ fn run(
     quick: bool,
     reps: Option<usize>,
     command: String,
+    compare: &[String],
 ) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
         anyhow::bail!("run as root: victims run under other uids, and the freezer and process_mrelease need privilege");
@@ -235,6 +278,10 @@ fn run(
     .iter()
     .map(|s| s.to_string())
     .collect();
+
+    // 0. The floor, first: the machine is quietest at the start.
+    eprintln!("floor");
+    let floor = floor::run(&floor::Config::new(quick), &subjects(reapd, compare)?, &dir.0)?;
 
     // The broker for memory back, per-call overhead and throughput.
     let main_broker = rt.block_on(Broker::start(reapd, &dir.0, "main", &big_caps))?;
@@ -433,8 +480,53 @@ fn run(
         },
         scale,
         notes,
+        floor: Some(floor),
     };
     write_outputs(&results, out, scratch)
+}
+
+/// The brokers of the floor section: `reapd` itself, then each LABEL=PATH.
+fn subjects(reapd: &Path, compare: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out = vec![("reapd".to_string(), reapd.to_path_buf())];
+    for c in compare {
+        let (label, path) = c
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--compare wants LABEL=PATH, got {c:?}"))?;
+        out.push((label.to_string(), PathBuf::from(path)));
+    }
+    Ok(out)
+}
+
+fn floor_only(reapd: &Path, out: &Path, compare: &[String], quick: bool) -> anyhow::Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        anyhow::bail!("run as root: the kill workers run under other uids");
+    }
+    let dir = RunDir::create("floor")?;
+    let results = floor::run(&floor::Config::new(quick), &subjects(reapd, compare)?, &dir.0)?;
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("floor.json"), serde_json::to_string_pretty(&results)?)?;
+    let section = floor::markdown(&results);
+    std::fs::write(out.join("floor.md"), &section)?;
+    eprintln!("wrote {}", out.join("floor.md").display());
+    // A full report in OUT gets this section in place of its own, marked as
+    // measured apart from the rest.
+    let report = out.join("benchmarks.md");
+    if let Ok(text) = std::fs::read_to_string(&report) {
+        let section = format!(
+            "{}\n_Section 0 measured on its own by `reapd-bench floor` on {}; the sections below are from the date above._\n\n",
+            section.trim_end(),
+            utc_now()
+        );
+        let start = text
+            .find("## 0. Against the floor")
+            .or_else(|| text.find("## Headline"));
+        let end = text.find("## Headline");
+        if let (Some(start), Some(end)) = (start, end) {
+            std::fs::write(&report, format!("{}{section}{}", &text[..start], &text[end..]))?;
+            eprintln!("updated section 0 of {}", report.display());
+        }
+    }
+    Ok(())
 }
 
 fn rewrite_report(raw: &Path, out: &Path, notes: Vec<String>) -> anyhow::Result<()> {

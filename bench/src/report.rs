@@ -53,6 +53,9 @@ pub struct Results {
     pub footprint: Footprint,
     pub scale: Vec<ScalePoint>,
     pub notes: Vec<String>,
+    /// Section 0 (absent from reports written before it existed).
+    #[serde(default)]
+    pub floor: Option<crate::floor::FloorResults>,
 }
 
 fn mib(b: u64) -> f64 {
@@ -205,6 +208,9 @@ pub fn markdown(r: &Results, plots: bool) -> String {
     let _ = writeln!(md, "| broker kill path | {} |", m.kill_path);
     let _ = writeln!(md, "| command | `{}` |\n", r.command);
 
+    if let Some(floor) = &r.floor {
+        md.push_str(&crate::floor::markdown(floor));
+    }
     let _ = writeln!(md, "## Headline\n");
     let _ = writeln!(md, "Memory-back time, kill + wait ÷ reapd (gRPC), medians:\n");
     let _ = writeln!(md, "| state | victim | kill+wait ÷ reapd |\n|---|---|---|");

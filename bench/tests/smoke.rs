@@ -52,6 +52,10 @@ fn quick_run_writes_a_report() {
     let _ = std::fs::remove_dir_all(&out);
     assert!(status.success(), "reapd-bench --quick failed: {status}");
     for needle in [
+        "## 0. Against the floor",
+        "tonic echo (gRPC floor)",
+        "JSON echo (varlink floor)",
+        "reapd varlink",
         "## 1. Memory back",
         "KillAndReap, reapd gRPC",
         "CheckPermission throughput",

@@ -97,6 +97,7 @@ fn target(uid: u32, cgroup: &str) -> TargetProcess {
         }),
         is_kernel_thread: false,
         oom_score_adj: 0,
+        memory: None,
     }
 }
 

@@ -318,20 +318,20 @@ impl Engine {
 
     /// Pins the target `spec` names, in the caller's pid namespace (the
     /// broker's, the one opened at accept, or `pidns`, an fd of it the
-    /// caller passed, verified first).
-    async fn pin(
+    /// caller passed, verified first); `with_memory` as for [`target::pin`].
+    ///
+    /// On the async worker, not the blocking pool: the pin waits on no other
+    /// process (see [`target::pin`]), and a hop to the pool and back costs
+    /// two thread hand-offs, more than the pin itself.
+    fn pin(
         &self,
         caller: &Caller,
         spec: TargetSpec,
         pidns: Option<OwnedFd>,
+        with_memory: bool,
     ) -> Result<TargetProcess, EngineError> {
-        let ns = owned_namespace(caller, pidns.as_ref())?;
-        let features = Arc::clone(&self.features);
-        run_blocking(move || {
-            let ns = ns.as_ref().map_or(Namespace::Broker, |fd| Namespace::Child(fd.as_fd()));
-            target::pin(spec, ns, &features)
-        })
-        .await
+        let ns = target::caller_namespace(caller, pidns.as_ref())?;
+        target::pin(spec, ns, &self.features, with_memory)
     }
 
     /// The decision KillAndReap would make, with no side effect.
@@ -361,7 +361,7 @@ impl Engine {
         pidns: Option<OwnedFd>,
         started: Instant,
     ) -> Result<PermissionReport, EngineError> {
-        let pinned = self.pin(caller, spec, pidns).await;
+        let pinned = self.pin(caller, spec, pidns, false);
         let target = match pinned {
             Ok(target) => target,
             Err(err) => {
@@ -402,7 +402,7 @@ impl Engine {
         started: Instant,
     ) -> Result<KillReport, EngineError> {
         let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
-        let target = match self.pin(caller, request.target, request.pidns).await {
+        let target = match self.pin(caller, request.target, request.pidns, true) {
             Ok(target) => target,
             Err(err) => {
                 audit_refusal("kill", caller, &err, started);
@@ -455,9 +455,13 @@ impl Engine {
             // Dropped when the task ends, after its outcome record: shutdown
             // waits for it.
             let _tracked = tracked;
-            let (target, reaped) = run_blocking(move || {
+            // One hop to the blocking pool for the kill, the reap and the
+            // wait for exit, which can each take a while.
+            let wait = wait.unwrap_or(Duration::ZERO);
+            let (target, reaped, exited) = run_blocking(move || {
                 let report = reaper::kill_and_reap(&target, path, options);
-                Ok((target, report))
+                let exited = report.is_ok() && target::wait_for_exit(target.pidfd.as_fd(), wait);
+                Ok((target, report, exited))
             })
             .await?;
             let reap = match reaped {
@@ -468,12 +472,6 @@ impl Engine {
                     return Err(err);
                 }
             };
-            let wait = wait.unwrap_or(Duration::ZERO);
-            let (target, exited) = run_blocking(move || {
-                let exited = target::wait_for_exit(std::os::fd::AsFd::as_fd(&target.pidfd), wait);
-                Ok((target, exited))
-            })
-            .await?;
             let report = KillReport {
                 target,
                 rule,

@@ -362,6 +362,7 @@ mod tests {
             cgroup: None,
             is_kernel_thread: false,
             oom_score_adj: 0,
+            memory: None,
         }
     }
 

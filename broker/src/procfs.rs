@@ -102,8 +102,31 @@ pub fn parse_stat(text: &[u8]) -> Option<Stat> {
     })
 }
 
+/// Reads a small /proc file with one open and, when it fits in 4 KiB, one
+/// read(): the per-process files read here (`stat`, `status`, `cgroup`,
+/// `oom_score_adj`) are `single_open` seq files, which hand over the whole
+/// text when the buffer holds it, so a short read is the end of the file.
+/// Longer files (a deep cgroup path) are read on until read() returns 0.
+/// `fs::read` would add a statx and a second, empty read().
+fn read_proc(path: &str) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    let mut buffer = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        let n = file.read(&mut buffer[len..])?;
+        len += n;
+        if n == 0 || len < buffer.len() {
+            break;
+        }
+        buffer.resize(buffer.len() * 2, 0);
+    }
+    buffer.truncate(len);
+    Ok(buffer)
+}
+
 pub fn read_stat(pid: i32) -> io::Result<Stat> {
-    let text = fs::read(format!("/proc/{pid}/stat"))?;
+    let text = read_proc(&format!("/proc/{pid}/stat"))?;
     parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
 }
 
@@ -213,7 +236,7 @@ pub fn read_status(pid: i32) -> io::Result<Status> {
 }
 
 fn read_status_at(path: &str) -> io::Result<Status> {
-    let text = fs::read(path)?;
+    let text = read_proc(path)?;
     parse_status(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/status"))
 }
 
@@ -291,7 +314,7 @@ pub fn system_anon_and_swap() -> io::Result<u64> {
 /// namespace. Names are chosen by whoever may create the cgroup, so they
 /// need not be UTF-8 (see `crate::cgroup` for what of it is believed).
 pub fn read_cgroup_bytes(pid: i32) -> io::Result<Vec<u8>> {
-    let bytes = fs::read(format!("/proc/{pid}/cgroup"))?;
+    let bytes = read_proc(&format!("/proc/{pid}/cgroup"))?;
     Ok(bytes
         .split(|&b| b == b'\n')
         .find_map(|line| line.strip_prefix(b"0::"))
@@ -305,8 +328,10 @@ pub fn read_cgroup(pid: i32) -> io::Result<String> {
 }
 
 pub fn read_oom_score_adj(pid: i32) -> io::Result<i32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))?;
-    text.trim()
+    let text = read_proc(&format!("/proc/{pid}/oom_score_adj"))?;
+    std::str::from_utf8(&text)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "unparsable oom_score_adj"))?
+        .trim()
         .parse()
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "unparsable oom_score_adj"))
 }

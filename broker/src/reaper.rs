@@ -121,11 +121,15 @@ pub struct KillOptions {
 
 /// Kills `target` and reaps its memory by `path`, paced by `options`.
 pub fn kill_and_reap(target: &TargetProcess, path: KillPath, options: KillOptions) -> Result<ReapReport, EngineError> {
-    // Read by pid, valid because the kill below goes through the pidfd: if
-    // the process had gone (and the pid been reused) the kill would fail.
-    let memory_before = procfs::read_process_memory(target.pid)
-        .map(|(m, _)| m)
-        .unwrap_or_default();
+    // The pin's own status read where it kept one (it is re-validated by
+    // the pidfd); otherwise read by pid, valid because the kill below goes
+    // through the pidfd: if the process had gone (and the pid been reused)
+    // the kill would fail.
+    let memory_before = target.memory.unwrap_or_else(|| {
+        procfs::read_process_memory(target.pid)
+            .map(|(m, _)| m)
+            .unwrap_or_default()
+    });
     let mut report = ReapReport {
         outcome: Outcome::Reaped,
         not_reaped_reason: String::new(),
@@ -292,6 +296,7 @@ mod tests {
             cgroup: None,
             is_kernel_thread: false,
             oom_score_adj: 0,
+            memory: None,
         }
     }
 

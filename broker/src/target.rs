@@ -66,6 +66,11 @@ pub struct TargetProcess {
     pub cgroup: Option<CgroupFacts>,
     pub is_kernel_thread: bool,
     pub oom_score_adj: i32,
+    /// Its memory as the pin read it from `/proc/PID/status`, when asked
+    /// for ([`pin`]'s `with_memory`) and the leader still had an mm: a
+    /// kill's `memory_before`, read with the rest instead of again.
+    #[serde(skip)]
+    pub memory: Option<procfs::Memory>,
 }
 
 impl TargetProcess {
@@ -244,13 +249,27 @@ pub fn caller_namespace<'a>(caller: &'a Caller, proof: Option<&'a OwnedFd>) -> R
     }
 }
 
-/// Opens a pidfd for `spec`, named in `ns`, and reads who the process is.
+/// Opens a pidfd for `spec`, named in `ns`, and reads who the process is;
+/// `with_memory` also keeps its memory (for a kill's report).
+///
+/// Runs on the async worker: it makes no call that waits on another
+/// process. pidfd_open, the pidfd ioctls and poll do not block; the /proc
+/// files it reads (`stat`, `status`, `oom_score_adj`, `cgroup`) never take
+/// the target's `mmap_lock` (unlike `cmdline`, `environ`, `maps` or
+/// `smaps`, which a target could hold up by stalling a page fault, and which
+/// the broker never reads); `cgroup` takes the global `cgroup_mutex`, held
+/// only briefly by cgroup creation, removal and migration.
 ///
 /// Errors: `InvalidArgument` for a pid ≤ 0, a thread id, a thread pidfd or an
 /// fd that is not a pidfd; `NotFound` when no process the caller can see has
 /// that name (or it has exited); `ProcessChanged` on a start-time mismatch;
 /// `Internal` when /proc answers unexpectedly for a running process.
-pub fn pin(spec: TargetSpec, ns: Namespace<'_>, features: &KernelFeatures) -> Result<TargetProcess, EngineError> {
+pub fn pin(
+    spec: TargetSpec,
+    ns: Namespace<'_>,
+    features: &KernelFeatures,
+    with_memory: bool,
+) -> Result<TargetProcess, EngineError> {
     let (pidfd, pid, caller_pid, expected_start) = match spec {
         TargetSpec::Pid { pid, start_time } => {
             if pid <= 0 {
@@ -276,7 +295,7 @@ pub fn pin(spec: TargetSpec, ns: Namespace<'_>, features: &KernelFeatures) -> Re
         }
     };
 
-    identify(pidfd, pid, caller_pid, expected_start, features)
+    identify(pidfd, pid, caller_pid, expected_start, features, with_memory)
 }
 
 /// Pins a process known by its pid in the broker's own namespace (a member
@@ -299,7 +318,7 @@ pub(crate) fn pin_member(
         Namespace::Child(ns) => sys::pidns_translate(ns, PidnsTranslation::TgidInNs, host_pid)
             .map_err(|_| EngineError::NotFound("a member is not in the caller's pid namespace".into()))?,
     };
-    identify(pidfd, host_pid, caller_pid, None, features)
+    identify(pidfd, host_pid, caller_pid, None, features, false)
 }
 
 /// Reads who the process behind `pidfd` (pid `pid` in the broker's
@@ -311,6 +330,7 @@ fn identify(
     caller_pid: i32,
     expected_start: Option<u64>,
     features: &KernelFeatures,
+    with_memory: bool,
 ) -> Result<TargetProcess, EngineError> {
     let not_running = || EngineError::NotFound(format!("process {caller_pid} has exited"));
     // A read that fails is "exited" only if the pidfd says so; otherwise the
@@ -322,11 +342,16 @@ fn identify(
             not_running()
         }
     };
-    if !is_running(pidfd.as_fd()) {
-        return Err(not_running());
-    }
+    // No liveness check before the reads: the one after them is what makes
+    // them trustworthy (a process gone before them fails it too).
     let stat = procfs::read_stat(pid).map_err(|e| read_failed("/proc/PID/stat", e, pidfd.as_fd()))?;
-    let status = procfs::read_status(pid).map_err(|e| read_failed("/proc/PID/status", e, pidfd.as_fd()))?;
+    // status is needed for the credentials only where PIDFD_GET_INFO cannot
+    // give them, and for a kill's memory figure.
+    let status = if with_memory || !features.pidfd_get_info {
+        Some(procfs::read_status(pid).map_err(|e| read_failed("/proc/PID/status", e, pidfd.as_fd()))?)
+    } else {
+        None
+    };
     let oom_score_adj =
         procfs::read_oom_score_adj(pid).map_err(|e| read_failed("/proc/PID/oom_score_adj", e, pidfd.as_fd()))?;
     let cgroup = procfs::read_cgroup_bytes(pid).ok().and_then(CgroupFacts::of);
@@ -334,7 +359,9 @@ fn identify(
     // Credentials: from the pidfd itself where the kernel can say (6.13+);
     // otherwise from /proc, trusted through the re-validation below. Both
     // are the thread-group leader's, the task kill(2) checks.
-    let (ruid, euid, suid, gid) = if features.pidfd_get_info {
+    let (ruid, euid, suid, gid) = if let (false, Some(status)) = (features.pidfd_get_info, &status) {
+        (status.uids[0], status.uids[1], status.uids[2], status.gids[0])
+    } else {
         let info =
             sys::pidfd_get_info(pidfd.as_fd(), sys::PIDFD_INFO_CREDS | sys::PIDFD_INFO_PID).map_err(|err| match err
                 .raw_os_error()
@@ -346,8 +373,6 @@ fn identify(
             return Err(thread_refused());
         }
         (info.ruid, info.euid, info.suid, info.rgid)
-    } else {
-        (status.uids[0], status.uids[1], status.uids[2], status.gids[0])
     };
 
     // Re-validation: still running, so every read above was of this process.
@@ -378,6 +403,7 @@ fn identify(
         cgroup,
         is_kernel_thread,
         oom_score_adj,
+        memory: status.filter(|s| with_memory && s.has_mm).map(|s| s.memory),
     })
 }
 

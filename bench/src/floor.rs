@@ -1,0 +1,1067 @@
+//! The floor: what any broker on these transports and this kernel must
+//! cost, measured in the same run as reapd, so reapd is judged by its cost
+//! *above* the floor rather than by absolute times on a noisy machine.
+//!
+//! - *tonic echo*: a bare tonic server of the same `reapd.v1.Reaper`
+//!   service (same tonic, prost and tokio as Cargo.lock, same 2 worker
+//!   threads) whose CheckPermission answers a fixed reply at once, reached
+//!   by the same `reapd-client` blocking client.
+//! - *JSON echo*: a bare NUL-delimited JSON server on a Unix socket (the
+//!   varlink floor): parse the request, answer a fixed reply, reached by
+//!   the same `reapd_client::varlink` client.
+//! - *in-process*: the syscalls the broker must make for one
+//!   CheckPermission, done by this process: pidfd_open of the target,
+//!   PIDFD_GET_INFO (credentials, tgid) or /proc/PID/status where that
+//!   ioctl is missing, /proc/PID/stat (start time, comm, kernel-thread
+//!   flag), /proc/PID/oom_score_adj, /proc/PID/cgroup (one read() each),
+//!   and a poll of the pidfd to re-validate. Caller identification happens
+//!   once per connection at accept, not per call, so it is not in the
+//!   per-call floor. For a kill: pidfd_open, pidfd_send_signal(SIGKILL),
+//!   process_mrelease.
+//!
+//! Every path is measured warm (back-to-back calls on one connection) and
+//! after 100 ms idle gaps, interleaved, with repetitions.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reapd_client::{blocking, Target};
+use reapd_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::broker::Broker;
+use crate::stats::{summarize, Summary};
+use crate::victim::{Memory, Victim, VICTIM_UID};
+
+/// Idle gap before each "after idle" call.
+pub const IDLE_GAP: Duration = Duration::from_millis(100);
+
+/// Warm and after-idle latency of one path, µs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Pair {
+    pub warm: Summary,
+    pub idle: Summary,
+}
+
+/// What one server process costs per call, beyond latency.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Cost {
+    /// On-CPU time of all the server's threads per call, µs
+    /// (/proc/PID/task/*/schedstat).
+    pub cpu_us: f64,
+    /// Syscalls per call (strace -c -f on every thread); `None` without strace.
+    pub syscalls: Option<f64>,
+    /// Instructions per call (valgrind --tool=callgrind); `None` if not run.
+    pub instructions: Option<f64>,
+}
+
+/// One server (a floor or a reapd binary) on one transport.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Transport {
+    pub check: Pair,
+    pub cost: Cost,
+    /// Closed-loop CheckPermission calls per second, by client count.
+    pub throughput: Vec<(usize, f64)>,
+    /// Latency at a fixed arrival rate, µs from the scheduled send.
+    pub fixed_rate: Summary,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Server {
+    pub label: String,
+    pub grpc: Transport,
+    pub varlink: Transport,
+    /// KillAndReap of a 1 MiB victim, µs (brokers only).
+    pub kill_grpc: Option<Summary>,
+    pub kill_varlink: Option<Summary>,
+    pub threads_idle: u64,
+    pub threads_after: u64,
+    pub rss_idle: u64,
+    pub rss_after: u64,
+    pub calls_before_after: usize,
+    pub binary_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FloorResults {
+    pub quick: bool,
+    pub reps: usize,
+    pub warm_calls: usize,
+    pub idle_calls: usize,
+    pub rate_per_sec: f64,
+    pub inprocess_check: Pair,
+    pub inprocess_syscalls: f64,
+    pub inprocess_kill: Summary,
+    /// The bare echo servers first, then each broker.
+    pub servers: Vec<Server>,
+    pub notes: Vec<String>,
+}
+
+pub struct Config {
+    pub quick: bool,
+    pub reps: usize,
+    pub warm_calls: usize,
+    pub idle_calls: usize,
+    pub clients: Vec<usize>,
+    pub tput_duration: Duration,
+    pub rate_per_sec: f64,
+    pub rate_duration: Duration,
+    pub cost_calls: usize,
+    pub soak_calls: usize,
+    pub kills: (usize, usize),
+    pub callgrind: bool,
+}
+
+impl Config {
+    pub fn new(quick: bool) -> Config {
+        if quick {
+            Config {
+                quick,
+                reps: 1,
+                warm_calls: 200,
+                idle_calls: 2,
+                clients: vec![1, 4],
+                tput_duration: Duration::from_millis(200),
+                rate_per_sec: 500.0,
+                rate_duration: Duration::from_millis(200),
+                cost_calls: 200,
+                soak_calls: 500,
+                kills: (1, 3),
+                callgrind: false,
+            }
+        } else {
+            Config {
+                quick,
+                reps: 3,
+                warm_calls: 3000,
+                idle_calls: 20,
+                clients: vec![1, 64],
+                tput_duration: Duration::from_secs(2),
+                rate_per_sec: 1000.0,
+                rate_duration: Duration::from_secs(3),
+                cost_calls: 2000,
+                soak_calls: 100_000,
+                kills: (4, 40),
+                callgrind: true,
+            }
+        }
+    }
+}
+
+/// The floor servers run in a process of their own (like the broker), so
+/// the client's and server's runtimes never share threads.
+pub struct FloorServer {
+    child: Child,
+    pub grpc: PathBuf,
+    pub varlink: PathBuf,
+}
+
+impl FloorServer {
+    pub fn start(dir: &Path) -> anyhow::Result<FloorServer> {
+        let grpc = dir.join("floor.sock");
+        let varlink = dir.join("floor.varlink");
+        let child = Command::new(std::env::current_exe()?)
+            .arg("floor-server")
+            .arg("--grpc")
+            .arg(&grpc)
+            .arg("--varlink")
+            .arg(&varlink)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut server = FloorServer { child, grpc, varlink };
+        // It prints one line once both sockets listen.
+        let mut line = String::new();
+        let stdout = server.child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            anyhow::bail!("floor server did not start: {line:?}");
+        }
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for FloorServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bare tonic service: every CheckPermission answered at once with a
+/// reply shaped like reapd's.
+struct Echo;
+
+#[tonic::async_trait]
+impl pb::reaper_server::Reaper for Echo {
+    async fn kill_and_reap(
+        &self,
+        _: tonic::Request<pb::KillAndReapRequest>,
+    ) -> Result<tonic::Response<pb::KillAndReapResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn check_permission(
+        &self,
+        request: tonic::Request<pb::CheckPermissionRequest>,
+    ) -> Result<tonic::Response<pb::CheckPermissionResponse>, tonic::Status> {
+        let target = request.into_inner().target.unwrap_or_default();
+        Ok(tonic::Response::new(pb::CheckPermissionResponse {
+            allowed: true,
+            reason: "kill(2) allows it: same uid".into(),
+            target: Some(pb::ProcessInfo {
+                pid: target.pid,
+                uid: VICTIM_UID,
+                euid: VICTIM_UID,
+                suid: VICTIM_UID,
+                gid: VICTIM_UID,
+                comm: "reapd-bench".into(),
+                start_time: target.start_time.unwrap_or_default(),
+                cgroup: "/user.slice/user-0.slice/session-1.scope".into(),
+            }),
+            kind: pb::DecisionKind::Allowed as i32,
+            rule: "kill(2)".into(),
+        }))
+    }
+    async fn get_capabilities(
+        &self,
+        _: tonic::Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<tonic::Response<pb::GetCapabilitiesResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::GetCapabilitiesResponse::default()))
+    }
+    async fn kill_cgroup(
+        &self,
+        _: tonic::Request<pb::KillCgroupRequest>,
+    ) -> Result<tonic::Response<pb::KillCgroupResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    async fn list_candidates(
+        &self,
+        _: tonic::Request<pb::ListCandidatesRequest>,
+    ) -> Result<tonic::Response<pb::ListCandidatesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+    type WatchKillsStream = reapd::grpc::KillEventStream;
+    async fn watch_kills(
+        &self,
+        _: tonic::Request<pb::WatchKillsRequest>,
+    ) -> Result<tonic::Response<Self::WatchKillsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("floor"))
+    }
+}
+
+/// The JSON echo's reply to one NUL-terminated request.
+fn json_reply(request: &[u8]) -> Vec<u8> {
+    let parsed: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
+    let pid = parsed
+        .pointer("/parameters/target/pid")
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or_default();
+    let mut reply = serde_json::to_vec(&serde_json::json!({ "parameters": {
+        "allowed": true,
+        "reason": "kill(2) allows it: same uid",
+        "kind": "allowed",
+        "rule": "kill(2)",
+        "target": { "pid": pid, "uid": VICTIM_UID, "euid": VICTIM_UID, "suid": VICTIM_UID, "gid": VICTIM_UID,
+            "comm": "reapd-bench", "startTime": 0, "cgroup": "/user.slice/user-0.slice/session-1.scope" },
+    }}))
+    .unwrap_or_default();
+    reply.push(0);
+    reply
+}
+
+async fn json_connection(mut stream: tokio::net::UnixStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n) = stream.read(&mut chunk).await else { return };
+        if n == 0 {
+            return;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buffer.iter().position(|&b| b == 0) {
+            let reply = json_reply(&buffer[..end]);
+            buffer.drain(..=end);
+            if stream.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The `floor-server` mode: serve both echoes until killed.
+pub fn server_main(grpc: &Path, varlink: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let _ = std::fs::remove_file(grpc);
+        let _ = std::fs::remove_file(varlink);
+        let grpc_listener = tokio::net::UnixListener::bind(grpc)?;
+        let json_listener = tokio::net::UnixListener::bind(varlink)?;
+        // Unprivileged kill workers never reach the floor, but keep the
+        // sockets as open as the broker's.
+        for path in [grpc, varlink] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        }
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = json_listener.accept().await {
+                tokio::spawn(json_connection(stream));
+            }
+        });
+        println!("ready");
+        std::io::stdout().flush()?;
+        tonic::transport::Server::builder()
+            .add_service(pb::reaper_server::ReaperServer::new(Echo))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(grpc_listener))
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// One sequential caller: a connection (or the in-process work) that makes
+/// one CheckPermission-equivalent call per invocation.
+type Caller = Box<dyn FnMut() -> anyhow::Result<()>>;
+
+fn grpc_caller(socket: &Path, target: Target) -> anyhow::Result<Caller> {
+    let mut client = blocking::Client::connect(socket)?;
+    Ok(Box::new(move || {
+        client.check_permission(target)?;
+        Ok(())
+    }))
+}
+
+fn varlink_caller(socket: &Path, target: Target) -> anyhow::Result<Caller> {
+    use reapd_client::varlink::{Client, VarlinkTarget};
+    let mut client = Client::connect(socket)?;
+    Ok(Box::new(move || {
+        client.check_permission(VarlinkTarget::Pid(target))?;
+        Ok(())
+    }))
+}
+
+/// Opens, reads once (one read() into a stack buffer) and closes `path`.
+fn read_once(path: &str) -> std::io::Result<usize> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = [0u8; 4096];
+    let n = file.read(&mut buffer)?;
+    std::hint::black_box(&buffer[..n]);
+    Ok(n)
+}
+
+/// The syscalls the broker must make to pin and decide on `pid` (see the
+/// module docs), done in-process.
+pub fn inprocess_check_once(pid: i32, paths: &[String; 4]) -> anyhow::Result<()> {
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+    let raw = Pid::from_raw(pid).ok_or_else(|| anyhow::anyhow!("bad pid"))?;
+    let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
+    let wanted = reapd::sys::PIDFD_INFO_CREDS | reapd::sys::PIDFD_INFO_PID;
+    if reapd::sys::pidfd_get_info(pidfd.as_fd(), wanted).is_err() {
+        read_once(&paths[0])?;
+    }
+    for path in &paths[1..] {
+        read_once(path)?;
+    }
+    anyhow::ensure!(reapd::target::is_running(pidfd.as_fd()), "target exited");
+    Ok(())
+}
+
+fn inprocess_caller(pid: i32) -> Caller {
+    let paths = ["status", "stat", "oom_score_adj", "cgroup"].map(|f| format!("/proc/{pid}/{f}"));
+    Box::new(move || inprocess_check_once(pid, &paths))
+}
+
+/// Sum of the on-CPU nanoseconds of every thread of `pid`.
+fn cpu_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
+/// Times `n` calls, or `n` calls each after an idle gap.
+fn timed(caller: &mut Caller, n: usize, gap: Option<Duration>) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if let Some(gap) = gap {
+            std::thread::sleep(gap);
+        }
+        let t0 = Instant::now();
+        caller()?;
+        out.push(us(t0.elapsed()));
+    }
+    Ok(out)
+}
+
+/// Counts the syscalls `pid`'s threads make during `n` calls, with
+/// strace -c -f attached to every thread. `None` without strace.
+fn count_syscalls(pid: i32, caller: &mut Caller, n: usize) -> anyhow::Result<Option<f64>> {
+    let out = std::env::temp_dir().join(format!("reapd-bench-strace-{}-{pid}", std::process::id()));
+    let Ok(mut strace) = Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(&out)
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return Ok(None);
+    };
+    // Traced once every thread names strace as its tracer.
+    let tracer = strace.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.strip_prefix("TracerPid:").map(str::trim) == Some(&tracer))
+            })
+        });
+        if all {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = strace.kill();
+            let _ = strace.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let result = timed(caller, n, None);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(strace.id() as i32).ok_or_else(|| anyhow::anyhow!("bad pid"))?,
+        rustix::process::Signal::INT,
+    )?;
+    strace.wait()?;
+    result?;
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    // The last line: "100.00 0.001 1 2345 12 total".
+    let total = text.lines().find(|l| l.trim_end().ends_with("total")).and_then(|l| {
+        // Columns: % time, seconds, usecs/call, calls, [errors], name.
+        l.split_whitespace().nth(3).and_then(|v| v.parse::<f64>().ok())
+    });
+    Ok(total.map(|t| t / n as f64))
+}
+
+/// Syscalls of the in-process check, counted on this thread.
+fn count_inprocess_syscalls(pid: i32, n: usize) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let out = std::env::temp_dir().join(format!("reapd-bench-strace-inproc-{}", std::process::id()));
+    let status = Command::new("strace")
+        .args(["-c", "-o"])
+        .arg(&out)
+        .arg(&exe)
+        .args(["inprocess-check", "--pid", &pid.to_string(), "--count", &n.to_string()])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "strace of the in-process check failed");
+    let text = std::fs::read_to_string(&out)?;
+    let _ = std::fs::remove_file(&out);
+    // Count only what the loop calls: pidfd_open once per call.
+    let per_syscall = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.split_whitespace().last() == Some(name))
+            .and_then(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.get(3).and_then(|v| v.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let total: f64 = ["pidfd_open", "ioctl", "openat", "read", "close", "poll", "ppoll"]
+        .iter()
+        .map(|s| per_syscall(s))
+        .sum();
+    Ok(total / n as f64)
+}
+
+/// The `inprocess-check` mode (for strace): `count` in-process checks.
+pub fn inprocess_main(pid: i32, count: usize) -> anyhow::Result<()> {
+    let mut caller = inprocess_caller(pid);
+    for _ in 0..count {
+        caller()?;
+    }
+    Ok(())
+}
+
+/// Closed-loop throughput with `clients` connections, each on a thread of
+/// its own (blocking clients), for `duration`.
+fn throughput(
+    make: &(dyn Fn() -> anyhow::Result<Caller> + Sync),
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let barrier = std::sync::Barrier::new(clients + 1);
+    let total = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let barrier = &barrier;
+                s.spawn(move || -> anyhow::Result<usize> {
+                    let made = make();
+                    barrier.wait();
+                    let mut caller = made?;
+                    caller()?;
+                    let deadline = Instant::now() + duration;
+                    let mut calls = 0;
+                    while Instant::now() < deadline {
+                        caller()?;
+                        calls += 1;
+                    }
+                    Ok(calls)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let mut total = 0;
+        for h in handles {
+            total += h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        }
+        anyhow::Ok(total)
+    })?;
+    Ok(total as f64 / duration.as_secs_f64())
+}
+
+/// Latency at a fixed arrival rate: 4 connections, each sending on its own
+/// schedule (rate/4 a second, staggered); latency counts from the scheduled
+/// send, so a slow reply delays the next call's clock too (no coordinated
+/// omission).
+fn fixed_rate(
+    make: &(dyn Fn() -> anyhow::Result<Caller> + Sync),
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    const CONNECTIONS: usize = 4;
+    let interval = Duration::from_secs_f64(CONNECTIONS as f64 / rate);
+    let per_conn = ((duration.as_secs_f64() * rate) as usize / CONNECTIONS).max(1);
+    let barrier = std::sync::Barrier::new(CONNECTIONS + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CONNECTIONS)
+            .map(|i| {
+                let barrier = &barrier;
+                s.spawn(move || -> anyhow::Result<Vec<f64>> {
+                    let made = make();
+                    barrier.wait();
+                    let mut caller = made?;
+                    caller()?;
+                    let start = Instant::now() + interval.mul_f64(i as f64 / CONNECTIONS as f64);
+                    let mut out = Vec::with_capacity(per_conn);
+                    for k in 0..per_conn {
+                        let due = start + interval * k as u32;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        caller()?;
+                        out.push(us(due.elapsed()));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
+        }
+        Ok(all)
+    })
+}
+
+/// Instructions per call on each transport from one run of the broker
+/// under callgrind: a dump after start-up, after `n` gRPC calls and after
+/// `n` varlink calls. `None` when valgrind is missing or fails.
+fn callgrind(reapd: &Path, dir: &Path, target: Target, n: usize, notes: &mut Vec<String>) -> Option<(f64, f64)> {
+    let grpc = dir.join("cg.sock");
+    let varlink = dir.join("cg.varlink");
+    let prefix = dir.join("callgrind.out");
+    let mut child = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}.%p", prefix.display()))
+        .arg(reapd)
+        .arg("--grpc-socket")
+        .arg(&grpc)
+        .arg("--varlink-socket")
+        .arg(&varlink)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let result = (|| -> anyhow::Result<(f64, f64)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut client = loop {
+            if let Ok(mut c) = blocking::Client::connect(&grpc) {
+                if c.capabilities().is_ok() {
+                    break c;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // Valgrind 3.19 (Debian 12) knows neither pidfd_open nor
+                // seccomp: the broker refuses to start under it.
+                anyhow::bail!("the broker exited under valgrind ({status}): valgrind lacks a syscall it needs");
+            }
+            anyhow::ensure!(Instant::now() < deadline, "broker under valgrind did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut vclient = reapd_client::varlink::Client::connect(&varlink)?;
+        let child_id = child.id();
+        let dump_ir = |tag: &str| -> anyhow::Result<()> {
+            let status = Command::new("callgrind_control")
+                .arg("--dump")
+                .arg(tag)
+                .arg(child_id.to_string())
+                .stdout(Stdio::null())
+                .status()?;
+            anyhow::ensure!(status.success(), "callgrind_control failed");
+            Ok(())
+        };
+        for _ in 0..20 {
+            client.check_permission(target)?;
+            vclient.check_permission(reapd_client::varlink::VarlinkTarget::Pid(target))?;
+        }
+        dump_ir("warm")?;
+        for _ in 0..n {
+            client.check_permission(target)?;
+        }
+        dump_ir("grpc")?;
+        for _ in 0..n {
+            vclient.check_permission(reapd_client::varlink::VarlinkTarget::Pid(target))?;
+        }
+        dump_ir("varlink")?;
+        let ir_of = |tag: &str| -> Option<f64> {
+            // Dumps are named PREFIX.PID.N; the part line names the reason.
+            std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                if !e.file_name().to_string_lossy().starts_with("callgrind.out")
+                    || !text.contains(&format!("Dump {tag}"))
+                {
+                    return None;
+                }
+                text.lines()
+                    .find_map(|l| l.strip_prefix("summary: ").or_else(|| l.strip_prefix("totals: ")))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+        };
+        let g = ir_of("grpc").ok_or_else(|| anyhow::anyhow!("no grpc dump"))?;
+        let v = ir_of("varlink").ok_or_else(|| anyhow::anyhow!("no varlink dump"))?;
+        Ok((g / n as f64, v / n as f64))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    match result {
+        Ok(r) => Some(r),
+        Err(e) => {
+            notes.push(format!("no instruction counts for {}: {e}", reapd.display()));
+            None
+        }
+    }
+}
+
+/// A server under test: its label, pid and sockets.
+struct Subject {
+    label: String,
+    pid: i32,
+    grpc: PathBuf,
+    varlink: PathBuf,
+    binary: Option<PathBuf>,
+}
+
+/// Runs the floor benchmark against the bare echoes and each broker binary
+/// in `brokers` (label, path), interleaved.
+pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::Result<FloorResults> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut notes = Vec::new();
+    let target_victim = Victim::spawn(&Memory::Anon(crate::overhead::TINY), Some(VICTIM_UID))?;
+    let target = Target::pinned(target_victim.pid)?;
+    let floor = FloorServer::start(dir)?;
+    let mut running = Vec::new();
+    let mut subjects = vec![Subject {
+        label: "bare echo".into(),
+        pid: floor.pid(),
+        grpc: floor.grpc.clone(),
+        varlink: floor.varlink.clone(),
+        binary: None,
+    }];
+    for (i, (label, path)) in brokers.iter().enumerate() {
+        let b = rt.block_on(Broker::start(path, dir, &format!("floor{i}"), &[]))?;
+        subjects.push(Subject {
+            label: label.clone(),
+            pid: b.pid(),
+            grpc: b.socket.clone(),
+            varlink: b.varlink.clone(),
+            binary: Some(path.clone()),
+        });
+        running.push(b);
+    }
+    let mut servers: Vec<Server> = subjects
+        .iter()
+        .map(|s| Server {
+            label: s.label.clone(),
+            binary_bytes: s
+                .binary
+                .as_ref()
+                .and_then(|b| std::fs::metadata(b).ok())
+                .map_or(0, |m| m.len()),
+            ..Server::default()
+        })
+        .collect();
+
+    // Idle footprint: after one call of each kind, then a pause.
+    for s in &subjects {
+        grpc_caller(&s.grpc, target)?()?;
+        varlink_caller(&s.varlink, target)?()?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        server.threads_idle = threads(s.pid);
+        server.rss_idle = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+    }
+
+    // Latency, interleaved: every path's warm block in turn, repeated; then
+    // after-idle calls, one path after another.
+    eprintln!("floor: latency");
+    let mut callers: Vec<Caller> = vec![inprocess_caller(target_victim.pid)];
+    for s in &subjects {
+        callers.push(grpc_caller(&s.grpc, target)?);
+        callers.push(varlink_caller(&s.varlink, target)?);
+    }
+    let mut warm: Vec<Vec<f64>> = vec![Vec::new(); callers.len()];
+    let mut idle: Vec<Vec<f64>> = vec![Vec::new(); callers.len()];
+    for _ in 0..cfg.reps {
+        for (caller, samples) in callers.iter_mut().zip(warm.iter_mut()) {
+            timed(caller, 50, None)?;
+            samples.extend(timed(caller, cfg.warm_calls, None)?);
+        }
+    }
+    for _ in 0..cfg.idle_calls * cfg.reps {
+        for (caller, samples) in callers.iter_mut().zip(idle.iter_mut()) {
+            samples.extend(timed(caller, 1, Some(IDLE_GAP))?);
+        }
+    }
+    drop(callers);
+    let pair = |i: usize| Pair {
+        warm: summarize(&warm[i]),
+        idle: summarize(&idle[i]),
+    };
+    let inprocess_check = pair(0);
+    for (k, server) in servers.iter_mut().enumerate() {
+        server.grpc.check = pair(1 + 2 * k);
+        server.varlink.check = pair(2 + 2 * k);
+    }
+
+    eprintln!("floor: CPU and syscalls per call");
+    let have_strace = Command::new("strace").arg("-V").stdout(Stdio::null()).status().is_ok();
+    if !have_strace {
+        notes.push("strace not found: no syscall counts".into());
+    }
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        for (varlink, t) in [(false, &mut server.grpc), (true, &mut server.varlink)] {
+            let mut caller = if varlink {
+                varlink_caller(&s.varlink, target)?
+            } else {
+                grpc_caller(&s.grpc, target)?
+            };
+            timed(&mut caller, 50, None)?;
+            let before = cpu_ns(s.pid);
+            timed(&mut caller, cfg.cost_calls, None)?;
+            t.cost.cpu_us = (cpu_ns(s.pid).saturating_sub(before)) as f64 / 1e3 / cfg.cost_calls as f64;
+            if have_strace {
+                t.cost.syscalls = count_syscalls(s.pid, &mut caller, cfg.cost_calls.min(500))?;
+            }
+        }
+    }
+    let inprocess_syscalls = if have_strace {
+        count_inprocess_syscalls(target_victim.pid, cfg.cost_calls)?
+    } else {
+        f64::NAN
+    };
+
+    eprintln!("floor: throughput and fixed-rate latency");
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        let grpc_path = s.grpc.clone();
+        let varlink_path = s.varlink.clone();
+        let make_grpc = move || grpc_caller(&grpc_path, target);
+        let make_varlink = move || varlink_caller(&varlink_path, target);
+        for (make, t) in [
+            (
+                &make_grpc as &(dyn Fn() -> anyhow::Result<Caller> + Sync),
+                &mut server.grpc,
+            ),
+            (&make_varlink, &mut server.varlink),
+        ] {
+            for &c in &cfg.clients {
+                t.throughput.push((c, throughput(make, c, cfg.tput_duration)?));
+            }
+            t.fixed_rate = summarize(&fixed_rate(make, cfg.rate_per_sec, cfg.rate_duration)?);
+        }
+    }
+
+    eprintln!("floor: KillAndReap");
+    let (workers, per_worker) = cfg.kills;
+    let inprocess_kill = summarize(&crate::overhead::kill_inprocess(workers * per_worker)?);
+    for (s, server) in subjects.iter().zip(servers.iter_mut()).skip(1) {
+        server.kill_grpc = Some(summarize(&crate::overhead::kill_grpc(
+            &s.grpc,
+            workers,
+            per_worker,
+            false,
+            VICTIM_UID + 1,
+        )?));
+        server.kill_varlink = Some(summarize(&crate::overhead::kill_grpc(
+            &s.varlink,
+            workers,
+            per_worker,
+            true,
+            VICTIM_UID + 101,
+        )?));
+    }
+
+    eprintln!("floor: footprint after {} calls", cfg.soak_calls);
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        rt.block_on(crate::overhead::many_calls(&s.grpc, target, cfg.soak_calls, 16))?;
+        server.calls_before_after = cfg.soak_calls;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        server.threads_after = threads(s.pid);
+        server.rss_after = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+    }
+    drop(running);
+    drop(floor);
+
+    if cfg.callgrind {
+        if Command::new("valgrind")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok()
+        {
+            eprintln!("floor: instructions per call (callgrind)");
+            for (k, (_, path)) in brokers.iter().enumerate() {
+                let cg = dir.join(format!("callgrind{k}"));
+                std::fs::create_dir_all(&cg)?;
+                if let Some((g, v)) = callgrind(path, &cg, target, 300, &mut notes) {
+                    servers[k + 1].grpc.cost.instructions = Some(g);
+                    servers[k + 1].varlink.cost.instructions = Some(v);
+                }
+            }
+        } else {
+            notes.push("valgrind not found: no instruction counts".into());
+        }
+    }
+    target_victim.finish();
+    Ok(FloorResults {
+        quick: cfg.quick,
+        reps: cfg.reps,
+        warm_calls: cfg.warm_calls,
+        idle_calls: cfg.idle_calls,
+        rate_per_sec: cfg.rate_per_sec,
+        inprocess_check,
+        inprocess_syscalls,
+        inprocess_kill,
+        servers,
+        notes,
+    })
+}
+
+fn threads(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.filter(|v| v.is_finite()).map_or("–".into(), |v| format!("{v:.0}"))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// The floor section of docs/benchmarks.md.
+pub fn markdown(r: &FloorResults) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let Some(echo) = r.servers.first() else {
+        return md;
+    };
+    let inproc = &r.inprocess_check;
+    let _ = writeln!(md, "## 0. Against the floor\n");
+    let _ = writeln!(
+        md,
+        "What reapd costs above what any broker must cost: the **transport floor** (a bare tonic server of the same `reapd.v1.Reaper` service answering at once, same tonic/tokio versions and 2 worker threads; a bare NUL-delimited JSON echo for varlink; both reached by the same `reapd-client` clients) plus the **in-process syscalls** the broker must make per call (pidfd_open, PIDFD_GET_INFO, one read() each of /proc/PID/stat, oom_score_adj and cgroup, a poll of the pidfd; caller identification happens once per connection, at accept). Brokers: {}. p50 µs over {} repetitions of {} warm calls (one connection, sequential) and {} calls each after a {} ms idle gap; all paths interleaved in one run.\n",
+        r.servers[1..].iter().map(|s| format!("*{}*", s.label)).collect::<Vec<_>>().join(", "),
+        r.reps,
+        r.warm_calls,
+        r.idle_calls * r.reps,
+        IDLE_GAP.as_millis()
+    );
+    let _ = writeln!(
+        md,
+        "| CheckPermission | warm p50 | warm p99 | after idle p50 | own cost above floor + syscalls (warm / idle) | ÷ (floor + syscalls) warm / idle |\n|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| in-process syscalls | {:.0} | {:.0} | {:.0} | | |",
+        inproc.warm.p50, inproc.warm.p99, inproc.idle.p50
+    );
+    for (name, floor) in [
+        ("tonic echo (gRPC floor)", &echo.grpc.check),
+        ("JSON echo (varlink floor)", &echo.varlink.check),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.0} | {:.0} | | |",
+            floor.warm.p50, floor.warm.p99, floor.idle.p50
+        );
+    }
+    for s in &r.servers[1..] {
+        for (transport, t, floor) in [("gRPC", &s.grpc, &echo.grpc), ("varlink", &s.varlink, &echo.varlink)] {
+            let base_w = floor.check.warm.p50 + inproc.warm.p50;
+            let base_i = floor.check.idle.p50 + inproc.idle.p50;
+            let _ = writeln!(
+                md,
+                "| {} {transport} | {:.0} | {:.0} | {:.0} | **{:.0}** / {:.0} | {:.2}× / {:.2}× |",
+                s.label,
+                t.check.warm.p50,
+                t.check.warm.p99,
+                t.check.idle.p50,
+                t.check.warm.p50 - base_w,
+                t.check.idle.p50 - base_i,
+                t.check.warm.p50 / base_w,
+                t.check.idle.p50 / base_i,
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nKillAndReap of a running 1 MiB victim (p50 µs; in-process: pidfd_open + pidfd_send_signal + process_mrelease, {:.0} µs):\n",
+        r.inprocess_kill.p50
+    );
+    let _ = writeln!(
+        md,
+        "| broker | transport | p50 | p90 | ÷ (floor + in-process) |\n|---|---|---|---|---|"
+    );
+    for s in &r.servers[1..] {
+        for (transport, k, floor) in [
+            ("gRPC", &s.kill_grpc, &echo.grpc),
+            ("varlink", &s.kill_varlink, &echo.varlink),
+        ] {
+            if let Some(k) = k {
+                let _ = writeln!(
+                    md,
+                    "| {} | {transport} | {:.0} | {:.0} | **{:.2}×** |",
+                    s.label,
+                    k.p50,
+                    k.p90,
+                    k.p50 / (floor.check.warm.p50 + r.inprocess_kill.p50)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nPer CheckPermission, server side: on-CPU time of all the server's threads (/proc/PID/task/*/schedstat), syscalls (strace -c -f on every thread, a separate pass) and instructions (valgrind --tool=callgrind, brokers only, a separate run). The in-process syscalls make {:.1} syscalls a call.\n",
+        r.inprocess_syscalls
+    );
+    let _ = writeln!(
+        md,
+        "| server | transport | CPU µs/call | syscalls/call | instructions/call |\n|---|---|---|---|---|"
+    );
+    for s in &r.servers {
+        for (transport, t) in [("gRPC", &s.grpc), ("varlink", &s.varlink)] {
+            let _ = writeln!(
+                md,
+                "| {} | {transport} | {:.0} | {} | {} |",
+                s.label,
+                t.cost.cpu_us,
+                t.cost.syscalls.map_or("–".into(), |v| format!("{v:.1}")),
+                opt(t.cost.instructions)
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nThroughput (closed loop, one connection per client thread, blocking clients; client and server share the 2 CPUs) and latency at a fixed arrival rate of {:.0} calls/s over 4 connections (µs from the scheduled send):\n",
+        r.rate_per_sec
+    );
+    let clients: Vec<usize> = echo.grpc.throughput.iter().map(|(c, _)| *c).collect();
+    let mut header = String::from("| server | transport |");
+    for c in &clients {
+        let _ = write!(
+            header,
+            " {c} client{} calls/s (÷ tonic floor) |",
+            if *c == 1 { "" } else { "s" }
+        );
+    }
+    header.push_str(" fixed rate p50 | p99 | p99 ÷ p50 |");
+    let _ = writeln!(md, "{header}\n|{}", "---|".repeat(clients.len() + 5));
+    for s in &r.servers {
+        for (transport, t) in [("gRPC", &s.grpc), ("varlink", &s.varlink)] {
+            let mut row = format!("| {} | {transport} |", s.label);
+            for (i, (_, cps)) in t.throughput.iter().enumerate() {
+                let floor = echo.grpc.throughput.get(i).map_or(f64::NAN, |(_, f)| *f);
+                let _ = write!(row, " {cps:.0} ({:.2}×) |", cps / floor);
+            }
+            let f = &t.fixed_rate;
+            let _ = write!(row, " {:.0} | {:.0} | {:.1} |", f.p50, f.p99, f.p99 / f.p50);
+            let _ = writeln!(md, "{row}");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nFootprint: threads and RSS idle (after one call per transport) and after {} CheckPermission calls over 16 gRPC connections (plus everything above):\n",
+        r.servers.get(1).map_or(0, |s| s.calls_before_after)
+    );
+    let _ = writeln!(
+        md,
+        "| server | threads idle | threads after | RSS idle | RSS after | binary |\n|---|---|---|---|---|---|"
+    );
+    for s in &r.servers {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {} |",
+            s.label,
+            s.threads_idle,
+            s.threads_after,
+            mib(s.rss_idle),
+            mib(s.rss_after),
+            if s.binary_bytes > 0 {
+                format!("{:.1} MiB", mib(s.binary_bytes))
+            } else {
+                "–".into()
+            }
+        );
+    }
+    for n in &r.notes {
+        let _ = writeln!(md, "\n- {n}");
+    }
+    md.push('\n');
+    md
+}
