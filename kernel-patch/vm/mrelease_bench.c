@@ -5,8 +5,9 @@
  * and waits for it, as a service manager would.
  *
  *   mrelease_bench pinned RUNS MIB READER
- *	READER is mem, cmdline, environ, pagemap or none. Per run: a thread
- *	of ours reads /proc/VICTIM/READER into a userfaultfd-registered page
+ *	READER is mem, cmdline, environ, pagemap, vm_readv or none. Per run:
+ *	a thread of ours reads /proc/VICTIM/READER (vm_readv:
+ *	process_vm_readv() of the victim) into a userfaultfd-registered page
  *	and stalls in copy_to_user(); we kill the victim (MIB MiB of
  *	anonymous memory), wait for its exit on its pidfd, call
  *	process_mrelease(0) (the killer lost the race), wait until its parent
@@ -48,6 +49,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -167,7 +169,8 @@ static int mrelease(int pidfd)
 }
 
 struct reader {
-	int fd;
+	int fd;		/* the /proc file, or -1 for process_vm_readv() */
+	pid_t pid;
 	char *buf;
 	off_t off;
 };
@@ -175,8 +178,10 @@ struct reader {
 static void *reader_thread(void *arg)
 {
 	struct reader *r = arg;
+	struct iovec local = { r->buf, page_size }, remote = { r->buf, page_size };
 
-	if (pread(r->fd, r->buf, page_size, r->off) < 0)
+	if (r->fd < 0 ? process_vm_readv(r->pid, &local, 1, &remote, 1, 0) < 0 :
+	    pread(r->fd, r->buf, page_size, r->off) < 0)
 		perror("reader");
 	return NULL;
 }
@@ -200,6 +205,7 @@ static int pinned(int runs, long mib, const char *what)
 		struct pollfd pfd;
 		struct uffd_msg msg;
 		struct reader r = { .fd = -1 };
+		bool stall = strcmp(what, "none");
 		struct victim v;
 		pthread_t thread;
 		long before, after, resumed;
@@ -219,11 +225,14 @@ static int pinned(int runs, long mib, const char *what)
 			die("UFFDIO_REGISTER");
 
 		spawn(&v, mib << 20, NULL);
-		if (strcmp(what, "none")) {
+		r.pid = v.pid;
+		if (stall && strcmp(what, "vm_readv")) {
 			snprintf(path, sizeof(path), "/proc/%d/%s", v.pid, what);
 			r.fd = open(path, O_RDONLY);
 			if (r.fd < 0)
 				die(path);
+		}
+		if (stall) {
 			/* mem, pagemap: at an address the victim maps (from fork) */
 			if (!strcmp(what, "mem"))
 				r.off = (off_t)(unsigned long)r.buf;
@@ -245,13 +254,14 @@ static int pinned(int runs, long mib, const char *what)
 		status = wait_parent(&v);
 		t1 = now_ms();
 		after = anon_kb();
-		if (r.fd >= 0) {
+		if (stall) {
 			zero.range.start = (unsigned long)r.buf;
 			zero.range.len = page_size;
 			if (ioctl(uffd, UFFDIO_ZEROPAGE, &zero))
 				die("UFFDIO_ZEROPAGE");
 			pthread_join(thread, NULL);
-			close(r.fd);
+			if (r.fd >= 0)
+				close(r.fd);
 		}
 		resumed = anon_kb();
 		close(uffd);
@@ -332,7 +342,7 @@ int main(int argc, char **argv)
 	if (argc == 4 && !strcmp(argv[1], "robust") &&
 	    (!strcmp(argv[3], "reap") || !strcmp(argv[3], "kill")))
 		return robust(atoi(argv[2]), argv[3]);
-	fprintf(stderr, "usage: %s pinned RUNS MIB mem|cmdline|environ|pagemap|none\n"
+	fprintf(stderr, "usage: %s pinned RUNS MIB mem|cmdline|environ|pagemap|vm_readv|none\n"
 		"       %s robust RUNS reap|kill\n"
 		"       %s runas UID CMD [ARGS]\n", argv[0], argv[0], argv[0]);
 	return 1;

@@ -4,7 +4,12 @@
 # (TCG, 2 vCPUs) with an initramfs holding the selftest, a race counter and
 # the broker, and report one line per check and `N passed, N failed`.
 #
-#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N]
+#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug]
+#
+# --debug also builds the patched series with config/debug.config (lockdep,
+# KASAN, DEBUG_VM, audit, Yama, pid/user namespaces) and boots it with the
+# patched checks; a kernel splat fails it. Heavy (a KASAN+lockdep build and
+# a slow boot under TCG): not part of scripts/test.sh.
 #
 # Environment:
 #   REAPD_KERNEL_CACHE  work directory (default /var/cache/reapd-kernel/harness)
@@ -25,6 +30,7 @@ KEEP=${REAPD_KERNEL_KEEP:-0}
 CYCLES=${RACE_CYCLES:-1000}
 RUNS=${BENCH_RUNS:-5}
 JOBS=${JOBS:-$(nproc)}
+DEBUG=0
 PKG=linux-source-7.3
 QEMU_TIMEOUT=${QEMU_TIMEOUT:-900}
 
@@ -32,7 +38,8 @@ while [[ $# -gt 0 ]]; do
 	case $1 in
 	--keep-cache) KEEP=1 ;;
 	--cycles) CYCLES=$2; shift ;;
-	*) echo "usage: $0 [--keep-cache] [--cycles N]" >&2; exit 2 ;;
+	--debug) DEBUG=1 ;;
+	*) echo "usage: $0 [--keep-cache] [--cycles N] [--debug]" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -71,7 +78,8 @@ STAMP_stock=$(cat "$KP"/config/reapd.config | sha256sum | cut -c1-16)
 # selftest patch (tools/ only) do not change the bzImage.
 KPATCHES=$(ls "$KP"/series/[0-9]*.patch | grep -v -e '/0000-' -e 'selftests')
 # The bzImage depends on the diffs, not on the commit messages.
-STAMP_patched=$( (sed -n '/^diff --git/,$p' $KPATCHES; cat "$KP"/config/reapd.config) | sha256sum | cut -c1-16)
+STAMP_patched=$( (sed -s -n '/^diff --git/,$p' $KPATCHES; cat "$KP"/config/reapd.config) | sha256sum | cut -c1-16)
+STAMP_debug=$( (echo "$STAMP_patched"; cat "$KP"/config/debug.config) | sha256sum | cut -c1-16)
 # The patched source tree (which also holds the selftest) on every patch.
 STAMP=$(cat "$KP"/series/[0-9]*.patch | sha256sum | cut -c1-16)
 if [[ $KEEP != 1 ]]; then
@@ -116,8 +124,13 @@ grep -q PROCESS_MRELEASE_REAP_KILL "$CACHE/src-stock/include/uapi/linux/mman.h" 
 pass "series: $(ls "$KP"/series/[0-9]*.patch | grep -vc '/0000-') patches apply to $PKG with --forward"
 
 # --- build both kernels ----------------------------------------------------
-build() { # stock|patched
-	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t stamp
+build() { # stock|patched|debug: debug is the patched tree with debug.config
+	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t stamp frags o
+	frags=("$KP/config/reapd.config")
+	if [[ $kind = debug ]]; then
+		src=$CACHE/src-patched
+		frags+=("$KP/config/debug.config")
+	fi
 	stamp=STAMP_$1
 	stamp=${!stamp}
 	if [[ -f $out/arch/x86/boot/bzImage && -f $out/.reapd-$stamp ]]; then
@@ -128,13 +141,13 @@ build() { # stock|patched
 	log "building $kind kernel (tinyconfig + reapd.config, -j$JOBS)"
 	t=$(date +%s)
 	if ! (cd "$src" && make -s ARCH=x86_64 O="$out" tinyconfig >/dev/null &&
-		scripts/kconfig/merge_config.sh -m -O "$out" "$out/.config" "$KP/config/reapd.config" >/dev/null &&
+		scripts/kconfig/merge_config.sh -m -O "$out" "$out/.config" "${frags[@]}" >/dev/null &&
 		make -s ARCH=x86_64 O="$out" olddefconfig >/dev/null) >"$CACHE/build-$kind.log" 2>&1; then
 		tail -20 "$CACHE/build-$kind.log"
 		die "build $kind: configuration"
 	fi
 	local missing
-	missing=$(grep -o '^CONFIG_[A-Z0-9_]*=y' "$KP/config/reapd.config" | while read -r o; do
+	missing=$(cat "${frags[@]}" | grep -o '^CONFIG_[A-Z0-9_]*=y' | while read -r o; do
 		grep -qx "$o" "$out/.config" || echo "${o%=y}"; done)
 	[[ -z $missing ]] || die "build $kind: fragment options not set: $missing"
 	if ! nice -n 10 make ARCH=x86_64 O="$out" -C "$src" -j"$JOBS" bzImage >>"$CACHE/build-$kind.log" 2>&1; then
@@ -146,6 +159,7 @@ build() { # stock|patched
 }
 build stock
 build patched
+[[ $DEBUG = 1 ]] && build debug
 
 # --- static test binaries --------------------------------------------------
 log "building static test binaries"
@@ -198,13 +212,15 @@ cp "$HERE/init.sh" "$IR/init" && chmod 755 "$IR/init"
 pass "initramfs: $(du -m "$CACHE/initramfs.cpio" | cut -f1) MiB (static tests, busybox, broker)"
 
 # --- boot ------------------------------------------------------------------
-boot() { # stock|patched
-	local kind=$1 out=$CACHE/vm-$1.log rc t
+boot() { # stock|patched|debug
+	local kind=$1 out=$CACHE/vm-$1.log rc t mode=$1 extra=
+	# the debug kernel runs the patched checks, slower: fewer cycles
+	[[ $kind = debug ]] && mode=patched extra="reapd.debug=1 reapd.cycles=100 reapd.runs=3"
 	log "booting the $kind kernel (qemu TCG, 2 vCPUs, timeout ${QEMU_TIMEOUT}s)"
 	t=$(date +%s.%N)
 	timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024 \
 		-kernel "$CACHE/build-$kind/arch/x86/boot/bzImage" -initrd "$CACHE/initramfs.cpio" \
-		-append "console=ttyS0 panic=-1 reapd.mode=$kind reapd.cycles=$CYCLES reapd.runs=$RUNS" \
+		-append "console=ttyS0 panic=-1 reapd.mode=$mode reapd.cycles=$CYCLES reapd.runs=$RUNS $extra" \
 		-nographic -no-reboot -monitor none \
 		-device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null >"$out" 2>&1
 	rc=$?
@@ -224,13 +240,15 @@ boot() { # stock|patched
 	124) tail -30 "$out"; fail "vm $kind: timeout after ${QEMU_TIMEOUT}s (see $out)" ;;
 	*) tail -30 "$out"; fail "vm $kind: no verdict, qemu exit $rc (panic or crash, see $out)" ;;
 	esac
-	grep -h '^VMRACE' <(tr -d '\r' <"$out") >>"$CACHE/race.txt"
-	grep -h '^VMBENCH' <(tr -d '\r' <"$out") >>"$CACHE/bench.txt"
+	# labelled by kernel (the debug kernel runs in mode patched)
+	tr -d '\r' <"$out" | grep '^VMRACE' | sed "s/^VMRACE [a-z]*/VMRACE $kind/" >>"$CACHE/race.txt"
+	tr -d '\r' <"$out" | grep '^VMBENCH' | sed "s/^VMBENCH [a-z]*/VMBENCH $kind/" >>"$CACHE/bench.txt"
 	grep -h '^VMINFO boot-ms' <(tr -d '\r' <"$out") | sed "s/^VMINFO boot-ms/$kind/" >>"$CACHE/boot.txt"
 }
 rm -f "$CACHE/race.txt" "$CACHE/boot.txt" "$CACHE/bench.txt"
 boot stock
 boot patched
+[[ $DEBUG = 1 ]] && boot debug
 
 # --- results, stock and patched side by side -------------------------------
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
@@ -240,7 +258,7 @@ echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to
 echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
 echo "ms: kill to reaped by the parent)"
 printf '  %-8s | %-34s | %-34s\n' reader stock patched
-for r in none mem cmdline environ pagemap; do
+for r in none mem cmdline environ pagemap vm_readv; do
 	cells=()
 	for k in stock patched; do
 		l=$(grep "^VMBENCH $k PINNEDSUM reader=$r " "$CACHE/bench.txt")
