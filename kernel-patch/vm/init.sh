@@ -97,23 +97,26 @@ else
 	fail "broker: /opt/reapd/reapd missing from the initramfs"
 fi
 
-# 3. memory returned with a pinning reader, non-parent killer (mrelease_bench)
+# 3. memory returned with a pinning reader, non-parent killer (mrelease_bench):
+# a 32 MiB victim (filling more is slow under TCG)
 runs=$(sed -n 's/.*reapd\.runs=\([0-9]*\).*/\1/p' /proc/cmdline)
 : "${runs:=5}"
 for r in none mem cmdline environ pagemap vm_readv; do
-	line=$(/tests/mrelease_bench pinned "$runs" 64 $r 2>/tmp/bench.err | tee /tmp/bench.out | grep '^PINNEDSUM')
+	line=$(/tests/mrelease_bench pinned "$runs" 32 $r 2>/tmp/bench.err | tee /tmp/bench.out | grep '^PINNEDSUM')
 	rc=$?
 	sed 's/^/  bench| /' /tmp/bench.out /tmp/bench.err | head -12
 	echo "VMBENCH $mode $line"
 	freed=$(echo "$line" | sed -n 's/.* freed_all=\([0-9]*\).*/\1/p')
-	if [ $rc -ne 0 ] || [ -z "$freed" ]; then
+	if [ $r = vm_readv ] && echo "$line" | grep -q unsupported; then
+		pass "pinned vm_readv: process_vm_readv not built in (CONFIG_CROSS_MEMORY_ATTACH)"
+	elif [ $rc -ne 0 ] || [ -z "$freed" ]; then
 		fail "pinned $r: did not run: $(tail -1 /tmp/bench.err)"
 	elif [ $r = vm_readv ]; then
 		# Not changed by the series: measured, not judged
 		pass "pinned vm_readv (not addressed by the series): freed in $freed/$runs runs"
 	elif [ $r = none ] || [ "$mode" = patched ]; then
 		# No reader, or the fix: freed while the reader is stalled, every run
-		if [ "$freed" = "$runs" ]; then pass "pinned $r: 64 MiB freed in $freed/$runs runs"
+		if [ "$freed" = "$runs" ]; then pass "pinned $r: 32 MiB freed in $freed/$runs runs"
 		else fail "pinned $r: memory freed in only $freed/$runs runs"; fi
 	else
 		# Stock: the reproducer must reproduce the pin, or it proves nothing

@@ -253,7 +253,7 @@ boot patched
 # --- results, stock and patched side by side -------------------------------
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 echo
-echo "memory returned: 64 MiB victim killed by a non-parent, process_mrelease(0) after"
+echo "memory returned: 32 MiB victim killed by a non-parent, process_mrelease(0) after"
 echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to_user()"
 echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
 echo "ms: kill to reaped by the parent)"
