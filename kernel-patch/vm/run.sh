@@ -257,14 +257,18 @@ echo "memory returned: 32 MiB victim killed by a non-parent, process_mrelease(0)
 echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to_user()"
 echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
 echo "ms: kill to reaped by the parent)"
-printf '  %-8s | %-34s | %-34s\n' reader stock patched
+printf '  %-8s | %-40s | %-40s\n' reader stock patched
 for r in none mem cmdline environ pagemap vm_readv; do
 	cells=()
 	for k in stock patched; do
 		l=$(grep "^VMBENCH $k PINNEDSUM reader=$r " "$CACHE/bench.txt")
+		if [[ $l = *unsupported* ]]; then
+			cells+=("not built into this kernel")
+			continue
+		fi
 		cells+=("$(echo "$l" | field freed_all)/$RUNS freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms")
 	done
-	printf '  %-8s | %-34s | %-34s\n' "$r" "${cells[0]}" "${cells[1]}"
+	printf '  %-8s | %-40s | %-40s\n' "$r" "${cells[0]}" "${cells[1]}"
 done
 echo "robust futexes (20 victims holding a robust pshared mutex): owner-died marks lost"
 for q in kill reap; do
