@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Regenerates docs/benchmarks.md and docs/*.png: builds the broker, reapctl
 # and the benchmark in release mode, then runs every benchmark (about 10-15
 # minutes on 2 cores). Needs root. Extra arguments go to `reapd-bench run`

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Fuzzes the policy parser with libFuzzer on the stable toolchain (the
 # sanitizer-coverage passes cargo-fuzz would add, given by hand), seeded with
 # the check-policy golden files.

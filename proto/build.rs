@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Generates the reapd.v1 types, client and server from the .proto file.
 //!
 //! protoc comes from the `protoc-bin-vendored` crate so a build needs nothing

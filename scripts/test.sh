@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Runs every test of reapd, as root (the tests switch uids, freeze cgroups,
 # mount a v1 freezer and boot kernels in qemu).
 #
@@ -71,6 +72,18 @@ check() {
     fi
 }
 
+# Packaging tools for tests/tests/package.rs and the systemd VM's .deb:
+# cargo-deb (pinned; compiled once into ~/.cargo/bin, then cached; a debug
+# build, which compiles in well under half the time of a release build and
+# is fast enough to pack one .deb) and lintian from Debian.
+CARGO_DEB_VERSION=3.8.0
+if [[ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]]; then
+    check cargo-deb cargo install cargo-deb --debug --locked --version "$CARGO_DEB_VERSION"
+fi
+if ! command -v lintian >/dev/null; then
+    check lintian bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lintian'
+fi
+
 check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 check build cargo build --workspace --all-targets --locked
@@ -89,12 +102,21 @@ check venv .venv/bin/pip install -q --disable-pip-version-check -r tests/python/
 REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/python
 
 if [[ $QUICK -eq 0 ]]; then
-    # One release build serves both VMs (the in-VM broker test and the .deb).
-    check release cargo build --release --locked -p reapd -p reapd-client --bin reapd --bin reapctl
+    # One release build serves both VMs (the in-VM broker test and the .deb;
+    # reapd-lmk for the systemd VM's killer service).
+    check release cargo build --release --locked -p reapd -p reapd-client -p reapd-lmk --bin reapd --bin reapctl --bin reapd-lmk
     export REAPD_BIN_DIR=$ROOT/target/release
     run kernel-vm bash kernel-patch/vm/run.sh
     run systemd-vm bash systemd/vm/run.sh
     unset REAPD_BIN_DIR
+fi
+
+# A skip is a counted precondition that did not hold; one not listed in
+# tests/expected-skips.txt (with its reason) fails the run.
+UNEXPECTED=$(grep -vE -f <(grep -vE '^(#|$)' tests/expected-skips.txt) "$REAPD_SKIP_LOG" || true)
+if [[ -n $UNEXPECTED ]]; then
+    FAILED=$((FAILED + $(wc -l <<<"$UNEXPECTED")))
+    SUITES+=("$(printf '%-16s FAILED %33s' "unexpected-skip" "")")
 fi
 
 echo
@@ -102,6 +124,10 @@ echo "=== summary (logs in $LOGS)"
 printf '%s\n' "${SUITES[@]}"
 echo "skipped: $(wc -l <"$REAPD_SKIP_LOG")"
 sed 's/^/  /' "$REAPD_SKIP_LOG"
+if [[ -n $UNEXPECTED ]]; then
+    echo "unexpected skips (not in tests/expected-skips.txt): each counts as a failure"
+    sed 's/^/  /' <<<"$UNEXPECTED"
+fi
 echo "wall time: $((SECONDS / 60)) min $((SECONDS % 60)) s"
 echo "total: $PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The broker under test: target/release/reapd started as a subprocess on
 //! a private socket, reached only through its public gRPC interface.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `reapd-bench`: measures what reaping through reapd buys (memory back
 //! sooner for starved and frozen victims) and what it costs (per-call
 //! overhead, footprint, scale), and writes docs/benchmarks.md and plots.

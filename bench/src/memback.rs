@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Memory back: how long after the first syscall of each method the
 //! machine has the victim's memory again, per victim size and state.
 

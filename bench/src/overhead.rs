@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! What the broker costs: per-call latency against the same syscalls made
 //! in-process, CheckPermission throughput by concurrency, footprint, and
 //! idle connections against RSS.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! What the benchmark reads from the kernel: free memory (MemAvailable plus
 //! the per-CPU page lists), a process's RSS, and the cgroup v1 freezer.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! docs/benchmarks.md and the PNG plots.
 
 use std::collections::BTreeMap;

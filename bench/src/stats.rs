@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Order statistics over samples.
 
 use serde::{Deserialize, Serialize};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The few syscalls the benchmark needs that neither std nor rustix wraps
 //! safely. Every `unsafe` block of the crate lives here.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Victims: children of the benchmark (the same binary, `victim` mode) that
 //! touch a chosen amount of memory, say "ready", and wait to be killed.
 //! They are spawned, and have touched their memory, before any timed

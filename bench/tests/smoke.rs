@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Keeps the benchmark from rotting: a `--quick` run (tiny victims, few
 //! calls, about half a minute) must finish and write its report. The real
 //! run is bench/run.sh, which is too slow for the test suite.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Cost of one policy decision with 10 and with 10,000 rules.
 //!
 //! Rules name distinct callers (as per-team or per-service grants do), plus

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Who is asking: taken from the kernel when a connection is accepted.
 //!
 //! SO_PEERCRED gives the pid, effective uid and gid at connect time,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Which processes (and cgroups) may this caller kill right now, with what
 //! an OOM manager ranks them by. Read-only: listing grants nothing, every
 //! kill is decided again when it is asked for.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Which part of a cgroup path the broker may believe.
 //!
 //! A cgroup's name is chosen by whoever may create directories in its

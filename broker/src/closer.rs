@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Closing file descriptors that callers sent, off the async executor.
 //!
 //! A received fd can be anything, and `close(2)` on some of them never

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The engine: one implementation of every broker operation, shared by all
 //! transports. A transport decodes its request, calls one of these methods
 //! with the caller it authenticated at accept, and encodes the result.
@@ -16,9 +17,11 @@ use serde::Serialize;
 use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport};
 use crate::error::EngineError;
+use crate::events::{EventHub, KillKind, KillRecord, Requester, Subscription, VictimOutcome};
 use crate::features::{KernelFeatures, KillPath};
 use crate::group::{self, GroupReport, GroupSpec};
 use crate::limits::{KillLimits, Limiter};
+use crate::metrics;
 use crate::policy::{BrokerFacts, Decision, Policy};
 use crate::reaper::{self, KillOptions, ReapReport};
 use crate::target::{self, Namespace, TargetProcess, TargetSpec};
@@ -79,6 +82,8 @@ pub struct Engine {
     kills: Arc<KillTracker>,
     /// Per-uid rate limit on CheckPermission audit records.
     check_audit: CheckAuditGate,
+    /// Kill-event subscribers (`WatchKills`).
+    events: Arc<EventHub>,
 }
 
 /// Counts kill tasks in flight so shutdown can wait for each one to finish
@@ -143,6 +148,7 @@ impl CheckAuditGate {
             true
         } else {
             window.suppressed += 1;
+            metrics::get().audit_suppressed(1);
             false
         }
     }
@@ -180,6 +186,7 @@ impl Engine {
             },
             kills: Arc::default(),
             check_audit: CheckAuditGate::default(),
+            events: Arc::default(),
         }
     }
 
@@ -205,6 +212,55 @@ impl Engine {
                         .iter()
                         .any(|s| std::iter::once(&gid).chain(groups).any(|g| s.lo <= *g && *g <= s.hi)))
         })
+    }
+
+    /// Subscribes `caller` to kill events (see [`crate::events`]): it
+    /// receives one event per later kill of a process it is entitled to
+    /// see. Errors: RESOURCE_EXHAUSTED over the subscription caps.
+    pub fn watch_kills(&self, caller: &Arc<Caller>) -> Result<Subscription, EngineError> {
+        let subscription = self.events.subscribe(Arc::clone(caller));
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "decision",
+            action = "watch",
+            caller_pid = caller.pid,
+            caller_uid = caller.uid,
+            caller_comm = caller.comm.as_str(),
+            allowed = subscription.is_ok(),
+            reason = %subscription.as_ref().err().map(EngineError::message).unwrap_or_default(),
+        );
+        subscription
+    }
+
+    /// Ends every kill-event subscription and refuses new ones: called at
+    /// shutdown, so streams that would never end do not hold it up.
+    pub fn close_event_streams(&self) {
+        self.events.close();
+    }
+
+    /// Kill-event subscriptions open now.
+    pub fn event_subscribers(&self) -> usize {
+        self.events.subscribers()
+    }
+
+    /// Every metric (see [`crate::metrics`]), for root and for callers a
+    /// `watch` rule names; others get PERMISSION_DENIED (`no-watch-grant`):
+    /// the counts cover every caller's kills.
+    pub fn metrics(&self, caller: &Caller) -> Result<Vec<metrics::Metric>, EngineError> {
+        if self.policy.load().metrics_grant(caller).is_none() {
+            return Err(EngineError::PermissionDenied {
+                kind: crate::policy::DecisionKind::NoRule,
+                rule: "no-watch-grant".into(),
+                reason: format!(
+                    "the broker's metrics count every caller's kills: root or a `watch` grant may read them, not uid {}",
+                    caller.uid
+                ),
+            });
+        }
+        Ok(metrics::get().snapshot(&[
+            ("kills_in_flight", self.kills_in_flight() as u64),
+            ("event_subscribers", self.event_subscribers() as u64),
+        ]))
     }
 
     /// Kill tasks in flight (started, outcome not yet audited).
@@ -292,6 +348,19 @@ impl Engine {
         pidns: Option<OwnedFd>,
     ) -> Result<PermissionReport, EngineError> {
         let started = Instant::now();
+        let result = self.check_permission_at(caller, spec, pidns, started).await;
+        metrics::get().checked(started.elapsed());
+        count_refusal(&result);
+        result
+    }
+
+    async fn check_permission_at(
+        &self,
+        caller: &Caller,
+        spec: TargetSpec,
+        pidns: Option<OwnedFd>,
+        started: Instant,
+    ) -> Result<PermissionReport, EngineError> {
         let pinned = self.pin(caller, spec, pidns).await;
         let target = match pinned {
             Ok(target) => target,
@@ -321,6 +390,17 @@ impl Engine {
     /// Kills the target and reaps its memory, if the policy allows.
     pub async fn kill_and_reap(&self, caller: &Caller, request: KillRequest) -> Result<KillReport, EngineError> {
         let started = Instant::now();
+        let result = self.kill_and_reap_at(caller, request, started).await;
+        count_refusal(&result);
+        result
+    }
+
+    async fn kill_and_reap_at(
+        &self,
+        caller: &Caller,
+        request: KillRequest,
+        started: Instant,
+    ) -> Result<KillReport, EngineError> {
         let wait = request.wait_for_exit.map(|w| w.min(MAX_WAIT_FOR_EXIT));
         let target = match self.pin(caller, request.target, request.pidns).await {
             Ok(target) => target,
@@ -329,10 +409,9 @@ impl Engine {
                 return Err(err);
             }
         };
-        let policy = self.policy.load();
+        let policy = self.policy.load_full();
         let decision = self.decide(&policy, caller, &target);
         let policy_reap_delay = policy.reap_delay;
-        drop(policy);
         if !decision.allowed {
             audit_decision("kill", caller, &target, &decision, started);
             return Err(EngineError::refused(&decision));
@@ -366,6 +445,8 @@ impl Engine {
                 .min(reaper::MAX_REAP_DELAY),
         };
         let audit_caller = CallerSummary::of(caller);
+        let requester = Requester::of(caller);
+        let events = Arc::clone(&self.events);
         let rule = decision.rule;
         self.kills.running.fetch_add(1, Ordering::SeqCst);
         let tracked = KillGuard(Arc::clone(&self.kills));
@@ -383,6 +464,7 @@ impl Engine {
                 Ok(report) => report,
                 Err(err) => {
                     audit_outcome_error(&audit_caller, &target, &err, started);
+                    metrics::get().killed(None, path, 0);
                     return Err(err);
                 }
             };
@@ -399,6 +481,33 @@ impl Engine {
                 exited,
             };
             audit_outcome(&audit_caller, &report, started);
+            metrics::get().killed(
+                Some(report.reap.outcome),
+                report.reap.kill_path,
+                report.reap.bytes_released,
+            );
+            metrics::get().kill_done(started.elapsed());
+            events.publish(
+                &policy,
+                KillRecord {
+                    kind: KillKind::Process,
+                    requester,
+                    rule: &report.rule,
+                    cgroup: "",
+                    kill_path: report.reap.kill_path,
+                    victims: vec![(
+                        &report.target,
+                        VictimOutcome {
+                            memory_before: report.reap.memory_before,
+                            outcome: report.reap.outcome,
+                            not_reaped_reason: report.reap.not_reaped_reason.clone(),
+                        },
+                    )],
+                    bytes_released: report.reap.bytes_released,
+                    kill_to_reap: report.reap.kill_to_reap,
+                    elapsed: started.elapsed(),
+                },
+            );
             Ok(report)
         });
         work.await
@@ -428,6 +537,17 @@ impl Engine {
         request: GroupKillRequest,
     ) -> Result<GroupReport, EngineError> {
         let started = Instant::now();
+        let result = self.kill_cgroup_at(caller, request, started).await;
+        count_refusal(&result);
+        result
+    }
+
+    async fn kill_cgroup_at(
+        &self,
+        caller: &Arc<Caller>,
+        request: GroupKillRequest,
+        started: Instant,
+    ) -> Result<GroupReport, EngineError> {
         let action = "kill-cgroup";
         let ns = match owned_namespace(caller, request.pidns.as_ref()) {
             Ok(ns) => ns,
@@ -462,9 +582,13 @@ impl Engine {
             return Err(err);
         }
         let policy = self.policy.load_full();
+        // The rules that allowed the members, for the kill event.
+        let mut rules = std::collections::BTreeSet::new();
         for member in &members {
             let decision = self.decide(&policy, caller, member);
-            if !decision.allowed {
+            if decision.allowed {
+                rules.insert(decision.rule.clone());
+            } else {
                 audit_decision(action, caller, member, &decision, started);
                 return Err(EngineError::PermissionDenied {
                     kind: decision.kind,
@@ -505,6 +629,10 @@ impl Engine {
         let features = Arc::clone(&self.features);
         let caller = Arc::clone(caller);
         let broker = self.broker;
+        let events = Arc::clone(&self.events);
+        let event_policy = Arc::clone(&policy);
+        let rules = rules.into_iter().collect::<Vec<_>>().join(",");
+        let kill_path = self.features.kill_path();
         self.kills.running.fetch_add(1, Ordering::SeqCst);
         let tracked = KillGuard(Arc::clone(&self.kills));
         let work = tokio::spawn(async move {
@@ -512,6 +640,7 @@ impl Engine {
             // Shutdown waits for this group's outcome record too.
             let _tracked = tracked;
             let audit_caller = CallerSummary::of(&caller);
+            let requester = Requester::of(&caller);
             let report = run_blocking(move || {
                 let ns = ns
                     .as_deref()
@@ -542,7 +671,46 @@ impl Engine {
                 kill_to_reap_us = report.kill_to_reap.as_micros() as u64,
                 elapsed_us = started.elapsed().as_micros() as u64,
             );
-            Ok(report)
+            for member in &report.members {
+                metrics::get().killed(Some(member.outcome), kill_path, 0);
+            }
+            metrics::get().killed_bytes(report.bytes_released);
+            metrics::get().group_killed(started.elapsed());
+            // Entitlement is checked per member and per subscriber: off the
+            // executor, as a big group meets many subscribers.
+            run_blocking(move || {
+                events.publish(
+                    &event_policy,
+                    KillRecord {
+                        kind: KillKind::Cgroup,
+                        requester,
+                        rule: &rules,
+                        cgroup: &report.cgroup,
+                        kill_path,
+                        victims: report
+                            .members
+                            .iter()
+                            .map(|m| {
+                                (
+                                    &m.target,
+                                    VictimOutcome {
+                                        memory_before: m.memory_before,
+                                        outcome: m.outcome,
+                                        not_reaped_reason: m.not_reaped_reason.clone(),
+                                    },
+                                )
+                            })
+                            .collect(),
+                        bytes_released: report.bytes_released,
+                        kill_to_reap: report.kill_to_reap,
+                        elapsed: started.elapsed(),
+                    },
+                );
+                let mut report = report;
+                report.truncate_for_reply();
+                Ok(report)
+            })
+            .await
         });
         work.await
             .unwrap_or_else(|join| Err(EngineError::Internal(format!("group kill task failed: {join}"))))
@@ -595,6 +763,16 @@ impl Engine {
             elapsed_us = started.elapsed().as_micros() as u64,
         );
         Ok(report)
+    }
+}
+
+/// Counts a refused request by its decision kind (errors without one, such
+/// as a malformed request, are not refusals).
+fn count_refusal<T>(result: &Result<T, EngineError>) {
+    if let Err(err) = result {
+        if let Some((kind, _)) = err.decision() {
+            metrics::get().refused(kind);
+        }
     }
 }
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The engine's typed errors. Each transport maps them to its own wire form
 //! (gRPC status codes, varlink error names); the mapping is the only place
 //! they differ.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Kernel features, probed once at start.
 //!
 //! Every probe asks the kernel directly (never the version number), so a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Whole-cgroup kills: every member checked first, then all killed, forks
 //! during the kill caught, each member reaped.
 //!
@@ -34,6 +35,15 @@ pub const MAX_PASSES: u32 = 16;
 /// Most members one request may kill.
 pub const MAX_MEMBERS: usize = 100_000;
 
+/// Most members a reply lists (`members_total` counts them all), and the
+/// most bytes their listing may take (a member's cgroup path may be long):
+/// a reply stays well inside every client's default message limit (gRPC:
+/// 4 MiB).
+pub const MAX_REPORTED_MEMBERS: usize = 10_000;
+pub const MAX_REPORTED_BYTES: usize = 2 << 20;
+/// Most refused newcomers a reply lists.
+pub const MAX_REPORTED_NEWCOMERS: usize = 1_000;
+
 /// How a request names a group.
 #[derive(Debug, Clone)]
 pub enum GroupSpec {
@@ -58,7 +68,11 @@ pub struct MemberReport {
 pub struct GroupReport {
     /// The group's path (broker's view).
     pub cgroup: String,
+    /// The killed members, at most [`MAX_REPORTED_MEMBERS`] (see
+    /// [`GroupReport::truncate_for_reply`]).
     pub members: Vec<MemberReport>,
+    /// Members killed in all.
+    pub members_total: usize,
     /// Members that joined during the kill and that the caller may not
     /// kill: left alive, named here.
     pub refused_newcomers: Vec<TargetProcess>,
@@ -70,6 +84,26 @@ pub struct GroupReport {
     pub kill_to_reap: Duration,
     /// Passes over the members (1 when nothing joined during the kill).
     pub passes: u32,
+}
+
+impl GroupReport {
+    /// Keeps the members a reply may list: at most [`MAX_REPORTED_MEMBERS`]
+    /// and [`MAX_REPORTED_BYTES`] (estimated from the names they carry).
+    /// `members_total` still counts every one.
+    pub fn truncate_for_reply(&mut self) {
+        let mut bytes = 0;
+        let keep = self
+            .members
+            .iter()
+            .take(MAX_REPORTED_MEMBERS)
+            .take_while(|m| {
+                bytes += 128 + m.target.comm.len() + m.target.cgroup_path().len();
+                bytes <= MAX_REPORTED_BYTES
+            })
+            .count();
+        self.members.truncate(keep);
+        self.refused_newcomers.truncate(MAX_REPORTED_NEWCOMERS);
+    }
 }
 
 /// Resolves `spec` to a cgroup directory under the cgroup2 mount.
@@ -275,7 +309,7 @@ pub fn kill_all(
         (Some(b), Some(a)) => b.saturating_sub(a).min(before),
         _ => 0,
     };
-    let members = killed
+    let members: Vec<MemberReport> = killed
         .into_iter()
         .zip(outcomes)
         .map(|((target, memory_before), (outcome, not_reaped_reason))| MemberReport {
@@ -286,6 +320,7 @@ pub fn kill_all(
         })
         .collect();
     GroupReport {
+        members_total: members.len(),
         cgroup: cgroup_path,
         members,
         refused_newcomers,

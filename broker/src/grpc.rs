@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The gRPC transport (`reapd.v1.Reaper`, plus `grpc.health.v1` and server
 //! reflection on the same socket). A thin adapter: decode, call the engine,
 //! encode. No decision is made here.
@@ -17,16 +18,24 @@ use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport, SortKey};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
+use crate::events::{KillEvent, KillKind, Subscription};
 use crate::features::KillPath;
 use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
 use crate::policy::DecisionKind;
 use crate::procfs::Memory;
 use crate::reaper::Outcome;
-use crate::target::{TargetProcess, TargetSpec};
+use crate::target::{ProcessInfo, TargetSpec};
 
 /// Largest request the broker decodes. Real requests are a few bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Largest reply the broker encodes. The largest are a group kill's (its
+/// member list is bounded by `group::MAX_REPORTED_BYTES`) and a candidates
+/// page (1,000 entries); both stay far below it and below the 4 MiB every
+/// gRPC client accepts by default. A reply that did not fit would fail
+/// after its kill was done, so the bound is on what replies list.
+pub const MAX_REPLY_BYTES: usize = 4 << 20;
 
 impl Connected for PeerStream {
     type ConnectInfo = PeerInfo;
@@ -102,16 +111,16 @@ pub fn status_of(err: EngineError) -> Status {
     status
 }
 
-fn process_info(target: &TargetProcess) -> pb::ProcessInfo {
+fn process_info(process: ProcessInfo) -> pb::ProcessInfo {
     pb::ProcessInfo {
-        pid: target.caller_pid,
-        uid: target.ruid,
-        euid: target.euid,
-        suid: target.suid,
-        gid: target.gid,
-        comm: target.comm.clone(),
-        start_time: target.start_time,
-        cgroup: target.cgroup_path().to_string(),
+        pid: process.pid,
+        uid: process.ruid,
+        euid: process.euid,
+        suid: process.suid,
+        gid: process.gid,
+        comm: process.comm,
+        start_time: process.start_time,
+        cgroup: process.cgroup,
     }
 }
 
@@ -138,7 +147,7 @@ fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
         outcome: outcome(report.reap.outcome) as i32,
         not_reaped_reason: report.reap.not_reaped_reason,
         kill_path: kill_path(report.reap.kill_path) as i32,
-        target: Some(process_info(&report.target)),
+        target: Some(process_info(report.target.info())),
         memory_before: Some(memory(&report.reap.memory_before)),
         bytes_released: report.reap.bytes_released,
         kill_to_reap_ns: report.reap.kill_to_reap.as_nanos() as u64,
@@ -163,7 +172,7 @@ fn candidates_reply(report: CandidatesReport) -> pb::ListCandidatesResponse {
             .processes
             .iter()
             .map(|c| pb::Candidate {
-                process: Some(process_info(&c.target)),
+                process: Some(process_info(c.target.info())),
                 memory: Some(memory(&c.memory)),
                 unique_bytes: c.unique_bytes(),
                 oom_score: c.oom_score,
@@ -192,24 +201,70 @@ fn group_reply(report: GroupReport) -> pb::KillCgroupResponse {
             .members
             .iter()
             .map(|m| pb::MemberReport {
-                process: Some(process_info(&m.target)),
+                process: Some(process_info(m.target.info())),
                 memory_before: Some(memory(&m.memory_before)),
                 outcome: outcome(m.outcome) as i32,
                 not_reaped_reason: m.not_reaped_reason.clone(),
             })
             .collect(),
-        refused_newcomers: report.refused_newcomers.iter().map(process_info).collect(),
+        refused_newcomers: report
+            .refused_newcomers
+            .iter()
+            .map(|t| process_info(t.info()))
+            .collect(),
         bytes_released: report.bytes_released,
         kill_to_reap_ns: report.kill_to_reap.as_nanos() as u64,
         passes: report.passes,
+        members_total: report.members_total as u32,
     }
+}
+
+fn kill_event(event: KillEvent) -> pb::KillEvent {
+    pb::KillEvent {
+        sequence: event.sequence,
+        time_unix_ns: unix_ns(event.time),
+        kind: match event.kind {
+            KillKind::Process => pb::KillKind::Process,
+            KillKind::Cgroup => pb::KillKind::Cgroup,
+        } as i32,
+        requester: Some(pb::Requester {
+            pid: event.requester.pid,
+            uid: event.requester.uid,
+            comm: event.requester.comm,
+        }),
+        rule: event.rule,
+        cgroup: event.cgroup,
+        kill_path: kill_path(event.kill_path) as i32,
+        victims: event
+            .victims
+            .into_iter()
+            .map(|v| pb::Victim {
+                process: Some(process_info(v.process)),
+                memory_before: Some(memory(&v.memory_before)),
+                outcome: outcome(v.outcome) as i32,
+                not_reaped_reason: v.not_reaped_reason,
+                seen_as: v.seen_as,
+            })
+            .collect(),
+        complete: event.complete,
+        bytes_released: event.bytes_released,
+        kill_to_reap_ns: event.kill_to_reap.as_nanos() as u64,
+        elapsed_ns: event.elapsed.as_nanos() as u64,
+        dropped: event.dropped,
+    }
+}
+
+/// Nanoseconds since the Unix epoch (0 before it).
+fn unix_ns(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn permission_reply(report: PermissionReport) -> pb::CheckPermissionResponse {
     pb::CheckPermissionResponse {
         allowed: report.decision.allowed,
         reason: report.decision.reason,
-        target: Some(process_info(&report.target)),
+        target: Some(process_info(report.target.info())),
         kind: decision_kind(report.decision.kind) as i32,
         rule: report.decision.rule,
     }
@@ -243,8 +298,32 @@ fn capabilities_reply(caps: Capabilities) -> pb::GetCapabilitiesResponse {
     }
 }
 
+/// A `WatchKills` response stream: the subscription's events, mapped.
+pub type KillEventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::KillEvent, Status>> + Send>>;
+
+fn event_stream(subscription: Subscription) -> KillEventStream {
+    Box::pin(futures_util::stream::unfold(
+        subscription,
+        |mut subscription| async move {
+            let event = subscription.next().await?;
+            Some((Ok(kill_event(event)), subscription))
+        },
+    ))
+}
+
 #[tonic::async_trait]
 impl Reaper for GrpcReaper {
+    type WatchKillsStream = KillEventStream;
+
+    async fn watch_kills(
+        &self,
+        request: Request<pb::WatchKillsRequest>,
+    ) -> Result<Response<Self::WatchKillsStream>, Status> {
+        let caller = caller_of(&request)?;
+        let subscription = self.engine.watch_kills(&caller).map_err(status_of)?;
+        Ok(Response::new(event_stream(subscription)))
+    }
+
     async fn kill_and_reap(
         &self,
         request: Request<pb::KillAndReapRequest>,
@@ -337,16 +416,23 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ReaperServer<GrpcReaper>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    // Reflection in both versions: v1, and v1alpha for the clients that
+    // still speak only that (older grpcurl, grpcio-reflection's Python
+    // descriptor database). Same descriptors, same answers.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
     let features = Arc::clone(engine.features());
     let reaper = ReaperServer::new(GrpcReaper { engine })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(64 * 1024);
+        .max_encoding_message_size(MAX_REPLY_BYTES);
 
     let (sender, receiver) = mpsc::channel::<Result<PeerStream, std::io::Error>>(64);
     let idle = config.limits.idle_timeout;
@@ -387,7 +473,8 @@ pub async fn serve(
         .timeout(Duration::from_secs(30))
         .layer(tower::util::MapRequestLayer::new(mark_served))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(reaper)
         .serve_with_incoming_shutdown(ReceiverStream::new(receiver), std::future::pending::<()>())
         .await

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! reapd: a privileged broker that kills a process and reaps its memory at
 //! once, on behalf of unprivileged callers.
 //!
@@ -18,17 +19,20 @@
 // All unsafe code lives in `sys`, which opts back in.
 #![deny(unsafe_code)]
 
+pub mod authority;
 pub mod caller;
 pub mod candidates;
 pub mod cgroup;
 pub mod closer;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod features;
 pub mod group;
 pub mod grpc;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod policy;
 pub mod privilege;
 pub mod procfs;

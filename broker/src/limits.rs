@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Per-caller-uid limits on kills: a token bucket (kills per interval with a
 //! burst) and a cap on kills in flight. Checks have no side effect and are
 //! not limited here; connection limits live in the listener.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Unix-socket listening shared by every transport: binding, connection caps
 //! (in total, per uid, and in file descriptors, with a reserve for
 //! privileged callers), identifying each peer, and the slow-loris timer.
@@ -84,6 +85,7 @@ pub struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        crate::metrics::get().connection_open(false);
         let mut inner = self.counter.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.connections = inner.connections.saturating_sub(1);
         inner.fds = inner.fds.saturating_sub(self.weight);
@@ -156,6 +158,7 @@ impl ConnectionCounter {
         inner.connections += 1;
         inner.fds += weight;
         *inner.by_uid.entry(uid).or_insert(0) += 1;
+        crate::metrics::get().connection_open(true);
         Ok(ConnectionSlot {
             counter: Arc::clone(self),
             uid,
@@ -270,6 +273,7 @@ pub async fn accept_loop(
         let accepted_at = Instant::now();
         let Some((uid, gid, groups)) = peer_ids(&stream) else {
             tracing::debug!("no SO_PEERCRED for a new connection; closing it");
+            crate::metrics::get().connection(false);
             continue;
         };
         let mut privileged = None;
@@ -285,6 +289,7 @@ pub async fn accept_loop(
                     "connection refused: over the {}",
                     why.as_str()
                 );
+                crate::metrics::get().connection(false);
                 continue;
             }
         };
@@ -303,9 +308,11 @@ pub async fn accept_loop(
                 Ok(caller) => caller,
                 Err(err) => {
                     tracing::warn!(error = %err, "could not identify a peer; closing its connection");
+                    crate::metrics::get().connection(false);
                     return;
                 }
             };
+            crate::metrics::get().connection(true);
             if !deliver(Accepted {
                 stream,
                 caller: Arc::new(caller),

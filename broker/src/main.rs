@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The `reapd` daemon.
 
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@ use clap::Parser;
 use reapd::engine::Engine;
 use reapd::features::KernelFeatures;
 use reapd::listener::{self, AcceptConfig, ConnectionCounter, ConnectionLimits};
+use reapd_docgen::{Block, Manual, Section};
 
 /// Descriptors the broker keeps for itself (listeners, journal, /proc reads
 /// on the blocking pool, pidfds of targets).
@@ -20,6 +22,70 @@ const OWN_FDS: usize = 128;
 /// to close after GOAWAY. A blocking client idle between calls never
 /// answers (its runtime is not running), so this bounds the stop.
 const GRPC_LINGER: Duration = Duration::from_secs(1);
+
+/// reapd(8) beyond what clap knows: how it runs, what it logs, its files.
+const MANUAL: Manual<'static> = Manual {
+    section: "8",
+    extra: &[
+        Section {
+            title: "OVERVIEW",
+            body: &[
+                Block::Para("reapd is a broker: a caller asks it, over gRPC (/run/reapd/grpc.sock) or varlink (/run/reapd/io.reapd.Reaper), to kill a process; the broker checks its policy against the caller's kernel-given credentials, sends SIGKILL through a pidfd and releases the victim's memory at once with process_mrelease(2). reapctl(1) is the client."),
+            ],
+        },
+        Section {
+            title: "SYSTEMD",
+            body: &[
+                Block::Para("Installed from the package, reapd.socket and reapd-varlink.socket listen and start reapd.service on the first connection. The service runs as user reapd with CAP_KILL as its only capability, under a seccomp allow-list and full sandboxing (systemd-analyze security reapd). It reports readiness and status to systemd, pings the watchdog, logs to the journal with structured fields, and exits after --idle-exit-secs without connections; the sockets stay with systemd, so no client is lost."),
+                Block::Para("systemctl reload reapd sends SIGHUP: the policy file is read again and replaces the running one if it is valid; an invalid file is logged and the old policy stays."),
+            ],
+        },
+        Section {
+            title: "PRIVILEGES",
+            body: &[
+                Block::Para("Started by hand as root, the broker binds its sockets, then drops every capability except CAP_KILL (bounding set included); --user also switches to that user, keeping CAP_KILL. After start-up it installs its own seccomp filter (calls outside the list fail with EPERM)."),
+                Block::Para("Without CAP_KILL the broker runs in degraded mode: the kernel lets it kill only processes of its own uid. It says so in the log and in GetCapabilities (has_cap_kill=false), and refuses a kill of another user's process that the policy allows with a reason naming degraded mode."),
+            ],
+        },
+        Section {
+            title: "AUDIT LOG",
+            body: &[
+                Block::Para("Every decision and every kill is an audit record: a tracing event with target reapd::audit. Under systemd each is a structured journal entry whose fields are upper-cased and prefixed REAPD_ (journalctl -u reapd REAPD_EVENT=outcome); otherwise one line per event on stderr (--log-format json: one JSON object per line)."),
+                Block::Item("decision", "Once per KillAndReap or CheckPermission request: caller pid, uid and comm, target pid, uid, comm and start time, allowed, the deciding rule and the reason."),
+                Block::Item("outcome", "Once per allowed kill, after the kill, the reap and the wait, whether or not the client is still connected: outcome (reaped, exited_before_reap, killed_not_reaped or failed), kill path, bytes released, kill-to-reap time."),
+                Block::Item("check_suppressed", "At most once a second per caller uid over the CheckPermission record limit (20 a second): how many checks went unrecorded. Kill records are never limited or dropped."),
+                Block::Para("The fields and guarantees are documented in /usr/share/doc/reapd/audit.md."),
+            ],
+        },
+        Section {
+            title: "SIGNALS",
+            body: &[
+                Block::Item("SIGHUP", "Reload the policy file (see SYSTEMD)."),
+                Block::Item("SIGTERM, SIGINT", "Stop accepting calls, wait up to 12 s for the kills in flight and their outcome records, then exit."),
+            ],
+        },
+        Section {
+            title: "FILES",
+            body: &[
+                Block::Item("/etc/reapd/policy.toml", "The delegation policy (/usr/share/doc/reapd/policy.md); without it, the built-in kill(2) rule. reapd check-policy validates a file."),
+                Block::Item("/run/reapd/", "The sockets."),
+            ],
+        },
+        Section {
+            title: "ENVIRONMENT",
+            body: &[Block::Item("REAPD_LOG", "Log filter (tracing EnvFilter syntax), default info.")],
+        },
+        Section {
+            title: "EXIT STATUS",
+            body: &[
+                Block::Item("0", "Stopped cleanly, or check-policy found no problem."),
+                Block::Item("1", "Could not start (bad socket activation, invalid policy, cannot listen), or check-policy found a problem."),
+                Block::Item("2", "Usage error."),
+            ],
+        },
+    ],
+    see_also: &["reapctl(1)", "process_mrelease(2)", "systemd.socket(5)", "systemd.exec(5)"],
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,42 +148,52 @@ struct Args {
 enum Command {
     /// Validate a policy file: prints file:line:col: message per problem and
     /// exits non-zero if there is any.
-    CheckPolicy { file: PathBuf },
+    CheckPolicy {
+        /// The policy file to validate (TOML, see docs/policy.md).
+        file: PathBuf,
+    },
 }
 
 fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("REAPD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // REAPD_LOG filters the output only (a per-layer filter), so that the
+    // :authority watch sees h2's debug event whatever the log level.
+    let registry = tracing_subscriber::registry().with(reapd::authority::layer());
     // Under systemd with stderr connected to the journal: structured
     // entries (every tracing field becomes a journal field).
     if reapd::systemd::journal_stream_is_stderr() {
         if let Ok(layer) = tracing_journald::layer() {
-            use tracing_subscriber::layer::SubscriberExt;
-            use tracing_subscriber::util::SubscriberInitExt;
-            tracing_subscriber::registry()
-                .with(filter)
+            registry
                 .with(
                     // Fields become REAPD_TARGET_PID etc.: namespaced, and
                     // never mistaken for journald's own MESSAGE/PRIORITY.
                     layer
                         .with_syslog_identifier("reapd".into())
-                        .with_field_prefix(Some("REAPD".into())),
+                        .with_field_prefix(Some("REAPD".into()))
+                        .with_filter(filter),
                 )
                 .init();
             return;
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if format == "json" {
-        builder.json().flatten_event(true).init();
+        registry
+            .with(output.json().flatten_event(true).with_filter(filter))
+            .init();
     } else {
-        builder.with_ansi(false).init();
+        registry.with(output.with_ansi(false).with_filter(filter)).init();
     }
 }
 
 fn main() -> ExitCode {
+    // `reapd generate-docs DIR`: the man pages and completions (packaging).
+    if let Some(dir) = reapd_docgen::requested_dir() {
+        return reapd_docgen::generate_command(<Args as clap::CommandFactory>::command(), &MANUAL, &dir);
+    }
     let args = Args::parse();
     if let Some(Command::CheckPolicy { file }) = &args.command {
         return reapd::reload::check_policy_command(file);
@@ -339,6 +415,7 @@ fn main() -> ExitCode {
         // One stop signal for both transports: SIGTERM/SIGINT, or idle exit.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stop_rx_for_grace = stop_rx.clone();
+        let stop_rx_for_events = stop_rx.clone();
         let idle_counter = Arc::clone(&counter);
         tokio::spawn(async move {
             match idle_exit {
@@ -401,6 +478,16 @@ fn main() -> ExitCode {
                 }
             }
         };
+        // Kill-event streams never end by themselves: end them once the
+        // kills in flight have finished (and published their events), so
+        // subscribers hear every kill and the transports can stop.
+        let events_engine = Arc::clone(&engine);
+        let mut events_rx = stop_rx_for_events;
+        tokio::spawn(async move {
+            let _ = events_rx.wait_for(|stop| *stop).await;
+            events_engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await;
+            events_engine.close_event_streams();
+        });
         let summaries = Arc::clone(&engine);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Least privilege outside systemd: the broker needs exactly one
 //! capability, CAP_KILL, to signal other users' processes.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Readers for the few `/proc/PID/*` files the broker needs.
 //!
 //! A pid-named read is only meaningful when the caller re-validates it

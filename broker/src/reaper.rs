@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The kill and the reap, on a pinned pidfd. Blocking: run it off the async
 //! threads (a reap of a large address space takes milliseconds).
 

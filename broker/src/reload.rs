@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Loading the policy at start, `reapd check-policy`, and reloading it on
 //! SIGHUP.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The broker's own seccomp allow-list, applied once start-up is done
 //! (sockets bound, privileges dropped, logging set up), as Firecracker
 //! does: defence in depth for the process that holds CAP_KILL.

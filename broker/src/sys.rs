@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Thin wrappers for the few Linux calls that neither `rustix` nor `libc`
 //! wrap: `process_mrelease(2)`, the `PIDFD_GET_INFO` ioctl, and the
 //! `SO_PEERPIDFD` / `SO_PEERGROUPS` socket options.
@@ -9,7 +10,7 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `PROCESS_MRELEASE_REAP_KILL` from `include/uapi/linux/mman.h` (reapd's
 /// kernel series): kill the target and reap its address space atomically.
@@ -184,26 +185,36 @@ pub fn has_effective_capability(cap: u32) -> bool {
 /// `CAP_KILL`'s bit number.
 pub const CAP_KILL: u32 = 5;
 
-/// Takes ownership of a descriptor this process inherited at exec (a
-/// socket-activation fd, `LISTEN_FDS`). Returns `None` unless `raw` is
-/// open. The caller (`systemd::Activation::take`) calls this once per
-/// inherited fd number, before anything else in the process could have
-/// opened or claimed it.
-pub fn take_inherited_fd(raw: std::os::fd::RawFd) -> Option<OwnedFd> {
-    if raw < 0 {
+/// `SD_LISTEN_FDS_START`: the first descriptor of the socket-activation
+/// protocol (`sd_listen_fds(3)`).
+pub const LISTEN_FDS_START: RawFd = 3;
+
+/// Takes ownership of the descriptors this process inherited at exec
+/// through socket activation: `count` descriptors from
+/// [`LISTEN_FDS_START`], as `LISTEN_FDS` says. Works once per process
+/// (later calls return `None`), so the same number can never get two
+/// owners through it; the protocol reserves these numbers for exactly this
+/// hand-over, and the broker calls it before its runtime or any other thread
+/// exists. `Some(Err(fd))`: that descriptor is not open.
+pub fn take_listen_fds(count: usize) -> Option<Result<Vec<OwnedFd>, RawFd>> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return None;
     }
-    // SAFETY: F_GETFD on any integer is harmless; it only reports whether
-    // the descriptor is open.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-        return None;
+    let mut fds = Vec::with_capacity(count);
+    for raw in (0..count).map(|i| LISTEN_FDS_START + i as RawFd) {
+        // SAFETY: F_GETFD on any integer is harmless; it only reports
+        // whether the descriptor is open.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            return Some(Err(raw));
+        }
+        // SAFETY: `raw` is open (checked above), was passed by the service
+        // manager for this process to own (the LISTEN_FDS protocol), and
+        // this function runs once per process, so the OwnedFd is its only
+        // owner and closes it exactly once.
+        fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
     }
-    // SAFETY: `raw` is open (checked above) and was inherited from the
-    // service manager for this process to own; nothing else in the process
-    // wraps it (the caller takes each LISTEN_FDS number exactly once, before
-    // the async runtime or any other thread exists), so the OwnedFd is its
-    // sole owner and closes it exactly once.
-    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+    Some(Ok(fds))
 }
 
 /// `NSIO`, the ioctl type of namespace files (`include/uapi/linux/nsfs.h`).

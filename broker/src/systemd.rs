@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! systemd integration: socket activation, `sd_notify`, the watchdog, idle
 //! exit, and whether stderr is the journal.
 //!
@@ -67,11 +68,26 @@ impl Activation {
             )));
         }
         let single = passed.len() == 1;
+        if passed
+            .iter()
+            .enumerate()
+            .any(|(i, (raw, _))| *raw != sys::LISTEN_FDS_START + i as i32)
+        {
+            return Err(SystemdError::ListenFds(
+                "LISTEN_FDS descriptors are not consecutive from 3".into(),
+            ));
+        }
+        let fds = match sys::take_listen_fds(passed.len()) {
+            Some(Ok(fds)) => fds,
+            Some(Err(raw)) => return Err(SystemdError::ListenFds(format!("descriptor {raw} is not open"))),
+            None => {
+                return Err(SystemdError::ListenFds(
+                    "the passed descriptors were already taken".into(),
+                ))
+            }
+        };
         let mut sockets = Vec::with_capacity(passed.len());
-        for (raw, name) in passed {
-            let Some(fd) = sys::take_inherited_fd(raw) else {
-                return Err(SystemdError::ListenFds(format!("descriptor {raw} is not open")));
-            };
+        for ((raw, name), fd) in passed.into_iter().zip(fds) {
             check_listener(&fd).map_err(|why| SystemdError::NotAListener {
                 fd: raw,
                 name: name.clone(),

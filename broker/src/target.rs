@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Which process: pinned by a pidfd before any check.
 //!
 //! The broker opens a pidfd for the named pid first (or takes the pidfd a
@@ -72,6 +73,40 @@ impl TargetProcess {
     pub fn cgroup_path(&self) -> &str {
         self.cgroup.as_ref().map_or("", |c| c.path.as_str())
     }
+
+    /// Who it is, as replies show it (the caller's pid).
+    pub fn info(&self) -> ProcessInfo {
+        ProcessInfo {
+            pid: self.caller_pid,
+            ruid: self.ruid,
+            euid: self.euid,
+            suid: self.suid,
+            gid: self.gid,
+            comm: self.comm.clone(),
+            start_time: self.start_time,
+            cgroup: self.cgroup_path().to_string(),
+        }
+    }
+}
+
+/// Who a process is, as a reply or an event shows it: the facts of a
+/// [`TargetProcess`] without its pidfd, so it can outlive the process and
+/// be queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    /// In the pid namespace of whoever receives it.
+    pub pid: i32,
+    /// Real, effective and saved uid and real gid of the thread-group leader.
+    pub ruid: u32,
+    pub euid: u32,
+    pub suid: u32,
+    pub gid: u32,
+    /// Escaped command name (`procfs::escape_comm`).
+    pub comm: String,
+    /// Field 22 of `/proc/PID/stat`, clock ticks since boot.
+    pub start_time: u64,
+    /// The cgroup v2 path, "" when unknown.
+    pub cgroup: String,
 }
 
 /// The pidfd's process has not exited: a pidfd polls readable once it has.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The varlink transport (`io.reapd.Reaper`, plus the `org.varlink.service`
 //! introspection methods). A thin adapter like [`crate::grpc`]: decode the
 //! call, call the engine, encode. No decision is made here.
@@ -47,11 +48,12 @@ use crate::candidates::{self, CandidatesReport, SortKey};
 use crate::closer::{Closer, Received, Unit};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
 use crate::error::EngineError;
+use crate::events::KillEvent;
 use crate::group::{GroupReport, GroupSpec};
 use crate::listener::{self, AcceptConfig, Accepted, ConnectionCounter};
 use crate::policy::DecisionKind;
 use crate::procfs::Memory;
-use crate::target::{TargetProcess, TargetSpec};
+use crate::target::{ProcessInfo, TargetSpec};
 
 /// The interface this broker implements.
 pub const INTERFACE: &str = "io.reapd.Reaper";
@@ -184,16 +186,44 @@ fn blame_of(err: &EngineError, target: &'static str) -> &'static str {
     }
 }
 
-fn process_info(target: &TargetProcess) -> Value {
+fn process_info(process: &ProcessInfo) -> Value {
     json!({
-        "pid": target.caller_pid,
-        "uid": target.ruid,
-        "euid": target.euid,
-        "suid": target.suid,
-        "gid": target.gid,
-        "comm": target.comm,
-        "startTime": target.start_time,
-        "cgroup": target.cgroup_path(),
+        "pid": process.pid,
+        "uid": process.ruid,
+        "euid": process.euid,
+        "suid": process.suid,
+        "gid": process.gid,
+        "comm": process.comm,
+        "startTime": process.start_time,
+        "cgroup": process.cgroup,
+    })
+}
+
+fn kill_event(event: KillEvent) -> Value {
+    json!({
+        "sequence": event.sequence,
+        "timeUnixNs": event.time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+        "kind": event.kind.as_str(),
+        "requester": {
+            "pid": event.requester.pid,
+            "uid": event.requester.uid,
+            "comm": event.requester.comm,
+        },
+        "rule": event.rule,
+        "cgroup": event.cgroup,
+        "killPath": event.kill_path.as_str(),
+        "victims": event.victims.iter().map(|v| json!({
+            "process": process_info(&v.process),
+            "memoryBefore": memory(&v.memory_before),
+            "outcome": v.outcome.as_str(),
+            "notReapedReason": v.not_reaped_reason,
+            "seenAs": v.seen_as,
+        })).collect::<Vec<_>>(),
+        "complete": event.complete,
+        "bytesReleased": event.bytes_released,
+        "killToReapNs": event.kill_to_reap.as_nanos() as u64,
+        "elapsedNs": event.elapsed.as_nanos() as u64,
+        "dropped": event.dropped,
     })
 }
 
@@ -212,7 +242,7 @@ fn kill_reply(report: KillReport) -> Value {
         "outcome": report.reap.outcome.as_str(),
         "notReapedReason": report.reap.not_reaped_reason,
         "killPath": report.reap.kill_path.as_str(),
-        "target": process_info(&report.target),
+        "target": process_info(&report.target.info()),
         "memoryBefore": memory(&report.reap.memory_before),
         "bytesReleased": report.reap.bytes_released,
         "killToReapNs": u64::try_from(report.reap.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
@@ -225,7 +255,7 @@ fn kill_reply(report: KillReport) -> Value {
 fn candidates_reply(report: CandidatesReport) -> Value {
     json!({
         "processes": report.processes.iter().map(|c| json!({
-            "process": process_info(&c.target),
+            "process": process_info(&c.target.info()),
             "memory": memory(&c.memory),
             "uniqueBytes": c.unique_bytes(),
             "oomScore": c.oom_score,
@@ -246,15 +276,16 @@ fn group_reply(report: GroupReport) -> Value {
     json!({
         "cgroup": report.cgroup,
         "members": report.members.iter().map(|m| json!({
-            "process": process_info(&m.target),
+            "process": process_info(&m.target.info()),
             "memoryBefore": memory(&m.memory_before),
             "outcome": m.outcome.as_str(),
             "notReapedReason": m.not_reaped_reason,
         })).collect::<Vec<_>>(),
-        "refusedNewcomers": report.refused_newcomers.iter().map(process_info).collect::<Vec<_>>(),
+        "refusedNewcomers": report.refused_newcomers.iter().map(|t| process_info(&t.info())).collect::<Vec<_>>(),
         "bytesReleased": report.bytes_released,
         "killToReapNs": u64::try_from(report.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
         "passes": report.passes,
+        "membersTotal": report.members_total,
     })
 }
 
@@ -262,7 +293,7 @@ fn permission_reply(report: PermissionReport) -> Value {
     json!({
         "allowed": report.decision.allowed,
         "reason": report.decision.reason,
-        "target": process_info(&report.target),
+        "target": process_info(&report.target.info()),
         "kind": report.decision.kind.as_str(),
         "rule": report.decision.rule,
     })
@@ -496,8 +527,10 @@ async fn dispatch(
                     "vendor": "reapd",
                     "product": "reapd",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "url": "https://example.invalid/reapd",
-                    "interfaces": [SERVICE_INTERFACE, INTERFACE],
+                    // No public home yet: the manual page is where the service is documented
+                    // (the unit's Documentation= names it too).
+                    "url": "man:reapd(8)",
+                    "interfaces": [SERVICE_INTERFACE, INTERFACE, METRICS_INTERFACE],
                 }))
             }
             "GetInterfaceDescription" => {
@@ -508,6 +541,9 @@ async fn dispatch(
                     }
                     Some(Value::String(i)) if i == SERVICE_INTERFACE => {
                         Ok(json!({ "description": SERVICE_DESCRIPTION }))
+                    }
+                    Some(Value::String(i)) if i == METRICS_INTERFACE => {
+                        Ok(json!({ "description": METRICS_DESCRIPTION }))
                     }
                     Some(Value::String(i)) => Err(VarlinkError::new(
                         "org.varlink.service.InterfaceNotFound",
@@ -642,6 +678,7 @@ fn is_known_method(method: &str) -> bool {
             | "io.reapd.Reaper.GetCapabilities"
             | "io.reapd.Reaper.KillCgroup"
             | "io.reapd.Reaper.ListCandidates"
+            | "io.reapd.Reaper.WatchKills"
     )
 }
 
@@ -845,6 +882,146 @@ impl Connection {
     }
 }
 
+/// systemd's metrics interface, served beside ours.
+pub const METRICS_INTERFACE: &str = "io.systemd.Metrics";
+const METRICS_INTERFACE_DOT: &str = "io.systemd.Metrics.";
+
+/// `io.systemd.Metrics`, in the shape systemd gives it (`List` and
+/// `Describe`, both with `more`; a metric's value is any JSON value, which
+/// the varlink IDL can only call `object`).
+pub const METRICS_DESCRIPTION: &str = "\
+# Metrics of the reapd broker, in systemd's io.systemd.Metrics shape: one
+# reply per metric (continues: true but the last). Names are prefixed
+# io.reapd.; histograms are _bucket (fields.le), _count and _sum families.
+# Readable by root and by callers a watch rule of the policy names.
+interface io.systemd.Metrics
+
+type MetricFamilyType (counter, gauge, string)
+
+# Every metric now.
+method List() -> (name: string, value: object, object: ?string, fields: ?object)
+
+# Every metric family: what it counts.
+method Describe() -> (name: string, description: string, type: MetricFamilyType)
+
+error NoSuchMetric ()
+";
+
+/// The replies of an `io.systemd.Metrics` call, or its error.
+fn metrics_replies(engine: &Engine, caller: &Caller, call: &Call) -> Result<Vec<Value>, VarlinkError> {
+    let method = &call.method[METRICS_INTERFACE_DOT.len()..];
+    if !matches!(method, "List" | "Describe") {
+        return Err(VarlinkError::new(
+            "org.varlink.service.MethodNotFound",
+            json!({ "method": call.method }),
+        ));
+    }
+    only_params(&call.parameters, &[])?;
+    if !call.more {
+        return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
+    }
+    let metrics = engine.metrics(caller).map_err(|err| error_of(err, "more"))?;
+    let prefixed = |name: &str| format!("{}{name}", crate::metrics::PREFIX);
+    Ok(match method {
+        "List" => metrics
+            .into_iter()
+            .map(|m| {
+                let mut reply = json!({ "name": prefixed(&m.name), "value": m.value });
+                if !m.fields.is_empty() {
+                    let fields: Map<String, Value> = m.fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+                    reply["fields"] = Value::Object(fields);
+                }
+                reply
+            })
+            .collect(),
+        _ => crate::metrics::FAMILIES
+            .iter()
+            .map(
+                |(name, kind, description)| json!({ "name": prefixed(name), "description": description, "type": kind }),
+            )
+            .collect(),
+    })
+}
+
+/// The one streaming method.
+const WATCH_KILLS: &str = "io.reapd.Reaper.WatchKills";
+
+/// Serves `WatchKills` on `conn` until the client hangs up, the broker
+/// ends the stream (at shutdown, after the kills in flight) or a write
+/// fails (`Ok`), or refuses the call (`Err`, the reply to send). Writes wait as long as the client does not read (no
+/// timeout): meanwhile the subscription's queue fills and drops, which the
+/// next event reports, and kills never wait. Bytes the client sends during
+/// the stream are left unread (varlink clients wait for the last reply).
+async fn watch_kills(
+    conn: &mut Connection,
+    engine: &Engine,
+    call: &Call,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), VarlinkError> {
+    only_params(&call.parameters, &[])?;
+    if !call.more {
+        return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
+    }
+    if call.oneway {
+        // No reply may be sent, so there is nothing to stream.
+        return Ok(());
+    }
+    let mut subscription = engine.watch_kills(&conn.caller).map_err(|err| error_of(err, "more"))?;
+    // The subscription exists: say so, so the client knows every later
+    // kill will reach it.
+    if conn
+        .stream
+        .write_all(&encode_continues(json!({ "ready": true })))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    // Hang-up shows as read-closed readiness; once the client has sent
+    // bytes instead (readiness that stays set), a periodic check takes over.
+    let mut watch_readable = true;
+    let mut hangup_check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = subscription.next() => {
+                let Some(event) = event else { return Ok(()) };
+                let bytes = encode_continues(json!({ "event": kill_event(event) }));
+                tokio::select! {
+                    written = conn.stream.write_all(&bytes) => {
+                        if written.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    // Only a write to a client that does not read waits
+                    // for the stop; the stream itself ends when the broker
+                    // closes it, after the last kill's event.
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                }
+            }
+            ready = conn.stream.ready(Interest::READABLE), if watch_readable => {
+                match ready {
+                    Ok(ready) if !ready.is_read_closed() => watch_readable = false,
+                    _ => return Ok(()),
+                }
+            }
+            _ = hangup_check.tick(), if !watch_readable => {
+                if peer_hung_up(&conn.stream) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A `more` reply: `continues` is always true, as the stream ends only with
+/// the connection.
+fn encode_continues(parameters: Value) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&json!({ "parameters": parameters, "continues": true }))
+        .expect("a serde_json::Value always serializes");
+    bytes.push(0);
+    bytes
+}
+
 /// Serves one connection until the client closes it, it sends an oversized
 /// message, it is too slow with a message (or with its first one), or the
 /// broker shuts down (between calls).
@@ -929,8 +1106,44 @@ async fn serve_connection(
             }
         };
         let (reply, oneway) = match call {
+            Ok(call) if call.method == WATCH_KILLS => {
+                // It takes no fds: close whatever came with it now.
+                drop(std::mem::take(&mut fds));
+                match watch_kills(&mut conn, &engine, &call, &mut shutdown).await {
+                    // The stream ended (hang-up, shutdown, a failed write):
+                    // so does the connection, as varlink has no way to end
+                    // a `more` call but an error or the connection.
+                    Ok(()) => return,
+                    Err(err) => (Err(err), call.oneway),
+                }
+            }
+            Ok(call) if call.method.starts_with(METRICS_INTERFACE_DOT) => {
+                drop(std::mem::take(&mut fds));
+                match metrics_replies(&engine, &conn.caller, &call) {
+                    Ok(replies) if !call.oneway => {
+                        let last = replies.len().saturating_sub(1);
+                        for (i, reply) in replies.into_iter().enumerate() {
+                            let bytes = if i < last {
+                                encode_continues(reply)
+                            } else {
+                                encode(Ok(reply))
+                            };
+                            if conn.write(&bytes, idle_timeout).await.is_err() {
+                                return;
+                            }
+                        }
+                        deadline = None;
+                        continue;
+                    }
+                    Ok(_) => {
+                        deadline = None;
+                        continue;
+                    }
+                    Err(err) => (Err(err), call.oneway),
+                }
+            }
             Ok(call) if call.more && is_known_method(&call.method) => {
-                // No method of ours streams: `more` is a malformed call.
+                // No other method of ours streams: `more` is a malformed call.
                 (Err(VarlinkError::invalid_parameter("more")), call.oneway)
             }
             Ok(call) => {

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Client for the reapd broker.
 //!
 //! ```no_run
@@ -30,9 +31,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod events;
 pub mod manager;
 pub mod varlink;
 
+pub use events::{KillEvent, KillEvents, Requester, Victim};
 pub use manager::{Candidates, CandidatesQuery, Group, GroupReport, KillOptions, SortKey};
 
 use std::path::{Path, PathBuf};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! What an OOM manager needs beyond single kills: whole-cgroup kills, the
 //! list of victims it may kill, and a paced kill (SIGTERM grace, reap
 //! delay). Available on the async and blocking gRPC clients and on the
@@ -49,7 +50,11 @@ pub struct MemberReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupReport {
     pub cgroup: String,
+    /// The killed members, at most 10,000 listed (`members_total` counts
+    /// them all).
     pub members: Vec<MemberReport>,
+    /// Members killed in all.
+    pub members_total: u32,
     /// Joined during the kill, not the caller's to kill: left alive.
     pub refused_newcomers: Vec<ProcessInfo>,
     /// What the kill gave back to the system, in bytes.
@@ -229,6 +234,7 @@ impl crate::Client {
             bytes_released: reply.bytes_released,
             kill_to_reap_ns: reply.kill_to_reap_ns,
             passes: reply.passes,
+            members_total: reply.members_total,
         })
     }
 
@@ -297,7 +303,7 @@ impl crate::blocking::Client {
 
 // ---- varlink ----
 
-fn memory_of(v: &Value) -> MemoryUsage {
+pub(crate) fn memory_of(v: &Value) -> MemoryUsage {
     let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     MemoryUsage {
         anon_bytes: n("anonBytes"),
@@ -351,6 +357,7 @@ impl crate::varlink::Client {
             bytes_released: uint(&r, "bytesReleased"),
             kill_to_reap_ns: uint(&r, "killToReapNs"),
             passes: uint(&r, "passes") as u32,
+            members_total: uint(&r, "membersTotal") as u32,
         })
     }
 

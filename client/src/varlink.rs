@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A blocking varlink client for the broker's `io.reapd.Reaper` interface,
 //! including passing a pidfd with a call (SCM_RIGHTS) so the broker acts on
 //! exactly the process the client holds.
@@ -26,8 +27,9 @@ use crate::{Capabilities, KillReport, MemoryUsage, Permission, ProcessInfo, Targ
 /// The broker's default varlink socket.
 pub const DEFAULT_SOCKET: &str = "/run/reapd/io.reapd.Reaper";
 
-/// Largest reply the client reads (replies are a few hundred bytes).
-const MAX_REPLY_BYTES: usize = 1024 * 1024;
+/// Largest reply the client reads (a group kill lists at most ~2 MiB of
+/// members; most replies are a few hundred bytes).
+const MAX_REPLY_BYTES: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -175,6 +177,64 @@ pub struct Client {
     reconnects: u64,
 }
 
+/// One metric value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Metric {
+    /// E.g. `io.reapd.kills_total`.
+    pub name: String,
+    pub value: f64,
+    /// What tells it from others of its family (e.g. `outcome`, `le`).
+    pub fields: Vec<(String, String)>,
+}
+
+/// A reply's parameters, or the broker's error.
+fn reply_parameters(reply: Value) -> Result<Value, Error> {
+    let mut reply = match reply {
+        Value::Object(reply) => reply,
+        other => return Err(Error::Protocol(format!("reply is not an object: {other}"))),
+    };
+    let parameters = reply.remove("parameters").unwrap_or_else(|| Value::Object(Map::new()));
+    match reply.remove("error") {
+        Some(Value::String(name)) => Err(Error::Reply { name, parameters }),
+        Some(other) => Err(Error::Protocol(format!("error name is not a string: {other}"))),
+        None => Ok(parameters),
+    }
+}
+
+/// A varlink kill-event subscription ([`Client::watch_kills`]); it owns the
+/// connection.
+#[derive(Debug)]
+pub struct KillEvents {
+    client: Client,
+}
+
+/// Yields each event as it comes (blocking) and ends when the broker closes
+/// the stream (it is shutting down).
+impl Iterator for KillEvents {
+    type Item = Result<crate::events::KillEvent, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let reply = match self.client.receive() {
+            Ok(reply) => reply,
+            Err(err) if is_disconnect(&err) => return None,
+            Err(err) => return Some(Err(err)),
+        };
+        Some(
+            reply_parameters(reply).and_then(|parameters| match parameters.get("event") {
+                Some(event) => Ok(crate::events::from_varlink(event)),
+                None => Err(Error::Protocol(format!("expected an event, got {parameters}"))),
+            }),
+        )
+    }
+}
+
+impl KillEvents {
+    /// The connection's fd, to wait for readiness (poll) before `next`.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.client.stream.as_fd()
+    }
+}
+
 /// The transport failed (not a reply from the broker).
 fn is_disconnect(err: &Error) -> bool {
     match err {
@@ -261,16 +321,81 @@ impl Client {
             }
             other => other?,
         };
-        let mut reply = match reply {
-            Value::Object(reply) => reply,
-            other => return Err(Error::Protocol(format!("reply is not an object: {other}"))),
-        };
-        let parameters = reply.remove("parameters").unwrap_or_else(|| Value::Object(Map::new()));
-        match reply.remove("error") {
-            Some(Value::String(name)) => Err(Error::Reply { name, parameters }),
-            Some(other) => Err(Error::Protocol(format!("error name is not a string: {other}"))),
-            None => Ok(parameters),
+        reply_parameters(reply)
+    }
+
+    /// Makes one call with `more` and returns every reply's parameters, up
+    /// to the one without `continues` (for methods that end, such as
+    /// `io.systemd.Metrics.List`).
+    pub fn call_more(&mut self, method: &str, parameters: Value) -> Result<Vec<Value>, Error> {
+        let mut message = serde_json::to_vec(&json!({ "method": method, "parameters": parameters, "more": true }))
+            .expect("a serde_json::Value always serializes");
+        message.push(0);
+        if self.broker_hung_up() {
+            self.reconnect()?;
         }
+        self.send(&message, &[])?;
+        let mut replies = Vec::new();
+        loop {
+            let reply = self.receive()?;
+            let continues = reply.get("continues").and_then(Value::as_bool) == Some(true);
+            replies.push(reply_parameters(reply)?);
+            if !continues {
+                return Ok(replies);
+            }
+        }
+    }
+
+    /// The broker's metrics (`io.systemd.Metrics.List`; root or a `watch`
+    /// grant): one entry per value, names prefixed `io.reapd.`.
+    pub fn metrics(&mut self) -> Result<Vec<Metric>, Error> {
+        Ok(self
+            .call_more("io.systemd.Metrics.List", json!({}))?
+            .into_iter()
+            .map(|m| Metric {
+                name: m.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+                value: m.get("value").and_then(Value::as_f64).unwrap_or(0.0),
+                fields: m
+                    .get("fields")
+                    .and_then(Value::as_object)
+                    .map(|f| {
+                        f.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// What each metric family means (`io.systemd.Metrics.Describe`):
+    /// (name, type, description).
+    pub fn describe_metrics(&mut self) -> Result<Vec<(String, String, String)>, Error> {
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        Ok(self
+            .call_more("io.systemd.Metrics.Describe", json!({}))?
+            .iter()
+            .map(|d| (s(d, "name"), s(d, "type"), s(d, "description")))
+            .collect())
+    }
+
+    /// Subscribes to kill events (see [`crate::events`]), giving this
+    /// connection to the stream: returns once the broker says the
+    /// subscription exists (its `ready` reply), so every kill that completes
+    /// afterwards and that the caller may see is delivered.
+    pub fn watch_kills(mut self) -> Result<KillEvents, Error> {
+        let mut message = serde_json::to_vec(&json!({ "method": "io.reapd.Reaper.WatchKills", "more": true }))
+            .expect("a serde_json::Value always serializes");
+        message.push(0);
+        if self.broker_hung_up() {
+            self.reconnect()?;
+        }
+        self.send(&message, &[])?;
+        let first = reply_parameters(self.receive()?)?;
+        if first.get("ready").and_then(Value::as_bool) != Some(true) {
+            return Err(Error::Protocol(format!("expected the ready reply, got {first}")));
+        }
+        Ok(KillEvents { client: self })
     }
 
     fn send(&mut self, message: &[u8], fds: &[&OwnedFd]) -> Result<(), Error> {

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Fuzz the policy parser and validator: any bytes, never a panic, and
 //! every reported problem points inside the file.
 //!

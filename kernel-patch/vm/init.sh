@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# SPDX-License-Identifier: GPL-2.0-only
 # PID 1 of the reapd kernel harness VM. Runs the checks for the kernel named
 # by reapd.mode= on the command line (stock or patched), prints one
 # "VMCHECK PASS|FAIL name" line per check and "VMRACE" lines with the race

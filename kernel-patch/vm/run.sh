@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-only
 # reapd kernel series harness: fetch Debian's linux-source-7.3, apply the
 # series, build a stock and a patched tinyconfig kernel, boot both under qemu
 # (TCG, 2 vCPUs) with an initramfs holding the selftest, a race counter and

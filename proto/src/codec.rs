@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The protobuf codec for reapd.v1: prost's, except that a request the
 //! server cannot decode is the client's fault (`INVALID_ARGUMENT`), not the
 //! server's (`INTERNAL`, tonic's default). `INTERNAL` stays reserved for

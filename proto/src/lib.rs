@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! reapd's wire types.
 //!
 //! `v1` is the gRPC API (package `reapd.v1`), generated from

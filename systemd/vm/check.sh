@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Runs inside the VM (as root, under systemd as PID 1) from the per-run disk
 # mounted at /mnt/t. Prints "VMTEST PASS|FAIL name[: why]" per check and
 # "VMINFO key=value" measurements on the serial console; run.sh counts them.
@@ -81,8 +82,77 @@ check "no SIGSYS in the journal" sh -c "! journalctl -u reapd.service -b | grep 
 check "journal entries carry structured fields" sh -c "journalctl -u reapd.service -b -o json | grep -q '\"REAPD_TARGET_PID\"'"
 check "a cross-uid caller is refused by policy" sh -c "! setpriv --reuid=61002 --regid=61002 --clear-groups reapctl kill 1"
 
+# systemctl reload: a rule added to the policy file is in force after a
+# reload (ExecReload sends SIGHUP; asynchronous on systemd 252, so wait for
+# the decision itself, at most 10 s). The calls just before keep the broker
+# from idling out, and the MainPID check shows that the same broker reloaded
+# rather than a new one that read the file at start.
+as_61002() { setpriv --reuid=61002 --regid=61002 --clear-groups "$@"; }
+setpriv --reuid=61001 --regid=61001 --clear-groups sleep 600 &
+VICTIM=$!
+check "before reload: uid 61002 may not kill uid 61001's process" sh -c "! setpriv --reuid=61002 --regid=61002 --clear-groups reapctl check $VICTIM"
+PID=$(main_pid)
+cat >>/etc/reapd/policy.toml <<'RULE'
+
+[[rule]]
+name = "vm-reload-test"
+actions = ["kill-and-reap", "check"]
+caller.uids = ["61002"]
+target.uids = ["61001"]
+RULE
+check "systemctl reload reapd" systemctl reload reapd.service
+reloaded=no
+for _ in $(seq 50); do
+    if as_61002 reapctl --json check "$VICTIM" >/tmp/reload.out 2>&1; then reloaded=yes; break; fi
+    sleep 0.2
+done
+check "after reload: the new rule allows it" sh -c "[ $reloaded = yes ] && grep -q '\"vm-reload-test\"' /tmp/reload.out"
+check "the same broker reloaded (journal, MainPID)" sh -c "journalctl -u reapd.service -b -o cat | grep -q 'policy reloaded' && [ \"\$(systemctl show -P MainPID reapd.service)\" = $PID ]"
+kill "$VICTIM" 2>/dev/null
+
 info "$(systemd-analyze security reapd.service 2>/dev/null | tail -n1)"
 check "exposure <= 1.0" sh -c "systemd-analyze security --threshold=10 reapd.service >/dev/null"
+
+# reapd-lmk as a DynamicUser= service without capabilities: a 100 MiB hog
+# of uid 1000 in user.slice is killed and reaped through the broker under
+# the grant setup.sh --with-lmk installs. It kills at once (available memory
+# is always below 99 %) and exits after one kill.
+if [ -f /mnt/t/reapd-lmk ]; then
+    install -m 0755 /mnt/t/reapd-lmk /usr/bin/reapd-lmk
+    install -m 0644 /mnt/t/reapd-lmk.service /etc/systemd/system/reapd-lmk.service
+    cat /mnt/t/lmk-policy.toml >>/etc/reapd/policy.toml
+    check "the lmk grant is a valid policy" reapd check-policy /etc/reapd/policy.toml
+    systemctl kill -s HUP --kill-whom=main reapd.service
+    printf '[trigger]\nmem-available-percent = 99\n' >/etc/reapd/lmk.toml
+    mkdir -p /run/systemd/system/reapd-lmk.service.d
+    printf '[Service]\nExecStart=\nExecStart=/usr/bin/reapd-lmk --config /etc/reapd/lmk.toml --max-kills 1\nRestart=no\n' \
+        >/run/systemd/system/reapd-lmk.service.d/once.conf
+    systemctl daemon-reload
+    systemd-run --quiet --uid=1000 --gid=1000 --slice=user.slice --unit=lmk-hog \
+        sh -c '{ head -c 100M /dev/zero; exec sleep 600; } | tail'
+    LMK_HOG=""
+    for _ in $(seq 150); do
+        for p in $(cat /sys/fs/cgroup/user.slice/lmk-hog.service/cgroup.procs 2>/dev/null); do
+            [ "$(cat /proc/$p/comm 2>/dev/null)" = tail ] && LMK_HOG=$p
+        done
+        if [ -n "$LMK_HOG" ] && [ "$(status_field "$LMK_HOG" VmRSS 2>/dev/null)" -gt 90000 ] 2>/dev/null; then break; fi
+        sleep 0.2
+    done
+    info "lmk hog pid=$LMK_HOG rss_kb=$(status_field "$LMK_HOG" VmRSS 2>/dev/null)"
+    systemctl start reapd-lmk.service
+    for _ in $(seq 150); do
+        systemctl is-active --quiet reapd-lmk.service || break
+        sleep 0.2
+    done
+    journalctl -u reapd-lmk.service -b --no-pager -o cat | tail -n 6 | sed 's/^/VMINFO lmk: /'
+    check "reapd-lmk exited after its kill" sh -c "[ \"\$(systemctl show -P Result reapd-lmk.service)\" = success ] && [ \"\$(systemctl show -P ExecMainStatus reapd-lmk.service)\" = 0 ]"
+    check "reapd-lmk killed the other user's hog and logged it" sh -c "journalctl -u reapd-lmk.service -b -o cat | grep '\"event\":\"kill\"' | grep -q '\"pid\":$LMK_HOG,'"
+    for _ in $(seq 50); do kill -0 "$LMK_HOG" 2>/dev/null || break; sleep 0.1; done
+    check "the lmk hog is gone" sh -c "! kill -0 $LMK_HOG 2>/dev/null"
+    check "reapd-lmk ran with a dynamic uid and no capabilities" sh -c "systemctl show -P DynamicUser reapd-lmk.service | grep -q yes && [ -z \"\$(systemctl show -P CapabilityBoundingSet reapd-lmk.service)\" ]"
+    info "$(systemd-analyze security reapd-lmk.service 2>/dev/null | tail -n1)"
+    systemctl stop lmk-hog.service 2>/dev/null
+fi
 
 # Idle exit: restart with a 3 s idle time, let it idle out, call again.
 mkdir -p /run/systemd/system/reapd.service.d

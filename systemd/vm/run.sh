@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Boot a real systemd (PID 1) in qemu (TCG) from a cached Debian 12 rootfs,
 # install the reapd .deb and check it under the unit's full hardening.
 #
@@ -99,6 +100,13 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir "$WORK/t"
 cp "$DEB" "$WORK/t/reapd.deb"
 cp "$HERE/check.sh" "$WORK/t/check.sh"
+# reapd-lmk and its unit, when built (scripts/test.sh builds it in release).
+LMK_BIN="${REAPD_BIN_DIR:-$REPO/target/release}/reapd-lmk"
+if [ -x "$LMK_BIN" ]; then
+    cp "$LMK_BIN" "$WORK/t/reapd-lmk"
+    strip --strip-unneeded "$WORK/t/reapd-lmk" 2>/dev/null || true
+    cp "$REPO/systemd/reapd-lmk.service" "$REPO/systemd/lmk-policy.toml" "$WORK/t/"
+fi
 mkfs.ext4 -q -F -L reapdtest -d "$WORK/t" "$WORK/test.img" 64M >&2
 qemu-img create -q -f qcow2 -b "$CACHE/base.img" -F raw "$WORK/root.qcow2"
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """Fixtures shared by the Python client tests: a broker on a private socket.
 
 The broker binary comes from REAPD_BIN_DIR (default: <repo>/target/debug);

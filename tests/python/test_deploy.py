@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """The Kubernetes manifest (deploy/kubernetes/reapd.yaml) is valid against
 the Kubernetes API schemas (kubernetes-validate, offline) and keeps the
 least-privilege properties docs/fleet.md promises."""

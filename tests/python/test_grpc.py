@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """reapd's gRPC API from an independent client: Python grpcio.
 
 Stubs are generated at test time from proto/reapd/v1/reaper.proto with
@@ -120,18 +121,17 @@ def test_health_and_reflection(broker):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        # v1alpha is what grpcio-reflection's client speaks; the broker serves v1.
-        try:
-            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-            responses = list(
-                refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-            )
-            names = {s.name for s in responses[0].list_services_response.service}
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.UNIMPLEMENTED
-            names = set(reflect_v1(ch))
-        assert "reapd.v1.Reaper" in names
-        assert "grpc.health.v1.Health" in names
+        # Both reflection versions: v1alpha is what grpcio-reflection's
+        # client (and older grpcurl) speaks, v1 the current one.
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = list(
+            refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        )
+        v1alpha = {s.name for s in responses[0].list_services_response.service}
+        v1 = set(reflect_v1(ch))
+        # Each version lists itself; apart from that they agree.
+        assert v1alpha - {"grpc.reflection.v1alpha.ServerReflection"} == v1 - {"grpc.reflection.v1.ServerReflection"}
+        assert {"reapd.v1.Reaper", "grpc.health.v1.Health"} <= v1
 
 
 def reflect_v1(ch):
@@ -223,3 +223,27 @@ def test_refusals_carry_error_info_details(broker, pb):
     assert info.reason == "PROTECTED"
     assert info.domain == "reapd.v1"
     assert dict(info.metadata) == {"kind": "protected", "rule": "protect:init"}
+
+
+def test_watch_kills_streams_one_event_per_kill(broker, pb, victim):
+    """A server stream from grpcio: subscribed once the initial metadata
+    arrives; the kill's event says what the kill's reply said."""
+    messages, services = pb
+    with channel(broker) as ch:
+        stub = services.ReaperStub(ch)
+        events = stub.WatchKills(messages.WatchKillsRequest(), timeout=30)
+        events.initial_metadata()  # the subscription exists from here on
+        reply = stub.KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=victim.pid)), timeout=10)
+        event = next(events)
+        events.cancel()
+    assert event.kind == messages.KILL_KIND_PROCESS
+    assert event.sequence == 1
+    assert event.complete and event.dropped == 0
+    assert event.rule == reply.rule == "kill(2)"
+    assert event.requester.uid == 0
+    assert event.bytes_released == reply.bytes_released
+    (v,) = event.victims
+    assert v.process.pid == victim.pid
+    assert v.outcome == reply.outcome
+    assert v.seen_as == "root"
+    assert v.memory_before.anon_bytes >= 4 << 20

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """reapd's varlink API from an independent client: the `varlink` PyPI package.
 
 The client resolves io.reapd.Reaper through the broker's own
@@ -56,11 +57,13 @@ def raw(broker, *messages, read=True):
 
 def test_get_info_lists_both_interfaces(broker):
     with client(broker) as c:
-        assert c.get_interfaces() == ["org.varlink.service", "io.reapd.Reaper"]
+        assert c.get_interfaces() == ["org.varlink.service", "io.reapd.Reaper", "io.systemd.Metrics"]
         with c.open("org.varlink.service") as service:
             info = service.GetInfo()
     assert info["vendor"] == "reapd"
     assert info["version"]
+    # No placeholder host: the manual page documents the service.
+    assert info["url"] == "man:reapd(8)"
 
 
 def test_interface_description_is_the_published_idl(broker):
@@ -211,3 +214,22 @@ def test_oneway_kill_is_honoured(broker):
         assert v.proc.wait(timeout=10) == -9
     finally:
         v.close()
+
+
+def test_watch_kills_with_more(broker, victim):
+    """`more` from the reference Python client: the first reply says the
+    subscription exists, then one reply per kill, each with continues."""
+    with client(broker) as c, c.open("io.reapd.Reaper") as watcher:
+        replies = watcher.WatchKills(_more=True)
+        assert next(replies) == {"ready": True}
+        with client(broker) as c2, c2.open("io.reapd.Reaper") as killer:
+            report = killer.KillAndReap(pid=victim.pid)
+        event = next(replies)["event"]
+    assert event["kind"] == "process"
+    assert event["rule"] == report["rule"]
+    assert event["bytesReleased"] == report["bytesReleased"]
+    (v,) = event["victims"]
+    assert v["process"]["pid"] == victim.pid
+    assert v["outcome"] == report["outcome"]
+    assert v["seenAs"] == "root"
+    assert victim.proc.wait(timeout=10) == -9

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Support for reapd's end-to-end tests: a broker on a private socket,
 //! victims with chosen credentials that hold real memory, clients run under
 //! other uids, and the kernel's own kill(2) as an oracle.
@@ -220,8 +221,8 @@ unsafe fn become_creds(creds: Creds) -> bool {
         && libc::syscall(libc::SYS_setresuid, creds.ruid, creds.euid, creds.suid) == 0
 }
 
-/// Runs `command` (waiting for it) with `creds`.
-pub fn run_as(creds: Creds, command: &mut Command) -> Output {
+/// Makes `command` take `creds` in its child, before exec.
+fn with_creds(creds: Creds, command: &mut Command) -> &mut Command {
     if creds != Creds::ROOT {
         // SAFETY: pre_exec runs in the forked child before exec; become_creds
         // makes only raw syscalls.
@@ -235,7 +236,50 @@ pub fn run_as(creds: Creds, command: &mut Command) -> Output {
             });
         }
     }
-    command.stdin(Stdio::null()).output().expect("run command")
+    command.stdin(Stdio::null())
+}
+
+/// Runs `command` (waiting for it) with `creds`.
+pub fn run_as(creds: Creds, command: &mut Command) -> Output {
+    with_creds(creds, command).output().expect("run command")
+}
+
+/// Starts `command` (without waiting) with `creds`.
+pub fn spawn_as(creds: Creds, command: &mut Command) -> Child {
+    with_creds(creds, command).spawn().expect("spawn command")
+}
+
+/// Starts `command` (without waiting) with `creds`, first moved (still as
+/// root) into each cgroup directory of `cgroups` (a cgroup2 cgroup and,
+/// on a hybrid host, a cgroup v1 one).
+pub fn spawn_as(creds: Creds, cgroups: &[PathBuf], command: &mut Command) -> Child {
+    let procs: Vec<CString> = cgroups
+        .iter()
+        .map(|d| CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap())
+        .collect();
+    // SAFETY: runs in the forked child before exec; only open/write/close
+    // and become_creds's raw syscalls.
+    unsafe {
+        command.pre_exec(move || {
+            for path in &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if creds == Creds::ROOT || become_creds(creds) {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command.stdin(Stdio::null()).spawn().expect("spawn")
 }
 
 /// A process with chosen credentials, optionally holding memory, killed

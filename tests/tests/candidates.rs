@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! ListCandidates (issue 12): exactly the processes the caller may kill,
 //! checked against an independent scan of /proc under the caller's uid and
 //! the built-in policy; ranked; paged.

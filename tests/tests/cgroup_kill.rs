@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Whole-cgroup kills (issue 12): all or nothing, forks during the kill
 //! caught, thousands of members killed and reaped fast, units found only
 //! where root names them. Real cgroups, real processes, real uids.
@@ -163,6 +164,17 @@ fn two_thousand_members_are_killed_and_reaped_in_well_under_ten_seconds() {
         reply["parameters"]["killToReapNs"].as_u64().unwrap() / 1_000_000
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
+    let _ = parent.wait();
+
+    // The same over gRPC: a reply listing 2,000 members (~300 KiB) arrives
+    // whole (a reply too big to encode would fail after the kill).
+    let mut parent = populate(&cg, U, 1999);
+    let mut client = reapd_client::blocking::Client::connect(&broker.grpc).unwrap();
+    let report = client
+        .kill_cgroup(reapd_client::Group::Cgroup(format!("/{t}/big.scope")), None)
+        .unwrap();
+    assert_eq!((report.members.len(), report.members_total), (2000, 2000));
+    assert!(wait_empty(&cg, Duration::from_secs(10)), "the group must be empty");
     let _ = parent.wait();
 }
 

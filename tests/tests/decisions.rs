@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Typed decisions (issue 12): every refusal path carries its kind and the
 //! deciding rule, over gRPC (reapctl, which reads the google.rpc.ErrorInfo
 //! details) and varlink (error parameters), beside the text.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The policy file the package ships (systemd/policy.toml) is valid and
 //! decides exactly as the built-in default does.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Older kernels and rare errors, for real: the broker runs under a seccomp
 //! filter that makes one call fail with one errno, and must degrade (or
 //! retry) as documented and say so in GetCapabilities.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! End to end over gRPC: real broker, real victims under other uids, real
 //! callers under other uids, the kernel's kill(2) as the oracle.
 

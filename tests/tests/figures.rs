@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `bytes_released` is what the kill gave back to the system (issue 12,
 //! "honest figures"), checked against the change in the system's own
 //! counters (`/proc/meminfo` AnonPages + used swap) measured by the test

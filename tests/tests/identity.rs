@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Authority never wider than kill(2) plus explicit grants (issue 10): pid
 //! namespaces, threads, forgeable cgroup names, unverifiable facts, hostile
 //! command names. Real namespaces, real threads, real cgroups, real uids.

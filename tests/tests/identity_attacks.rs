@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Attacks on the identity fixes of issue 10, as a hostile local user
 //! would make them: each test is one attack that succeeded against
 //! `attack10`'s base, written as the behaviour the broker must have.

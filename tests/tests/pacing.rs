@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! SIGTERM grace (issue 12): a victim that exits on SIGTERM within the
 //! grace period is not SIGKILLed; one that ignores SIGTERM is killed and
 //! reaped once the grace period is over.

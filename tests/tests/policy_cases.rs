@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The delegation policy's three use cases against a real broker, real
 //! victims in real cgroups, and callers under real uids with supplementary
 //! groups (and, for cgroup matchers, placed in a real cgroup).

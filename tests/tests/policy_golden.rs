@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `reapd check-policy` golden tests: every file in tests/policy-golden/
 //! is checked and the exit status, stdout and stderr compared with its
 //! `.expected` file. `REAPD_BLESS=1 cargo test --test policy_golden`

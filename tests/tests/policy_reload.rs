@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! SIGHUP reload under load: 1000 reloads, every other one of an invalid
 //! file, while clients call. No call may fail for any reason but its
 //! decision, and the policy in force at the end is the last valid one.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Issue 11: hostile clients cost others nothing, no audit record is lost,
 //! and long-lived clients just work. Real brokers, real sockets, real uids.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Socket activation without systemd as PID 1.
 //!
 //! 1. `systemd-socket-activate -l PATH --fdname=grpc` starts the broker on

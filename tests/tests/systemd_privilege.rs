@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Least privilege, for real: the broker's capability sets, uid and seccomp
 //! state read from /proc, and kills across uids with and without CAP_KILL.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! End to end over varlink (`io.reapd.Reaper`): pidfd passing across pid
 //! reuse, concurrency across connections, hostile input, fd hygiene, and
 //! parity with gRPC on the same cases.

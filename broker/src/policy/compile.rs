@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! From a policy file's text to a compiled [`Policy`]: parse, validate
 //! every field (reporting `file:line:col` for each problem), resolve user
 //! and group names through NSS, compile globs, and build the indexes.
@@ -459,15 +460,16 @@ impl<'a> Checker<'a> {
                 false
             }
         };
-        let (mut kill, mut check) = (false, false);
+        let (mut kill, mut check, mut watch) = (false, false, false);
         if self.nonempty(&r.actions, "actions") {
             for action in r.actions.get_ref() {
                 match action.get_ref().as_str() {
                     "kill-and-reap" => kill = true,
                     "check" => check = true,
+                    "watch" => watch = true,
                     other => self.err(
                         action.span(),
-                        format!("unknown action {other:?}: expected \"kill-and-reap\" or \"check\""),
+                        format!("unknown action {other:?}: expected \"kill-and-reap\", \"check\" or \"watch\""),
                     ),
                 }
             }
@@ -506,6 +508,7 @@ impl<'a> Checker<'a> {
             deny,
             kill,
             check,
+            watch,
             caller,
             target,
         })

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The policy file as written: TOML, deserialized with serde into the raw
 //! shapes below. Nothing here is trusted yet; `compile.rs` validates it.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Compiled matchers: what a rule's `caller` and `target` tables become once
 //! validated. Names are resolved to ids and globs are compiled, so matching
 //! is pure and never touches NSS or the file system.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! May this caller kill this target? (See `docs/policy.md` for the file
 //! format and the exact semantics.)
 //!
@@ -147,6 +148,9 @@ pub struct Rule {
     pub kill: bool,
     /// Applies to check.
     pub check: bool,
+    /// Applies to kill events (`WatchKills`): an allow rule lets the caller
+    /// see events of kills of the targets it matches; a deny rule hides them.
+    pub watch: bool,
     pub caller: CallerMatch,
     pub target: TargetMatch,
 }
@@ -294,6 +298,7 @@ impl Default for Policy {
 pub enum Action {
     KillAndReap,
     Check,
+    Watch,
 }
 
 impl Policy {
@@ -328,6 +333,7 @@ impl Policy {
                 // For check, an allow of kill-and-reap implies check; a deny
                 // of kill-and-reap does not forbid asking.
                 Action::Check => r.check || (!deny && r.kill),
+                Action::Watch => r.watch,
             })
             .find(|r| r.caller.matches(caller, mode) && r.target.matches(target, mode))
     }
@@ -489,6 +495,56 @@ impl Policy {
             rule: "no-check-grant".into(),
             reason: format!("no rule grants caller uid {} `check` over this process", caller.uid),
         })
+    }
+
+    /// May `subscriber` see the event of a kill of `target`? `Some(why)`
+    /// names the entitlement ("deny" rules win, as everywhere):
+    /// - `root`: uid 0 holding CAP_KILL (it could read the audit log);
+    /// - `owner`: the subscriber's effective or real uid is the target's
+    ///   real or saved uid (the processes kill(2) would let it signal, i.e.
+    ///   its own; whether or not the kill(2) rule is on);
+    /// - an allow rule with the `watch` action matching the subscriber and
+    ///   the target (its name).
+    ///
+    /// The target's facts are the ones the kill was decided on.
+    pub fn watch_grant(&self, subscriber: &Caller, target: &TargetProcess) -> Option<String> {
+        let candidates = self.index.candidates(subscriber);
+        if self
+            .first_match(&candidates, subscriber, target, Action::Watch, true)
+            .is_some()
+        {
+            return None;
+        }
+        if subscriber.uid == 0 && subscriber.cap_kill {
+            return Some("root".into());
+        }
+        let owner = KillCreds {
+            caller_euid: subscriber.uid,
+            caller_ruid: subscriber.real_uid,
+            target_ruid: target.ruid,
+            target_suid: target.suid,
+            caller_cap_kill: false,
+        };
+        if kill_rule_allows(owner) {
+            return Some("owner".into());
+        }
+        self.first_match(&candidates, subscriber, target, Action::Watch, false)
+            .map(|rule| rule.name.clone())
+    }
+
+    /// May `caller` read the broker's metrics (aggregate counts of every
+    /// caller's kills)? Root holding CAP_KILL, or a caller an allow rule with
+    /// the `watch` action names (whatever its targets); `Some` names which.
+    pub fn metrics_grant(&self, caller: &Caller) -> Option<String> {
+        if caller.uid == 0 && caller.cap_kill {
+            return Some("root".into());
+        }
+        self.index
+            .candidates(caller)
+            .iter()
+            .map(|i| &self.rules[*i as usize])
+            .find(|r| r.watch && !r.deny && r.caller.matches(caller, Mode::Allow))
+            .map(|r| r.name.clone())
     }
 
     /// Targets nobody may kill through the broker.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Property tests of the decision function and a fuzz-style test of the
 //! parser (the cargo-fuzz target in fuzz/ runs the same entry point longer).
 

@@ -1,16 +1,7 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `reapctl`: kill-and-reap, check and inspect through the reapd broker.
 //!
-//! Exit codes:
-//! - 0: success (for `check`: the kill would be allowed)
-//! - 1: `check` only: the kill would be refused
-//! - 2: usage error
-//! - 3: cannot reach the broker
-//! - 4: invalid argument
-//! - 5: no such process
-//! - 6: permission denied
-//! - 7: the process changed (start time mismatch)
-//! - 8: rate limited
-//! - 10: any other broker error
+//! Exit codes: [`EXIT_STATUS`] (also the man page's EXIT STATUS section).
 
 #![forbid(unsafe_code)]
 
@@ -21,10 +12,50 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use reapd_client::varlink::{self, VarlinkTarget};
 use reapd_client::{
-    blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillOptions, KillReport,
-    Permission, Target, DEFAULT_SOCKET,
+    blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillEvent, KillOptions,
+    KillReport, Permission, Target, DEFAULT_SOCKET,
 };
+use reapd_docgen::{Block, Manual, Section};
 use serde::Serialize;
+
+/// The exit codes, as reapctl(1) documents them; `exit_code_of` maps errors
+/// onto them.
+const EXIT_STATUS: Section = Section {
+    title: "EXIT STATUS",
+    body: &[
+        Block::Item("0", "Success (for check: the kill would be allowed)."),
+        Block::Item("1", "check only: the kill would be refused."),
+        Block::Item("2", "Usage error (including --pidfd-of without --varlink)."),
+        Block::Item("3", "Cannot reach the broker."),
+        Block::Item("4", "Invalid argument."),
+        Block::Item("5", "No such process."),
+        Block::Item(
+            "6",
+            "Permission denied: the broker's policy refused (with --json, the decision kind and rule are printed).",
+        ),
+        Block::Item(
+            "7",
+            "The process changed: its start time is not --start-time (the pid was reused).",
+        ),
+        Block::Item("8", "Rate limited."),
+        Block::Item("10", "Any other broker error."),
+    ],
+};
+
+const MANUAL: Manual<'static> = Manual {
+    section: "1",
+    extra: &[
+        Section {
+            title: "TRANSPORTS",
+            body: &[
+                Block::Para("reapctl speaks gRPC to /run/reapd/grpc.sock by default and varlink (io.reapd.Reaper) to /run/reapd/io.reapd.Reaper with --varlink. Both give the same typed results; only varlink carries file descriptors, so --pidfd-of needs --varlink."),
+                Block::Para("The broker identifies the caller from the kernel (SO_PEERCRED, the caller's pidfd), never from anything the caller sends; run reapctl as the user whose rights apply."),
+            ],
+        },
+        EXIT_STATUS,
+    ],
+    see_also: &["reapd(8)", "process_mrelease(2)", "pidfd_open(2)"],
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +86,7 @@ enum Command {
             required_unless_present_any = ["pidfd_of", "cgroup", "unit"],
             conflicts_with_all = ["pidfd_of", "cgroup", "unit"]
         )]
+        /// The process to kill (or --pidfd-of, --cgroup, --unit).
         pid: Option<i32>,
         /// Kill every process of this cgroup (an absolute path as the broker
         /// sees it), all or nothing, and reap them.
@@ -87,7 +119,11 @@ enum Command {
     },
     /// Would the broker kill PID for me? No side effect.
     Check {
+        /// The process to ask about.
         pid: i32,
+        /// Answer only if PID still started at this time (field 22 of
+        /// /proc/PID/stat, clock ticks since boot); a reused pid fails with
+        /// exit status 7 instead of answering for another process.
         #[arg(long)]
         start_time: Option<u64>,
     },
@@ -104,6 +140,23 @@ enum Command {
         /// Entries to skip (the previous page's next offset).
         #[arg(long, default_value_t = 0)]
         offset: u32,
+    },
+    /// Print kills as they happen: those of my own processes, or all that a
+    /// `watch` grant (or root) lets me see. One line per kill (with --json,
+    /// one JSON object per line). Runs until the broker stops, or N events.
+    Watch {
+        /// Exit after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// The broker's counters and latency histograms (root, or a `watch`
+    /// grant). Always over varlink (io.systemd.Metrics): with --socket,
+    /// also give --varlink.
+    Stats {
+        /// Print the Prometheus text format (for node_exporter's textfile
+        /// collector) instead of a table.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
     },
 }
 
@@ -208,6 +261,13 @@ impl Backend {
 }
 
 fn run(args: Args) -> Result<u8, Error> {
+    if let Command::Stats { prometheus } = args.command {
+        let socket = match (&args.socket, args.varlink) {
+            (Some(socket), true) => socket.clone(),
+            _ => PathBuf::from(varlink::DEFAULT_SOCKET),
+        };
+        return stats(&socket, prometheus, args.json);
+    }
     let mut client = if args.varlink {
         let socket = args.socket.as_deref().unwrap_or(Path::new(varlink::DEFAULT_SOCKET));
         match varlink::Client::connect(socket) {
@@ -226,7 +286,11 @@ fn run(args: Args) -> Result<u8, Error> {
             args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET)),
         )?))
     };
+    if let Command::Watch { count } = args.command {
+        return watch(client, count, args.json);
+    }
     match args.command {
+        Command::Watch { .. } | Command::Stats { .. } => unreachable!("handled above"),
         Command::Kill { cgroup: Some(_), .. } | Command::Kill { unit: Some(_), .. } => {
             let Command::Kill {
                 cgroup,
@@ -413,7 +477,149 @@ fn run(args: Args) -> Result<u8, Error> {
     }
 }
 
+/// `reapctl stats`: the broker's metrics as a table, JSON or Prometheus text.
+fn stats(socket: &Path, prometheus: bool, json: bool) -> Result<u8, Error> {
+    let mut client = match varlink::Client::connect(socket) {
+        Ok(client) => client,
+        Err(err) => {
+            report_error(json, "connect", &err.to_string());
+            return Ok(3);
+        }
+    };
+    let metrics = client.metrics()?;
+    if json {
+        print_json(&metrics);
+        return Ok(0);
+    }
+    let labels = |m: &varlink::Metric| {
+        m.fields
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if prometheus {
+        // Families, in the order the broker lists them; histograms are the
+        // families with _bucket/_count/_sum members.
+        let families = client.describe_metrics()?;
+        for (name, kind, description) in &families {
+            let family = name.replace("io.reapd.", "reapd_").replace('.', "_");
+            let histogram = description.contains("_bucket");
+            let kind = if histogram { "histogram" } else { kind.as_str() };
+            outln!("# HELP {family} {description}");
+            outln!("# TYPE {family} {kind}");
+            for m in &metrics {
+                let base = m.name.replace("io.reapd.", "reapd_").replace('.', "_");
+                let member = base == family
+                    || (histogram
+                        && ["_bucket", "_count", "_sum"]
+                            .iter()
+                            .any(|s| base == format!("{family}{s}")));
+                if member {
+                    let labels = labels(m);
+                    if labels.is_empty() {
+                        outln!("{base} {}", m.value);
+                    } else {
+                        outln!("{base}{{{labels}}} {}", m.value);
+                    }
+                }
+            }
+        }
+        return Ok(0);
+    }
+    for m in &metrics {
+        let labels = labels(m);
+        let name = m.name.trim_start_matches("io.reapd.");
+        if labels.is_empty() {
+            outln!("{name:<40} {}", m.value);
+        } else {
+            outln!("{:<40} {}", format!("{name}{{{labels}}}"), m.value);
+        }
+    }
+    Ok(0)
+}
+
+/// `reapctl watch`: prints events until the stream ends or `count` came.
+fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
+    let print = |event: &KillEvent| {
+        if json {
+            outln!("{}", serde_json::to_string(event).expect("events serialize"));
+            return;
+        }
+        if event.dropped > 0 {
+            outln!("({} events dropped: this watcher read too slowly)", event.dropped);
+        }
+        let what = if event.kind == "cgroup" {
+            format!("cgroup {}", event.cgroup)
+        } else {
+            "process".to_string()
+        };
+        let partial = if event.complete {
+            ""
+        } else {
+            " (partial: not all victims shown)"
+        };
+        outln!(
+            "#{} {what} killed by uid {} ({}, pid {}) under rule {}: {} released in {:.1} ms{partial}",
+            event.sequence,
+            event.requester.uid,
+            event.requester.comm,
+            event.requester.pid,
+            event.rule,
+            mib(event.bytes_released),
+            event.kill_to_reap_ns as f64 / 1e6,
+        );
+        for v in &event.victims {
+            if let Some(p) = &v.process {
+                outln!(
+                    "  pid {} {} (uid {}, {}): {}, {} anon before",
+                    p.pid,
+                    p.comm,
+                    p.uid,
+                    p.cgroup,
+                    v.outcome,
+                    mib(v.memory_before.anon_bytes)
+                );
+            }
+        }
+    };
+    let mut seen = 0u64;
+    let done = |seen: u64| count.is_some_and(|n| seen >= n);
+    if done(0) {
+        return Ok(0);
+    }
+    match client {
+        Backend::Grpc(mut c) => {
+            let events = c.watch_kills()?;
+            eprintln!("reapctl: watching kill events");
+            for event in events {
+                print(&event?);
+                seen += 1;
+                if done(seen) {
+                    break;
+                }
+            }
+        }
+        Backend::Varlink(c) => {
+            let events = c.watch_kills()?;
+            eprintln!("reapctl: watching kill events");
+            for event in events {
+                print(&event?);
+                seen += 1;
+                if done(seen) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn main() -> ExitCode {
+    // `reapctl generate-docs DIR`: the man pages and completions (packaging).
+    if let Some(dir) = reapd_docgen::requested_dir() {
+        return reapd_docgen::generate_command(<Args as clap::CommandFactory>::command(), &MANUAL, &dir);
+    }
     let args = Args::parse();
     let json = args.json;
     match run(args) {

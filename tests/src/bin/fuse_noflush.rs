@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `fuse-noflush MOUNTDIR VARLINK_SOCKET UID CALLS`: a FUSE filesystem that
 //! never answers FLUSH, and a client that sends fds of its one file to the
 //! broker.

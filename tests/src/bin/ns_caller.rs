@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `ns-caller`: runs a reapd client inside a new pid namespace, next to a
 //! victim of its own, for the identity tests. Single-threaded, run as root.
 //!

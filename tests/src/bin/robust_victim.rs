@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `robust-victim BYTES`: a victim that holds a process-shared robust mutex,
 //! and a peer blocked on it, for the reap-delay test. Single-threaded.
 //!

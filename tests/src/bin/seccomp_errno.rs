@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `seccomp-errno RULE... -- PROGRAM ARGS...`: runs PROGRAM under a seccomp
 //! filter that fails chosen syscalls with chosen errnos, so tests can show
 //! how the broker behaves on older kernels and on rare errors, for real.
