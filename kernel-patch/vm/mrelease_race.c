@@ -8,9 +8,11 @@
  *   mrelease_race yield N     as plain, with sched_yield() between the two
  *                             calls (a killer that is preempted, or does any
  *                             work, between kill and reap)
- *   mrelease_race reapkill N  process_mrelease(PROCESS_MRELEASE_REAP_KILL)
  *   mrelease_race hold MB FILE  fault in MB MiB, create FILE, sleep forever
  *                               (a victim for the broker's end-to-end test)
+ *
+ * These count return codes only; how much memory comes back is what
+ * mrelease_bench measures.
  *
  * Prints one line: RACE mode=M cycles=N reaped=R esrch=E other=O sigkilled=K
  * Exit 0 if every cycle ran (whatever the counts), 1 on setup errors.
@@ -30,12 +32,11 @@
 #ifndef __NR_process_mrelease
 #define __NR_process_mrelease 448
 #endif
-#define PROCESS_MRELEASE_REAP_KILL (1 << 0)
 #define CHILD_MEM (1UL << 20)
 
 int main(int argc, char **argv)
 {
-	int reapkill, yield, n, i, reaped = 0, esrch = 0, other = 0, sigkilled = 0;
+	int yield, n, i, reaped = 0, esrch = 0, other = 0, sigkilled = 0;
 
 	if (argc == 4 && !strcmp(argv[1], "hold")) {
 		size_t len = strtoul(argv[2], NULL, 0) << 20;
@@ -53,12 +54,10 @@ int main(int argc, char **argv)
 		for (;;)
 			pause();
 	}
-	if (argc != 3 || (strcmp(argv[1], "plain") && strcmp(argv[1], "yield") &&
-			  strcmp(argv[1], "reapkill"))) {
-		fprintf(stderr, "usage: %s plain|yield|reapkill N\n", argv[0]);
+	if (argc != 3 || (strcmp(argv[1], "plain") && strcmp(argv[1], "yield"))) {
+		fprintf(stderr, "usage: %s plain|yield N\n", argv[0]);
 		return 1;
 	}
-	reapkill = !strcmp(argv[1], "reapkill");
 	yield = !strcmp(argv[1], "yield");
 	n = atoi(argv[2]);
 
@@ -91,17 +90,12 @@ int main(int argc, char **argv)
 		pidfd = syscall(SYS_pidfd_open, pid, 0);
 		if (pidfd < 0)
 			return perror("pidfd_open"), 1;
-		if (reapkill) {
-			ret = syscall(__NR_process_mrelease, pidfd,
-				      PROCESS_MRELEASE_REAP_KILL);
-		} else {
-			ret = syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
-			if (ret)
-				return perror("pidfd_send_signal"), 1;
-			if (yield)
-				sched_yield();
-			ret = syscall(__NR_process_mrelease, pidfd, 0);
-		}
+		ret = syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+		if (ret)
+			return perror("pidfd_send_signal"), 1;
+		if (yield)
+			sched_yield();
+		ret = syscall(__NR_process_mrelease, pidfd, 0);
 		if (!ret)
 			reaped++;
 		else if (errno == ESRCH)
@@ -110,8 +104,6 @@ int main(int argc, char **argv)
 			other++;
 		if (ret && errno != ESRCH && other <= 3)
 			fprintf(stderr, "cycle %d: %s\n", i, strerror(errno));
-		if (ret && errno != ESRCH)
-			kill(pid, SIGKILL);	/* not killed by a failed REAP_KILL */
 		if (waitpid(pid, &status, 0) != pid)
 			return perror("waitpid"), 1;
 		sigkilled += WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;

@@ -2,10 +2,15 @@
 # SPDX-License-Identifier: GPL-2.0-only
 # reapd kernel series harness: fetch Debian's linux-source-7.3, apply the
 # series, build a stock and a patched tinyconfig kernel, boot both under qemu
-# (TCG, 1 vCPU) with an initramfs holding the selftest, a race counter and
+# (TCG, 2 vCPUs) with an initramfs holding the selftest, a race counter and
 # the broker, and report one line per check and `N passed, N failed`.
 #
-#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N]
+#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug]
+#
+# --debug also builds the patched series with config/debug.config (lockdep,
+# KASAN, DEBUG_VM, audit, Yama, pid/user namespaces) and boots it with the
+# patched checks; a kernel splat fails it. Heavy (a KASAN+lockdep build and
+# a slow boot under TCG): not part of scripts/test.sh.
 #
 # Environment:
 #   REAPD_KERNEL_CACHE  work directory (default /var/cache/reapd-kernel/harness)
@@ -14,6 +19,7 @@
 #   REAPD_BIN_DIR       directory with prebuilt reapd and reapctl (default:
 #                       build them with cargo at the repository root)
 #   RACE_CYCLES         kill+reap cycles per race count (default 1000)
+#   BENCH_RUNS          runs per pinned-reader measurement (default 5)
 #   JOBS                make -j (default: nproc)
 set -uo pipefail
 
@@ -23,7 +29,9 @@ REPO=$(dirname "$KP")
 CACHE=${REAPD_KERNEL_CACHE:-/var/cache/reapd-kernel/harness}
 KEEP=${REAPD_KERNEL_KEEP:-0}
 CYCLES=${RACE_CYCLES:-1000}
+RUNS=${BENCH_RUNS:-5}
 JOBS=${JOBS:-$(nproc)}
+DEBUG=0
 PKG=linux-source-7.3
 QEMU_TIMEOUT=${QEMU_TIMEOUT:-900}
 
@@ -31,7 +39,8 @@ while [[ $# -gt 0 ]]; do
 	case $1 in
 	--keep-cache) KEEP=1 ;;
 	--cycles) CYCLES=$2; shift ;;
-	*) echo "usage: $0 [--keep-cache] [--cycles N]" >&2; exit 2 ;;
+	--debug) DEBUG=1 ;;
+	*) echo "usage: $0 [--keep-cache] [--cycles N] [--debug]" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -66,8 +75,14 @@ pass "host: build and qemu packages installed"
 # --- the source, through a private apt configuration ----------------------
 # A kernel is reused (--keep-cache) only if built from the same inputs.
 STAMP_stock=$(cat "$KP"/config/reapd.config | sha256sum | cut -c1-16)
-STAMP_patched=$(cat "$KP"/series/[0-9]*.patch "$KP"/config/reapd.config | sha256sum | cut -c1-16)
-STAMP=$STAMP_patched
+# Only the patches that touch the kernel proper: the cover letter and the
+# selftest patch (tools/ only) do not change the bzImage.
+KPATCHES=$(ls "$KP"/series/[0-9]*.patch | grep -v -e '/0000-' -e 'selftests')
+# The bzImage depends on the diffs, not on the commit messages.
+STAMP_patched=$( (sed -s -n '/^diff --git/,$p' $KPATCHES; cat "$KP"/config/reapd.config) | sha256sum | cut -c1-16)
+STAMP_debug=$( (echo "$STAMP_patched"; cat "$KP"/config/debug.config) | sha256sum | cut -c1-16)
+# The patched source tree (which also holds the selftest) on every patch.
+STAMP=$(cat "$KP"/series/[0-9]*.patch | sha256sum | cut -c1-16)
 if [[ $KEEP != 1 ]]; then
 	log "cold run: clearing $CACHE"
 	rm -rf "$CACHE"/apt "$CACHE"/src-* "$CACHE"/build-* "$CACHE"/deb "$CACHE"/*.deb
@@ -110,8 +125,13 @@ grep -q PROCESS_MRELEASE_REAP_KILL "$CACHE/src-stock/include/uapi/linux/mman.h" 
 pass "series: $(ls "$KP"/series/[0-9]*.patch | grep -vc '/0000-') patches apply to $PKG with --forward"
 
 # --- build both kernels ----------------------------------------------------
-build() { # stock|patched
-	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t stamp
+build() { # stock|patched|debug: debug is the patched tree with debug.config
+	local kind=$1 src=$CACHE/src-$1 out=$CACHE/build-$1 t stamp frags o
+	frags=("$KP/config/reapd.config")
+	if [[ $kind = debug ]]; then
+		src=$CACHE/src-patched
+		frags+=("$KP/config/debug.config")
+	fi
 	stamp=STAMP_$1
 	stamp=${!stamp}
 	if [[ -f $out/arch/x86/boot/bzImage && -f $out/.reapd-$stamp ]]; then
@@ -122,13 +142,13 @@ build() { # stock|patched
 	log "building $kind kernel (tinyconfig + reapd.config, -j$JOBS)"
 	t=$(date +%s)
 	if ! (cd "$src" && make -s ARCH=x86_64 O="$out" tinyconfig >/dev/null &&
-		scripts/kconfig/merge_config.sh -m -O "$out" "$out/.config" "$KP/config/reapd.config" >/dev/null &&
+		scripts/kconfig/merge_config.sh -m -O "$out" "$out/.config" "${frags[@]}" >/dev/null &&
 		make -s ARCH=x86_64 O="$out" olddefconfig >/dev/null) >"$CACHE/build-$kind.log" 2>&1; then
 		tail -20 "$CACHE/build-$kind.log"
 		die "build $kind: configuration"
 	fi
 	local missing
-	missing=$(grep -o '^CONFIG_[A-Z0-9_]*=y' "$KP/config/reapd.config" | while read -r o; do
+	missing=$(cat "${frags[@]}" | grep -o '^CONFIG_[A-Z0-9_]*=y' | while read -r o; do
 		grep -qx "$o" "$out/.config" || echo "${o%=y}"; done)
 	[[ -z $missing ]] || die "build $kind: fragment options not set: $missing"
 	if ! nice -n 10 make ARCH=x86_64 O="$out" -C "$src" -j"$JOBS" bzImage >>"$CACHE/build-$kind.log" 2>&1; then
@@ -140,6 +160,7 @@ build() { # stock|patched
 }
 build stock
 build patched
+[[ $DEBUG = 1 ]] && build debug
 
 # --- static test binaries --------------------------------------------------
 log "building static test binaries"
@@ -148,12 +169,14 @@ rm -rf "$BIN" && mkdir -p "$BIN"
 (cd "$CACHE/src-patched" && make -s ARCH=x86_64 O="$CACHE/build-patched" headers >/dev/null 2>&1) ||
 	die "selftest: make headers"
 ST=$CACHE/src-patched/tools/testing/selftests
-gcc -static -O2 -Wall -I "$ST" -I "$ST/mm" -isystem "$CACHE/build-patched/usr/include" \
+gcc -static -O2 -Wall -pthread -I "$ST" -I "$ST/mm" -isystem "$CACHE/build-patched/usr/include" \
 	-o "$BIN/mrelease_test" "$ST/mm/mrelease_test.c" "$ST/mm/vm_util.c" >"$CACHE/gcc.log" 2>&1 ||
 	{ cat "$CACHE/gcc.log"; die "selftest: gcc -static mrelease_test"; }
 gcc -static -O2 -Wall -o "$BIN/mrelease_race" "$HERE/mrelease_race.c" &&
+	gcc -static -O2 -Wall -pthread -isystem "$CACHE/build-patched/usr/include" \
+		-o "$BIN/mrelease_bench" "$HERE/mrelease_bench.c" &&
 	gcc -static -O2 -Wall -o "$BIN/vm_exit" "$HERE/vm_exit.c" || die "selftest: gcc -static race tools"
-pass "selftest: static mrelease_test, mrelease_race, vm_exit built"
+pass "selftest: static mrelease_test, mrelease_race, mrelease_bench, vm_exit built"
 
 # --- the broker ------------------------------------------------------------
 if [[ -n ${REAPD_BIN_DIR:-} ]]; then
@@ -190,13 +213,15 @@ cp "$HERE/init.sh" "$IR/init" && chmod 755 "$IR/init"
 pass "initramfs: $(du -m "$CACHE/initramfs.cpio" | cut -f1) MiB (static tests, busybox, broker)"
 
 # --- boot ------------------------------------------------------------------
-boot() { # stock|patched
-	local kind=$1 out=$CACHE/vm-$1.log rc t
-	log "booting the $kind kernel (qemu TCG, 1 vCPU, timeout ${QEMU_TIMEOUT}s)"
+boot() { # stock|patched|debug
+	local kind=$1 out=$CACHE/vm-$1.log rc t mode=$1 extra=
+	# the debug kernel runs the patched checks, slower: fewer cycles
+	[[ $kind = debug ]] && mode=patched extra="reapd.debug=1 reapd.cycles=100 reapd.runs=3"
+	log "booting the $kind kernel (qemu TCG, 2 vCPUs, timeout ${QEMU_TIMEOUT}s)"
 	t=$(date +%s.%N)
-	timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg -smp 1 -m 1024 \
+	timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024 \
 		-kernel "$CACHE/build-$kind/arch/x86/boot/bzImage" -initrd "$CACHE/initramfs.cpio" \
-		-append "console=ttyS0 panic=-1 reapd.mode=$kind reapd.cycles=$CYCLES" \
+		-append "console=ttyS0 panic=-1 reapd.mode=$mode reapd.cycles=$CYCLES reapd.runs=$RUNS $extra" \
 		-nographic -no-reboot -monitor none \
 		-device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null >"$out" 2>&1
 	rc=$?
@@ -216,19 +241,45 @@ boot() { # stock|patched
 	124) tail -30 "$out"; fail "vm $kind: timeout after ${QEMU_TIMEOUT}s (see $out)" ;;
 	*) tail -30 "$out"; fail "vm $kind: no verdict, qemu exit $rc (panic or crash, see $out)" ;;
 	esac
-	grep -h '^VMRACE' <(tr -d '\r' <"$out") >>"$CACHE/race.txt"
+	# labelled by kernel (the debug kernel runs in mode patched)
+	tr -d '\r' <"$out" | grep '^VMRACE' | sed "s/^VMRACE [a-z]*/VMRACE $kind/" >>"$CACHE/race.txt"
+	tr -d '\r' <"$out" | grep '^VMBENCH' | sed "s/^VMBENCH [a-z]*/VMBENCH $kind/" >>"$CACHE/bench.txt"
 	grep -h '^VMINFO boot-ms' <(tr -d '\r' <"$out") | sed "s/^VMINFO boot-ms/$kind/" >>"$CACHE/boot.txt"
 }
-rm -f "$CACHE/race.txt" "$CACHE/boot.txt"
+rm -f "$CACHE/race.txt" "$CACHE/boot.txt" "$CACHE/bench.txt"
 boot stock
 boot patched
+[[ $DEBUG = 1 ]] && boot debug
 
-# --- race table ------------------------------------------------------------
-race() { grep "^VMRACE $1 .*mode=$2 " "$CACHE/race.txt" | sed -n 's/.* \(cycles=.*\)/\1/p'; }
+# --- results, stock and patched side by side -------------------------------
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 echo
-echo "race count: $CYCLES kill+reap cycles of a fresh 1 MiB child, 1 vCPU (qemu TCG)"
+echo "memory returned: 32 MiB victim killed by a non-parent, process_mrelease(0) after"
+echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to_user()"
+echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
+echo "ms: kill to reaped by the parent)"
+printf '  %-8s | %-40s | %-40s\n' reader stock patched
+for r in none mem cmdline environ pagemap vm_readv; do
+	cells=()
+	for k in stock patched; do
+		l=$(grep "^VMBENCH $k PINNEDSUM reader=$r " "$CACHE/bench.txt")
+		if [[ $l = *unsupported* ]]; then
+			cells+=("not built into this kernel")
+			continue
+		fi
+		cells+=("$(echo "$l" | field freed_all)/$RUNS freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms")
+	done
+	printf '  %-8s | %-40s | %-40s\n' "$r" "${cells[0]}" "${cells[1]}"
+done
+echo "robust futexes (20 victims holding a robust pshared mutex): owner-died marks lost"
+for q in kill reap; do
+	printf '  %-38s stock %s/20, patched %s/20\n' "$([[ $q = kill ]] && echo kill only || echo kill, process_mrelease at once)" \
+		"$(grep "^VMBENCH stock ROBUST seq=$q " "$CACHE/bench.txt" | field lost)" \
+		"$(grep "^VMBENCH patched ROBUST seq=$q " "$CACHE/bench.txt" | field lost)"
+done
+race() { grep "^VMRACE $1 .*mode=$2 " "$CACHE/race.txt" | sed -n 's/.* \(cycles=.*\)/\1/p'; }
+echo "return codes: $CYCLES kill+reap cycles of a fresh 1 MiB child (no reader)"
 printf '  %-38s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
-printf '  %-38s %s\n' "patched, PROCESS_MRELEASE_REAP_KILL" "$(race patched reapkill)"
 printf '  %-38s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
 printf '  %-38s %s\n' "stock, kill, yield, process_mrelease" "$(race stock yield)"
 printf '  %-38s %s\n' "patched, kill, yield, process_mrelease" "$(race patched yield)"
