@@ -105,14 +105,17 @@ impl Drop for KillGuard {
     }
 }
 
-/// CheckPermission records logged per caller uid per second; beyond this
-/// they are counted and summarised in one `check_suppressed` record, so a
-/// check loop can never push kill records out of journald's rate limit.
+/// Records of requests that changed nothing (CheckPermission, and refused
+/// kills, group kills and candidate listings) logged per caller uid and
+/// action per second; beyond this they are counted and summarised in one
+/// `check_suppressed` (checks) or `refusal_suppressed` (refusals) record, so
+/// no loop of such requests can push kill records out of the journal.
+/// Allowed kills are never limited here (the kill rate limits them).
 pub const CHECK_AUDIT_PER_SECOND: u32 = 20;
 
 #[derive(Debug, Default)]
 struct CheckAuditGate {
-    windows: Mutex<HashMap<u32, CheckWindow>>,
+    windows: Mutex<HashMap<(u32, &'static str), CheckWindow>>,
 }
 
 #[derive(Debug)]
@@ -125,17 +128,17 @@ struct CheckWindow {
 impl CheckAuditGate {
     /// Whether this check record may be written; writes the summary of the
     /// previous window first when one is due.
-    fn admit(&self, uid: u32) -> bool {
+    fn admit(&self, uid: u32, action: &'static str) -> bool {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let window = windows.entry(uid).or_insert(CheckWindow {
+        let window = windows.entry((uid, action)).or_insert(CheckWindow {
             started: now,
             logged: 0,
             suppressed: 0,
         });
         if now.duration_since(window.started) >= Duration::from_secs(1) {
             if window.suppressed > 0 {
-                audit_check_summary(uid, window.suppressed, now.duration_since(window.started));
+                audit_check_summary(uid, action, window.suppressed, now.duration_since(window.started));
             }
             *window = CheckWindow {
                 started: now,
@@ -158,13 +161,13 @@ impl CheckAuditGate {
     fn flush(&self, all: bool) {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        windows.retain(|uid, window| {
+        windows.retain(|(uid, action), window| {
             let over = all || now.duration_since(window.started) >= Duration::from_secs(1);
             if !over {
                 return true;
             }
             if window.suppressed > 0 {
-                audit_check_summary(*uid, window.suppressed, now.duration_since(window.started));
+                audit_check_summary(*uid, action, window.suppressed, now.duration_since(window.started));
             }
             false
         });
@@ -365,7 +368,7 @@ impl Engine {
         let target = match pinned {
             Ok(target) => target,
             Err(err) => {
-                if self.check_audit.admit(caller.uid) {
+                if self.check_audit.admit(caller.uid, "check") {
                     audit_refusal("check", caller, &err, started);
                 }
                 return Err(err);
@@ -375,13 +378,13 @@ impl Engine {
         // this target (the `check` grant), and would the kill be allowed.
         let policy = self.policy.load();
         if let Some(refusal) = policy.check_refusal(caller, &target) {
-            if self.check_audit.admit(caller.uid) {
+            if self.check_audit.admit(caller.uid, "check") {
                 audit_decision("check", caller, &target, &refusal, started);
             }
             return Err(EngineError::refused(&refusal));
         }
         let decision = self.decide(&policy, caller, &target);
-        if self.check_audit.admit(caller.uid) {
+        if self.check_audit.admit(caller.uid, "check") {
             audit_decision("check", caller, &target, &decision, started);
         }
         Ok(PermissionReport { decision, target })
@@ -405,7 +408,9 @@ impl Engine {
         let target = match self.pin(caller, request.target, request.pidns, true) {
             Ok(target) => target,
             Err(err) => {
-                audit_refusal("kill", caller, &err, started);
+                if self.check_audit.admit(caller.uid, "kill") {
+                    audit_refusal("kill", caller, &err, started);
+                }
                 return Err(err);
             }
         };
@@ -413,7 +418,9 @@ impl Engine {
         let decision = self.decide(&policy, caller, &target);
         let policy_reap_delay = policy.reap_delay;
         if !decision.allowed {
-            audit_decision("kill", caller, &target, &decision, started);
+            if self.check_audit.admit(caller.uid, "kill") {
+                audit_decision("kill", caller, &target, &decision, started);
+            }
             return Err(EngineError::refused(&decision));
         }
         // The one decision record is written after the limiter, with the
@@ -427,7 +434,9 @@ impl Engine {
                     rule: "rate-limit".into(),
                     reason: format!("{} ({} allows it)", err, decision.rule),
                 };
-                audit_decision("kill", caller, &target, &limited, started);
+                if self.check_audit.admit(caller.uid, "kill") {
+                    audit_decision("kill", caller, &target, &limited, started);
+                }
                 return Err(err);
             }
         };
@@ -550,7 +559,9 @@ impl Engine {
         let ns = match owned_namespace(caller, request.pidns.as_ref()) {
             Ok(ns) => ns,
             Err(err) => {
-                audit_refusal(action, caller, &err, started);
+                if self.check_audit.admit(caller.uid, action) {
+                    audit_refusal(action, caller, &err, started);
+                }
                 return Err(err);
             }
         };
@@ -570,13 +581,17 @@ impl Engine {
         let (path, dir, members) = match pinned {
             Ok(found) => found,
             Err(err) => {
-                audit_refusal(action, caller, &err, started);
+                if self.check_audit.admit(caller.uid, action) {
+                    audit_refusal(action, caller, &err, started);
+                }
                 return Err(err);
             }
         };
         if members.is_empty() {
             let err = EngineError::NotFound(format!("cgroup {path} has no processes"));
-            audit_refusal(action, caller, &err, started);
+            if self.check_audit.admit(caller.uid, action) {
+                audit_refusal(action, caller, &err, started);
+            }
             return Err(err);
         }
         let policy = self.policy.load_full();
@@ -587,7 +602,9 @@ impl Engine {
             if decision.allowed {
                 rules.insert(decision.rule.clone());
             } else {
-                audit_decision(action, caller, member, &decision, started);
+                if self.check_audit.admit(caller.uid, action) {
+                    audit_decision(action, caller, member, &decision, started);
+                }
                 return Err(EngineError::PermissionDenied {
                     kind: decision.kind,
                     rule: decision.rule,
@@ -601,7 +618,9 @@ impl Engine {
         let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
             Ok(slot) => slot,
             Err(err) => {
-                audit_refusal(action, caller, &err, started);
+                if self.check_audit.admit(caller.uid, action) {
+                    audit_refusal(action, caller, &err, started);
+                }
                 return Err(err);
             }
         };
@@ -728,7 +747,9 @@ impl Engine {
         let ns = match owned_namespace(caller, pidns.as_ref()) {
             Ok(ns) => ns,
             Err(err) => {
-                audit_refusal("candidates", caller, &err, started);
+                if self.check_audit.admit(caller.uid, "candidates") {
+                    audit_refusal("candidates", caller, &err, started);
+                }
                 return Err(err);
             }
         };
@@ -873,11 +894,17 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) 
     );
 }
 
-fn audit_check_summary(uid: u32, suppressed: u64, window: Duration) {
+fn audit_check_summary(uid: u32, action: &str, suppressed: u64, window: Duration) {
+    // Checks keep their own event name; refusals of other actions share one.
+    let event = if action == "check" {
+        "check_suppressed"
+    } else {
+        "refusal_suppressed"
+    };
     tracing::info!(
         target: AUDIT_TARGET,
-        event = "check_suppressed",
-        action = "check",
+        event,
+        action,
         caller_uid = uid,
         suppressed,
         window_ms = window.as_millis() as u64,

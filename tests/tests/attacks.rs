@@ -431,3 +431,54 @@ fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[i32]) {
         );
     }
 }
+
+/// A loop of refused kills (pid 1 is protected) wrote one audit record per
+/// call, ~1,500 a second from one connection, with nothing to stop it: the
+/// same journal flood the CheckPermission limit prevents. Refusals change
+/// nothing, so they now share that limit (20 a second per uid and action,
+/// the rest summarised); a kill allowed meanwhile keeps both its records.
+#[test]
+fn a_refused_kill_flood_writes_bounded_records_and_kills_keep_theirs() {
+    let broker = Broker::start();
+    let mut stream = UnixStream::connect(varlink(&broker)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let refused = b"{\"method\":\"io.reapd.Reaper.KillAndReap\",\"parameters\":{\"pid\":1}}\0";
+    let t = Instant::now();
+    let mut calls = 0;
+    while calls < 300 {
+        stream.write_all(refused).unwrap();
+        let reply = read_reply(&mut stream).unwrap();
+        assert_eq!(reply["error"], "io.reapd.Reaper.PermissionDenied", "{reply}");
+        calls += 1;
+    }
+    let flood = t.elapsed();
+    let mut victim = Victim::spawn(Creds::uid(ATTACKER), 0);
+    let kill = format!(
+        "{{\"method\":\"io.reapd.Reaper.KillAndReap\",\"parameters\":{{\"pid\":{}}}}}\0",
+        victim.pid
+    );
+    stream.write_all(kill.as_bytes()).unwrap();
+    let reply = read_reply(&mut stream).unwrap();
+    assert_eq!(reply["parameters"]["target"]["pid"], victim.pid, "{reply}");
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+    assert!(
+        reapd_e2e::wait_for_log(&broker.log, "refusal_suppressed", Duration::from_secs(3)),
+        "no summary of the suppressed refusals"
+    );
+    let log = broker.log_text();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("event=\"decision\"") && l.contains("target_pid=1 "))
+        .count();
+    let seconds = flood.as_secs() as usize + 1;
+    eprintln!("{calls} refused kills in {flood:?}: {refusals} decision records");
+    assert!(
+        refusals <= 20 * (seconds + 1),
+        "{refusals} records for {calls} refusals in {flood:?}"
+    );
+    let target = format!("target_pid={} ", victim.pid);
+    for event in ["event=\"decision\"", "event=\"outcome\""] {
+        let n = log.lines().filter(|l| l.contains(event) && l.contains(&target)).count();
+        assert_eq!(n, 1, "{event} for the allowed kill: {log}");
+    }
+}

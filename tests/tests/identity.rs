@@ -471,12 +471,28 @@ fn racing_connect_and_exit_callers_never_escape_a_caller_cgroup_deny_rule() {
             "racer failed: {status}"
         );
     }
-    // Every call gets its one decision record; wait for all of them.
+    // Every call is recorded: its own decision record, or (over the per-uid
+    // record rate, as a refusal flood is) counted in a refusal_suppressed
+    // summary. Wait for all of them.
     let deadline = Instant::now() + Duration::from_secs(60);
     let count = |text: &str| {
-        text.lines()
-            .filter(|l| l.contains("decision") && l.contains("action=\"kill\""))
-            .count()
+        let records = text
+            .lines()
+            .filter(|l| l.contains("event=\"decision\"") && l.contains("action=\"kill\""))
+            .count();
+        let suppressed: usize = text
+            .lines()
+            .filter(|l| l.contains("refusal_suppressed") && l.contains("action=\"kill\""))
+            .filter_map(|l| {
+                l.split("suppressed=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        records + suppressed
     };
     while count(&broker.log_text()) < ROUNDS && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
