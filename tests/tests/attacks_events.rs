@@ -18,16 +18,26 @@ const LATE: u32 = 61472;
 /// A watcher the policy names (`watch` over the crowd's processes).
 const NAMED: u32 = 61480;
 
+/// A `hold-watches` process, killed on drop (a failing test leaves none).
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `hold-watches` as `creds`, holding `n` subscriptions; its replies
 /// (`ready` or an error name).
-fn hold(broker: &Broker, creds: Creds, n: usize) -> (Child, Vec<String>) {
+fn hold(broker: &Broker, creds: Creds, n: usize) -> (Holder, Vec<String>) {
     let mut command = Command::new(bin("hold-watches"));
     command
         .arg(varlink_socket(broker))
         .arg(n.to_string())
         .stdout(Stdio::piped());
-    let mut child = spawn_as(creds, &mut command);
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut child = Holder(spawn_as(creds, &mut command));
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let replies = (0..n)
         .map(|_| {
             let mut line = String::new();
@@ -83,10 +93,7 @@ fn a_crowd_of_uids_cannot_take_the_subscriptions_of_root_or_of_a_named_watcher()
     );
     let (named, replies) = hold(&broker, Creds::uid(NAMED), 1);
     assert_eq!(replies, ["ready"], "the policy's watcher locked out by a crowd");
-    for mut child in crowd.into_iter().chain([late, named]) {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
+    drop((crowd, late, named));
 }
 
 /// Broker-side subscriptions open now, read from its metrics as root.
