@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::caller::Caller;
 use crate::candidates::{self, CandidatesReport};
 use crate::error::EngineError;
-use crate::events::{EventHub, KillKind, KillRecord, Requester, Subscription, VictimOutcome};
+use crate::events::{EventHub, KillKind, KillRecord, Pool, Requester, Subscription, VictimOutcome};
 use crate::features::{KernelFeatures, KillPath};
 use crate::group::{self, GroupReport, GroupSpec};
 use crate::limits::{KillLimits, Limiter};
@@ -221,7 +221,14 @@ impl Engine {
     /// receives one event per later kill of a process it is entitled to
     /// see. Errors: RESOURCE_EXHAUSTED over the subscription caps.
     pub fn watch_kills(&self, caller: &Arc<Caller>) -> Result<Subscription, EngineError> {
-        let subscription = self.events.subscribe(Arc::clone(caller));
+        let pool = if caller.uid == 0 && caller.cap_kill {
+            Pool::Root
+        } else if self.policy.load().metrics_grant(caller).is_some() {
+            Pool::Named
+        } else {
+            Pool::Shared
+        };
+        let subscription = self.events.subscribe(Arc::clone(caller), pool);
         tracing::info!(
             target: AUDIT_TARGET,
             event = "decision",

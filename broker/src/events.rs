@@ -35,13 +35,28 @@ use crate::target::{ProcessInfo, TargetProcess};
 /// Events one subscriber may have waiting; beyond this they are dropped
 /// (for it alone) and counted.
 pub const QUEUE_DEPTH: usize = 256;
-/// Subscriptions open at once, in all.
+/// Subscriptions open at once in one [`Pool`].
 pub const MAX_SUBSCRIBERS: usize = 128;
 /// Subscriptions one uid may hold at once (a watcher needs one).
 pub const MAX_SUBSCRIBERS_PER_UID: usize = 4;
 /// Victims one event lists at most (a cgroup kill may hit thousands; an
 /// event stays one bounded message). Beyond it, `complete` is false.
 pub const MAX_EVENT_VICTIMS: usize = 256;
+
+/// Which shared cap a subscription counts against. Any uid may subscribe
+/// (to its own processes' kills), so one user with many uids (a subuid
+/// range, a user namespace's mapping) can fill a pool of
+/// [`MAX_SUBSCRIBERS`]; it must never take the slots of root or of the
+/// watchers the policy names, which therefore have pools of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Root holding CAP_KILL: bounded by the per-uid cap alone.
+    Root,
+    /// Callers an allow `watch` rule names.
+    Named,
+    /// Everyone else (owners of their own processes).
+    Shared,
+}
 
 /// What was killed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -142,6 +157,7 @@ pub struct VictimOutcome {
 struct Subscriber {
     id: u64,
     caller: Arc<Caller>,
+    pool: Pool,
     queue: mpsc::Sender<KillEvent>,
     /// Events dropped since the last one queued.
     dropped: AtomicU64,
@@ -198,10 +214,11 @@ impl EventHub {
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Subscribes `caller`. Errors: RESOURCE_EXHAUSTED beyond
-    /// [`MAX_SUBSCRIBERS_PER_UID`] for its uid or [`MAX_SUBSCRIBERS`] in all.
-    /// After [`EventHub::close`] the subscription ends at once.
-    pub fn subscribe(self: &Arc<Self>, caller: Arc<Caller>) -> Result<Subscription, EngineError> {
+    /// Subscribes `caller`, counted in `pool`. Errors: RESOURCE_EXHAUSTED
+    /// beyond [`MAX_SUBSCRIBERS_PER_UID`] for its uid or [`MAX_SUBSCRIBERS`]
+    /// in its pool (but [`Pool::Root`]). After [`EventHub::close`] the
+    /// subscription ends at once.
+    pub fn subscribe(self: &Arc<Self>, caller: Arc<Caller>, pool: Pool) -> Result<Subscription, EngineError> {
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let mut subscribers = self.lock();
         let id = subscribers.next_id;
@@ -213,9 +230,11 @@ impl EventHub {
                     "uid {} already holds {of_uid} kill-event subscriptions (at most {MAX_SUBSCRIBERS_PER_UID})",
                     caller.uid
                 ))
-            } else if subscribers.list.len() >= MAX_SUBSCRIBERS {
+            } else if pool != Pool::Root
+                && subscribers.list.iter().filter(|s| s.pool == pool).count() >= MAX_SUBSCRIBERS
+            {
                 Some(format!(
-                    "the broker already serves {MAX_SUBSCRIBERS} kill-event subscriptions"
+                    "the broker already serves {MAX_SUBSCRIBERS} kill-event subscriptions of {pool:?} callers"
                 ))
             } else {
                 None
@@ -229,6 +248,7 @@ impl EventHub {
             subscribers.list.push(Arc::new(Subscriber {
                 id,
                 caller,
+                pool,
                 queue: sender,
                 dropped: AtomicU64::new(0),
             }));
@@ -400,6 +420,12 @@ mod tests {
         compile("test.toml", text, &Nss).unwrap().0
     }
 
+    impl EventHub {
+        fn subscribe_test(self: &Arc<Self>, caller: Arc<Caller>) -> Result<Subscription, EngineError> {
+            self.subscribe(caller, Pool::Shared)
+        }
+    }
+
     fn try_next(subscription: &mut Subscription) -> Option<KillEvent> {
         subscription.queue.try_recv().ok()
     }
@@ -411,11 +437,11 @@ mod tests {
             "[[rule]]\nname = \"ops\"\nactions = [\"watch\"]\ncaller.uids = [300]\ntarget.uids = [200]\n\
              [[rule]]\nname = \"hide-400\"\neffect = \"deny\"\nactions = [\"watch\"]\ncaller.any = true\ntarget.uids = [400]\n",
         );
-        let mut root = hub.subscribe(caller(0)).unwrap();
-        let mut owner = hub.subscribe(caller(200)).unwrap();
-        let mut ops = hub.subscribe(caller(300)).unwrap();
-        let mut stranger = hub.subscribe(caller(201)).unwrap();
-        let mut owner_400 = hub.subscribe(caller(400)).unwrap();
+        let mut root = hub.subscribe_test(caller(0)).unwrap();
+        let mut owner = hub.subscribe_test(caller(200)).unwrap();
+        let mut ops = hub.subscribe_test(caller(300)).unwrap();
+        let mut stranger = hub.subscribe_test(caller(201)).unwrap();
+        let mut owner_400 = hub.subscribe_test(caller(400)).unwrap();
         hub.publish(&policy, record(&[target(200)]));
         hub.publish(&policy, record(&[target(400)]));
         let seen = |s: &mut Subscription| {
@@ -438,8 +464,8 @@ mod tests {
     fn a_group_event_lists_only_the_victims_a_subscriber_may_see() {
         let hub = Arc::new(EventHub::default());
         let policy = Policy::default();
-        let mut owner = hub.subscribe(caller(200)).unwrap();
-        let mut root = hub.subscribe(caller(0)).unwrap();
+        let mut owner = hub.subscribe_test(caller(200)).unwrap();
+        let mut root = hub.subscribe_test(caller(0)).unwrap();
         let victims = [target(200), target(201), target(200)];
         hub.publish(&policy, record(&victims));
         let mine = try_next(&mut owner).unwrap();
@@ -456,7 +482,7 @@ mod tests {
     fn a_full_queue_drops_and_the_next_event_counts_the_drops() {
         let hub = Arc::new(EventHub::default());
         let policy = Policy::default();
-        let mut slow = hub.subscribe(caller(0)).unwrap();
+        let mut slow = hub.subscribe_test(caller(0)).unwrap();
         let victims = [target(200)];
         for _ in 0..QUEUE_DEPTH + 10 {
             hub.publish(&policy, record(&victims));
@@ -477,24 +503,39 @@ mod tests {
     fn subscriptions_are_capped_per_uid_and_released_on_drop() {
         let hub = Arc::new(EventHub::default());
         let held: Vec<_> = (0..MAX_SUBSCRIBERS_PER_UID)
-            .map(|_| hub.subscribe(caller(200)).unwrap())
+            .map(|_| hub.subscribe_test(caller(200)).unwrap())
             .collect();
         assert!(matches!(
-            hub.subscribe(caller(200)),
+            hub.subscribe_test(caller(200)),
             Err(EngineError::RateLimited { .. })
         ));
-        assert!(hub.subscribe(caller(201)).is_ok());
+        assert!(hub.subscribe_test(caller(201)).is_ok());
         drop(held);
         assert_eq!(hub.subscribers(), 0);
-        assert!(hub.subscribe(caller(200)).is_ok());
+        assert!(hub.subscribe_test(caller(200)).is_ok());
+    }
+
+    #[test]
+    fn a_crowd_of_uids_fills_its_pool_but_not_root_s_or_the_named_one() {
+        let hub = Arc::new(EventHub::default());
+        let crowd: Vec<_> = (0..MAX_SUBSCRIBERS as u32)
+            .map(|i| hub.subscribe(caller(1000 + i / 4), Pool::Shared).unwrap())
+            .collect();
+        assert!(matches!(
+            hub.subscribe(caller(5000), Pool::Shared),
+            Err(EngineError::RateLimited { .. })
+        ));
+        assert!(hub.subscribe(caller(0), Pool::Root).is_ok());
+        assert!(hub.subscribe(caller(300), Pool::Named).is_ok());
+        drop(crowd);
     }
 
     #[test]
     fn close_ends_every_stream_and_new_ones_at_once() {
         let hub = Arc::new(EventHub::default());
-        let mut before = hub.subscribe(caller(0)).unwrap();
+        let mut before = hub.subscribe_test(caller(0)).unwrap();
         hub.close();
-        let mut after = hub.subscribe(caller(0)).unwrap();
+        let mut after = hub.subscribe_test(caller(0)).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert!(runtime.block_on(before.next()).is_none());
         assert!(runtime.block_on(after.next()).is_none());
