@@ -89,12 +89,18 @@ fi
 if [[ $LMK -eq 1 ]]; then
     install -D -m 0755 target/release/reapd-lmk /usr/bin/reapd-lmk
     [[ -e /etc/reapd/lmk.toml ]] || install -D -m 0644 systemd/lmk.toml /etc/reapd/lmk.toml
+    # Its user, which the grant names (the broker resolves it at load).
+    install -D -m 0644 systemd/sysusers.d/reapd-lmk.conf /etc/sysusers.d/reapd-lmk.conf
+    systemd-sysusers /etc/sysusers.d/reapd-lmk.conf 2>/dev/null ||
+        id reapd-lmk >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin reapd-lmk
     # The grant, once: the unit may kill regular users' session processes.
     # Checked before it is kept; the broker reloads it (or reads it at its
     # next start).
     if ! grep -q '^name = "reapd-lmk"' /etc/reapd/policy.toml; then
         cp /etc/reapd/policy.toml /etc/reapd/policy.toml.before-lmk
-        cat systemd/lmk-policy.toml >>/etc/reapd/policy.toml
+        # Pinned to the uid sysusers gave it: the grant then needs no name
+        # lookup inside the broker's sandbox.
+        sed "s/^caller.users = \[\"reapd-lmk\"\]/caller.uids = [$(id -u reapd-lmk)]/" systemd/lmk-policy.toml >>/etc/reapd/policy.toml
         if ! /usr/sbin/reapd check-policy /etc/reapd/policy.toml; then
             mv /etc/reapd/policy.toml.before-lmk /etc/reapd/policy.toml
             echo "the reapd-lmk grant does not fit /etc/reapd/policy.toml; add it by hand (docs/policy.md)" >&2

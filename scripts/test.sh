@@ -102,9 +102,8 @@ check venv .venv/bin/pip install -q --disable-pip-version-check -r tests/python/
 REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/python
 
 if [[ $QUICK -eq 0 ]]; then
-    # One release build serves both VMs (the in-VM broker test and the .deb;
-    # reapd-lmk for the systemd VM's killer service).
-    check release cargo build --release --locked -p reapd -p reapd-client -p reapd-lmk --bin reapd --bin reapctl --bin reapd-lmk
+    # One release build serves both VMs (the in-VM broker test and the .deb).
+    check release cargo build --release --locked -p reapd -p reapd-client --bin reapd --bin reapctl
     export REAPD_BIN_DIR=$ROOT/target/release
     run kernel-vm bash kernel-patch/vm/run.sh
     run systemd-vm bash systemd/vm/run.sh
