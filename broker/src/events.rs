@@ -110,7 +110,10 @@ pub struct KillEvent {
     pub time: SystemTime,
     pub kind: KillKind,
     pub requester: Requester,
-    /// The rule that allowed the kill ("kill(2)" or a rule's name).
+    /// The rule that allowed the kill ("kill(2)" or a rule's name; for a
+    /// cgroup, its members' rules, comma-separated). Empty unless
+    /// `complete`: the rules that allowed other users' members are not
+    /// this subscriber's to see.
     pub rule: String,
     /// The cgroup killed, for [`KillKind::Cgroup`] ("" otherwise).
     pub cgroup: String,
@@ -317,7 +320,13 @@ impl EventHub {
                     pid: if same_namespace { record.requester.pid } else { 0 },
                     ..record.requester.clone()
                 },
-                rule: record.rule.to_string(),
+                // A group's rules may be other users' grants: shown only to
+                // a subscriber who sees every victim.
+                rule: if complete {
+                    record.rule.to_string()
+                } else {
+                    String::new()
+                },
                 cgroup: record.cgroup.to_string(),
                 kill_path: record.kill_path,
                 victims,
@@ -471,6 +480,7 @@ mod tests {
         let mine = try_next(&mut owner).unwrap();
         assert_eq!(mine.victims.len(), 2);
         assert!(!mine.complete);
+        assert_eq!(mine.rule, "", "other members' rules are not the owner's to see");
         assert_eq!(mine.bytes_released, 0, "the total is not the owner's to see");
         let all = try_next(&mut root).unwrap();
         assert_eq!(all.victims.len(), 3);

@@ -36,7 +36,7 @@ fn hold(broker: &Broker, creds: Creds, n: usize) -> (Holder, Vec<String>) {
         .arg(varlink_socket(broker))
         .arg(n.to_string())
         .stdout(Stdio::piped());
-    let mut child = Holder(spawn_as(creds, &mut command));
+    let mut child = Holder(spawn_as(creds, &[], &mut command));
     let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let replies = (0..n)
         .map(|_| {
