@@ -74,8 +74,9 @@ pub struct Capabilities {
 pub struct Engine {
     /// Shared with the blocking workers and the listeners, never copied.
     features: Arc<KernelFeatures>,
-    policy: ArcSwap<Policy>,
-    limits: ArcSwap<KillLimits>,
+    /// The policy and its limits, swapped together: a request loads one
+    /// snapshot and decides and limits with it.
+    rules: ArcSwap<Rules>,
     limiter: Arc<Limiter>,
     broker: BrokerFacts,
     /// Kill tasks started and not yet audited; shutdown waits for them.
@@ -84,6 +85,14 @@ pub struct Engine {
     check_audit: CheckAuditGate,
     /// Kill-event subscribers (`WatchKills`).
     events: Arc<EventHub>,
+}
+
+/// The policy and the limits of one policy file: replaced together on
+/// reload, loaded together by a request.
+#[derive(Debug)]
+struct Rules {
+    policy: Arc<Policy>,
+    limits: KillLimits,
 }
 
 /// Counts kill tasks in flight so shutdown can wait for each one to finish
@@ -179,8 +188,10 @@ impl Engine {
         let cap_kill = features.has_cap_kill;
         Engine {
             features: Arc::new(features),
-            policy: ArcSwap::from_pointee(policy),
-            limits: ArcSwap::from_pointee(limits),
+            rules: ArcSwap::from_pointee(Rules {
+                policy: Arc::new(policy),
+                limits,
+            }),
             limiter: Arc::new(Limiter::default()),
             broker: BrokerFacts {
                 pid: std::process::id() as i32,
@@ -203,7 +214,7 @@ impl Engine {
         if uid == 0 {
             return true;
         }
-        let policy = self.policy.load();
+        let policy = Arc::clone(&self.rules.load().policy);
         policy.rules().iter().any(|rule| {
             !rule.deny
                 && rule.kill
@@ -223,7 +234,7 @@ impl Engine {
     pub fn watch_kills(&self, caller: &Arc<Caller>) -> Result<Subscription, EngineError> {
         let pool = if caller.uid == 0 && caller.cap_kill {
             Pool::Root
-        } else if self.policy.load().metrics_grant(caller).is_some() {
+        } else if self.rules.load().policy.metrics_grant(caller).is_some() {
             Pool::Named
         } else {
             Pool::Shared
@@ -257,7 +268,7 @@ impl Engine {
     /// `watch` rule names; others get PERMISSION_DENIED (`no-watch-grant`):
     /// the counts cover every caller's kills.
     pub fn metrics(&self, caller: &Caller) -> Result<Vec<metrics::Metric>, EngineError> {
-        if self.policy.load().metrics_grant(caller).is_none() {
+        if self.rules.load().policy.metrics_grant(caller).is_none() {
             return Err(EngineError::PermissionDenied {
                 kind: crate::policy::DecisionKind::NoRule,
                 rule: "no-watch-grant".into(),
@@ -308,8 +319,10 @@ impl Engine {
     /// Replaces the policy and limits atomically: a request sees either the
     /// old pair or the new one, never a mix of the two policies.
     pub fn replace_policy(&self, policy: Policy, limits: KillLimits) {
-        self.policy.store(Arc::new(policy));
-        self.limits.store(Arc::new(limits));
+        self.rules.store(Arc::new(Rules {
+            policy: Arc::new(policy),
+            limits,
+        }));
     }
 
     pub fn capabilities(&self) -> Capabilities {
@@ -383,7 +396,7 @@ impl Engine {
         };
         // One policy snapshot for both questions: may the caller ask about
         // this target (the `check` grant), and would the kill be allowed.
-        let policy = self.policy.load();
+        let policy = Arc::clone(&self.rules.load().policy);
         if let Some(refusal) = policy.check_refusal(caller, &target) {
             if self.check_audit.admit(caller.uid, "check") {
                 audit_decision("check", caller, &target, &refusal, started);
@@ -421,7 +434,8 @@ impl Engine {
                 return Err(err);
             }
         };
-        let policy = self.policy.load_full();
+        let rules = self.rules.load_full();
+        let policy = Arc::clone(&rules.policy);
         let decision = self.decide(&policy, caller, &target);
         let policy_reap_delay = policy.reap_delay;
         if !decision.allowed {
@@ -432,7 +446,7 @@ impl Engine {
         }
         // The one decision record is written after the limiter, with the
         // final verdict: allowed by the policy but over the rate is a refusal.
-        let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
+        let in_flight = match self.limiter.acquire(caller.uid, &rules.limits) {
             Ok(slot) => slot,
             Err(err) => {
                 let limited = Decision {
@@ -601,7 +615,8 @@ impl Engine {
             }
             return Err(err);
         }
-        let policy = self.policy.load_full();
+        let snapshot = self.rules.load_full();
+        let policy = Arc::clone(&snapshot.policy);
         // The rules that allowed the members, for the kill event.
         let mut rules = std::collections::BTreeSet::new();
         for member in &members {
@@ -622,7 +637,7 @@ impl Engine {
                 });
             }
         }
-        let in_flight = match self.limiter.acquire(caller.uid, &self.limits.load()) {
+        let in_flight = match self.limiter.acquire(caller.uid, &snapshot.limits) {
             Ok(slot) => slot,
             Err(err) => {
                 if self.check_audit.admit(caller.uid, action) {
@@ -760,7 +775,7 @@ impl Engine {
                 return Err(err);
             }
         };
-        let policy = self.policy.load_full();
+        let policy = Arc::clone(&self.rules.load().policy);
         let features = Arc::clone(&self.features);
         let caller_for_scan = Arc::clone(caller);
         let broker = self.broker;
