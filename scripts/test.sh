@@ -87,7 +87,8 @@ fi
 check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 check build cargo build --workspace --all-targets --locked
-run rust cargo test --workspace --locked -- --test-threads=2
+# --no-fail-fast: one failing test binary must not hide the others' results.
+run rust cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
 # The policy parser under libFuzzer, briefly (fuzz/run.sh 600 for longer).
 check fuzz fuzz/run.sh 20
