@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reapd_client::varlink::{pidfd_of, Client as VarlinkClient};
-use reapd_e2e::{bin, fd_count, skip, Broker, Creds, Victim};
+use reapd_e2e::{bin, fd_count, skip, spawn_as, Broker, Creds, Victim};
 
 const ATTACKER: u32 = 61401;
 const OTHER: u32 = 61402;
@@ -107,26 +107,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn spawn_as(creds: Creds, command: &mut Command) -> Child {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: pre_exec runs in the forked child before exec and makes only
-    // raw syscalls.
-    unsafe {
-        command.pre_exec(move || {
-            let groups: &[u32] = &[];
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
-                && libc::syscall(libc::SYS_setresgid, creds.gid, creds.gid, creds.gid) == 0
-                && libc::syscall(libc::SYS_setresuid, creds.ruid, creds.euid, creds.suid) == 0
-            {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    command.stdin(Stdio::null()).spawn().expect("spawn")
-}
-
 fn varlink(broker: &Broker) -> PathBuf {
     reapd_e2e::varlink_socket(broker)
 }
@@ -141,7 +121,7 @@ fn attack(broker: &Broker, mode: &str, count: usize) -> KillOnDrop {
         .arg(varlink(broker))
         .arg(count.to_string())
         .stdout(Stdio::piped());
-    let mut child = KillOnDrop(spawn_as(Creds::uid(ATTACKER), &mut command));
+    let mut child = KillOnDrop(spawn_as(Creds::uid(ATTACKER), &[], &mut command));
     let mut line = String::new();
     BufReader::new(child.0.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -244,7 +224,7 @@ fn others_are_served(broker: &Broker, what: &str) {
 /// had to be killed).
 fn timed_out_after(creds: Creds, command: &mut Command) -> Option<i32> {
     command.stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = KillOnDrop(spawn_as(creds, command));
+    let mut child = KillOnDrop(spawn_as(creds, &[], command));
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         if let Ok(Some(status)) = child.0.try_wait() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use reapd_client::varlink::{pidfd_of, Client as VarlinkClient, VarlinkTarget};
 use reapd_client::Target;
-use reapd_e2e::{bin, unsafe_kill, wait_for_log, Broker, Creds, Value, Victim};
+use reapd_e2e::{bin, spawn_as, unsafe_kill, wait_for_log, Broker, Creds, Value, Victim};
 use serde_json::json;
 
 const A: u32 = 61201;
@@ -610,7 +610,7 @@ fn a_connection_flood_leaves_room_for_root_and_grantees() {
                 .arg(script)
                 .arg(socket(&broker))
                 .stdout(Stdio::piped());
-            spawn_as(Creds::uid(61300 + i), &mut command)
+            spawn_as(Creds::uid(61300 + i), &[], &mut command)
         })
         .collect();
     for child in &mut children {
@@ -668,26 +668,6 @@ fn a_connection_flood_leaves_room_for_root_and_grantees() {
         let _ = child.kill();
         let _ = child.wait();
     }
-}
-
-fn spawn_as(creds: Creds, command: &mut Command) -> Child {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: pre_exec runs in the forked child before exec and makes only
-    // raw syscalls.
-    unsafe {
-        command.pre_exec(move || {
-            let groups: &[u32] = &[];
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
-                && libc::syscall(libc::SYS_setresgid, creds.gid, creds.gid, creds.gid) == 0
-                && libc::syscall(libc::SYS_setresuid, creds.ruid, creds.euid, creds.suid) == 0
-            {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    command.stdin(Stdio::null()).spawn().expect("spawn")
 }
 
 /// Threads of `pid` named `name` that are blocked (FUSE waits first

@@ -588,28 +588,22 @@ fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
     if done(0) {
         return Ok(0);
     }
-    match client {
-        Backend::Grpc(mut c) => {
-            let events = c.watch_kills()?;
-            eprintln!("reapctl: watching kill events");
-            for event in events {
-                print(&event?);
-                seen += 1;
-                if done(seen) {
-                    break;
-                }
-            }
+    // Both transports give the same typed events; the varlink client gives
+    // its connection to the stream.
+    let mut grpc_client;
+    let events: Box<dyn Iterator<Item = Result<KillEvent, Error>>> = match client {
+        Backend::Grpc(c) => {
+            grpc_client = c;
+            Box::new(grpc_client.watch_kills()?)
         }
-        Backend::Varlink(c) => {
-            let events = c.watch_kills()?;
-            eprintln!("reapctl: watching kill events");
-            for event in events {
-                print(&event?);
-                seen += 1;
-                if done(seen) {
-                    break;
-                }
-            }
+        Backend::Varlink(c) => Box::new(c.watch_kills()?.map(|e| e.map_err(Error::from))),
+    };
+    eprintln!("reapctl: watching kill events");
+    for event in events {
+        print(&event?);
+        seen += 1;
+        if done(seen) {
+            break;
         }
     }
     Ok(0)
