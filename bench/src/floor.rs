@@ -247,7 +247,7 @@ impl pb::reaper_server::Reaper for Echo {
     ) -> Result<tonic::Response<pb::ListCandidatesResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("floor"))
     }
-    type WatchKillsStream = reapd::grpc::KillEventStream;
+    type WatchKillsStream = reapd::transport::grpc::KillEventStream;
     async fn watch_kills(
         &self,
         _: tonic::Request<pb::WatchKillsRequest>,
@@ -368,14 +368,14 @@ pub fn inprocess_check_once(pid: i32, paths: &[String; 4]) -> anyhow::Result<()>
     use rustix::process::{pidfd_open, Pid, PidfdFlags};
     let raw = Pid::from_raw(pid).ok_or_else(|| anyhow::anyhow!("bad pid"))?;
     let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
-    let wanted = reapd::sys::PIDFD_INFO_CREDS | reapd::sys::PIDFD_INFO_PID;
-    if reapd::sys::pidfd_get_info(pidfd.as_fd(), wanted).is_err() {
+    let wanted = reapd::os::sys::PIDFD_INFO_CREDS | reapd::os::sys::PIDFD_INFO_PID;
+    if reapd::os::sys::pidfd_get_info(pidfd.as_fd(), wanted).is_err() {
         read_once(&paths[0])?;
     }
     for path in &paths[1..] {
         read_once(path)?;
     }
-    anyhow::ensure!(reapd::target::is_running(pidfd.as_fd()), "target exited");
+    anyhow::ensure!(reapd::engine::target::is_running(pidfd.as_fd()), "target exited");
     Ok(())
 }
 

@@ -11,10 +11,10 @@
 use std::os::fd::OwnedFd;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use reapd::caller::{Caller, CallerPidns};
-use reapd::cgroup::CgroupFacts;
-use reapd::policy::{compile, BrokerFacts, Resolver};
-use reapd::target::TargetProcess;
+use reapd::engine::caller::{Caller, CallerPidns};
+use reapd::engine::policy::{compile, BrokerFacts, Resolver};
+use reapd::engine::target::TargetProcess;
+use reapd::os::cgroup::CgroupFacts;
 
 struct NoNames;
 

@@ -2,44 +2,28 @@
 //! reapd: a privileged broker that kills a process and reaps its memory at
 //! once, on behalf of unprivileged callers.
 //!
-//! Layout, in the order a request flows through it:
-//! - [`listener`]: Unix sockets, per-connection caller identity, connection caps.
-//! - [`closer`]: received fds closed off the executor, with per-uid budgets.
-//! - [`caller`]: who is asking (SO_PEERCRED, SO_PEERGROUPS, SO_PEERPIDFD).
-//! - [`target`]: which process, pinned by a pidfd before any check.
-//! - [`policy`]: may this caller kill this target, and why.
-//! - [`limits`]: per-uid kill rate and in-flight caps.
-//! - [`reaper`]: the kill and the reap.
-//! - [`engine`]: ties the above together, audits, and is what transports call.
-//! - [`grpc`]: the gRPC transport.
-//! - [`varlink`]: the varlink transport (`io.reapd.Reaper`), with pidfd passing.
-//! - [`features`]: kernel features probed once at start.
-//! - [`sys`]: the only `unsafe`: raw syscalls nobody else wraps.
+//! The folders follow a request:
+//! - [`transport`]: the sockets and the two wire protocols. [`transport::listener`]
+//!   accepts and caps connections and takes each caller's identity from the
+//!   kernel; [`transport::closer`] closes received fds off the executor;
+//!   [`transport::grpc`] and [`transport::varlink`] decode a call, hand it to
+//!   the engine and encode its answer — nothing else.
+//! - [`engine`]: every decision. [`engine::caller`] (who asks),
+//!   [`engine::target`] (which process, pinned by a pidfd before any check),
+//!   [`engine::policy`] (may this caller kill it, and why),
+//!   [`engine::limits`] (rate and in-flight caps), [`engine::reaper`] (the
+//!   kill and the reap), the audit records, [`engine::events`] and
+//!   [`engine::metrics`].
+//! - [`os`]: what the kernel and systemd give: [`os::sys`] (the only
+//!   `unsafe`), [`os::procfs`], [`os::cgroup`], [`os::features`] (probed once),
+//!   [`os::privilege`], [`os::seccomp`], [`os::systemd`].
+//! - [`server`]: start-up, the two transports over one engine, and the one
+//!   shutdown path.
 
-// All unsafe code lives in `sys`, which opts back in.
+// All unsafe code lives in `os::sys`, which opts back in.
 #![deny(unsafe_code)]
 
-pub mod authority;
-pub mod caller;
-pub mod candidates;
-pub mod cgroup;
-pub mod closer;
 pub mod engine;
-pub mod error;
-pub mod events;
-pub mod features;
-pub mod group;
-pub mod grpc;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
-pub mod policy;
-pub mod privilege;
-pub mod procfs;
-pub mod reaper;
-pub mod reload;
-pub mod seccomp;
-pub mod sys;
-pub mod systemd;
-pub mod target;
-pub mod varlink;
+pub mod os;
+pub mod server;
+pub mod transport;

@@ -5,23 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use reapd::engine::Engine;
-use reapd::features::KernelFeatures;
-use reapd::listener::{self, AcceptConfig, ConnectionCounter, ConnectionLimits};
+use reapd::os::systemd::Activation;
+use reapd::server::{self, Config};
 use reapd_docgen::{Block, Manual, Section};
-
-/// Descriptors the broker keeps for itself (listeners, journal, /proc reads
-/// on the blocking pool, pidfds of targets).
-const OWN_FDS: usize = 128;
-
-/// After SIGTERM and the kills in flight, how long gRPC connections may take
-/// to close after GOAWAY. A blocking client idle between calls never
-/// answers (its runtime is not running), so this bounds the stop.
-const GRPC_LINGER: Duration = Duration::from_secs(1);
 
 /// reapd(8) beyond what clap knows: how it runs, what it logs, its files.
 const MANUAL: Manual<'static> = Manual {
@@ -161,10 +150,10 @@ fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_env("REAPD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // REAPD_LOG filters the output only (a per-layer filter), so that the
     // :authority watch sees h2's debug event whatever the log level.
-    let registry = tracing_subscriber::registry().with(reapd::authority::layer());
+    let registry = tracing_subscriber::registry().with(reapd::transport::authority::layer());
     // Under systemd with stderr connected to the journal: structured
     // entries (every tracing field becomes a journal field).
-    if reapd::systemd::journal_stream_is_stderr() {
+    if reapd::os::systemd::journal_stream_is_stderr() {
         if let Ok(layer) = tracing_journald::layer() {
             registry
                 .with(
@@ -196,349 +185,42 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     if let Some(Command::CheckPolicy { file }) = &args.command {
-        return reapd::reload::check_policy_command(file);
+        return reapd::engine::reload::check_policy_command(file);
     }
     // Before anything else (and long before the runtime's threads): take
     // the sockets systemd passed and clear LISTEN_* from the environment.
-    let activation = reapd::systemd::Activation::take();
+    let activation = Activation::take();
     init_logging(&args.log_format);
-    let mut activation = match activation {
+    let activation = match activation {
         Ok(activation) => activation,
         Err(err) => {
             tracing::error!(error = %err, "bad socket activation");
             return ExitCode::FAILURE;
         }
     };
-    let policy_source = reapd::reload::PolicySource::new(args.policy.clone());
-    let (policy, kill_limits) = match policy_source.load() {
-        Ok((policy, kill_limits, origin)) => {
-            tracing::info!(path = %policy_source.path.display(), origin, rules = policy.rules().len(), "policy loaded");
-            (policy, kill_limits)
-        }
-        Err(err) => {
-            tracing::error!(error = %err.to_string().replace('\n', "; "), "invalid policy; refusing to start");
-            return ExitCode::FAILURE;
-        }
-    };
-
-    let activated = activation.activated();
-    let varlink_socket = args.varlink_socket.clone().unwrap_or_else(|| {
-        let dir = args.grpc_socket.parent().unwrap_or(std::path::Path::new("/run/reapd"));
-        dir.join(reapd::varlink::INTERFACE)
-    });
-    // Socket-activated without a varlink socket (e.g. systemd-socket-activate
-    // with one -l): serve gRPC only, unless --varlink-socket asks for one.
-    let passed_varlink = activation
-        .take_named(reapd::systemd::VARLINK_FD_NAME)
-        .or_else(|| activation.take_path(&varlink_socket));
-    let varlink_listener = match passed_varlink {
-        Some(listener) => Some(listener),
-        None if activated && args.varlink_socket.is_none() => None,
-        None => match listener::bind(&varlink_socket, 0o666) {
-            Ok(listener) => Some(listener),
-            Err(err) => {
-                tracing::error!(socket = %varlink_socket.display(), error = %err, "cannot listen");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    // The gRPC socket is bound last: a client that can connect to it (tests,
-    // scripts waiting for the broker) finds the varlink one listening too.
-    let passed_grpc = activation
-        .take_named(reapd::systemd::GRPC_FD_NAME)
-        .or_else(|| activation.take_path(&args.grpc_socket));
-    let listener = match passed_grpc {
-        Some(listener) => {
-            tracing::info!("gRPC socket passed by the service manager");
-            listener
-        }
-        None => match listener::bind(&args.grpc_socket, 0o666) {
-            Ok(listener) => listener,
-            Err(err) => {
-                tracing::error!(socket = %args.grpc_socket.display(), error = %err, "cannot listen");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-
-    // gRPC never carries fds: have the kernel refuse them (EPERM to the
-    // sender), so none is ever queued for, or released on, the broker.
-    match reapd::sys::refuse_passed_fds(std::os::fd::AsFd::as_fd(&listener)) {
-        Ok(()) => tracing::info!("gRPC socket refuses passed fds (SO_PASSRIGHTS off)"),
-        Err(err) => tracing::info!(
-            error = %err,
-            "kernel cannot refuse passed fds on the gRPC socket (SO_PASSRIGHTS, Linux 6.16); fds sent there are dropped unread"
-        ),
-    }
-
-    for name in activation.leftover_names() {
-        tracing::warn!(name = %name, "ignoring a passed socket with an unknown FileDescriptorName");
-    }
-    drop(activation);
-
-    // Sockets are bound: nothing below needs root. Lock memory first (root
-    // may raise RLIMIT_MEMLOCK), then keep only CAP_KILL.
-    let memory_lock = reapd::privilege::lock_memory();
-    // Before the seccomp filter, which allows no setrlimit.
-    let open_files = reapd::privilege::raise_open_file_limit();
-    let privileges = match reapd::privilege::restrict(args.user.as_deref()) {
-        Ok(privileges) => privileges,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot drop privileges; refusing to run with more than CAP_KILL");
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(
-        uid = privileges.uid,
-        gid = privileges.gid,
-        cap_kill = privileges.cap_kill,
-        dropped = %privileges.dropped.join(","),
-        memory_lock = ?memory_lock,
-        "privileges restricted to CAP_KILL"
-    );
-    if !privileges.cap_kill {
-        tracing::warn!(
-            uid = privileges.uid,
-            "DEGRADED MODE: no CAP_KILL; the kernel lets the broker kill only processes of uid {}, \
-             so kills of other users' processes allowed by policy will be refused",
-            privileges.uid
-        );
-    } else if privileges.uid == 0 {
-        tracing::warn!("running as uid 0 (with CAP_KILL only); pass --user to leave uid 0");
-    }
-
-    let features = KernelFeatures::probe();
-    for note in &features.notes {
-        tracing::warn!(note = %note, "kernel feature degraded");
-    }
-    tracing::info!(
-        kernel = %features.kernel_release,
-        kill_path = features.kill_path().as_str(),
-        process_mrelease = features.process_mrelease,
-        reap_kill_flag = features.reap_kill_flag,
-        pidfd_get_info = features.pidfd_get_info,
-        so_peerpidfd = features.so_peerpidfd,
-        cgroup_kill = features.cgroup_kill,
-        has_cap_kill = features.has_cap_kill,
-        "kernel features probed"
-    );
-
-    if !args.no_seccomp {
-        if let Err(err) = reapd::seccomp::apply() {
-            tracing::error!(error = %err, "cannot install the seccomp filter");
-            return ExitCode::FAILURE;
-        }
-        tracing::info!("seccomp allow-list installed");
-    }
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(64)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-
-    // The fd budget: the open-file limit, less what the broker itself uses
-    // and what received fds being closed may hold (the closer's cap).
-    let max_fds = usize::try_from(open_files)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(OWN_FDS + reapd::closer::TOTAL + reapd::closer::OVERSHOOT);
-    let max_total = args.max_connections.min(max_fds);
-    if max_total < args.max_connections {
-        tracing::warn!(
-            open_files,
-            requested = args.max_connections,
-            max_connections = max_total,
-            "open-file limit too low for --max-connections; lowering it"
-        );
-    }
-    let limits = ConnectionLimits {
-        max_total,
-        max_per_uid: args.max_connections_per_uid,
-        max_fds,
-        reserved: args.reserved_connections.min(max_total / 2),
+    let config = Config {
+        grpc_socket: args.grpc_socket,
+        varlink_socket: args.varlink_socket,
+        max_connections: args.max_connections,
+        max_connections_per_uid: args.max_connections_per_uid,
+        reserved_connections: args.reserved_connections,
         idle_timeout: match args.idle_timeout_ms {
             Some(ms) => Duration::from_millis(ms.max(10)),
             None => Duration::from_secs(args.idle_timeout_secs.max(1)),
         },
+        policy: args.policy,
+        user: args.user,
+        idle_exit: (args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs)),
+        seccomp: !args.no_seccomp,
     };
-    tracing::info!(
-        max_connections = limits.max_total,
-        max_per_uid = limits.max_per_uid,
-        max_fds = limits.max_fds,
-        reserved = limits.reserved,
-        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
-        "connection limits"
-    );
-    let engine = Arc::new(Engine::new(features, policy, kill_limits));
-    let privileged: reapd::listener::PrivilegedCheck = {
-        let engine = Arc::clone(&engine);
-        Arc::new(move |uid, gid, groups: &[u32]| engine.holds_kill_grant(uid, gid, groups))
-    };
-    let closer = Arc::new(reapd::closer::Closer::default());
-    let grpc_config = AcceptConfig {
-        limits,
-        // The socket and the caller's pidfd: gRPC never receives fds (the
-        // kernel refuses them; before Linux 6.16 it drops them unread, on
-        // the reading thread: see docs/threats.md).
-        weight: 2,
-        privileged: Arc::clone(&privileged),
-        closer: Arc::clone(&closer),
-    };
-    let varlink_config = AcceptConfig {
-        limits,
-        weight: reapd::varlink::FDS_PER_CONNECTION,
-        privileged,
-        closer: Arc::clone(&closer),
-    };
-    reapd::reload::spawn_reloader(&runtime, Arc::clone(&engine), policy_source);
-    if let Some(interval) = reapd::systemd::watchdog_interval() {
-        runtime.spawn(reapd::systemd::watchdog_loop(interval));
-    }
-    let idle_exit = (activated && args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs));
-    let status = format!(
-        "serving; CAP_KILL {}; kill path {}",
-        if privileges.cap_kill {
-            "held"
-        } else {
-            "missing (degraded: own-uid kills only)"
-        },
-        engine.features().kill_path().as_str()
-    );
-    let result = runtime.block_on(async move {
-        let listener = tokio::net::UnixListener::from_std(listener)?;
-        tracing::info!(socket = %args.grpc_socket.display(), "serving gRPC");
-        let counter = Arc::new(ConnectionCounter::default());
-        // One stop signal for both transports: SIGTERM/SIGINT, or idle exit.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stop_rx_for_grace = stop_rx.clone();
-        let stop_rx_for_events = stop_rx.clone();
-        let idle_counter = Arc::clone(&counter);
-        tokio::spawn(async move {
-            match idle_exit {
-                Some(idle) => tokio::select! {
-                    _ = shutdown_signal() => {}
-                    _ = reapd::systemd::idle_exit(idle_counter, idle) => {}
-                },
-                None => shutdown_signal().await,
-            }
-            reapd::systemd::notify_stopping("stopping: finishing calls in flight");
-            let _ = stop_tx.send(true);
-        });
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        };
-        let varlink = async {
-            match varlink_listener {
-                Some(varlink_listener) => {
-                    let varlink_listener = tokio::net::UnixListener::from_std(varlink_listener)?;
-                    tracing::info!(socket = %varlink_socket.display(), "serving varlink");
-                    reapd::varlink::serve(
-                        varlink_listener,
-                        Arc::clone(&engine),
-                        varlink_config,
-                        Arc::clone(&counter),
-                        closer,
-                        stopped(),
-                    )
-                    .await
-                }
-                None => Ok(()),
-            }
-        };
-        let grpc = reapd::grpc::serve(
-            listener,
-            Arc::clone(&engine),
-            grpc_config,
-            Arc::clone(&counter),
-            stopped(),
-        );
-        // gRPC waits for its clients to close after GOAWAY; one that never
-        // does (a blocking client between calls) must not hold up the stop.
-        let grace_rx = stop_rx_for_grace;
-        let grace_engine = Arc::clone(&engine);
-        let grpc = async move {
-            tokio::select! {
-                result = grpc => result.map_err(std::io::Error::other),
-                _ = async {
-                    let mut rx = grace_rx;
-                    let _ = rx.wait_for(|stop| *stop).await;
-                    // Kills are what must finish; other calls are short.
-                    grace_engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await;
-                    tokio::time::sleep(GRPC_LINGER).await;
-                } => {
-                    tracing::warn!("gRPC connections still open after the grace period; stopping anyway");
-                    Ok(())
-                }
-            }
-        };
-        // Kill-event streams never end by themselves: end them once the
-        // kills in flight have finished (and published their events), so
-        // subscribers hear every kill and the transports can stop.
-        let events_engine = Arc::clone(&engine);
-        let mut events_rx = stop_rx_for_events;
-        tokio::spawn(async move {
-            let _ = events_rx.wait_for(|stop| *stop).await;
-            events_engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await;
-            events_engine.close_event_streams();
-        });
-        let summaries = Arc::clone(&engine);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                summaries.flush_audit_summaries();
-            }
-        });
-        reapd::systemd::notify_ready(&status);
-        let (grpc, varlink) = tokio::join!(grpc, varlink);
-        // Kills run in their own tasks, which outlive their clients: wait
-        // for each to write its outcome record before the process exits.
-        let in_flight = engine.kills_in_flight();
-        if in_flight > 0 {
-            tracing::info!(in_flight, "waiting for kills in flight to finish");
-        }
-        if !engine.drain_kills(reapd::varlink::SHUTDOWN_GRACE).await {
-            tracing::warn!(
-                in_flight = engine.kills_in_flight(),
-                "kills still running after the grace period; exiting without their outcome records"
-            );
-        }
-        grpc.and(varlink)
-    });
-    // Blocking-pool threads still running (a /proc read, a reap) are not
-    // waited for beyond this.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    match result {
+    match server::run(config, activation) {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(err) => {
-            tracing::error!(error = %err, "serving failed");
+            tracing::error!("{err}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing calls in flight"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing calls in flight"),
     }
 }

@@ -10,7 +10,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reapd::policy::{compile, Resolver};
+use reapd::engine::policy::{compile, Resolver};
 
 /// Fixed names: the fuzzer must not hammer NSS.
 struct Table;

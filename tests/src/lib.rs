@@ -457,7 +457,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(relative: &str) -> TestCgroup {
-        let mount = reapd::procfs::cgroup2_mount().expect("no cgroup2 mount");
+        let mount = reapd::os::procfs::cgroup2_mount().expect("no cgroup2 mount");
         let dir = mount.join(relative);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         TestCgroup { dir }
@@ -476,7 +476,7 @@ pub struct CgroupTree {
 
 impl CgroupTree {
     pub fn new(name: &str) -> CgroupTree {
-        let mount = reapd::procfs::cgroup2_mount().expect("no cgroup2 mount");
+        let mount = reapd::os::procfs::cgroup2_mount().expect("no cgroup2 mount");
         CgroupTree { dir: mount.join(name) }
     }
 }

@@ -131,7 +131,7 @@ fn processes_forked_during_the_kill_are_caught() {
         .unwrap();
     // Let it build up some children (observable: the member count).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while reapd::group::member_pids(&cg.dir).len() < 50 {
+    while reapd::engine::group::member_pids(&cg.dir).len() < 50 {
         assert!(Instant::now() < deadline, "the forker did not fork");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -29,7 +29,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn system_anon_and_swap() -> u64 {
-    reapd::procfs::system_anon_and_swap().expect("/proc/meminfo")
+    reapd::os::procfs::system_anon_and_swap().expect("/proc/meminfo")
 }
 
 /// A python3 victim running `body` (which must print its pid to kill, then

@@ -698,7 +698,7 @@ fn a_fuse_fd_that_never_flushes_costs_only_its_sender() {
     let broker = start("", &[]);
     let mountdir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(mountdir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let budget = 8; // reapd::closer::PER_UID
+    let budget = 8; // reapd::transport::closer::PER_UID
     let mut fuse = {
         use std::os::unix::process::CommandExt;
         Command::new(bin("fuse-noflush"))

@@ -3,7 +3,7 @@
 //! the `security` exposure score (must stay ≤ 1.0), every syscall the unit
 //! names known to systemd, and sysusers/tmpfiles applied to a scratch root.
 //! (That the unit's SystemCallFilter= agrees with the broker's own seccomp
-//! list is a unit test in broker/src/seccomp.rs.)
+//! list is a unit test in broker/src/os/seccomp.rs.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

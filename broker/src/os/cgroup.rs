@@ -52,7 +52,7 @@ impl CgroupFacts {
         }
         let trusted = trusted_prefix(mount, &path);
         Some(CgroupFacts {
-            path: crate::procfs::escape_invalid_utf8(&path),
+            path: crate::os::procfs::escape_invalid_utf8(&path),
             trusted,
         })
     }
@@ -67,7 +67,7 @@ impl CgroupFacts {
 /// The cgroup2 mount, found once from `/proc/self/mountinfo`.
 pub fn mount() -> Option<&'static Path> {
     static MOUNT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    MOUNT.get_or_init(crate::procfs::cgroup2_mount).as_deref()
+    MOUNT.get_or_init(crate::os::procfs::cgroup2_mount).as_deref()
 }
 
 /// Owned by uid 0 and writable by no one else.

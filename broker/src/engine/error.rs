@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::policy::{Decision, DecisionKind};
+use crate::engine::policy::{Decision, DecisionKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The varlink transport (`io.reapd.Reaper`, plus the `org.varlink.service`
-//! introspection methods). A thin adapter like [`crate::grpc`]: decode the
+//! introspection methods). A thin adapter like [`crate::transport::grpc`]: decode the
 //! call, call the engine, encode. No decision is made here.
 //!
 //! The protocol layer is written here rather than taken from a crate (see
@@ -30,7 +30,7 @@
 //! closer thread too ([`listener::close_socket`]). An installed fd is kept
 //! only if it is a pidfd (or, for `pidns`, a pid namespace); every other
 //! one, and every one the call did not take, is closed by
-//! [`crate::closer`], charged to the sender's uid.
+//! [`crate::transport::closer`], charged to the sender's uid.
 
 use std::future::Future;
 use std::io::IoSliceMut;
@@ -45,17 +45,17 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::caller::Caller;
-use crate::candidates::{self, CandidatesReport, SortKey};
-use crate::closer::{self, Closer, Received, SCM_MAX_FD};
+use crate::engine::caller::Caller;
+use crate::engine::candidates::{self, CandidatesReport, SortKey};
+use crate::engine::error::EngineError;
+use crate::engine::events::KillEvent;
+use crate::engine::group::{GroupReport, GroupSpec};
+use crate::engine::policy::DecisionKind;
+use crate::engine::target::{ProcessInfo, TargetSpec};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
-use crate::error::EngineError;
-use crate::events::KillEvent;
-use crate::group::{GroupReport, GroupSpec};
-use crate::listener::{self, AcceptConfig, Accepted, ConnectionCounter};
-use crate::policy::DecisionKind;
-use crate::procfs::Memory;
-use crate::target::{ProcessInfo, TargetSpec};
+use crate::os::procfs::Memory;
+use crate::transport::closer::{self, Closer, Received, SCM_MAX_FD};
+use crate::transport::listener::{self, AcceptConfig, Accepted, ConnectionCounter};
 
 /// The interface this broker implements.
 pub const INTERFACE: &str = "io.reapd.Reaper";
@@ -151,7 +151,7 @@ impl VarlinkError {
 }
 
 /// The one place engine errors become varlink errors (see
-/// [`crate::grpc::status_of`] for gRPC). `parameter` names the call
+/// [`crate::transport::grpc::status_of`] for gRPC). `parameter` names the call
 /// parameter an `InvalidArgument` is about.
 pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
     let reason = err.message();
@@ -184,7 +184,7 @@ pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
 /// `pidns` parameter's fault, whichever parameter named the target.
 fn blame_of(err: &EngineError, target: &'static str) -> &'static str {
     match err {
-        EngineError::InvalidArgument(message) if message.starts_with(crate::target::PIDNS_REFUSAL) => "pidns",
+        EngineError::InvalidArgument(message) if message.starts_with(crate::engine::target::PIDNS_REFUSAL) => "pidns",
         _ => target,
     }
 }
@@ -803,7 +803,7 @@ impl Receiver {
         // The peek installs no fd and consumes nothing; it says whether fds
         // are attached to the bytes it saw (it stops after the first write
         // that carried some).
-        let (n, carries_fds) = crate::sys::peek_for_fds(stream.as_fd(), &mut peeked)?;
+        let (n, carries_fds) = crate::os::sys::peek_for_fds(stream.as_fd(), &mut peeked)?;
         if n == 0 {
             let mid_message = !self.partial.is_empty() || self.incomplete;
             return Ok(Incoming::Eof { mid_message });
@@ -986,7 +986,7 @@ fn metrics_replies(engine: &Engine, caller: &Caller, call: &Call) -> Result<Vec<
         return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
     }
     let metrics = engine.metrics(caller).map_err(|err| error_of(err, "more"))?;
-    let prefixed = |name: &str| format!("{}{name}", crate::metrics::PREFIX);
+    let prefixed = |name: &str| format!("{}{name}", crate::engine::metrics::PREFIX);
     Ok(match method {
         "List" => metrics
             .into_iter()
@@ -999,7 +999,7 @@ fn metrics_replies(engine: &Engine, caller: &Caller, call: &Call) -> Result<Vec<
                 reply
             })
             .collect(),
-        _ => crate::metrics::FAMILIES
+        _ => crate::engine::metrics::FAMILIES
             .iter()
             .map(
                 |(name, kind, description)| json!({ "name": prefixed(name), "description": description, "type": kind }),
@@ -1267,7 +1267,7 @@ async fn serve_calls(
 
 /// Serves varlink on `listener` until `shutdown` completes, then finishes
 /// the calls in flight (up to [`SHUTDOWN_GRACE`]) and returns. Mirrors
-/// [`crate::grpc::serve`]: same caller identity, same connection caps
+/// [`crate::transport::grpc::serve`]: same caller identity, same connection caps
 /// (`counter` may be shared with the gRPC listener), same timeouts.
 pub async fn serve(
     listener: UnixListener,

@@ -33,8 +33,8 @@ use matcher::{units_on_path, CallerMatch, Mode, Protected, TargetMatch};
 
 use serde::Serialize;
 
-use crate::caller::Caller;
-use crate::target::TargetProcess;
+use crate::engine::caller::Caller;
+use crate::engine::target::TargetProcess;
 
 /// What kind of verdict: what an OOM manager branches on (try the next
 /// candidate, back off, report a misconfiguration) without parsing text.

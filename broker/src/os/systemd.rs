@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use rustix::net::{sockopt, AddressFamily, SocketType};
 use sd_notify::NotifyState;
 
-use crate::listener::ConnectionCounter;
-use crate::sys;
+use crate::os::sys;
+use crate::transport::listener::ConnectionCounter;
 
 /// The `FileDescriptorName=` of the gRPC socket in `reapd.socket`.
 pub const GRPC_FD_NAME: &str = "grpc";

@@ -27,12 +27,12 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
 use serde::Serialize;
 
-use crate::caller::{Caller, CallerPidns};
-use crate::cgroup::CgroupFacts;
-use crate::error::EngineError;
-use crate::features::KernelFeatures;
-use crate::sys::PidnsTranslation;
-use crate::{procfs, sys};
+use crate::engine::caller::{Caller, CallerPidns};
+use crate::engine::error::EngineError;
+use crate::os::cgroup::CgroupFacts;
+use crate::os::features::KernelFeatures;
+use crate::os::sys::PidnsTranslation;
+use crate::os::{procfs, sys};
 
 /// How a request names its target.
 #[derive(Debug)]

@@ -312,7 +312,7 @@ pub fn system_anon_and_swap() -> io::Result<u64> {
 /// the bytes the kernel gives, or empty on a machine with no unified
 /// hierarchy. The path is relative to the reader's (the broker's) cgroup
 /// namespace. Names are chosen by whoever may create the cgroup, so they
-/// need not be UTF-8 (see `crate::cgroup` for what of it is believed).
+/// need not be UTF-8 (see `crate::os::cgroup` for what of it is believed).
 pub fn read_cgroup_bytes(pid: i32) -> io::Result<Vec<u8>> {
     let bytes = read_proc(&format!("/proc/{pid}/cgroup"))?;
     Ok(bytes

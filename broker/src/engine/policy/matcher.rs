@@ -5,8 +5,8 @@
 
 use globset::GlobMatcher;
 
-use crate::caller::Caller;
-use crate::target::TargetProcess;
+use crate::engine::caller::Caller;
+use crate::engine::target::TargetProcess;
 
 /// An inclusive range of uids or gids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ impl CallerMatch {
     /// uid is its effective uid from SO_PEERCRED; its groups are the primary
     /// gid and SO_PEERGROUPS.
     ///
-    /// Its cgroup (see `crate::cgroup`): a grant (`Mode::Allow`) looks at
+    /// Its cgroup (see `crate::os::cgroup`): a grant (`Mode::Allow`) looks at
     /// the trusted prefix only, and never matches an unverified cgroup; a
     /// deny rule (`Mode::Deny`) looks at the full path, any unit named on
     /// it, and matches an unverified cgroup. Either way a caller cannot

@@ -27,9 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
 
-use crate::caller::Caller;
-use crate::closer::Closer;
-use crate::features::KernelFeatures;
+use crate::engine::caller::Caller;
+use crate::os::features::KernelFeatures;
+use crate::transport::closer::Closer;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -86,7 +86,7 @@ pub struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        crate::metrics::get().connection_open(false);
+        crate::engine::metrics::get().connection_open(false);
         let mut inner = self.counter.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.connections = inner.connections.saturating_sub(1);
         inner.fds = inner.fds.saturating_sub(self.weight);
@@ -159,7 +159,7 @@ impl ConnectionCounter {
         inner.connections += 1;
         inner.fds += weight;
         *inner.by_uid.entry(uid).or_insert(0) += 1;
-        crate::metrics::get().connection_open(true);
+        crate::engine::metrics::get().connection_open(true);
         Ok(ConnectionSlot {
             counter: Arc::clone(self),
             uid,
@@ -240,8 +240,8 @@ pub struct AcceptConfig {
 fn peer_ids(stream: &UnixStream) -> Option<(u32, u32, Vec<u32>)> {
     // Our own SO_PEERCRED wrapper: rustix's `UCred` holds a non-zero pid,
     // and a peer outside our pid namespace has pid 0.
-    let (_, uid, gid) = crate::sys::peer_cred(stream.as_fd()).ok()?;
-    let groups = crate::sys::peer_groups(stream.as_fd()).unwrap_or_default();
+    let (_, uid, gid) = crate::os::sys::peer_cred(stream.as_fd()).ok()?;
+    let groups = crate::os::sys::peer_groups(stream.as_fd()).unwrap_or_default();
     Some((uid, gid, groups))
 }
 
@@ -251,7 +251,7 @@ const PEEK_LIMIT: usize = 64 * 1024 + 1;
 
 /// Closes a connection's socket. Closing it releases whatever fds are still
 /// queued on it, on the closing thread, and such a release can block (see
-/// `crate::varlink::Receiver::take`). So the peer is cut off first (no more bytes can
+/// `crate::transport::varlink::Receiver::take`). So the peer is cut off first (no more bytes can
 /// come), then a peek says whether fds wait in the queue: if not, the
 /// socket is closed here; if so, on a closer thread, which holds the
 /// connection's slot (and one unit of the sender's fd budget, charged
@@ -268,7 +268,7 @@ pub fn close_socket<S: Send + 'static>(stream: UnixStream, uid: u32, closer: &Ar
                 "fds queued on a closed connection; closing it off the executor"
             );
             let unit = closer.charge(uid, 1);
-            crate::closer::drop_off_executor((stream, slot, unit));
+            crate::transport::closer::drop_off_executor((stream, slot, unit));
         }
         Err(err) => tracing::warn!(error = %err, "cannot take a socket off the runtime; closing it here"),
     }
@@ -284,7 +284,7 @@ fn may_hold_fds(stream: &UnixStream) -> bool {
         Err(_) => return true,
     };
     let mut buf = vec![0u8; queued.min(PEEK_LIMIT)];
-    match crate::sys::peek_for_fds(stream.as_fd(), &mut buf) {
+    match crate::os::sys::peek_for_fds(stream.as_fd(), &mut buf) {
         // Everything queued was seen and none of it carries fds.
         Ok((n, false)) => n < queued,
         _ => true,
@@ -323,7 +323,7 @@ pub async fn accept_loop(
         let accepted_at = Instant::now();
         let Some((uid, gid, groups)) = peer_ids(&stream) else {
             tracing::debug!("no SO_PEERCRED for a new connection; closing it");
-            crate::metrics::get().connection(false);
+            crate::engine::metrics::get().connection(false);
             continue;
         };
         let mut privileged = None;
@@ -339,7 +339,7 @@ pub async fn accept_loop(
                     "connection refused: over the {}",
                     why.as_str()
                 );
-                crate::metrics::get().connection(false);
+                crate::engine::metrics::get().connection(false);
                 close_socket(stream, uid, &config.closer, ());
                 continue;
             }
@@ -360,12 +360,12 @@ pub async fn accept_loop(
                 Ok(caller) => caller,
                 Err(err) => {
                     tracing::warn!(error = %err, "could not identify a peer; closing its connection");
-                    crate::metrics::get().connection(false);
+                    crate::engine::metrics::get().connection(false);
                     close_socket(stream, uid, &closer, slot);
                     return;
                 }
             };
-            crate::metrics::get().connection(true);
+            crate::engine::metrics::get().connection(true);
             if !deliver(Accepted {
                 stream,
                 caller: Arc::new(caller),

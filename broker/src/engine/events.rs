@@ -24,13 +24,13 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::caller::{Caller, CallerPidns};
-use crate::error::EngineError;
-use crate::features::KillPath;
-use crate::policy::Policy;
-use crate::procfs::Memory;
-use crate::reaper::Outcome;
-use crate::target::{ProcessInfo, TargetProcess};
+use crate::engine::caller::{Caller, CallerPidns};
+use crate::engine::error::EngineError;
+use crate::engine::policy::Policy;
+use crate::engine::reaper::Outcome;
+use crate::engine::target::{ProcessInfo, TargetProcess};
+use crate::os::features::KillPath;
+use crate::os::procfs::Memory;
 
 /// Events one subscriber may have waiting; beyond this they are dropped
 /// (for it alone) and counted.
@@ -347,7 +347,7 @@ impl EventHub {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     subscriber.dropped.fetch_add(earlier + 1, Ordering::Relaxed);
-                    crate::metrics::get().event_dropped();
+                    crate::engine::metrics::get().event_dropped();
                 }
                 // The subscription is being dropped; its Drop unlists it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -359,7 +359,7 @@ impl EventHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{compile, Nss};
+    use crate::engine::policy::{compile, Nss};
 
     fn caller(uid: u32) -> Arc<Caller> {
         Arc::new(Caller {

@@ -6,6 +6,18 @@
 //! Request flow: Caller → Target (pin by pidfd) → Policy → Limits → Reaper →
 //! Audit. Every decision and every outcome is audited exactly once.
 
+pub mod caller;
+pub mod candidates;
+pub mod error;
+pub mod events;
+pub mod group;
+pub mod limits;
+pub mod metrics;
+pub mod policy;
+pub mod reaper;
+pub mod reload;
+pub mod target;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,17 +26,16 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::caller::Caller;
-use crate::candidates::{self, CandidatesReport};
-use crate::error::EngineError;
-use crate::events::{EventHub, KillKind, KillRecord, Pool, Requester, Subscription, VictimOutcome};
-use crate::features::{KernelFeatures, KillPath};
-use crate::group::{self, GroupReport, GroupSpec};
-use crate::limits::{KillLimits, Limiter};
-use crate::metrics;
-use crate::policy::{BrokerFacts, Decision, Policy};
-use crate::reaper::{self, KillOptions, ReapReport};
-use crate::target::{self, Namespace, TargetProcess, TargetSpec};
+use self::caller::Caller;
+use self::candidates::CandidatesReport;
+use self::error::EngineError;
+use self::events::{EventHub, KillKind, KillRecord, Pool, Requester, Subscription, VictimOutcome};
+use self::group::{GroupReport, GroupSpec};
+use self::limits::{KillLimits, Limiter};
+use self::policy::{BrokerFacts, Decision, Policy};
+use self::reaper::{KillOptions, ReapReport};
+use self::target::{Namespace, TargetProcess, TargetSpec};
+use crate::os::features::{KernelFeatures, KillPath};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// Longest wait for the target's exit a client may ask for.
@@ -228,7 +239,7 @@ impl Engine {
         })
     }
 
-    /// Subscribes `caller` to kill events (see [`crate::events`]): it
+    /// Subscribes `caller` to kill events (see [`self::events`]): it
     /// receives one event per later kill of a process it is entitled to
     /// see. Errors: RESOURCE_EXHAUSTED over the subscription caps.
     pub fn watch_kills(&self, caller: &Arc<Caller>) -> Result<Subscription, EngineError> {
@@ -264,13 +275,13 @@ impl Engine {
         self.events.subscribers()
     }
 
-    /// Every metric (see [`crate::metrics`]), for root and for callers a
+    /// Every metric (see [`self::metrics`]), for root and for callers a
     /// `watch` rule names; others get PERMISSION_DENIED (`no-watch-grant`):
     /// the counts cover every caller's kills.
     pub fn metrics(&self, caller: &Caller) -> Result<Vec<metrics::Metric>, EngineError> {
         if self.rules.load().policy.metrics_grant(caller).is_none() {
             return Err(EngineError::PermissionDenied {
-                kind: crate::policy::DecisionKind::NoRule,
+                kind: self::policy::DecisionKind::NoRule,
                 rule: "no-watch-grant".into(),
                 reason: format!(
                     "the broker's metrics count every caller's kills: root or a `watch` grant may read them, not uid {}",
@@ -451,7 +462,7 @@ impl Engine {
             Err(err) => {
                 let limited = Decision {
                     allowed: false,
-                    kind: crate::policy::DecisionKind::RateLimited,
+                    kind: self::policy::DecisionKind::RateLimited,
                     rule: "rate-limit".into(),
                     reason: format!("{} ({} allows it)", err, decision.rule),
                 };
@@ -758,7 +769,7 @@ impl Engine {
 
 impl Engine {
     /// The processes and cgroups `caller` may kill now (see
-    /// [`crate::candidates`]), one page, ranked as asked.
+    /// [`self::candidates`]), one page, ranked as asked.
     pub async fn candidates(
         &self,
         caller: &Arc<Caller>,

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use rustix::process::{pidfd_send_signal, Signal};
 use serde::Serialize;
 
-use crate::error::EngineError;
-use crate::features::{errno_name, KillPath};
-use crate::procfs::{self, Memory};
-use crate::sys;
-use crate::target::{wait_for_exit, TargetProcess};
+use crate::engine::error::EngineError;
+use crate::engine::target::{wait_for_exit, TargetProcess};
+use crate::os::features::{errno_name, KillPath};
+use crate::os::procfs::{self, Memory};
+use crate::os::sys;
 
 /// EAGAIN (mmap lock contended) retries before the broker gives up on the
 /// reap. The kernel's OOM reaper tries 10 times too; our waits are shorter
@@ -256,7 +256,7 @@ fn signal_error(target: &TargetProcess, err: rustix::io::Errno) -> EngineError {
 
 fn kernel_refused(target: &TargetProcess, err: io::Error) -> EngineError {
     EngineError::PermissionDenied {
-        kind: crate::policy::DecisionKind::Degraded,
+        kind: crate::engine::policy::DecisionKind::Degraded,
         rule: "degraded:no-cap-kill".into(),
         reason: format!(
             "the kernel refused the broker's kill of pid {} ({err}); the broker lacks CAP_KILL (degraded mode)",

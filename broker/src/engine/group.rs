@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use rustix::process::{pidfd_send_signal, Signal};
 use serde::Serialize;
 
-use crate::cgroup;
-use crate::error::EngineError;
-use crate::features::KernelFeatures;
-use crate::procfs::{self, Memory};
-use crate::reaper::{KillOptions, Outcome, MAX_REAP_RETRIES};
-use crate::sys;
-use crate::target::{self, Namespace, TargetProcess};
+use crate::engine::error::EngineError;
+use crate::engine::reaper::{KillOptions, Outcome, MAX_REAP_RETRIES};
+use crate::engine::target::{self, Namespace, TargetProcess};
+use crate::os::cgroup;
+use crate::os::features::KernelFeatures;
+use crate::os::procfs::{self, Memory};
+use crate::os::sys;
 
 /// Most passes over the members before the broker gives up on a group
 /// that keeps gaining members (each pass kills everything it found).
@@ -222,7 +222,7 @@ pub fn pin_members(
             Err(EngineError::NotFound(msg)) if msg.contains("has exited") => {}
             Err(EngineError::NotFound(_)) => {
                 return Err(EngineError::PermissionDenied {
-                    kind: crate::policy::DecisionKind::NotVisible,
+                    kind: crate::engine::policy::DecisionKind::NotVisible,
                     rule: "not-visible".into(),
                     reason: "a member of the group is outside the caller's pid namespace; nothing was killed".into(),
                 })
@@ -300,7 +300,7 @@ pub fn kill_all(
     let before: u64 = killed.iter().map(|(_, m)| m.reapable_bytes()).sum();
     // Members freeing their own memory finish it (see the single kill).
     if outcomes.iter().any(|(o, _)| *o == Outcome::ExitedBeforeReap) {
-        let deadline = Instant::now() + crate::reaper::EXIT_SETTLE;
+        let deadline = Instant::now() + crate::engine::reaper::EXIT_SETTLE;
         for (t, _) in &killed {
             target::wait_for_exit(t.pidfd.as_fd(), deadline.saturating_duration_since(Instant::now()));
         }
@@ -374,7 +374,7 @@ fn reap_one(target: &TargetProcess, features: &KernelFeatures) -> (Outcome, Stri
                     Outcome::KilledNotReaped,
                     format!(
                         "process_mrelease failed: {}",
-                        crate::features::errno_name(err.raw_os_error())
+                        crate::os::features::errno_name(err.raw_os_error())
                     ),
                 )
             }

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::reaper::MAX_REAP_DELAY;
+use crate::engine::reaper::MAX_REAP_DELAY;
 use std::ops::Range;
 
 use globset::GlobBuilder;
@@ -18,7 +18,7 @@ use toml::Spanned;
 use super::file::{IdRange, RawCaller, RawPolicy, RawProtect, RawRule, RawTarget};
 use super::matcher::{CallerMatch, Glob, IdSpan, Protected, TargetMatch};
 use super::{Policy, Rule};
-use crate::limits::KillLimits;
+use crate::engine::limits::KillLimits;
 
 /// One problem in a policy file, at a position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,18 +14,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
-use crate::caller::Caller;
-use crate::candidates::{self, CandidatesReport, SortKey};
+use crate::engine::caller::Caller;
+use crate::engine::candidates::{self, CandidatesReport, SortKey};
+use crate::engine::error::EngineError;
+use crate::engine::events::{KillEvent, KillKind, Subscription};
+use crate::engine::group::{GroupReport, GroupSpec};
+use crate::engine::policy::DecisionKind;
+use crate::engine::reaper::Outcome;
+use crate::engine::target::{ProcessInfo, TargetSpec};
 use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
-use crate::error::EngineError;
-use crate::events::{KillEvent, KillKind, Subscription};
-use crate::features::KillPath;
-use crate::group::{GroupReport, GroupSpec};
-use crate::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
-use crate::policy::DecisionKind;
-use crate::procfs::Memory;
-use crate::reaper::Outcome;
-use crate::target::{ProcessInfo, TargetSpec};
+use crate::os::features::KillPath;
+use crate::os::procfs::Memory;
+use crate::transport::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
 
 /// Largest request the broker decodes. Real requests are a few bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4096;

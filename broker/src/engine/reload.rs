@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::engine::limits::KillLimits;
+use crate::engine::policy::{self, LoadError, Policy};
 use crate::engine::Engine;
-use crate::limits::KillLimits;
-use crate::policy::{self, LoadError, Policy};
 
 /// Where the daemon looks when `--policy` is not given.
 pub const DEFAULT_POLICY_PATH: &str = "/etc/reapd/policy.toml";

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::features::KillPath;
-use crate::policy::DecisionKind;
-use crate::reaper::Outcome;
+use crate::engine::policy::DecisionKind;
+use crate::engine::reaper::Outcome;
+use crate::os::features::KillPath;
 
 /// Upper bounds of the latency histogram buckets, in seconds (Prometheus'
 /// `le`); a last, implicit bucket is `+Inf`.

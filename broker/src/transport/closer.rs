@@ -253,7 +253,7 @@ pub fn close_batch(batch: Vec<Received>) {
 
 /// Drops `item` on a closer thread: for a socket whose receive queue may
 /// hold passed fds, which closing it releases (see
-/// [`crate::varlink`]'s connection close).
+/// [`crate::transport::varlink`]'s connection close).
 pub fn drop_off_executor<T: Send + 'static>(item: T) {
     spawn_close(item);
 }

@@ -13,9 +13,9 @@ use std::sync::OnceLock;
 
 use serde::Serialize;
 
-use crate::cgroup::CgroupFacts;
-use crate::features::KernelFeatures;
-use crate::{procfs, sys};
+use crate::os::cgroup::CgroupFacts;
+use crate::os::features::KernelFeatures;
+use crate::os::{procfs, sys};
 
 /// Where the caller's pid numbers live, relative to the broker's.
 #[derive(Debug, Serialize)]
@@ -160,7 +160,7 @@ impl Caller {
                 ),
             ) {
                 let pidns = pidns_of(status, pidfd.as_fd());
-                if crate::target::is_running(pidfd.as_fd()) {
+                if crate::engine::target::is_running(pidfd.as_fd()) {
                     self.pidns = pidns;
                     self.cap_kill = self.uid == 0 && status.cap_eff & CAP_KILL_BIT != 0;
                 }
@@ -175,7 +175,7 @@ impl Caller {
             status.as_ref().map(|s| (s.uids[0], s.uids[1]))
         };
         // Everything read by pid above counts only if the caller still runs.
-        let Some((ruid, euid)) = live.filter(|_| crate::target::is_running(pidfd.as_fd())) else {
+        let Some((ruid, euid)) = live.filter(|_| crate::engine::target::is_running(pidfd.as_fd())) else {
             self.comm = format!("{comm}?");
             return;
         };
@@ -225,6 +225,6 @@ fn pidns_of(status: &procfs::Status, pidfd: BorrowedFd<'_>) -> CallerPidns {
     }
     let ns = sys::pidfd_pid_namespace(pidfd)
         .ok()
-        .filter(|ns| crate::target::pidns_level(ns.as_fd()) == Some(level));
+        .filter(|ns| crate::engine::target::pidns_level(ns.as_fd()) == Some(level));
     CallerPidns::Child { level, ns }
 }

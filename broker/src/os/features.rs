@@ -12,8 +12,8 @@ use std::os::unix::net::UnixStream;
 use rustix::process::{getpid, pidfd_open, PidfdFlags};
 use serde::Serialize;
 
-use crate::procfs;
-use crate::sys;
+use crate::os::procfs;
+use crate::os::sys;
 
 /// How the broker kills and reaps, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

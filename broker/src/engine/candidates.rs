@@ -13,11 +13,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::caller::Caller;
-use crate::features::KernelFeatures;
-use crate::policy::{BrokerFacts, Policy};
-use crate::procfs::{self, Memory};
-use crate::target::{self, Namespace, TargetProcess};
+use crate::engine::caller::Caller;
+use crate::engine::policy::{BrokerFacts, Policy};
+use crate::engine::target::{self, Namespace, TargetProcess};
+use crate::os::features::KernelFeatures;
+use crate::os::procfs::{self, Memory};
 
 /// Most entries one page may hold.
 pub const MAX_PAGE: usize = 1000;

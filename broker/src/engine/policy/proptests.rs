@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use proptest::prelude::*;
 
 use super::*;
-use crate::cgroup::CgroupFacts;
+use crate::os::cgroup::CgroupFacts;
 
 /// Names resolve from a fixed table: tests must not depend on /etc/passwd.
 struct Table;
@@ -56,7 +56,7 @@ fn caller_in(uid: u32, ruid: Option<u32>, gid: u32, groups: Vec<u32>, cgroup: Op
         groups,
         comm: "test".into(),
         cgroup,
-        pidns: crate::caller::CallerPidns::Broker,
+        pidns: crate::engine::caller::CallerPidns::Broker,
         userns_capabilities: false,
         cap_kill: uid == 0,
         pidfd: None,
