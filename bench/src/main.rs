@@ -454,7 +454,7 @@ fn run(
     }
 
     let results = Results {
-        machine: machine(caps.kill_path.clone()),
+        machine: machine(caps.kill_path.to_string()),
         command,
         quick,
         started_utc,

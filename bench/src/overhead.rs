@@ -223,7 +223,7 @@ pub fn worker_kill_main(socket: &Path, count: usize, varlink: bool) -> anyhow::R
             let t0 = Instant::now();
             let report = client.kill_and_reap(target, None).await?;
             let took = us(t0.elapsed());
-            if report.outcome == "unspecified" {
+            if report.outcome == reapd_client::Outcome::Unspecified {
                 anyhow::bail!("KillAndReap of {} answered no outcome", v.pid);
             }
             lines.push_str(&format!("{took}\n"));

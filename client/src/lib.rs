@@ -50,41 +50,63 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// The broker's default gRPC socket.
 pub const DEFAULT_SOCKET: &str = "/run/reapd/grpc.sock";
 
-/// Errors, one per status the broker documents, plus transport failures.
+/// Errors, one per refusal the API documents (the same whichever
+/// transport answered), plus failures to reach the broker. Transport types
+/// stay inside: a source error is only reachable through
+/// `std::error::Error::source`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// No connection could be made to the socket at `path`.
     #[error("cannot reach the broker at {path}: {source}")]
     Connect {
         path: PathBuf,
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// The request was malformed; `parameter` names the API parameter to
+    /// blame when the broker said (varlink name, e.g. `pid`, `pidns`).
+    #[error("invalid argument: {message}")]
+    InvalidArgument { message: String, parameter: Option<String> },
+    /// No such process, as far as the caller can see.
     #[error("not found: {0}")]
     NotFound(String),
-    #[error("permission denied: {0}")]
     /// Refused: by the policy, a protection, degraded mode, or an
     /// unverifiable fact; [`Refusal::kind`] says which.
+    #[error("permission denied: {0}")]
     PermissionDenied(Refusal),
+    /// The pid no longer names the process meant (start time differs).
     #[error("process changed: {0}")]
     ProcessChanged(String),
+    /// Over a rate or in-flight limit; try again after `retry_after`.
     #[error("rate limited: {message}")]
     RateLimited {
         message: String,
         retry_after: Option<Duration>,
     },
-    #[error("broker error ({code:?}): {message}")]
-    Other { code: tonic::Code, message: String },
+    /// The broker did not understand the call (an older broker, or the
+    /// wrong socket).
+    #[error("not understood by the broker: {0}")]
+    Unsupported(String),
+    /// The connection failed or broke, or the reply was not the API's
+    /// (e.g. a gRPC client pointed at the varlink socket).
+    #[error("transport failed: {message}")]
+    Transport {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A broker bug (INTERNAL / `InternalError`).
+    #[error("broker error: {0}")]
+    Internal(String),
 }
 
-/// Why the broker refused: its sentence, the verdict's kind ("protected",
-/// "no_rule", "denied_by_rule", "degraded", "not_visible", "unverified")
-/// and the rule or protection that decided. Displays as the sentence.
+/// Why the broker refused: its sentence, the verdict's kind and the rule
+/// or protection that decided. Displays as the sentence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Refusal {
     pub reason: String,
-    /// Empty when the broker sent none (an older broker).
-    pub kind: String,
+    /// `Unspecified` when the broker sent none (an older broker).
+    pub kind: DecisionKind,
     pub rule: String,
 }
 
@@ -94,40 +116,44 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// The kind and rule of a refusal, from the status's `google.rpc.ErrorInfo`.
-fn refusal_of(status: &tonic::Status) -> Refusal {
-    use tonic_types::StatusExt;
-    let info = status.get_details_error_info();
-    let field = |k: &str| {
-        info.as_ref()
-            .and_then(|i| i.metadata.get(k).cloned())
-            .unwrap_or_default()
-    };
-    Refusal {
-        reason: status.message().to_string(),
-        kind: field("kind"),
-        rule: field("rule"),
+/// The one mapping of the API's errors to the client's, whichever
+/// transport carried them.
+impl From<reapd_proto::model::ApiError> for Error {
+    fn from(err: reapd_proto::model::ApiError) -> Self {
+        use reapd_proto::model::ErrorKind;
+        match err.kind {
+            ErrorKind::InvalidArgument => Error::InvalidArgument {
+                message: err.message,
+                parameter: err.parameter,
+            },
+            ErrorKind::NotFound => Error::NotFound(err.message),
+            ErrorKind::PermissionDenied => Error::PermissionDenied(Refusal {
+                reason: err.message,
+                kind: err.decision.unwrap_or_default(),
+                rule: err.rule,
+            }),
+            ErrorKind::ProcessChanged => Error::ProcessChanged(err.message),
+            ErrorKind::RateLimited => Error::RateLimited {
+                message: err.message,
+                retry_after: err.retry_after,
+            },
+            ErrorKind::InvalidMessage => Error::Unsupported(err.message),
+            ErrorKind::Internal => Error::Internal(err.message),
+        }
     }
 }
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        let message = status.message().to_string();
-        match status.code() {
-            tonic::Code::InvalidArgument => Error::InvalidArgument(message),
-            tonic::Code::NotFound => Error::NotFound(message),
-            tonic::Code::PermissionDenied => Error::PermissionDenied(refusal_of(&status)),
-            tonic::Code::FailedPrecondition => Error::ProcessChanged(message),
-            tonic::Code::ResourceExhausted => {
-                let retry_after = status
-                    .metadata()
-                    .get("retry-after-ms")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .map(Duration::from_millis);
-                Error::RateLimited { message, retry_after }
-            }
-            code => Error::Other { code, message },
+        use std::error::Error as _;
+        // A status made from a transport failure carries its source error;
+        // one the broker sent does not.
+        match reapd_proto::model::ApiError::from_status(&status) {
+            Some(err) if status.source().is_none() => err.into(),
+            _ => Error::Transport {
+                message: format!("{:?}: {}", status.code(), status.message()),
+                source: Some(Box::new(status)),
+            },
         }
     }
 }
@@ -174,139 +200,11 @@ pub fn start_time_of(pid: i32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ProcessInfo {
-    pub pid: i32,
-    pub uid: u32,
-    pub euid: u32,
-    pub suid: u32,
-    pub gid: u32,
-    pub comm: String,
-    pub start_time: u64,
-    pub cgroup: String,
-}
-
-impl From<pb::ProcessInfo> for ProcessInfo {
-    fn from(p: pb::ProcessInfo) -> Self {
-        ProcessInfo {
-            pid: p.pid,
-            uid: p.uid,
-            euid: p.euid,
-            suid: p.suid,
-            gid: p.gid,
-            comm: p.comm,
-            start_time: p.start_time,
-            cgroup: p.cgroup,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct MemoryUsage {
-    pub anon_bytes: u64,
-    pub file_bytes: u64,
-    pub shmem_bytes: u64,
-    pub swap_bytes: u64,
-    /// hugetlbfs pages mapped: never reaped.
-    pub hugetlb_bytes: u64,
-}
-
-impl From<pb::MemoryUsage> for MemoryUsage {
-    fn from(m: pb::MemoryUsage) -> Self {
-        MemoryUsage {
-            anon_bytes: m.anon_bytes,
-            file_bytes: m.file_bytes,
-            shmem_bytes: m.shmem_bytes,
-            swap_bytes: m.swap_bytes,
-            hugetlb_bytes: m.hugetlb_bytes,
-        }
-    }
-}
-
-/// What KillAndReap did.
-#[derive(Debug, Clone, Serialize)]
-pub struct KillReport {
-    /// "reaped", "exited_before_reap", "killed_not_reaped" or
-    /// "already_dying" (another request is killing it; 0 counted here).
-    pub outcome: String,
-    pub not_reaped_reason: String,
-    /// "reap_kill", "kill_then_mrelease" or "kill_only".
-    pub kill_path: String,
-    pub target: Option<ProcessInfo>,
-    pub memory_before: MemoryUsage,
-    /// What this kill gave back to the system, in bytes (the drop of the
-    /// system's anon + swap use across the kill and reap, at most the
-    /// target's own); copy-on-write pages a survivor maps do not count.
-    pub bytes_released: u64,
-    pub kill_to_reap_ns: u64,
-    pub exited: bool,
-    pub rule: String,
-    pub reap_retries: u32,
-}
-
-/// The answer to CheckPermission.
-#[derive(Debug, Clone, Serialize)]
-pub struct Permission {
-    pub allowed: bool,
-    pub reason: String,
-    pub target: Option<ProcessInfo>,
-    /// The verdict's kind ("allowed", "protected", "no_rule",
-    /// "denied_by_rule", "degraded").
-    pub kind: String,
-    /// The rule or protection that decided.
-    pub rule: String,
-}
-
-/// What the broker and its kernel can do.
-#[derive(Debug, Clone, Serialize)]
-pub struct Capabilities {
-    pub broker_version: String,
-    pub kernel_release: String,
-    pub process_mrelease: bool,
-    pub reap_kill_flag: bool,
-    pub pidfd_get_info: bool,
-    pub so_peerpidfd: bool,
-    pub cgroup_kill: bool,
-    pub has_cap_kill: bool,
-    /// "reap_kill", "kill_then_mrelease" or "kill_only".
-    pub kill_path: String,
-    pub notes: Vec<String>,
-}
-
-fn outcome_name(value: i32) -> String {
-    match pb::Outcome::try_from(value) {
-        Ok(pb::Outcome::Reaped) => "reaped",
-        Ok(pb::Outcome::ExitedBeforeReap) => "exited_before_reap",
-        Ok(pb::Outcome::KilledNotReaped) => "killed_not_reaped",
-        Ok(pb::Outcome::AlreadyDying) => "already_dying",
-        _ => "unspecified",
-    }
-    .to_string()
-}
-
-fn decision_kind_name(value: i32) -> &'static str {
-    match pb::DecisionKind::try_from(value) {
-        Ok(pb::DecisionKind::Allowed) => "allowed",
-        Ok(pb::DecisionKind::Protected) => "protected",
-        Ok(pb::DecisionKind::NoRule) => "no_rule",
-        Ok(pb::DecisionKind::DeniedByRule) => "denied_by_rule",
-        Ok(pb::DecisionKind::Degraded) => "degraded",
-        Ok(pb::DecisionKind::NotVisible) => "not_visible",
-        Ok(pb::DecisionKind::RateLimited) => "rate_limited",
-        Ok(pb::DecisionKind::Unverified) => "unverified",
-        _ => "",
-    }
-}
-
-fn kill_path_name(value: i32) -> String {
-    match pb::KillPath::try_from(value) {
-        Ok(pb::KillPath::ReapKill) => "reap_kill",
-        Ok(pb::KillPath::KillThenMrelease) => "kill_then_mrelease",
-        Ok(pb::KillPath::KillOnly) => "kill_only",
-        _ => "unspecified",
-    }
-    .to_string()
-}
+/// The replies' types: the API's one data model, shared with the broker
+/// (field names and units documented there).
+pub use reapd_proto::model::{
+    Capabilities, DecisionKind, KillKind, KillPath, KillReport, MemoryUsage, Outcome, Permission, ProcessInfo,
+};
 
 /// The call failed in the client's transport (no connection, connection
 /// closed or reset), not with a status the broker sent: worth one retry on a
@@ -369,7 +267,10 @@ impl Client {
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
             }))
             .await
-            .map_err(|source| Error::Connect { path, source })?;
+            .map_err(|source| Error::Connect {
+                path,
+                source: Box::new(source),
+            })?;
         Ok(channel)
     }
 
@@ -400,13 +301,7 @@ impl Client {
             other => other?,
         }
         .into_inner();
-        Ok(Permission {
-            allowed: reply.allowed,
-            reason: reply.reason,
-            target: reply.target.map(Into::into),
-            kind: decision_kind_name(reply.kind).to_string(),
-            rule: reply.rule,
-        })
+        Ok(reply.into())
     }
 
     pub async fn capabilities(&mut self) -> Result<Capabilities, Error> {
@@ -418,18 +313,7 @@ impl Client {
             other => other?,
         }
         .into_inner();
-        Ok(Capabilities {
-            broker_version: reply.broker_version,
-            kernel_release: reply.kernel_release,
-            process_mrelease: reply.process_mrelease,
-            reap_kill_flag: reply.reap_kill_flag,
-            pidfd_get_info: reply.pidfd_get_info,
-            so_peerpidfd: reply.so_peerpidfd,
-            cgroup_kill: reply.cgroup_kill,
-            has_cap_kill: reply.has_cap_kill,
-            kill_path: kill_path_name(reply.kill_path),
-            notes: reply.notes,
-        })
+        Ok(reply.into())
     }
 }
 

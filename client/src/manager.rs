@@ -7,10 +7,9 @@
 use std::time::Duration;
 
 use reapd_proto::v1 as pb;
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::{is_transport_failure, kill_path_name, outcome_name, Error, KillReport, MemoryUsage, ProcessInfo, Target};
+use crate::{is_transport_failure, Error, KillReport, Target};
 
 /// How a kill is paced; the default is SIGKILL and reap at once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,120 +35,7 @@ pub enum Group {
     Unit(String),
 }
 
-/// One killed member of a group.
-#[derive(Debug, Clone, Serialize)]
-pub struct MemberReport {
-    pub process: Option<ProcessInfo>,
-    pub memory_before: MemoryUsage,
-    /// As [`KillReport::outcome`].
-    pub outcome: String,
-    pub not_reaped_reason: String,
-}
-
-/// What KillCgroup did.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupReport {
-    pub cgroup: String,
-    /// The killed members, at most 10,000 listed (`members_total` counts
-    /// them all).
-    pub members: Vec<MemberReport>,
-    /// Members killed in all.
-    pub members_total: u32,
-    /// Joined during the kill, not the caller's to kill: left alive.
-    pub refused_newcomers: Vec<ProcessInfo>,
-    /// What the kill gave back to the system, in bytes.
-    pub bytes_released: u64,
-    /// From the first SIGKILL to the last reap, in nanoseconds.
-    pub kill_to_reap_ns: u64,
-    /// Passes over the members (1 when nothing forked during the kill).
-    pub passes: u32,
-}
-
-/// Ranking for [`Candidates`], largest first (`StartTime`: newest first).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SortKey {
-    /// Anonymous + swap bytes (default).
-    #[default]
-    Unique,
-    Anon,
-    Rss,
-    Swap,
-    OomScore,
-    StartTime,
-}
-
-impl SortKey {
-    /// The varlink (and CLI) name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SortKey::Unique => "unique",
-            SortKey::Anon => "anon",
-            SortKey::Rss => "rss",
-            SortKey::Swap => "swap",
-            SortKey::OomScore => "oom_score",
-            SortKey::StartTime => "start_time",
-        }
-    }
-
-    fn wire(self) -> pb::SortKey {
-        match self {
-            SortKey::Unique => pb::SortKey::Unique,
-            SortKey::Anon => pb::SortKey::Anon,
-            SortKey::Rss => pb::SortKey::Rss,
-            SortKey::Swap => pb::SortKey::Swap,
-            SortKey::OomScore => pb::SortKey::OomScore,
-            SortKey::StartTime => pb::SortKey::StartTime,
-        }
-    }
-}
-
-impl std::str::FromStr for SortKey {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "unique" => SortKey::Unique,
-            "anon" => SortKey::Anon,
-            "rss" => SortKey::Rss,
-            "swap" => SortKey::Swap,
-            "oom_score" => SortKey::OomScore,
-            "start_time" => SortKey::StartTime,
-            other => return Err(format!("unknown sort key {other:?}")),
-        })
-    }
-}
-
-/// One process the caller may kill now.
-#[derive(Debug, Clone, Serialize)]
-pub struct Candidate {
-    pub process: Option<ProcessInfo>,
-    pub memory: MemoryUsage,
-    /// Anonymous + swap bytes.
-    pub unique_bytes: u64,
-    pub oom_score: u32,
-    pub oom_score_adj: i32,
-    /// The rule that would allow the kill.
-    pub rule: String,
-}
-
-/// A cgroup every one of whose processes the caller may kill.
-#[derive(Debug, Clone, Serialize)]
-pub struct CgroupCandidate {
-    pub cgroup: String,
-    pub processes: u32,
-    pub memory: MemoryUsage,
-}
-
-/// One page of candidates.
-#[derive(Debug, Clone, Serialize)]
-pub struct Candidates {
-    pub processes: Vec<Candidate>,
-    pub cgroups: Vec<CgroupCandidate>,
-    /// Processes the caller may kill in all.
-    pub total: u32,
-    /// Pass as `offset` for the next page.
-    pub next_offset: Option<u32>,
-}
+pub use reapd_proto::model::{Candidate, Candidates, CgroupCandidate, GroupReport, MemberReport, SortKey};
 
 /// Which page of which ranking.
 #[derive(Debug, Clone, Copy, Default)]
@@ -191,18 +77,7 @@ impl crate::Client {
             Err(status) => return Err(status.into()),
         }
         .into_inner();
-        Ok(KillReport {
-            outcome: outcome_name(reply.outcome),
-            not_reaped_reason: reply.not_reaped_reason,
-            kill_path: kill_path_name(reply.kill_path),
-            target: reply.target.map(Into::into),
-            memory_before: reply.memory_before.map(Into::into).unwrap_or_default(),
-            bytes_released: reply.bytes_released,
-            kill_to_reap_ns: reply.kill_to_reap_ns,
-            exited: reply.exited,
-            rule: reply.rule,
-            reap_retries: reply.reap_retries,
-        })
+        Ok(reply.into())
     }
 
     /// Kills every process of `group` and reaps them, all or nothing
@@ -217,31 +92,13 @@ impl crate::Client {
             }),
             reap_delay_ms: ms(reap_delay),
         };
-        let reply = self.inner.kill_cgroup(request).await?.into_inner();
-        Ok(GroupReport {
-            cgroup: reply.cgroup,
-            members: reply
-                .members
-                .into_iter()
-                .map(|m| MemberReport {
-                    process: m.process.map(Into::into),
-                    memory_before: m.memory_before.map(Into::into).unwrap_or_default(),
-                    outcome: outcome_name(m.outcome),
-                    not_reaped_reason: m.not_reaped_reason,
-                })
-                .collect(),
-            refused_newcomers: reply.refused_newcomers.into_iter().map(Into::into).collect(),
-            bytes_released: reply.bytes_released,
-            kill_to_reap_ns: reply.kill_to_reap_ns,
-            passes: reply.passes,
-            members_total: reply.members_total,
-        })
+        Ok(self.inner.kill_cgroup(request).await?.into_inner().into())
     }
 
     /// The processes and cgroups the caller may kill now, one page.
     pub async fn list_candidates(&mut self, query: CandidatesQuery) -> Result<Candidates, Error> {
         let request = pb::ListCandidatesRequest {
-            sort_by: query.sort_by.wire() as i32,
+            sort_by: query.sort_by.into(),
             limit: query.limit,
             offset: query.offset,
         };
@@ -253,31 +110,7 @@ impl crate::Client {
             other => other?,
         }
         .into_inner();
-        Ok(Candidates {
-            processes: reply
-                .processes
-                .into_iter()
-                .map(|c| Candidate {
-                    process: c.process.map(Into::into),
-                    memory: c.memory.map(Into::into).unwrap_or_default(),
-                    unique_bytes: c.unique_bytes,
-                    oom_score: c.oom_score,
-                    oom_score_adj: c.oom_score_adj,
-                    rule: c.rule,
-                })
-                .collect(),
-            cgroups: reply
-                .cgroups
-                .into_iter()
-                .map(|g| CgroupCandidate {
-                    cgroup: g.cgroup,
-                    processes: g.processes,
-                    memory: g.memory.map(Into::into).unwrap_or_default(),
-                })
-                .collect(),
-            total: reply.total,
-            next_offset: reply.next_offset,
-        })
+        Ok(reply.into())
     }
 }
 
@@ -303,25 +136,6 @@ impl crate::blocking::Client {
 
 // ---- varlink ----
 
-pub(crate) fn memory_of(v: &Value) -> MemoryUsage {
-    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    MemoryUsage {
-        anon_bytes: n("anonBytes"),
-        file_bytes: n("fileBytes"),
-        shmem_bytes: n("shmemBytes"),
-        swap_bytes: n("swapBytes"),
-        hugetlb_bytes: n("hugetlbBytes"),
-    }
-}
-
-fn uint(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn string(v: &Value, k: &str) -> String {
-    v.get(k).and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
 impl crate::varlink::Client {
     /// As [`crate::Client::kill_cgroup`], over varlink.
     pub fn kill_cgroup(
@@ -337,28 +151,8 @@ impl crate::varlink::Client {
         if let Some(ms) = ms(reap_delay) {
             params.insert("reapDelayMs".into(), json!(ms));
         }
-        let r = self.call("io.reapd.Reaper.KillCgroup", Value::Object(params), &[])?;
-        let list = |k: &str| r.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(GroupReport {
-            cgroup: string(&r, "cgroup"),
-            members: list("members")
-                .iter()
-                .map(|m| MemberReport {
-                    process: m.get("process").map(crate::varlink::process_info),
-                    memory_before: memory_of(m.get("memoryBefore").unwrap_or(&Value::Null)),
-                    outcome: string(m, "outcome"),
-                    not_reaped_reason: string(m, "notReapedReason"),
-                })
-                .collect(),
-            refused_newcomers: list("refusedNewcomers")
-                .iter()
-                .map(crate::varlink::process_info)
-                .collect(),
-            bytes_released: uint(&r, "bytesReleased"),
-            kill_to_reap_ns: uint(&r, "killToReapNs"),
-            passes: uint(&r, "passes") as u32,
-            members_total: uint(&r, "membersTotal") as u32,
-        })
+        let reply = self.call("io.reapd.Reaper.KillCgroup", Value::Object(params), &[])?;
+        crate::varlink::decode(reply)
     }
 
     /// As [`crate::Client::list_candidates`], over varlink.
@@ -368,30 +162,7 @@ impl crate::varlink::Client {
             "limit": query.limit,
             "offset": query.offset,
         });
-        let r = self.call("io.reapd.Reaper.ListCandidates", params, &[])?;
-        let list = |k: &str| r.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(Candidates {
-            processes: list("processes")
-                .iter()
-                .map(|c| Candidate {
-                    process: c.get("process").map(crate::varlink::process_info),
-                    memory: memory_of(c.get("memory").unwrap_or(&Value::Null)),
-                    unique_bytes: uint(c, "uniqueBytes"),
-                    oom_score: uint(c, "oomScore") as u32,
-                    oom_score_adj: c.get("oomScoreAdj").and_then(Value::as_i64).unwrap_or(0) as i32,
-                    rule: string(c, "rule"),
-                })
-                .collect(),
-            cgroups: list("cgroups")
-                .iter()
-                .map(|g| CgroupCandidate {
-                    cgroup: string(g, "cgroup"),
-                    processes: uint(g, "processes") as u32,
-                    memory: memory_of(g.get("memory").unwrap_or(&Value::Null)),
-                })
-                .collect(),
-            total: uint(&r, "total") as u32,
-            next_offset: r.get("nextOffset").and_then(Value::as_u64).map(|n| n as u32),
-        })
+        let reply = self.call("io.reapd.Reaper.ListCandidates", params, &[])?;
+        crate::varlink::decode(reply)
     }
 }

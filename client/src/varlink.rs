@@ -22,7 +22,7 @@ use std::time::Duration;
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde_json::{json, Map, Value};
 
-use crate::{Capabilities, KillReport, MemoryUsage, Permission, ProcessInfo, Target};
+use crate::{Capabilities, KillReport, Permission, Target};
 
 /// The broker's default varlink socket.
 pub const DEFAULT_SOCKET: &str = "/run/reapd/io.reapd.Reaper";
@@ -57,14 +57,6 @@ impl Error {
             _ => None,
         }
     }
-
-    fn reason(parameters: &Value) -> String {
-        parameters
-            .get("reason")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| parameters.to_string())
-    }
 }
 
 /// The same typed errors the gRPC client gives, so callers (and reapctl's
@@ -72,45 +64,24 @@ impl Error {
 impl From<Error> for crate::Error {
     fn from(err: Error) -> Self {
         match err {
-            Error::Reply { name, parameters } => match name.as_str() {
-                "org.varlink.service.InvalidParameter" => crate::Error::InvalidArgument(format!(
-                    "invalid parameter {}",
-                    parameters.get("parameter").and_then(Value::as_str).unwrap_or("?")
-                )),
-                "io.reapd.Reaper.NoSuchProcess" => crate::Error::NotFound(Error::reason(&parameters)),
-                "io.reapd.Reaper.PermissionDenied" => crate::Error::PermissionDenied(crate::Refusal {
-                    reason: Error::reason(&parameters),
-                    kind: parameters
-                        .get("kind")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                    rule: parameters
-                        .get("rule")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                }),
-                "io.reapd.Reaper.ProcessChanged" => crate::Error::ProcessChanged(Error::reason(&parameters)),
-                "io.reapd.Reaper.RateLimited" => crate::Error::RateLimited {
-                    message: Error::reason(&parameters),
-                    retry_after: parameters
-                        .get("retryAfterMs")
-                        .and_then(Value::as_u64)
-                        .map(Duration::from_millis),
-                },
-                _ => crate::Error::Other {
-                    code: tonic::Code::Internal,
-                    message: format!("{name}: {parameters}"),
-                },
+            Error::Reply {
+                ref name,
+                ref parameters,
+            } => match reapd_proto::model::ApiError::from_varlink(name, parameters) {
+                Some(api) => api.into(),
+                None => crate::Error::Unsupported(format!("{name}: {parameters}")),
             },
             Error::StartTimeMismatch { .. } => crate::Error::ProcessChanged(err.to_string()),
             Error::Pidfd { ref source, .. } if source.raw_os_error() == Some(libc_esrch()) => {
                 crate::Error::NotFound(err.to_string())
             }
-            other => crate::Error::Other {
-                code: tonic::Code::Unavailable,
+            Error::Connect { path, source } => crate::Error::Connect {
+                path,
+                source: Box::new(source),
+            },
+            other => crate::Error::Transport {
                 message: other.to_string(),
+                source: Some(Box::new(other)),
             },
         }
     }
@@ -221,7 +192,7 @@ impl Iterator for KillEvents {
         };
         Some(
             reply_parameters(reply).and_then(|parameters| match parameters.get("event") {
-                Some(event) => Ok(crate::events::from_varlink(event)),
+                Some(event) => decode(event.clone()),
                 None => Err(Error::Protocol(format!("expected an event, got {parameters}"))),
             }),
         )
@@ -494,81 +465,21 @@ impl Client {
                 extra.insert(name.into(), ms(value));
             }
         }
-        let r = self.target_call("io.reapd.Reaper.KillAndReap", &target, extra)?;
-        let memory = r.get("memoryBefore").cloned().unwrap_or(Value::Null);
-        Ok(KillReport {
-            outcome: string(&r, "outcome"),
-            not_reaped_reason: string(&r, "notReapedReason"),
-            kill_path: string(&r, "killPath"),
-            target: r.get("target").map(process_info),
-            memory_before: MemoryUsage {
-                anon_bytes: uint(&memory, "anonBytes"),
-                file_bytes: uint(&memory, "fileBytes"),
-                shmem_bytes: uint(&memory, "shmemBytes"),
-                swap_bytes: uint(&memory, "swapBytes"),
-                hugetlb_bytes: uint(&memory, "hugetlbBytes"),
-            },
-            bytes_released: uint(&r, "bytesReleased"),
-            kill_to_reap_ns: uint(&r, "killToReapNs"),
-            exited: boolean(&r, "exited"),
-            rule: string(&r, "rule"),
-            reap_retries: uint(&r, "reapRetries") as u32,
-        })
+        decode(self.target_call("io.reapd.Reaper.KillAndReap", &target, extra)?)
     }
 
     pub fn check_permission(&mut self, target: VarlinkTarget) -> Result<Permission, Error> {
-        let r = self.target_call("io.reapd.Reaper.CheckPermission", &target, Map::new())?;
-        Ok(Permission {
-            allowed: boolean(&r, "allowed"),
-            reason: string(&r, "reason"),
-            target: r.get("target").map(process_info),
-            kind: string(&r, "kind"),
-            rule: string(&r, "rule"),
-        })
+        decode(self.target_call("io.reapd.Reaper.CheckPermission", &target, Map::new())?)
     }
 
     pub fn capabilities(&mut self) -> Result<Capabilities, Error> {
-        let r = self.call("io.reapd.Reaper.GetCapabilities", json!({}), &[])?;
-        Ok(Capabilities {
-            broker_version: string(&r, "brokerVersion"),
-            kernel_release: string(&r, "kernelRelease"),
-            process_mrelease: boolean(&r, "processMrelease"),
-            reap_kill_flag: boolean(&r, "reapKillFlag"),
-            pidfd_get_info: boolean(&r, "pidfdGetInfo"),
-            so_peerpidfd: boolean(&r, "soPeerpidfd"),
-            cgroup_kill: boolean(&r, "cgroupKill"),
-            has_cap_kill: boolean(&r, "hasCapKill"),
-            kill_path: string(&r, "killPath"),
-            notes: r
-                .get("notes")
-                .and_then(Value::as_array)
-                .map(|notes| notes.iter().filter_map(Value::as_str).map(str::to_string).collect())
-                .unwrap_or_default(),
-        })
+        decode(self.call("io.reapd.Reaper.GetCapabilities", json!({}), &[])?)
     }
 }
 
-fn string(v: &Value, key: &str) -> String {
-    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
-fn uint(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or_default()
-}
-
-fn boolean(v: &Value, key: &str) -> bool {
-    v.get(key).and_then(Value::as_bool).unwrap_or_default()
-}
-
-pub(crate) fn process_info(v: &Value) -> ProcessInfo {
-    ProcessInfo {
-        pid: v.get("pid").and_then(Value::as_i64).unwrap_or_default() as i32,
-        uid: uint(v, "uid") as u32,
-        euid: uint(v, "euid") as u32,
-        suid: uint(v, "suid") as u32,
-        gid: uint(v, "gid") as u32,
-        comm: string(v, "comm"),
-        start_time: uint(v, "startTime"),
-        cgroup: string(v, "cgroup"),
-    }
+/// A reply's parameters as the API's model (serde: the IDL's names).
+/// Fields a broker leaves out take their defaults; a wrong type is a
+/// protocol error.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(reply: Value) -> Result<T, Error> {
+    serde_json::from_value(reply).map_err(|err| Error::Protocol(format!("reply does not match the API: {err}")))
 }

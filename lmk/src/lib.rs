@@ -256,7 +256,7 @@ impl Killer {
         match self.config.mode {
             Mode::Process => {
                 for (tier, c) in select::processes(&self.config, &candidates.processes) {
-                    let Some(p) = &c.process else { continue };
+                    let p = &c.process;
                     event.tier = Some(tier);
                     event.pid = Some(p.pid);
                     event.uid = Some(p.uid);
@@ -273,7 +273,7 @@ impl Killer {
                             event.memory_before = Some(report.memory_before);
                             event.bytes_released = report.bytes_released;
                             event.kill_to_reap_ms = report.kill_to_reap_ns as f64 / 1e6;
-                            event.outcome = report.outcome;
+                            event.outcome = report.outcome.to_string();
                             event.rule = report.rule;
                             event.decision_to_reply_ms = decided.elapsed().as_secs_f64() * 1e3;
                             return Ok(Some(event));
@@ -318,7 +318,7 @@ impl Killer {
     }
 
     fn kill_process(&mut self, c: &Candidate) -> Result<reapd_client::KillReport, ClientError> {
-        let p = c.process.as_ref().expect("filtered");
+        let p = &c.process;
         // Pinned to the start time the broker listed: a recycled pid is
         // refused, not killed.
         let target = Target {

@@ -41,7 +41,7 @@ pub fn processes<'a>(config: &Config, candidates: &'a [Candidate]) -> Vec<(Tier,
     let mut out: Vec<(Tier, &Candidate)> = candidates
         .iter()
         .filter_map(|c| {
-            let p = c.process.as_ref()?;
+            let p = &c.process;
             if !in_scope(&p.cgroup, config.scope.as_deref()) {
                 return None;
             }
@@ -71,7 +71,7 @@ pub fn cgroups<'a>(
             tiers.extend(
                 members
                     .iter()
-                    .filter_map(|m| m.process.as_ref())
+                    .map(|m| &m.process)
                     .filter(|p| p.cgroup == g.cgroup)
                     .map(|p| tier(config, &p.comm, &p.cgroup)),
             );
@@ -100,7 +100,7 @@ mod tests {
 
     fn candidate(pid: i32, comm: &str, cgroup: &str) -> Candidate {
         Candidate {
-            process: Some(ProcessInfo {
+            process: ProcessInfo {
                 pid,
                 uid: 1000,
                 euid: 1000,
@@ -109,7 +109,7 @@ mod tests {
                 comm: comm.into(),
                 start_time: 1,
                 cgroup: cgroup.into(),
-            }),
+            },
             memory: MemoryUsage::default(),
             unique_bytes: 0,
             oom_score: 0,
@@ -140,10 +140,7 @@ mod tests {
             candidate(5, "small", "/s/b"),
             candidate(6, "leaker", "/s/b"),
         ];
-        let order: Vec<i32> = processes(&config, &list)
-            .iter()
-            .map(|(_, c)| c.process.as_ref().unwrap().pid)
-            .collect();
+        let order: Vec<i32> = processes(&config, &list).iter().map(|(_, c)| c.process.pid).collect();
         assert_eq!(order, vec![6, 3, 5, 1]);
     }
 

@@ -237,7 +237,7 @@ fn a_subscriber_that_never_reads_costs_kills_nothing_and_learns_what_it_missed()
         let mut victims: Vec<Victim> = (0..100).map(|_| Victim::spawn(Creds::uid(A), 0)).collect();
         for v in &mut victims {
             let report = client.kill_and_reap(reapd_client::Target::pid(v.pid), None).unwrap();
-            assert_ne!(report.outcome, "already_dying", "chunk {chunk}");
+            assert_ne!(report.outcome.as_str(), "already_dying", "chunk {chunk}");
             v.wait();
         }
     }

@@ -22,20 +22,8 @@ use crate::os::procfs::{self, Memory};
 /// Most entries one page may hold.
 pub const MAX_PAGE: usize = 1000;
 
-/// What to rank by (largest first; `StartTime`: newest first).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum SortKey {
-    /// Anonymous + swap: what a kill gives back unless shared (default).
-    #[default]
-    Unique,
-    Anon,
-    /// Anonymous + file + shmem resident.
-    Rss,
-    Swap,
-    /// The kernel's `/proc/PID/oom_score` (0..2000).
-    OomScore,
-    StartTime,
-}
+/// What to rank by (largest first; `StartTime`: newest first): the API's.
+pub use reapd_proto::model::SortKey;
 
 /// One process the caller may kill.
 #[derive(Debug, Serialize)]
@@ -58,7 +46,8 @@ impl Candidate {
 
     fn key(&self, key: SortKey) -> u64 {
         match key {
-            SortKey::Unique => self.unique_bytes(),
+            // Unspecified: the default order.
+            SortKey::Unique | SortKey::Unspecified => self.unique_bytes(),
             SortKey::Anon => self.memory.anon_bytes,
             SortKey::Rss => self.memory.anon_bytes + self.memory.file_bytes + self.memory.shmem_bytes,
             SortKey::Swap => self.memory.swap_bytes,

@@ -9,9 +9,11 @@ use crate::engine::policy::{Decision, DecisionKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The request is malformed (bad pid, bad fd, out-of-range value).
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// The request is malformed (bad pid, bad fd, out-of-range value);
+    /// `parameter` is the API parameter to blame, as the varlink IDL names
+    /// it (`pid`, `pidfd`, `pidns`, `cgroup`, `unit`, ...).
+    #[error("invalid argument {parameter}: {message}")]
+    InvalidArgument { parameter: &'static str, message: String },
     /// No such process.
     #[error("no such process: {0}")]
     NotFound(String),
@@ -36,6 +38,24 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A malformed request, blaming `parameter`.
+    pub fn invalid(parameter: &'static str, message: impl Into<String>) -> Self {
+        EngineError::InvalidArgument {
+            parameter,
+            message: message.into(),
+        }
+    }
+
+    /// Re-blames an `InvalidArgument` about parameter `from` on `to`.
+    pub fn blaming(self, from: &str, to: &'static str) -> Self {
+        match self {
+            EngineError::InvalidArgument { parameter, message } if parameter == from => {
+                EngineError::InvalidArgument { parameter: to, message }
+            }
+            other => other,
+        }
+    }
+
     /// The refusal a decision makes.
     pub fn refused(decision: &Decision) -> Self {
         EngineError::PermissionDenied {
@@ -60,7 +80,7 @@ impl EngineError {
     /// says what kind of error it is, and clients add their own prefix).
     pub fn message(&self) -> String {
         match self {
-            EngineError::InvalidArgument(m)
+            EngineError::InvalidArgument { message: m, .. }
             | EngineError::NotFound(m)
             | EngineError::ProcessChanged(m)
             | EngineError::Internal(m) => m.clone(),
@@ -81,6 +101,37 @@ impl EngineError {
             EngineError::NotFound(_) => Some((DecisionKind::NotVisible, "")),
             EngineError::RateLimited { .. } => Some((DecisionKind::RateLimited, "rate-limit")),
             _ => None,
+        }
+    }
+}
+
+/// The one mapping of engine errors to the API's: each transport encodes
+/// the result (`ApiError::to_status`, `varlink_name`/`varlink_parameters`).
+impl From<&EngineError> for reapd_proto::model::ApiError {
+    fn from(err: &EngineError) -> Self {
+        use reapd_proto::model::{ApiError, ErrorKind};
+        let kind = match err {
+            EngineError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            EngineError::NotFound(_) => ErrorKind::NotFound,
+            EngineError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            EngineError::ProcessChanged(_) => ErrorKind::ProcessChanged,
+            EngineError::RateLimited { .. } => ErrorKind::RateLimited,
+            EngineError::Internal(_) => ErrorKind::Internal,
+        };
+        let decision = err.decision();
+        ApiError {
+            kind,
+            message: err.message(),
+            decision: decision.map(|(kind, _)| kind),
+            rule: decision.map(|(_, rule)| rule.to_string()).unwrap_or_default(),
+            retry_after: match err {
+                EngineError::RateLimited { retry_after, .. } => Some(*retry_after),
+                _ => None,
+            },
+            parameter: match err {
+                EngineError::InvalidArgument { parameter, .. } => Some(parameter.to_string()),
+                _ => None,
+            },
         }
     }
 }

@@ -58,34 +58,10 @@ pub enum Pool {
     Shared,
 }
 
-/// What was killed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KillKind {
-    /// One process (`KillAndReap`).
-    Process,
-    /// A whole cgroup (`KillCgroup`).
-    Cgroup,
-}
+pub use reapd_proto::model::KillKind;
 
-impl KillKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KillKind::Process => "process",
-            KillKind::Cgroup => "cgroup",
-        }
-    }
-}
-
-/// Who asked for the kill (its connection's identity).
-#[derive(Debug, Clone, Serialize)]
-pub struct Requester {
-    /// In the broker's pid namespace; 0 for a subscriber in another one.
-    pub pid: i32,
-    /// Effective uid (SO_PEERCRED).
-    pub uid: u32,
-    pub comm: String,
-}
+/// Who asked for the kill (its connection's identity): the API's type.
+pub use reapd_proto::model::Requester;
 
 /// One process a kill hit.
 #[derive(Debug, Clone, Serialize)]
@@ -188,13 +164,12 @@ pub struct Subscription {
     queue: mpsc::Receiver<KillEvent>,
 }
 
-impl Requester {
-    pub fn of(caller: &Caller) -> Self {
-        Requester {
-            pid: caller.pid,
-            uid: caller.uid,
-            comm: caller.comm.clone(),
-        }
+/// The requester of a kill: its connection's identity.
+pub fn requester_of(caller: &Caller) -> Requester {
+    Requester {
+        pid: caller.pid,
+        uid: caller.uid,
+        comm: caller.comm.clone(),
     }
 }
 

@@ -118,9 +118,10 @@ pub fn resolve(spec: &GroupSpec) -> Result<(String, PathBuf), EngineError> {
                 || trimmed.split('/').any(|c| c == "." || c == "..")
                 || path.len() > 4096;
             if bad {
-                return Err(EngineError::InvalidArgument(format!(
-                    "cgroup: expected an absolute path like /system.slice/x.service, got {path:?}"
-                )));
+                return Err(EngineError::invalid(
+                    "cgroup",
+                    format!("cgroup: expected an absolute path like /system.slice/x.service, got {path:?}"),
+                ));
             }
             let normal = format!("/{trimmed}");
             let dir = mount.join(trimmed);
@@ -138,7 +139,7 @@ pub fn resolve(spec: &GroupSpec) -> Result<(String, PathBuf), EngineError> {
 /// `earlyoom.service` in its `user@UID.service` is not the system's).
 fn find_unit(mount: &Path, unit: &str) -> Result<(String, PathBuf), EngineError> {
     if unit.is_empty() || unit.contains('/') || unit.contains('\0') || unit.starts_with('.') {
-        return Err(EngineError::InvalidArgument(format!("unit: not a unit name: {unit:?}")));
+        return Err(EngineError::invalid("unit", format!("unit: not a unit name: {unit:?}")));
     }
     let mut found = Vec::new();
     let mut queue = vec![(String::new(), mount.to_path_buf())];
@@ -169,11 +170,14 @@ fn find_unit(mount: &Path, unit: &str) -> Result<(String, PathBuf), EngineError>
     match found.len() {
         0 => Err(EngineError::NotFound(format!("no unit {unit} in the cgroup hierarchy"))),
         1 => Ok(found.remove(0)),
-        _ => Err(EngineError::InvalidArgument(format!(
-            "unit: {unit} names {} cgroups ({}); name the cgroup path",
-            found.len(),
-            found.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(", ")
-        ))),
+        _ => Err(EngineError::invalid(
+            "unit",
+            format!(
+                "unit: {unit} names {} cgroups ({}); name the cgroup path",
+                found.len(),
+                found.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
     }
 }
 
@@ -211,9 +215,10 @@ pub fn pin_members(
 ) -> Result<Vec<TargetProcess>, EngineError> {
     let pids = member_pids(dir);
     if pids.len() > MAX_MEMBERS {
-        return Err(EngineError::InvalidArgument(format!(
-            "the group has more than {MAX_MEMBERS} members"
-        )));
+        return Err(EngineError::invalid(
+            "cgroup",
+            format!("the group has more than {MAX_MEMBERS} members"),
+        ));
     }
     let mut pinned = Vec::with_capacity(pids.len());
     for pid in pids {

@@ -102,7 +102,9 @@ fn outcome_index(outcome: Option<Outcome>) -> usize {
         Some(Outcome::ExitedBeforeReap) => 1,
         Some(Outcome::KilledNotReaped) => 2,
         Some(Outcome::AlreadyDying) => 3,
-        None => 4,
+        // Unspecified is the wire's unknown value; the engine never
+        // reports it.
+        None | Some(Outcome::Unspecified) => 4,
     }
 }
 
@@ -110,7 +112,7 @@ fn path_index(path: KillPath) -> usize {
     match path {
         KillPath::ReapKill => 0,
         KillPath::KillThenMrelease => 1,
-        KillPath::KillOnly => 2,
+        KillPath::KillOnly | KillPath::Unspecified => 2,
     }
 }
 

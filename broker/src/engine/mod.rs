@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod policy;
 pub mod reaper;
 pub mod reload;
+pub mod reply;
 pub mod target;
 
 use std::collections::HashMap;
@@ -29,7 +30,7 @@ use serde::Serialize;
 use self::caller::Caller;
 use self::candidates::CandidatesReport;
 use self::error::EngineError;
-use self::events::{EventHub, KillKind, KillRecord, Pool, Requester, Subscription, VictimOutcome};
+use self::events::{EventHub, KillKind, KillRecord, Pool, Subscription, VictimOutcome};
 use self::group::{GroupReport, GroupSpec};
 use self::limits::{KillLimits, Limiter};
 use self::policy::{BrokerFacts, Decision, Policy};
@@ -486,7 +487,7 @@ impl Engine {
                 .min(reaper::MAX_REAP_DELAY),
         };
         let audit_caller = CallerSummary::of(caller);
-        let requester = Requester::of(caller);
+        let requester = events::requester_of(caller);
         let events = Arc::clone(&self.events);
         let rule = decision.rule;
         self.kills.running.fetch_add(1, Ordering::SeqCst);
@@ -690,7 +691,7 @@ impl Engine {
             // Shutdown waits for this group's outcome record too.
             let _tracked = tracked;
             let audit_caller = CallerSummary::of(&caller);
-            let requester = Requester::of(&caller);
+            let requester = events::requester_of(&caller);
             let report = run_blocking(move || {
                 let ns = ns
                     .as_deref()

@@ -27,28 +27,7 @@ pub const MAX_REAP_RETRIES: u32 = 10;
 /// taken. Its exit path unmaps at the speed a reap would.
 pub const EXIT_SETTLE: Duration = Duration::from_millis(500);
 
-/// What happened to the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Reaped,
-    ExitedBeforeReap,
-    KilledNotReaped,
-    /// Another request of this broker is already killing this process:
-    /// nothing was sent, nothing is counted as released by this call.
-    AlreadyDying,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Reaped => "reaped",
-            Outcome::ExitedBeforeReap => "exited_before_reap",
-            Outcome::KilledNotReaped => "killed_not_reaped",
-            Outcome::AlreadyDying => "already_dying",
-        }
-    }
-}
+pub use reapd_proto::model::Outcome;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReapReport {
@@ -195,7 +174,9 @@ pub fn kill_and_reap(target: &TargetProcess, path: KillPath, options: KillOption
                 reap_with_retries(target, &mut report.reap_retries)
             }
         }
-        KillPath::KillOnly => {
+        // Unspecified (the wire's unknown value) never comes from the probe;
+        // if it did, a plain kill is the one path every kernel has.
+        KillPath::KillOnly | KillPath::Unspecified => {
             send_kill(target)?;
             Err(io::Error::from_raw_os_error(libc::ENOSYS))
         }

@@ -83,7 +83,7 @@ impl TargetProcess {
     pub fn info(&self) -> ProcessInfo {
         ProcessInfo {
             pid: self.caller_pid,
-            ruid: self.ruid,
+            uid: self.ruid,
             euid: self.euid,
             suid: self.suid,
             gid: self.gid,
@@ -96,23 +96,8 @@ impl TargetProcess {
 
 /// Who a process is, as a reply or an event shows it: the facts of a
 /// [`TargetProcess`] without its pidfd, so it can outlive the process and
-/// be queued.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProcessInfo {
-    /// In the pid namespace of whoever receives it.
-    pub pid: i32,
-    /// Real, effective and saved uid and real gid of the thread-group leader.
-    pub ruid: u32,
-    pub euid: u32,
-    pub suid: u32,
-    pub gid: u32,
-    /// Escaped command name (`procfs::escape_comm`).
-    pub comm: String,
-    /// Field 22 of `/proc/PID/stat`, clock ticks since boot.
-    pub start_time: u64,
-    /// The cgroup v2 path, "" when unknown.
-    pub cgroup: String,
-}
+/// be queued. The API's own type: `uid` is the real uid.
+pub use reapd_proto::model::ProcessInfo;
 
 /// The pidfd's process has not exited: a pidfd polls readable once it has.
 pub fn is_running(pidfd: BorrowedFd<'_>) -> bool {
@@ -157,19 +142,16 @@ pub fn pidns_level(pidns: BorrowedFd<'_>) -> Option<usize> {
     None
 }
 
-/// How every refusal of a passed pid namespace begins, so a transport can
-/// blame the parameter that carried it.
-pub const PIDNS_REFUSAL: &str = "pidns: ";
-
 /// Checks that `pidns` is exactly the caller's own pid namespace: at the
 /// caller's depth, and the caller is in it under the pid its `NSpid` line
 /// gives. A namespace above the caller's would let it name processes it
 /// cannot see; one beside it would not hold the caller at all.
 pub fn verify_caller_pidns(pidns: BorrowedFd<'_>, caller: &Caller) -> Result<(), EngineError> {
     let refuse = |why: &str| {
-        EngineError::InvalidArgument(format!(
-            "{PIDNS_REFUSAL}the passed fd is not the caller's pid namespace ({why})"
-        ))
+        EngineError::invalid(
+            "pidns",
+            format!("the passed fd is not the caller's pid namespace ({why})"),
+        )
     };
     // First what the fd is, from its /proc link alone: every ioctl below
     // would go to whatever implements the file, and for a FUSE file that is
@@ -270,10 +252,27 @@ pub fn pin(
     features: &KernelFeatures,
     with_memory: bool,
 ) -> Result<TargetProcess, EngineError> {
+    // Errors about the target itself blame the parameter that named it.
+    let named_by = match spec {
+        TargetSpec::Pid { .. } => "pid",
+        TargetSpec::Pidfd(_) => "pidfd",
+    };
+    pin_named(spec, ns, features, with_memory).map_err(|err| err.blaming(TARGET, named_by))
+}
+
+/// The parameter name target errors carry until [`pin`] names the real one.
+const TARGET: &str = "target";
+
+fn pin_named(
+    spec: TargetSpec,
+    ns: Namespace<'_>,
+    features: &KernelFeatures,
+    with_memory: bool,
+) -> Result<TargetProcess, EngineError> {
     let (pidfd, pid, caller_pid, expected_start) = match spec {
         TargetSpec::Pid { pid, start_time } => {
             if pid <= 0 {
-                return Err(EngineError::InvalidArgument(format!("pid must be positive, got {pid}")));
+                return Err(EngineError::invalid("pid", format!("pid must be positive, got {pid}")));
             }
             let (pidfd, host_pid) = open_in(pid, ns)?;
             (pidfd, host_pid, pid, start_time)
@@ -408,10 +407,10 @@ fn identify(
 }
 
 fn thread_refused() -> EngineError {
-    EngineError::InvalidArgument(
+    EngineError::invalid(
+        TARGET,
         "the target is a thread, not a process: name the process (its tgid, or a pidfd opened without PIDFD_THREAD); \
-         a kill reaches the whole process, so the broker decides on the whole process"
-            .into(),
+         a kill reaches the whole process, so the broker decides on the whole process",
     )
 }
 
@@ -453,7 +452,7 @@ fn open_in(pid: i32, ns: Namespace<'_>) -> Result<(OwnedFd, i32), EngineError> {
 fn pid_of_pidfd(fd: BorrowedFd<'_>, features: &KernelFeatures) -> Result<i32, EngineError> {
     use std::os::fd::AsRawFd;
     let raw = fd.as_raw_fd();
-    let not_a_pidfd = || EngineError::InvalidArgument("the passed file descriptor is not a pidfd".into());
+    let not_a_pidfd = || EngineError::invalid("pidfd", "the passed file descriptor is not a pidfd");
     // fdinfo of a pidfd has a "Pid:" line (5.3+): -1 once the process has
     // exited, 0 when it is outside our pid namespace.
     let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(|_| not_a_pidfd())?;

@@ -15,27 +15,7 @@ use serde::Serialize;
 use crate::os::procfs;
 use crate::os::sys;
 
-/// How the broker kills and reaps, best first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KillPath {
-    /// `process_mrelease(pidfd, PROCESS_MRELEASE_REAP_KILL)`: one atomic call.
-    ReapKill,
-    /// `pidfd_send_signal(SIGKILL)` then `process_mrelease(pidfd, 0)`.
-    KillThenMrelease,
-    /// `pidfd_send_signal(SIGKILL)` alone: no process_mrelease on this kernel.
-    KillOnly,
-}
-
-impl KillPath {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KillPath::ReapKill => "reap_kill",
-            KillPath::KillThenMrelease => "kill_then_mrelease",
-            KillPath::KillOnly => "kill_only",
-        }
-    }
-}
+pub use reapd_proto::model::KillPath;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelFeatures {

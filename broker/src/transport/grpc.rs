@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reapd_proto::model::{self, ApiError};
 use reapd_proto::v1 as pb;
 use reapd_proto::v1::reaper_server::{Reaper, ReaperServer};
 use tokio::sync::mpsc;
@@ -15,16 +16,12 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::engine::caller::Caller;
-use crate::engine::candidates::{self, CandidatesReport, SortKey};
+use crate::engine::candidates;
 use crate::engine::error::EngineError;
-use crate::engine::events::{KillEvent, KillKind, Subscription};
-use crate::engine::group::{GroupReport, GroupSpec};
-use crate::engine::policy::DecisionKind;
-use crate::engine::reaper::Outcome;
-use crate::engine::target::{ProcessInfo, TargetSpec};
-use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
-use crate::os::features::KillPath;
-use crate::os::procfs::Memory;
+use crate::engine::events::Subscription;
+use crate::engine::group::GroupSpec;
+use crate::engine::target::TargetSpec;
+use crate::engine::{Engine, GroupKillRequest, KillRequest};
 use crate::transport::listener::{self, AcceptConfig, ConnectionCounter, PeerInfo, PeerStream};
 
 /// Largest request the broker decodes. Real requests are a few bytes.
@@ -75,227 +72,10 @@ fn target_spec(target: Option<pb::Target>) -> Result<TargetSpec, Status> {
     })
 }
 
-/// The `domain` of the broker's `google.rpc.ErrorInfo` details.
-pub const ERROR_DOMAIN: &str = "reapd.v1";
-
+/// The one encoding of engine errors for gRPC: the API's error model
+/// (`reapd_proto::model::ApiError`) as a status.
 pub fn status_of(err: EngineError) -> Status {
-    let message = err.message();
-    let code = match &err {
-        EngineError::InvalidArgument(_) => tonic::Code::InvalidArgument,
-        EngineError::NotFound(_) => tonic::Code::NotFound,
-        EngineError::PermissionDenied { .. } => tonic::Code::PermissionDenied,
-        EngineError::ProcessChanged(_) => tonic::Code::FailedPrecondition,
-        EngineError::RateLimited { .. } => tonic::Code::ResourceExhausted,
-        EngineError::Internal(_) => tonic::Code::Internal,
-    };
-    // The typed verdict rides in the standard rich error model: an
-    // ErrorInfo whose reason is the decision kind (UPPER_SNAKE, as AIP-193
-    // asks) and whose metadata names the kind and the deciding rule.
-    let mut status = match err.decision() {
-        Some((kind, rule)) => {
-            use tonic_types::{ErrorDetails, StatusExt};
-            let metadata = std::collections::HashMap::from([
-                ("kind".to_string(), kind.as_str().to_string()),
-                ("rule".to_string(), rule.to_string()),
-            ]);
-            let details = ErrorDetails::with_error_info(kind.as_str().to_uppercase(), ERROR_DOMAIN, metadata);
-            Status::with_error_details(code, message, details)
-        }
-        None => Status::new(code, message),
-    };
-    if let EngineError::RateLimited { retry_after, .. } = &err {
-        if let Ok(value) = retry_after.as_millis().to_string().parse() {
-            status.metadata_mut().insert("retry-after-ms", value);
-        }
-    }
-    status
-}
-
-fn process_info(process: ProcessInfo) -> pb::ProcessInfo {
-    pb::ProcessInfo {
-        pid: process.pid,
-        uid: process.ruid,
-        euid: process.euid,
-        suid: process.suid,
-        gid: process.gid,
-        comm: process.comm,
-        start_time: process.start_time,
-        cgroup: process.cgroup,
-    }
-}
-
-fn memory(memory: &Memory) -> pb::MemoryUsage {
-    pb::MemoryUsage {
-        anon_bytes: memory.anon_bytes,
-        file_bytes: memory.file_bytes,
-        shmem_bytes: memory.shmem_bytes,
-        swap_bytes: memory.swap_bytes,
-        hugetlb_bytes: memory.hugetlb_bytes,
-    }
-}
-
-fn kill_path(path: KillPath) -> pb::KillPath {
-    match path {
-        KillPath::ReapKill => pb::KillPath::ReapKill,
-        KillPath::KillThenMrelease => pb::KillPath::KillThenMrelease,
-        KillPath::KillOnly => pb::KillPath::KillOnly,
-    }
-}
-
-fn kill_reply(report: KillReport) -> pb::KillAndReapResponse {
-    pb::KillAndReapResponse {
-        outcome: outcome(report.reap.outcome) as i32,
-        not_reaped_reason: report.reap.not_reaped_reason,
-        kill_path: kill_path(report.reap.kill_path) as i32,
-        target: Some(process_info(report.target.info())),
-        memory_before: Some(memory(&report.reap.memory_before)),
-        bytes_released: report.reap.bytes_released,
-        kill_to_reap_ns: report.reap.kill_to_reap.as_nanos() as u64,
-        exited: report.exited,
-        rule: report.rule,
-        reap_retries: report.reap.reap_retries,
-    }
-}
-
-fn outcome(outcome: Outcome) -> pb::Outcome {
-    match outcome {
-        Outcome::Reaped => pb::Outcome::Reaped,
-        Outcome::ExitedBeforeReap => pb::Outcome::ExitedBeforeReap,
-        Outcome::KilledNotReaped => pb::Outcome::KilledNotReaped,
-        Outcome::AlreadyDying => pb::Outcome::AlreadyDying,
-    }
-}
-
-fn candidates_reply(report: CandidatesReport) -> pb::ListCandidatesResponse {
-    pb::ListCandidatesResponse {
-        processes: report
-            .processes
-            .iter()
-            .map(|c| pb::Candidate {
-                process: Some(process_info(c.target.info())),
-                memory: Some(memory(&c.memory)),
-                unique_bytes: c.unique_bytes(),
-                oom_score: c.oom_score,
-                oom_score_adj: c.target.oom_score_adj,
-                rule: c.rule.clone(),
-            })
-            .collect(),
-        cgroups: report
-            .cgroups
-            .iter()
-            .map(|g| pb::CgroupCandidate {
-                cgroup: g.path.clone(),
-                processes: g.processes,
-                memory: Some(memory(&g.memory)),
-            })
-            .collect(),
-        total: report.total,
-        next_offset: report.next_offset,
-    }
-}
-
-fn group_reply(report: GroupReport) -> pb::KillCgroupResponse {
-    pb::KillCgroupResponse {
-        cgroup: report.cgroup,
-        members: report
-            .members
-            .iter()
-            .map(|m| pb::MemberReport {
-                process: Some(process_info(m.target.info())),
-                memory_before: Some(memory(&m.memory_before)),
-                outcome: outcome(m.outcome) as i32,
-                not_reaped_reason: m.not_reaped_reason.clone(),
-            })
-            .collect(),
-        refused_newcomers: report
-            .refused_newcomers
-            .iter()
-            .map(|t| process_info(t.info()))
-            .collect(),
-        bytes_released: report.bytes_released,
-        kill_to_reap_ns: report.kill_to_reap.as_nanos() as u64,
-        passes: report.passes,
-        members_total: report.members_total as u32,
-    }
-}
-
-fn kill_event(event: KillEvent) -> pb::KillEvent {
-    pb::KillEvent {
-        sequence: event.sequence,
-        time_unix_ns: unix_ns(event.time),
-        kind: match event.kind {
-            KillKind::Process => pb::KillKind::Process,
-            KillKind::Cgroup => pb::KillKind::Cgroup,
-        } as i32,
-        requester: Some(pb::Requester {
-            pid: event.requester.pid,
-            uid: event.requester.uid,
-            comm: event.requester.comm,
-        }),
-        rule: event.rule,
-        cgroup: event.cgroup,
-        kill_path: kill_path(event.kill_path) as i32,
-        victims: event
-            .victims
-            .into_iter()
-            .map(|v| pb::Victim {
-                process: Some(process_info(v.process)),
-                memory_before: Some(memory(&v.memory_before)),
-                outcome: outcome(v.outcome) as i32,
-                not_reaped_reason: v.not_reaped_reason,
-                seen_as: v.seen_as,
-            })
-            .collect(),
-        complete: event.complete,
-        bytes_released: event.bytes_released,
-        kill_to_reap_ns: event.kill_to_reap.as_nanos() as u64,
-        elapsed_ns: event.elapsed.as_nanos() as u64,
-        dropped: event.dropped,
-    }
-}
-
-/// Nanoseconds since the Unix epoch (0 before it).
-fn unix_ns(time: std::time::SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn permission_reply(report: PermissionReport) -> pb::CheckPermissionResponse {
-    pb::CheckPermissionResponse {
-        allowed: report.decision.allowed,
-        reason: report.decision.reason,
-        target: Some(process_info(report.target.info())),
-        kind: decision_kind(report.decision.kind) as i32,
-        rule: report.decision.rule,
-    }
-}
-
-fn decision_kind(kind: DecisionKind) -> pb::DecisionKind {
-    match kind {
-        DecisionKind::Allowed => pb::DecisionKind::Allowed,
-        DecisionKind::Protected => pb::DecisionKind::Protected,
-        DecisionKind::NoRule => pb::DecisionKind::NoRule,
-        DecisionKind::DeniedByRule => pb::DecisionKind::DeniedByRule,
-        DecisionKind::Degraded => pb::DecisionKind::Degraded,
-        DecisionKind::NotVisible => pb::DecisionKind::NotVisible,
-        DecisionKind::RateLimited => pb::DecisionKind::RateLimited,
-        DecisionKind::Unverified => pb::DecisionKind::Unverified,
-    }
-}
-
-fn capabilities_reply(caps: Capabilities) -> pb::GetCapabilitiesResponse {
-    pb::GetCapabilitiesResponse {
-        broker_version: caps.broker_version.to_string(),
-        kernel_release: caps.features.kernel_release,
-        process_mrelease: caps.features.process_mrelease,
-        reap_kill_flag: caps.features.reap_kill_flag,
-        pidfd_get_info: caps.features.pidfd_get_info,
-        so_peerpidfd: caps.features.so_peerpidfd,
-        cgroup_kill: caps.features.cgroup_kill,
-        kill_path: kill_path(caps.kill_path) as i32,
-        has_cap_kill: caps.features.has_cap_kill,
-        notes: caps.features.notes,
-    }
+    ApiError::from(&err).to_status()
 }
 
 /// A `WatchKills` response stream: the subscription's events, mapped.
@@ -306,7 +86,7 @@ fn event_stream(subscription: Subscription) -> KillEventStream {
         subscription,
         |mut subscription| async move {
             let event = subscription.next().await?;
-            Some((Ok(kill_event(event)), subscription))
+            Some((Ok(model::KillEvent::from(event).into()), subscription))
         },
     ))
 }
@@ -340,7 +120,7 @@ impl Reaper for GrpcReaper {
             reap_delay: request.reap_delay_ms.map(|ms| Duration::from_millis(ms.into())),
         };
         let report = self.engine.kill_and_reap(&caller, kill).await.map_err(status_of)?;
-        Ok(Response::new(kill_reply(report)))
+        Ok(Response::new(model::KillReport::from(report).into()))
     }
 
     async fn check_permission(
@@ -350,14 +130,16 @@ impl Reaper for GrpcReaper {
         let caller = caller_of(&request)?;
         let spec = target_spec(request.into_inner().target)?;
         let report = self.engine.check_permission(&caller, spec).await.map_err(status_of)?;
-        Ok(Response::new(permission_reply(report)))
+        Ok(Response::new(model::Permission::from(report).into()))
     }
 
     async fn get_capabilities(
         &self,
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
-        Ok(Response::new(capabilities_reply(self.engine.capabilities())))
+        Ok(Response::new(
+            model::Capabilities::from(self.engine.capabilities()).into(),
+        ))
     }
 
     async fn list_candidates(
@@ -366,14 +148,11 @@ impl Reaper for GrpcReaper {
     ) -> Result<Response<pb::ListCandidatesResponse>, Status> {
         let caller = caller_of(&request)?;
         let request = request.into_inner();
+        // A number this build does not know is the client's mistake, not
+        // the default order.
         let key = match pb::SortKey::try_from(request.sort_by) {
-            Ok(pb::SortKey::Unspecified | pb::SortKey::Unique) => SortKey::Unique,
-            Ok(pb::SortKey::Anon) => SortKey::Anon,
-            Ok(pb::SortKey::Rss) => SortKey::Rss,
-            Ok(pb::SortKey::Swap) => SortKey::Swap,
-            Ok(pb::SortKey::OomScore) => SortKey::OomScore,
-            Ok(pb::SortKey::StartTime) => SortKey::StartTime,
-            Err(_) => return Err(Status::invalid_argument("sort_by: unknown sort key")),
+            Ok(_) => model::SortKey::from(request.sort_by),
+            Err(_) => return Err(status_of(EngineError::invalid("sortBy", "unknown sort key"))),
         };
         let query = candidates::Query {
             key,
@@ -381,7 +160,7 @@ impl Reaper for GrpcReaper {
             limit: request.limit as usize,
         };
         let report = self.engine.candidates(&caller, query, None).await.map_err(status_of)?;
-        Ok(Response::new(candidates_reply(report)))
+        Ok(Response::new(model::Candidates::from(report).into()))
     }
 
     async fn kill_cgroup(
@@ -401,7 +180,7 @@ impl Reaper for GrpcReaper {
             reap_delay: request.reap_delay_ms.map(|ms| Duration::from_millis(ms.into())),
         };
         let report = self.engine.kill_cgroup(&caller, kill).await.map_err(status_of)?;
-        Ok(Response::new(group_reply(report)))
+        Ok(Response::new(model::GroupReport::from(report).into()))
     }
 }
 

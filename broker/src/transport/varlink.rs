@@ -39,6 +39,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use reapd_proto::model::{self, ApiError};
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncWriteExt, Interest};
@@ -46,14 +47,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::caller::Caller;
-use crate::engine::candidates::{self, CandidatesReport, SortKey};
+use crate::engine::candidates::{self, SortKey};
 use crate::engine::error::EngineError;
-use crate::engine::events::KillEvent;
-use crate::engine::group::{GroupReport, GroupSpec};
-use crate::engine::policy::DecisionKind;
-use crate::engine::target::{ProcessInfo, TargetSpec};
-use crate::engine::{Capabilities, Engine, GroupKillRequest, KillReport, KillRequest, PermissionReport};
-use crate::os::procfs::Memory;
+use crate::engine::group::GroupSpec;
+use crate::engine::target::TargetSpec;
+use crate::engine::{Engine, GroupKillRequest, KillRequest};
 use crate::transport::closer::{self, Closer, Received, SCM_MAX_FD};
 use crate::transport::listener::{self, AcceptConfig, Accepted, ConnectionCounter};
 
@@ -150,171 +148,17 @@ impl VarlinkError {
     }
 }
 
-/// The one place engine errors become varlink errors (see
-/// [`crate::transport::grpc::status_of`] for gRPC). `parameter` names the call
-/// parameter an `InvalidArgument` is about.
-pub fn error_of(err: EngineError, parameter: &str) -> VarlinkError {
-    let reason = err.message();
-    match err {
-        EngineError::InvalidArgument(_) => VarlinkError::invalid_parameter(parameter),
-        EngineError::NotFound(_) => VarlinkError::new(
-            "io.reapd.Reaper.NoSuchProcess",
-            json!({ "reason": reason, "kind": DecisionKind::NotVisible.as_str() }),
-        ),
-        EngineError::PermissionDenied { kind, rule, .. } => VarlinkError::new(
-            "io.reapd.Reaper.PermissionDenied",
-            json!({ "reason": reason, "kind": kind.as_str(), "rule": rule }),
-        ),
-        EngineError::ProcessChanged(_) => {
-            VarlinkError::new("io.reapd.Reaper.ProcessChanged", json!({ "reason": reason }))
-        }
-        EngineError::RateLimited { retry_after, .. } => VarlinkError::new(
-            "io.reapd.Reaper.RateLimited",
-            json!({
-                "reason": reason,
-                "kind": DecisionKind::RateLimited.as_str(),
-                "retryAfterMs": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
-            }),
-        ),
-        EngineError::Internal(_) => VarlinkError::new("io.reapd.Reaper.InternalError", json!({ "reason": reason })),
-    }
+/// The one encoding of engine errors for varlink: the API's error model
+/// (`reapd_proto::model::ApiError`) as an error reply. The parameter an
+/// `InvalidParameter` blames is the one the engine named.
+pub fn error_of(err: EngineError) -> VarlinkError {
+    let api = ApiError::from(&err);
+    VarlinkError::new(api.varlink_name(), api.varlink_parameters())
 }
 
-/// The parameter an engine error is about: a refused namespace proof is the
-/// `pidns` parameter's fault, whichever parameter named the target.
-fn blame_of(err: &EngineError, target: &'static str) -> &'static str {
-    match err {
-        EngineError::InvalidArgument(message) if message.starts_with(crate::engine::target::PIDNS_REFUSAL) => "pidns",
-        _ => target,
-    }
-}
-
-fn process_info(process: &ProcessInfo) -> Value {
-    json!({
-        "pid": process.pid,
-        "uid": process.ruid,
-        "euid": process.euid,
-        "suid": process.suid,
-        "gid": process.gid,
-        "comm": process.comm,
-        "startTime": process.start_time,
-        "cgroup": process.cgroup,
-    })
-}
-
-fn kill_event(event: KillEvent) -> Value {
-    json!({
-        "sequence": event.sequence,
-        "timeUnixNs": event.time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
-        "kind": event.kind.as_str(),
-        "requester": {
-            "pid": event.requester.pid,
-            "uid": event.requester.uid,
-            "comm": event.requester.comm,
-        },
-        "rule": event.rule,
-        "cgroup": event.cgroup,
-        "killPath": event.kill_path.as_str(),
-        "victims": event.victims.iter().map(|v| json!({
-            "process": process_info(&v.process),
-            "memoryBefore": memory(&v.memory_before),
-            "outcome": v.outcome.as_str(),
-            "notReapedReason": v.not_reaped_reason,
-            "seenAs": v.seen_as,
-        })).collect::<Vec<_>>(),
-        "complete": event.complete,
-        "bytesReleased": event.bytes_released,
-        "killToReapNs": event.kill_to_reap.as_nanos() as u64,
-        "elapsedNs": event.elapsed.as_nanos() as u64,
-        "dropped": event.dropped,
-    })
-}
-
-fn memory(memory: &Memory) -> Value {
-    json!({
-        "anonBytes": memory.anon_bytes,
-        "fileBytes": memory.file_bytes,
-        "shmemBytes": memory.shmem_bytes,
-        "swapBytes": memory.swap_bytes,
-        "hugetlbBytes": memory.hugetlb_bytes,
-    })
-}
-
-fn kill_reply(report: KillReport) -> Value {
-    json!({
-        "outcome": report.reap.outcome.as_str(),
-        "notReapedReason": report.reap.not_reaped_reason,
-        "killPath": report.reap.kill_path.as_str(),
-        "target": process_info(&report.target.info()),
-        "memoryBefore": memory(&report.reap.memory_before),
-        "bytesReleased": report.reap.bytes_released,
-        "killToReapNs": u64::try_from(report.reap.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
-        "exited": report.exited,
-        "rule": report.rule,
-        "reapRetries": report.reap.reap_retries,
-    })
-}
-
-fn candidates_reply(report: CandidatesReport) -> Value {
-    json!({
-        "processes": report.processes.iter().map(|c| json!({
-            "process": process_info(&c.target.info()),
-            "memory": memory(&c.memory),
-            "uniqueBytes": c.unique_bytes(),
-            "oomScore": c.oom_score,
-            "oomScoreAdj": c.target.oom_score_adj,
-            "rule": c.rule,
-        })).collect::<Vec<_>>(),
-        "cgroups": report.cgroups.iter().map(|g| json!({
-            "cgroup": g.path,
-            "processes": g.processes,
-            "memory": memory(&g.memory),
-        })).collect::<Vec<_>>(),
-        "total": report.total,
-        "nextOffset": report.next_offset,
-    })
-}
-
-fn group_reply(report: GroupReport) -> Value {
-    json!({
-        "cgroup": report.cgroup,
-        "members": report.members.iter().map(|m| json!({
-            "process": process_info(&m.target.info()),
-            "memoryBefore": memory(&m.memory_before),
-            "outcome": m.outcome.as_str(),
-            "notReapedReason": m.not_reaped_reason,
-        })).collect::<Vec<_>>(),
-        "refusedNewcomers": report.refused_newcomers.iter().map(|t| process_info(&t.info())).collect::<Vec<_>>(),
-        "bytesReleased": report.bytes_released,
-        "killToReapNs": u64::try_from(report.kill_to_reap.as_nanos()).unwrap_or(u64::MAX),
-        "passes": report.passes,
-        "membersTotal": report.members_total,
-    })
-}
-
-fn permission_reply(report: PermissionReport) -> Value {
-    json!({
-        "allowed": report.decision.allowed,
-        "reason": report.decision.reason,
-        "target": process_info(&report.target.info()),
-        "kind": report.decision.kind.as_str(),
-        "rule": report.decision.rule,
-    })
-}
-
-fn capabilities_reply(caps: Capabilities) -> Value {
-    json!({
-        "brokerVersion": caps.broker_version,
-        "kernelRelease": caps.features.kernel_release,
-        "processMrelease": caps.features.process_mrelease,
-        "reapKillFlag": caps.features.reap_kill_flag,
-        "pidfdGetInfo": caps.features.pidfd_get_info,
-        "soPeerpidfd": caps.features.so_peerpidfd,
-        "cgroupKill": caps.features.cgroup_kill,
-        "killPath": caps.kill_path.as_str(),
-        "hasCapKill": caps.features.has_cap_kill,
-        "notes": caps.features.notes,
-    })
+/// A reply's parameters: the model's serde encoding (the IDL's names).
+fn reply(value: impl serde::Serialize) -> Result<Value, VarlinkError> {
+    serde_json::to_value(value).map_err(|err| error_of(EngineError::Internal(format!("encoding a reply: {err}"))))
 }
 
 /// One decoded call.
@@ -471,41 +315,37 @@ fn fds_named(call: &Call) -> usize {
         .unwrap_or(0)
 }
 
-/// The target a call names, and the parameter to blame if the engine calls
-/// it invalid, plus the caller's pid namespace if it passed one (`pidns`, an
-/// fd index). Takes the named fds out of `fds`; the rest are closed when
+/// The target a call names, plus the caller's pid namespace if it passed
+/// one (`pidns`, an fd index). Takes the named fds out of `fds`; the rest are closed when
 /// `fds` is dropped.
 fn target_of(
     parameters: &Map<String, Value>,
     fds: &mut MessageFds,
-) -> Result<(TargetSpec, &'static str, Option<OwnedFd>), VarlinkError> {
+) -> Result<(TargetSpec, Option<OwnedFd>), VarlinkError> {
     let pid = int_param(parameters, "pid", 1, i32::MAX as u64)?;
     let start_time = int_param(parameters, "startTime", 0, u64::MAX)?;
     let pidfd = int_param(parameters, "pidfd", 0, u64::MAX)?;
     let pidns = int_param(parameters, "pidns", 0, u64::MAX)?;
     // Each index names one received fd, taken once: the same fd cannot be
     // both the target and the namespace.
-    let (spec, blame) = match (pid, pidfd) {
-        (Some(pid), None) => (
-            TargetSpec::Pid {
-                pid: pid as i32,
-                start_time,
-            },
-            "pid",
-        ),
+    let spec = match (pid, pidfd) {
+        (Some(pid), None) => TargetSpec::Pid {
+            pid: pid as i32,
+            start_time,
+        },
         (None, Some(index)) => {
             if start_time.is_some() {
                 // A pidfd already names exactly one process; a start time
                 // would be a second, possibly contradicting, name.
                 return Err(VarlinkError::invalid_parameter("startTime"));
             }
-            (TargetSpec::Pidfd(fds.take_pidfd(index, "pidfd")?), "pidfd")
+            TargetSpec::Pidfd(fds.take_pidfd(index, "pidfd")?)
         }
         (Some(_), Some(_)) => return Err(VarlinkError::invalid_parameter("pidfd")),
         (None, None) => return Err(VarlinkError::invalid_parameter("pid")),
     };
     let pidns = pidns.map(|index| fds.take_pid_namespace(index, "pidns")).transpose()?;
-    Ok((spec, blame, pidns))
+    Ok((spec, pidns))
 }
 
 /// Answers one call: the reply parameters, or the error to send.
@@ -578,7 +418,7 @@ async fn dispatch(
                 let wait = int_param(params, "waitForExitMs", 0, u32::MAX as u64)?;
                 let grace = int_param(params, "graceMs", 0, u32::MAX as u64)?;
                 let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
-                let (target, blame, pidns) = target_of(params, fds)?;
+                let (target, pidns) = target_of(params, fds)?;
                 let request = KillRequest {
                     target,
                     wait_for_exit: wait.map(Duration::from_millis),
@@ -586,38 +426,27 @@ async fn dispatch(
                     grace: grace.map(Duration::from_millis),
                     reap_delay: reap_delay.map(Duration::from_millis),
                 };
-                let report = engine.kill_and_reap(caller, request).await.map_err(|err| {
-                    let blame = blame_of(&err, blame);
-                    error_of(err, blame)
-                })?;
-                Ok(kill_reply(report))
+                let report = engine.kill_and_reap(caller, request).await.map_err(error_of)?;
+                reply(model::KillReport::from(report))
             }
             "CheckPermission" => {
                 only_params(params, &["pid", "startTime", "pidfd", "pidns"])?;
-                let (target, blame, pidns) = target_of(params, fds)?;
-                let report = engine.check_permission_in(caller, target, pidns).await.map_err(|err| {
-                    let blame = blame_of(&err, blame);
-                    error_of(err, blame)
-                })?;
-                Ok(permission_reply(report))
+                let (target, pidns) = target_of(params, fds)?;
+                let report = engine
+                    .check_permission_in(caller, target, pidns)
+                    .await
+                    .map_err(error_of)?;
+                reply(model::Permission::from(report))
             }
             "GetCapabilities" => {
                 only_params(params, &[])?;
-                Ok(capabilities_reply(engine.capabilities()))
+                reply(model::Capabilities::from(engine.capabilities()))
             }
             "ListCandidates" => {
                 only_params(params, &["sortBy", "limit", "offset", "pidns"])?;
                 let key = match params.get("sortBy") {
                     None | Some(Value::Null) => SortKey::Unique,
-                    Some(Value::String(k)) => match k.as_str() {
-                        "unique" => SortKey::Unique,
-                        "anon" => SortKey::Anon,
-                        "rss" => SortKey::Rss,
-                        "swap" => SortKey::Swap,
-                        "oom_score" => SortKey::OomScore,
-                        "start_time" => SortKey::StartTime,
-                        _ => return Err(VarlinkError::invalid_parameter("sortBy")),
-                    },
+                    Some(Value::String(k)) => k.parse().map_err(|_| VarlinkError::invalid_parameter("sortBy"))?,
                     Some(_) => return Err(VarlinkError::invalid_parameter("sortBy")),
                 };
                 let limit = int_param(params, "limit", 0, 1000)?.unwrap_or(0);
@@ -630,11 +459,8 @@ async fn dispatch(
                     offset: offset as usize,
                     limit: limit as usize,
                 };
-                let report = engine
-                    .candidates(caller, query, pidns)
-                    .await
-                    .map_err(|err| error_of(err, "pidns"))?;
-                Ok(candidates_reply(report))
+                let report = engine.candidates(caller, query, pidns).await.map_err(error_of)?;
+                reply(model::Candidates::from(report))
             }
             "KillCgroup" => {
                 only_params(params, &["cgroup", "unit", "pidns", "reapDelayMs"])?;
@@ -643,9 +469,9 @@ async fn dispatch(
                     Some(Value::String(s)) => Ok(Some(s.clone())),
                     Some(_) => Err(VarlinkError::invalid_parameter(name)),
                 };
-                let (group, blame) = match (string("cgroup")?, string("unit")?) {
-                    (Some(path), None) => (GroupSpec::Path(path), "cgroup"),
-                    (None, Some(unit)) => (GroupSpec::Unit(unit), "unit"),
+                let group = match (string("cgroup")?, string("unit")?) {
+                    (Some(path), None) => GroupSpec::Path(path),
+                    (None, Some(unit)) => GroupSpec::Unit(unit),
                     (Some(_), Some(_)) => return Err(VarlinkError::invalid_parameter("unit")),
                     (None, None) => return Err(VarlinkError::invalid_parameter("cgroup")),
                 };
@@ -658,11 +484,8 @@ async fn dispatch(
                     pidns,
                     reap_delay: reap_delay.map(Duration::from_millis),
                 };
-                let report = engine
-                    .kill_cgroup(caller, request)
-                    .await
-                    .map_err(|err| error_of(err, blame))?;
-                Ok(group_reply(report))
+                let report = engine.kill_cgroup(caller, request).await.map_err(error_of)?;
+                reply(model::GroupReport::from(report))
             }
             _ => Err(method_not_found()),
         },
@@ -985,7 +808,7 @@ fn metrics_replies(engine: &Engine, caller: &Caller, call: &Call) -> Result<Vec<
     if !call.more {
         return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
     }
-    let metrics = engine.metrics(caller).map_err(|err| error_of(err, "more"))?;
+    let metrics = engine.metrics(caller).map_err(error_of)?;
     let prefixed = |name: &str| format!("{}{name}", crate::engine::metrics::PREFIX);
     Ok(match method {
         "List" => metrics
@@ -1031,7 +854,7 @@ async fn watch_kills(
         // No reply may be sent, so there is nothing to stream.
         return Ok(());
     }
-    let mut subscription = engine.watch_kills(&conn.caller).map_err(|err| error_of(err, "more"))?;
+    let mut subscription = engine.watch_kills(&conn.caller).map_err(error_of)?;
     // The subscription exists: say so, so the client knows every later
     // kill will reach it.
     if conn
@@ -1050,7 +873,7 @@ async fn watch_kills(
         tokio::select! {
             event = subscription.next() => {
                 let Some(event) = event else { return Ok(()) };
-                let bytes = encode_continues(json!({ "event": kill_event(event) }));
+                let bytes = encode_continues(json!({ "event": model::KillEvent::from(event) }));
                 tokio::select! {
                     written = conn.stream.write_all(&bytes) => {
                         if written.is_err() {
@@ -1372,7 +1195,6 @@ mod tests {
                     pid: 5,
                     start_time: Some(9)
                 },
-                "pid",
                 None
             ))
         ));
@@ -1381,14 +1203,11 @@ mod tests {
     #[test]
     fn every_engine_error_has_a_name() {
         let cases = [
-            (
-                EngineError::InvalidArgument("x".into()),
-                "org.varlink.service.InvalidParameter",
-            ),
+            (EngineError::invalid("pid", "x"), "org.varlink.service.InvalidParameter"),
             (EngineError::NotFound("x".into()), "io.reapd.Reaper.NoSuchProcess"),
             (
                 EngineError::PermissionDenied {
-                    kind: DecisionKind::NoRule,
+                    kind: crate::engine::policy::DecisionKind::NoRule,
                     rule: "no-matching-rule".into(),
                     reason: "x".into(),
                 },
@@ -1408,7 +1227,7 @@ mod tests {
             (EngineError::Internal("x".into()), "io.reapd.Reaper.InternalError"),
         ];
         for (err, name) in cases {
-            let mapped = error_of(err, "pid");
+            let mapped = error_of(err);
             assert_eq!(mapped.name, name);
             // Every error name is declared in the published IDL.
             let short = name.rsplit('.').next().unwrap();

@@ -189,24 +189,25 @@ fn mib(bytes: u64) -> String {
 fn exit_code_of(err: &Error) -> u8 {
     match err {
         Error::Connect { .. } => 3,
-        Error::InvalidArgument(_) => 4,
+        Error::InvalidArgument { .. } => 4,
         Error::NotFound(_) => 5,
         Error::PermissionDenied(_) => 6,
         Error::ProcessChanged(_) => 7,
         Error::RateLimited { .. } => 8,
-        Error::Other { .. } => 10,
+        // Unsupported, Transport, Internal, and what later versions add.
+        _ => 10,
     }
 }
 
 fn error_kind(err: &Error) -> &'static str {
     match err {
         Error::Connect { .. } => "connect",
-        Error::InvalidArgument(_) => "invalid_argument",
+        Error::InvalidArgument { .. } => "invalid_argument",
         Error::NotFound(_) => "not_found",
         Error::PermissionDenied(_) => "permission_denied",
         Error::ProcessChanged(_) => "process_changed",
         Error::RateLimited { .. } => "rate_limited",
-        Error::Other { .. } => "other",
+        _ => "other",
     }
 }
 
@@ -225,9 +226,10 @@ impl Backend {
         match (self, target) {
             (Backend::Grpc(c), VarlinkTarget::Pid(t)) => c.kill_and_reap_with(t, options),
             (Backend::Varlink(c), target) => Ok(c.kill_and_reap_with(target, options)?),
-            (Backend::Grpc(_), VarlinkTarget::Pidfd(_)) => {
-                Err(Error::InvalidArgument("a pidfd can be passed over varlink only".into()))
-            }
+            (Backend::Grpc(_), VarlinkTarget::Pidfd(_)) => Err(Error::InvalidArgument {
+                message: "a pidfd can be passed over varlink only".into(),
+                parameter: Some("pidfd".into()),
+            }),
         }
     }
 
@@ -320,13 +322,13 @@ fn run(args: Args) -> Result<u8, Error> {
                     mib(report.bytes_released)
                 );
                 for m in &report.members {
-                    if let Some(p) = &m.process {
+                    if let Some(p) = Some(&m.process) {
                         outln!(
                             "  pid {} ({}, uid {}): {}, held {} anon",
                             p.pid,
                             p.comm,
                             p.uid,
-                            m.outcome.replace('_', " "),
+                            m.outcome.as_str().replace('_', " "),
                             mib(m.memory_before.anon_bytes)
                         );
                     }
@@ -365,15 +367,16 @@ fn run(args: Args) -> Result<u8, Error> {
             if args.json {
                 print_json(&report);
             } else {
-                let who = report
-                    .target
-                    .as_ref()
-                    .map(|t| format!("pid {} ({}, uid {})", t.pid, t.comm, t.uid))
-                    .unwrap_or_else(|| format!("pid {pid}"));
+                let t = &report.target;
+                let who = if t.pid == 0 {
+                    format!("pid {pid}")
+                } else {
+                    format!("pid {} ({}, uid {})", t.pid, t.comm, t.uid)
+                };
                 let m = &report.memory_before;
                 outln!(
                     "{who}: {} via {} in {:.3} ms (rule: {})",
-                    report.outcome.replace('_', " "),
+                    report.outcome.as_str().replace('_', " "),
                     report.kill_path,
                     report.kill_to_reap_ns as f64 / 1e6,
                     report.rule
@@ -424,7 +427,7 @@ fn run(args: Args) -> Result<u8, Error> {
                     sort.as_str()
                 );
                 for c in &page.processes {
-                    if let Some(p) = &c.process {
+                    if let Some(p) = Some(&c.process) {
                         outln!(
                             "  {:>8} {:>10} anon+swap {:>5} oom_score  {} (uid {}, {})  rule {}",
                             p.pid,
@@ -549,7 +552,7 @@ fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
         if event.dropped > 0 {
             outln!("({} events dropped: this watcher read too slowly)", event.dropped);
         }
-        let what = if event.kind == "cgroup" {
+        let what = if event.kind == reapd_client::KillKind::Cgroup {
             format!("cgroup {}", event.cgroup)
         } else {
             "process".to_string()
@@ -570,7 +573,7 @@ fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
             event.kill_to_reap_ns as f64 / 1e6,
         );
         for v in &event.victims {
-            if let Some(p) = &v.process {
+            if let Some(p) = Some(&v.process) {
                 outln!(
                     "  pid {} {} (uid {}, {}): {}, {} anon before",
                     p.pid,

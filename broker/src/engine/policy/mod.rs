@@ -36,46 +36,7 @@ use serde::Serialize;
 use crate::engine::caller::Caller;
 use crate::engine::target::TargetProcess;
 
-/// What kind of verdict: what an OOM manager branches on (try the next
-/// candidate, back off, report a misconfiguration) without parsing text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecisionKind {
-    /// Allowed by the kill(2) rule or an allow rule.
-    Allowed,
-    /// A protection holds (init, kernel thread, the broker, oom_score_adj
-    /// -1000, the `protect` section).
-    Protected,
-    /// No rule allows it.
-    NoRule,
-    /// A deny rule refuses it.
-    DeniedByRule,
-    /// The rules allow it but the broker lacks CAP_KILL (degraded mode).
-    Degraded,
-    /// No such process, as far as the caller can see (never says which).
-    NotVisible,
-    /// The caller is over its kill rate or in-flight limit.
-    RateLimited,
-    /// A fact the decision needs could not be verified (the caller's pid
-    /// namespace), so the broker refuses rather than guess.
-    Unverified,
-}
-
-impl DecisionKind {
-    /// The wire name (snake_case), as in the proto and varlink IDL.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DecisionKind::Allowed => "allowed",
-            DecisionKind::Protected => "protected",
-            DecisionKind::NoRule => "no_rule",
-            DecisionKind::DeniedByRule => "denied_by_rule",
-            DecisionKind::Degraded => "degraded",
-            DecisionKind::NotVisible => "not_visible",
-            DecisionKind::RateLimited => "rate_limited",
-            DecisionKind::Unverified => "unverified",
-        }
-    }
-}
+pub use reapd_proto::model::DecisionKind;
 
 /// The verdict and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
