@@ -211,8 +211,36 @@ fn error_kind(err: &Error) -> &'static str {
     }
 }
 
+/// `--json`: reapctl's documented output keeps snake_case keys, while the
+/// API's types serialize with the varlink IDL's camelCase names.
 fn print_json(value: &impl Serialize) {
-    outln!("{}", serde_json::to_string_pretty(value).expect("reports serialize"));
+    let value = snake_keys(serde_json::to_value(value).expect("reports serialize"));
+    outln!("{}", serde_json::to_string_pretty(&value).expect("reports serialize"));
+}
+
+/// `killToReapNs` -> `kill_to_reap_ns`, in every object at any depth.
+fn snake_keys(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(key, value)| {
+                    let mut snake = String::with_capacity(key.len() + 4);
+                    for c in key.chars() {
+                        if c.is_ascii_uppercase() {
+                            snake.push('_');
+                            snake.push(c.to_ascii_lowercase());
+                        } else {
+                            snake.push(c);
+                        }
+                    }
+                    (snake, snake_keys(value))
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(snake_keys).collect()),
+        other => other,
+    }
 }
 
 /// The transport a run speaks; both give the same typed results.
@@ -491,7 +519,8 @@ fn stats(socket: &Path, prometheus: bool, json: bool) -> Result<u8, Error> {
     };
     let metrics = client.metrics()?;
     if json {
-        print_json(&metrics);
+        // Metric names and their field labels are the broker's own keys.
+        outln!("{}", serde_json::to_string_pretty(&metrics).expect("metrics serialize"));
         return Ok(0);
     }
     let labels = |m: &varlink::Metric| {
@@ -546,7 +575,8 @@ fn stats(socket: &Path, prometheus: bool, json: bool) -> Result<u8, Error> {
 fn watch(client: Backend, count: Option<u64>, json: bool) -> Result<u8, Error> {
     let print = |event: &KillEvent| {
         if json {
-            outln!("{}", serde_json::to_string(event).expect("events serialize"));
+            let event = snake_keys(serde_json::to_value(event).expect("events serialize"));
+            outln!("{}", serde_json::to_string(&event).expect("events serialize"));
             return;
         }
         if event.dropped > 0 {
