@@ -8,9 +8,11 @@
 #   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug]
 #
 # --debug also builds the patched series with config/debug.config (lockdep,
-# KASAN, DEBUG_VM, audit, Yama, pid/user namespaces) and boots it with the
-# patched checks; a kernel splat fails it. Heavy (a KASAN+lockdep build and
-# a slow boot under TCG): not part of scripts/test.sh.
+# KASAN, DEBUG_VM, DEBUG_ATOMIC_SLEEP, audit, Yama) and boots it with the
+# patched checks plus the exec/exit race stress of the readers (exec_race);
+# a kernel splat fails it, and its whole dmesg is kept in
+# $CACHE/dmesg-debug.txt. Heavy (a KASAN+lockdep build and a slow boot
+# under TCG): not part of scripts/test.sh.
 #
 # Environment:
 #   REAPD_KERNEL_CACHE  work directory (default /var/cache/reapd-kernel/harness)
@@ -20,6 +22,8 @@
 #                       build them with cargo at the repository root)
 #   RACE_CYCLES         kill+reap cycles per race count (default 1000)
 #   BENCH_RUNS          runs per pinned-reader measurement (default 5)
+#   STRESS_ITERATIONS   exec_race iterations on the debug kernel (default 300)
+#   QEMU_TIMEOUT        seconds per boot (default 900; the debug boot 3600)
 #   JOBS                make -j (default: nproc)
 set -uo pipefail
 
@@ -34,6 +38,7 @@ JOBS=${JOBS:-$(nproc)}
 DEBUG=0
 PKG=linux-source-7.3
 QEMU_TIMEOUT=${QEMU_TIMEOUT:-900}
+STRESS=${STRESS_ITERATIONS:-300}
 
 while [[ $# -gt 0 ]]; do
 	case $1 in
@@ -175,8 +180,10 @@ gcc -static -O2 -Wall -pthread -I "$ST" -I "$ST/mm" -isystem "$CACHE/build-patch
 gcc -static -O2 -Wall -o "$BIN/mrelease_race" "$HERE/mrelease_race.c" &&
 	gcc -static -O2 -Wall -pthread -isystem "$CACHE/build-patched/usr/include" \
 		-o "$BIN/mrelease_bench" "$HERE/mrelease_bench.c" &&
-	gcc -static -O2 -Wall -o "$BIN/vm_exit" "$HERE/vm_exit.c" || die "selftest: gcc -static race tools"
-pass "selftest: static mrelease_test, mrelease_race, mrelease_bench, vm_exit built"
+	gcc -static -O2 -Wall -o "$BIN/vm_exit" "$HERE/vm_exit.c" &&
+	gcc -static -no-pie -O2 -Wall -pthread -isystem "$CACHE/build-patched/usr/include" \
+		-o "$BIN/exec_race" "$HERE/exec_race.c" || die "selftest: gcc -static race tools"
+pass "selftest: static mrelease_test, mrelease_race, mrelease_bench, exec_race, vm_exit built"
 
 # --- the broker ------------------------------------------------------------
 if [[ -n ${REAPD_BIN_DIR:-} ]]; then
@@ -214,12 +221,15 @@ pass "initramfs: $(du -m "$CACHE/initramfs.cpio" | cut -f1) MiB (static tests, b
 
 # --- boot ------------------------------------------------------------------
 boot() { # stock|patched|debug
-	local kind=$1 out=$CACHE/vm-$1.log rc t mode=$1 extra=
+	local kind=$1 out=$CACHE/vm-$1.log rc t mode=$1 extra= limit=$QEMU_TIMEOUT
 	# the debug kernel runs the patched checks, slower: fewer cycles
-	[[ $kind = debug ]] && mode=patched extra="reapd.debug=1 reapd.cycles=100 reapd.runs=3"
-	log "booting the $kind kernel (qemu TCG, 2 vCPUs, timeout ${QEMU_TIMEOUT}s)"
+	if [[ $kind = debug ]]; then
+		mode=patched extra="reapd.debug=1 reapd.cycles=100 reapd.runs=3 reapd.stress=$STRESS"
+		limit=${QEMU_TIMEOUT_DEBUG:-3600}
+	fi
+	log "booting the $kind kernel (qemu TCG, 2 vCPUs, timeout ${limit}s)"
 	t=$(date +%s.%N)
-	timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024 \
+	timeout "$limit" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024 \
 		-kernel "$CACHE/build-$kind/arch/x86/boot/bzImage" -initrd "$CACHE/initramfs.cpio" \
 		-append "console=ttyS0 panic=-1 reapd.mode=$mode reapd.cycles=$CYCLES reapd.runs=$RUNS $extra" \
 		-nographic -no-reboot -monitor none \
@@ -228,6 +238,20 @@ boot() { # stock|patched|debug
 	local secs
 	secs=$(echo "$(date +%s.%N) - $t" | bc)
 	tr -d '\r' <"$out" | grep -E '^(VMCHECK|VMRACE|VMINFO|  )' | grep -v '^VMCHECK' | sed 's/^/    /'
+	if [[ $kind = debug ]]; then
+		tr -d '\r' <"$out" | sed -n 's/^DMESG //p' >"$CACHE/dmesg-debug.txt"
+		tr -d '\r' <"$out" | sed -n 's/^VMSTRESS //p' >"$CACHE/stress.txt"
+		# also from the host, on the whole serial log: a splat after the
+		# in-VM check, or in a boot that never reached it
+		local splat
+		splat=$(tr -d '\r' <"$out" | grep -v -E '^(VMCHECK|VMINFO|VMSTRESS|DMESG|  )' |
+			grep -E 'BUG:|WARNING:|KASAN:|possible circular|possible recursive|inconsistent lock|suspicious RCU|sleeping function called' | head -3)
+		if [[ -z $splat ]]; then
+			pass "vm debug: no splat on the serial console ($(wc -l <"$CACHE/dmesg-debug.txt") dmesg lines kept in $CACHE/dmesg-debug.txt)"
+		else
+			fail "vm debug: splat on the serial console: $splat"
+		fi
+	fi
 	while IFS= read -r line; do
 		case $line in
 		"VMCHECK PASS "*) pass "vm $kind: ${line#VMCHECK PASS }" ;;
@@ -238,7 +262,7 @@ boot() { # stock|patched|debug
 	case $rc in
 	1) pass "vm $kind: verdict pass via isa-debug-exit (${secs%.*} s)" ;;
 	3) fail "vm $kind: verdict fail via isa-debug-exit (see $out)" ;;
-	124) tail -30 "$out"; fail "vm $kind: timeout after ${QEMU_TIMEOUT}s (see $out)" ;;
+	124) tail -30 "$out"; fail "vm $kind: timeout after ${limit}s (see $out)" ;;
 	*) tail -30 "$out"; fail "vm $kind: no verdict, qemu exit $rc (panic or crash, see $out)" ;;
 	esac
 	# labelled by kernel (the debug kernel runs in mode patched)
@@ -258,8 +282,8 @@ echo "memory returned: 32 MiB victim killed by a non-parent, process_mrelease(0)
 echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to_user()"
 echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
 echo "ms: kill to reaped by the parent)"
-printf '  %-8s | %-40s | %-40s\n' reader stock patched
-for r in none mem cmdline environ pagemap vm_readv; do
+printf '  %-12s | %-40s | %-40s\n' reader stock patched
+for r in none mem cmdline environ pagemap pagemap_scan vm_readv; do
 	cells=()
 	for k in stock patched; do
 		l=$(grep "^VMBENCH $k PINNEDSUM reader=$r " "$CACHE/bench.txt")
@@ -269,7 +293,7 @@ for r in none mem cmdline environ pagemap vm_readv; do
 		fi
 		cells+=("$(echo "$l" | field freed_all)/$RUNS freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms")
 	done
-	printf '  %-8s | %-40s | %-40s\n' "$r" "${cells[0]}" "${cells[1]}"
+	printf '  %-12s | %-40s | %-40s\n' "$r" "${cells[0]}" "${cells[1]}"
 done
 echo "robust futexes (20 victims holding a robust pshared mutex): owner-died marks lost"
 for q in kill reap; do
@@ -283,7 +307,16 @@ printf '  %-38s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
 printf '  %-38s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
 printf '  %-38s %s\n' "stock, kill, yield, process_mrelease" "$(race stock yield)"
 printf '  %-38s %s\n' "patched, kill, yield, process_mrelease" "$(race patched yield)"
-echo "boot to verdict: stock ${BOOT_SECS_stock:-?} s, patched ${BOOT_SECS_patched:-?} s (qemu wall time, tests included)"
+if [[ $DEBUG = 1 ]]; then
+	echo "debug kernel (patched + lockdep, KASAN; 3 runs per reader):"
+	for r in none mem cmdline environ pagemap pagemap_scan vm_readv; do
+		l=$(grep "^VMBENCH debug PINNEDSUM reader=$r " "$CACHE/bench.txt")
+		printf '  %-12s | %s\n' "$r" "$(echo "$l" | field freed_all)/3 freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms"
+	done
+	echo "exec race stress on the debug kernel:"
+	sed 's/^/  /' "$CACHE/stress.txt"
+fi
+echo "boot to verdict: stock ${BOOT_SECS_stock:-?} s, patched ${BOOT_SECS_patched:-?} s${BOOT_SECS_debug:+, debug $BOOT_SECS_debug s} (qemu wall time, tests included)"
 echo "harness wall time: $(($(date +%s) - T0)) s"
 echo
 finish
