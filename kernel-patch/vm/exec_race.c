@@ -7,8 +7,9 @@
  * loses its last user in exec_mmap()), exits, or is killed and reaped by
  * process_mrelease(), while readers are inside read().
  *
- *   exec_race stress ITERATIONS
- *	Per iteration: fork a target that execs itself EXECS times (every
+ *   exec_race stress ITERATIONS [SECONDS]
+ *	Up to ITERATIONS iterations, and no new one after SECONDS (if given;
+ *	TCG with KASAN and lockdep is slow). Per iteration: fork a target that execs itself EXECS times (every
  *	other exec from a second thread, so de_thread() and the leader
  *	switch run too), then exits; every third target is instead killed
  *	at a random point and process_mrelease()d. Meanwhile one thread
@@ -19,7 +20,7 @@
  *	process_vm_readv(). A successful mem read must return the target's
  *	marker, a non-empty cmdline its name. Prints one "EXECRACE" line
  *	per reader with counts of reads with data, empty reads and errors,
- *	and a summary "EXECRACESUM iterations=N execs=E kills=K ...
+ *	and a summary "EXECRACESUM iterations=N (those run) execs=E kills=K ...
  *	unexpected=U": U counts errors other than those an exited or
  *	execing target explains (ENOENT, ESRCH, EIO; EINTR for the ioctl;
  *	EFAULT for process_vm_readv() of an image that has not mapped the
@@ -273,11 +274,19 @@ static void *reader(void *arg)
 	return NULL;
 }
 
-static int stress(long iterations)
+static double since(const struct timespec *t0)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (t.tv_sec - t0->tv_sec) + (t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static int stress(long iterations, double max_secs)
 {
 	pthread_t threads[NKINDS];
 	long i, kills = 0, reaped = 0, esrch = 0, unexpected = 0;
-	struct timespec t0, t1;
+	struct timespec t0;
 	unsigned int seed = 1;
 	int k;
 
@@ -285,7 +294,7 @@ static int stress(long iterations)
 	for (k = 0; k < NKINDS; k++)
 		if (pthread_create(&threads[k], NULL, reader, (void *)(long)k))
 			die("pthread_create");
-	for (i = 0; i < iterations; i++) {
+	for (i = 0; i < iterations && (max_secs <= 0 || since(&t0) < max_secs); i++) {
 		bool kill_it = i % 3 == 2;
 		char arg[16];
 		int status, pidfd;
@@ -328,7 +337,6 @@ static int stress(long iterations)
 	stop = true;
 	for (k = 0; k < NKINDS; k++)
 		pthread_join(threads[k], NULL);
-	clock_gettime(CLOCK_MONOTONIC, &t1);
 	for (k = 0; k < NKINDS; k++) {
 		struct counts *c = &counts[k];
 
@@ -340,8 +348,7 @@ static int stress(long iterations)
 		unexpected += c->unexpected;
 	}
 	printf("EXECRACESUM iterations=%ld execs=%ld kills=%ld mrelease_reaped=%ld mrelease_esrch=%ld secs=%.1f unexpected=%ld\n",
-	       iterations, iterations * EXECS, kills, reaped, esrch,
-	       (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9, unexpected);
+	       i, i * EXECS, kills, reaped, esrch, since(&t0), unexpected);
 	return unexpected ? 1 : 0;
 }
 
@@ -349,8 +356,8 @@ int main(int argc, char **argv)
 {
 	if (argc == 3 && !strcmp(argv[1], "target"))
 		target_main(atoi(argv[2]));
-	if (argc == 3 && !strcmp(argv[1], "stress"))
-		return stress(atol(argv[2]));
-	fprintf(stderr, "usage: %s stress ITERATIONS\n", argv[0]);
+	if ((argc == 3 || argc == 4) && !strcmp(argv[1], "stress"))
+		return stress(atol(argv[2]), argc == 4 ? atof(argv[3]) : 0);
+	fprintf(stderr, "usage: %s stress ITERATIONS [SECONDS]\n", argv[0]);
 	return 1;
 }

@@ -165,7 +165,9 @@ done
 if grep -q 'reapd\.debug=1' /proc/cmdline; then
 	iters=$(sed -n 's/.*reapd\.stress=\([0-9]*\).*/\1/p' /proc/cmdline)
 	: "${iters:=300}"
-	/tests/exec_race stress "$iters" >/tmp/race.out 2>/tmp/race.err
+	secs=$(sed -n 's/.*reapd\.stress_secs=\([0-9]*\).*/\1/p' /proc/cmdline)
+	: "${secs:=600}"
+	/tests/exec_race stress "$iters" "$secs" >/tmp/race.out 2>/tmp/race.err
 	rc=$?
 	sed 's/^/  execrace| /' /tmp/race.out /tmp/race.err | head -20
 	sed -n 's/^EXECRACE/VMSTRESS &/p' /tmp/race.out
