@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: GPL-2.0-only
 /*
  * Exec/exit race stress for the series' readers, run on the lockdep/KASAN
  * kernel (run.sh --debug). The readers now take mm_users per access on an
