@@ -19,6 +19,11 @@ pass() { echo "VMCHECK PASS $*"; }
 fail() { echo "VMCHECK FAIL $*"; fails=$((fails + 1)); }
 echo "VMINFO kernel $(uname -r) mode=$mode uptime=$(cut -d' ' -f1 /proc/uptime)"
 
+# 0. SMP: qemu runs with -smp 2; a killer and its victim must really run
+# at once (without ACPI the kernel found only the boot CPU)
+cpus=$(grep -c '^processor' /proc/cpuinfo)
+if [ "$cpus" = 2 ]; then pass "smp: 2 CPUs online"; else fail "smp: $cpus CPUs online, want 2"; fi
+
 # 1. the selftest, as root and as an unprivileged uid (no passwd entry
 # needed). The plan is 11 cases either way. As root the pinned_mm case runs:
 # it passes on the patched kernel and reports the pin as a skip on stock.
@@ -102,7 +107,7 @@ fi
 # a 32 MiB victim (filling more is slow under TCG)
 runs=$(sed -n 's/.*reapd\.runs=\([0-9]*\).*/\1/p' /proc/cmdline)
 : "${runs:=5}"
-for r in none mem cmdline environ pagemap vm_readv; do
+for r in none mem cmdline environ pagemap pagemap_scan vm_readv; do
 	line=$(/tests/mrelease_bench pinned "$runs" 32 $r 2>/tmp/bench.err | tee /tmp/bench.out | grep '^PINNEDSUM')
 	rc=$?
 	sed 's/^/  bench| /' /tmp/bench.out /tmp/bench.err | head -12
@@ -112,9 +117,6 @@ for r in none mem cmdline environ pagemap vm_readv; do
 		pass "pinned vm_readv: process_vm_readv not built in (CONFIG_CROSS_MEMORY_ATTACH)"
 	elif [ $rc -ne 0 ] || [ -z "$freed" ]; then
 		fail "pinned $r: did not run: $(tail -1 /tmp/bench.err)"
-	elif [ $r = vm_readv ]; then
-		# Not changed by the series: measured, not judged
-		pass "pinned vm_readv (not addressed by the series): freed in $freed/$runs runs"
 	elif [ $r = none ] || [ "$mode" = patched ]; then
 		# No reader, or the fix: freed while the reader is stalled, every run
 		if [ "$freed" = "$runs" ]; then pass "pinned $r: 32 MiB freed in $freed/$runs runs"
@@ -157,15 +159,41 @@ for m in plain yield; do
 	fi
 done
 
-# 6. the debug kernel (run.sh --debug): no lockdep, KASAN, BUG or WARN splat
+# 6. the debug kernel (run.sh --debug): the exec/exit race stress of the
+# readers, then no lockdep, KASAN, BUG or WARN splat in the whole boot, with
+# lockdep and KASAN shown to be live (a splat turns debug_locks off)
 if grep -q 'reapd\.debug=1' /proc/cmdline; then
-	splats=$(dmesg | grep -E 'BUG:|WARNING:|KASAN|possible circular|possible recursive|inconsistent lock|suspicious RCU|INFO: task .* blocked' | head -5)
+	iters=$(sed -n 's/.*reapd\.stress=\([0-9]*\).*/\1/p' /proc/cmdline)
+	: "${iters:=300}"
+	secs=$(sed -n 's/.*reapd\.stress_secs=\([0-9]*\).*/\1/p' /proc/cmdline)
+	: "${secs:=600}"
+	/tests/exec_race stress "$iters" "$secs" >/tmp/race.out 2>/tmp/race.err
+	rc=$?
+	sed 's/^/  execrace| /' /tmp/race.out /tmp/race.err | head -20
+	sed -n 's/^EXECRACE/VMSTRESS &/p' /tmp/race.out
+	sum=$(grep '^EXECRACESUM' /tmp/race.out)
+	if [ $rc -eq 0 ] && [ -n "$sum" ]; then
+		pass "exec race: readers of mem, environ, cmdline, pagemap, PAGEMAP_SCAN, process_vm_readv racing exec/exit/kill+mrelease: ${sum#EXECRACESUM }"
+	else
+		fail "exec race: exit $rc: ${sum:-$(tail -1 /tmp/race.err)}"
+	fi
+	live=
+	dmesg | grep -q 'KernelAddressSanitizer initialized' && live=kasan
+	grep -Eq '^ *debug_locks: *1$' /proc/lockdep_stats 2>/dev/null && live="$live lockdep"
+	if [ "$live" = "kasan lockdep" ]; then
+		pass "debug kernel: KASAN initialized, lockdep live (debug_locks 1 in /proc/lockdep_stats)"
+	else
+		fail "debug kernel: not live: got '$live' of 'kasan lockdep'"
+	fi
+	splats=$(dmesg | grep -E 'BUG:|WARNING:|KASAN|possible circular|possible recursive|inconsistent lock|suspicious RCU|INFO: task .* blocked|sleeping function called' | head -5)
 	if [ -z "$splats" ]; then
 		pass "debug kernel: no lockdep/KASAN/BUG/WARN splat in dmesg"
 	else
-		dmesg | sed 's/^/  dmesg| /' | tail -60
 		fail "debug kernel: splat: $(echo "$splats" | tr '\n' ' ')"
 	fi
+	# the whole kernel log, for run.sh to keep (DMESG-prefixed)
+	grep -E '^ *(lock-classes|direct dependencies|dependency chains|debug_locks):' /proc/lockdep_stats | sed 's/^ */VMINFO lockdep /'
+	dmesg | sed 's/^/DMESG /'
 fi
 
 echo "VMINFO boot-ms $(cut -d' ' -f1 /proc/uptime)"

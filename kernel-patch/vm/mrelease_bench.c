@@ -5,10 +5,12 @@
  * and waits for it, as a service manager would.
  *
  *   mrelease_bench pinned RUNS MIB READER
- *	READER is mem, cmdline, environ, pagemap, vm_readv or none. Per run:
- *	a thread of ours reads /proc/VICTIM/READER (vm_readv:
- *	process_vm_readv() of the victim) into a userfaultfd-registered page
- *	and stalls in copy_to_user(); we kill the victim (MIB MiB of
+ *	READER is mem, cmdline, environ, pagemap, pagemap_scan, vm_readv or
+ *	none. Per run: a thread of ours reads /proc/VICTIM/READER (vm_readv:
+ *	process_vm_readv() of the victim; pagemap_scan: the PAGEMAP_SCAN
+ *	ioctl on /proc/VICTIM/pagemap, its result vector on that page) into
+ *	a userfaultfd-registered page and stalls in copy_to_user(); we kill
+ *	the victim (MIB MiB of
  *	anonymous memory), wait for its exit on its pidfd, call
  *	process_mrelease(0) (the killer lost the race), wait until its parent
  *	has reaped it, and read AnonPages; then we let the reader go.
@@ -36,6 +38,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/fs.h>
 #include <linux/futex.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
@@ -173,15 +176,31 @@ struct reader {
 	pid_t pid;
 	char *buf;
 	off_t off;
+	bool scan;	/* PAGEMAP_SCAN instead of read() */
 };
 
 static void *reader_thread(void *arg)
 {
 	struct reader *r = arg;
 	struct iovec local = { r->buf, page_size }, remote = { r->buf, page_size };
+	/* one page of the victim (mapped there from the fork), so one region */
+	struct pm_scan_arg scan = {
+		.size = sizeof(scan),
+		.start = (unsigned long)r->buf,
+		.end = (unsigned long)r->buf + page_size,
+		.vec = (unsigned long)r->buf,
+		.vec_len = page_size / sizeof(struct page_region),
+		.return_mask = PAGE_IS_PRESENT,
+	};
+	long n;
 
-	if (r->fd < 0 ? process_vm_readv(r->pid, &local, 1, &remote, 1, 0) < 0 :
-	    pread(r->fd, r->buf, page_size, r->off) < 0)
+	if (r->fd < 0)
+		n = process_vm_readv(r->pid, &local, 1, &remote, 1, 0);
+	else if (r->scan)
+		n = ioctl(r->fd, PAGEMAP_SCAN, &scan);
+	else
+		n = pread(r->fd, r->buf, page_size, r->off);
+	if (n < 0)
 		perror("reader");
 	return NULL;
 }
@@ -233,8 +252,10 @@ static int pinned(int runs, long mib, const char *what)
 
 		spawn(&v, mib << 20, NULL);
 		r.pid = v.pid;
+		r.scan = !strcmp(what, "pagemap_scan");
 		if (stall && strcmp(what, "vm_readv")) {
-			snprintf(path, sizeof(path), "/proc/%d/%s", v.pid, what);
+			snprintf(path, sizeof(path), "/proc/%d/%s", v.pid,
+				 r.scan ? "pagemap" : what);
 			r.fd = open(path, O_RDONLY);
 			if (r.fd < 0)
 				die(path);
@@ -349,7 +370,7 @@ int main(int argc, char **argv)
 	if (argc == 4 && !strcmp(argv[1], "robust") &&
 	    (!strcmp(argv[3], "reap") || !strcmp(argv[3], "kill")))
 		return robust(atoi(argv[2]), argv[3]);
-	fprintf(stderr, "usage: %s pinned RUNS MIB mem|cmdline|environ|pagemap|vm_readv|none\n"
+	fprintf(stderr, "usage: %s pinned RUNS MIB mem|cmdline|environ|pagemap|pagemap_scan|vm_readv|none\n"
 		"       %s robust RUNS reap|kill\n"
 		"       %s runas UID CMD [ARGS]\n", argv[0], argv[0], argv[0]);
 	return 1;

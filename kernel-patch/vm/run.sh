@@ -5,12 +5,15 @@
 # (TCG, 2 vCPUs) with an initramfs holding the selftest, a race counter and
 # the broker, and report one line per check and `N passed, N failed`.
 #
-#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug]
+#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug|--debug-only]
 #
 # --debug also builds the patched series with config/debug.config (lockdep,
-# KASAN, DEBUG_VM, audit, Yama, pid/user namespaces) and boots it with the
-# patched checks; a kernel splat fails it. Heavy (a KASAN+lockdep build and
-# a slow boot under TCG): not part of scripts/test.sh.
+# KASAN, DEBUG_VM, DEBUG_ATOMIC_SLEEP, audit, Yama) and boots it with the
+# patched checks plus the exec/exit race stress of the readers (exec_race);
+# a kernel splat fails it, and its whole dmesg is kept in
+# $CACHE/dmesg-debug.txt. Heavy (a KASAN+lockdep build and a slow boot
+# under TCG): not part of scripts/test.sh. --debug-only builds and boots
+# the debug kernel alone (no stock/patched comparison).
 #
 # Environment:
 #   REAPD_KERNEL_CACHE  work directory (default /var/cache/reapd-kernel/harness)
@@ -20,6 +23,9 @@
 #                       build them with cargo at the repository root)
 #   RACE_CYCLES         kill+reap cycles per race count (default 1000)
 #   BENCH_RUNS          runs per pinned-reader measurement (default 5)
+#   STRESS_ITERATIONS   exec_race iterations on the debug kernel (default 300),
+#   STRESS_SECS         and no new one after this many seconds (default 600)
+#   QEMU_TIMEOUT        seconds per boot (default 900; the debug boot 3600)
 #   JOBS                make -j (default: nproc)
 set -uo pipefail
 
@@ -32,15 +38,19 @@ CYCLES=${RACE_CYCLES:-1000}
 RUNS=${BENCH_RUNS:-5}
 JOBS=${JOBS:-$(nproc)}
 DEBUG=0
+NORMAL=1	# build and boot the stock and patched kernels
 PKG=linux-source-7.3
 QEMU_TIMEOUT=${QEMU_TIMEOUT:-900}
+STRESS=${STRESS_ITERATIONS:-300}
+STRESS_SECS=${STRESS_SECS:-600}
 
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--keep-cache) KEEP=1 ;;
 	--cycles) CYCLES=$2; shift ;;
 	--debug) DEBUG=1 ;;
-	*) echo "usage: $0 [--keep-cache] [--cycles N] [--debug]" >&2; exit 2 ;;
+	--debug-only) DEBUG=1 NORMAL=0 ;;
+	*) echo "usage: $0 [--keep-cache] [--cycles N] [--debug|--debug-only]" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -158,25 +168,32 @@ build() { # stock|patched|debug: debug is the patched tree with debug.config
 	touch "$out/.reapd-$stamp"
 	pass "build $kind: bzImage in $(($(date +%s) - t)) s"
 }
-build stock
-build patched
+if [[ $NORMAL = 1 ]]; then
+	build stock
+	build patched
+fi
 [[ $DEBUG = 1 ]] && build debug
+# the UAPI headers for the test binaries: the patched tree's, from either build
+HDR=$CACHE/build-patched
+[[ $NORMAL = 1 ]] || HDR=$CACHE/build-debug
 
 # --- static test binaries --------------------------------------------------
 log "building static test binaries"
 BIN=$CACHE/bin
 rm -rf "$BIN" && mkdir -p "$BIN"
-(cd "$CACHE/src-patched" && make -s ARCH=x86_64 O="$CACHE/build-patched" headers >/dev/null 2>&1) ||
+(cd "$CACHE/src-patched" && make -s ARCH=x86_64 O="$HDR" headers >/dev/null 2>&1) ||
 	die "selftest: make headers"
 ST=$CACHE/src-patched/tools/testing/selftests
-gcc -static -O2 -Wall -pthread -I "$ST" -I "$ST/mm" -isystem "$CACHE/build-patched/usr/include" \
+gcc -static -O2 -Wall -pthread -I "$ST" -I "$ST/mm" -isystem "$HDR/usr/include" \
 	-o "$BIN/mrelease_test" "$ST/mm/mrelease_test.c" "$ST/mm/vm_util.c" >"$CACHE/gcc.log" 2>&1 ||
 	{ cat "$CACHE/gcc.log"; die "selftest: gcc -static mrelease_test"; }
 gcc -static -O2 -Wall -o "$BIN/mrelease_race" "$HERE/mrelease_race.c" &&
-	gcc -static -O2 -Wall -pthread -isystem "$CACHE/build-patched/usr/include" \
+	gcc -static -O2 -Wall -pthread -isystem "$HDR/usr/include" \
 		-o "$BIN/mrelease_bench" "$HERE/mrelease_bench.c" &&
-	gcc -static -O2 -Wall -o "$BIN/vm_exit" "$HERE/vm_exit.c" || die "selftest: gcc -static race tools"
-pass "selftest: static mrelease_test, mrelease_race, mrelease_bench, vm_exit built"
+	gcc -static -O2 -Wall -o "$BIN/vm_exit" "$HERE/vm_exit.c" &&
+	gcc -static -no-pie -O2 -Wall -pthread -isystem "$HDR/usr/include" \
+		-o "$BIN/exec_race" "$HERE/exec_race.c" || die "selftest: gcc -static race tools"
+pass "selftest: static mrelease_test, mrelease_race, mrelease_bench, exec_race, vm_exit built"
 
 # --- the broker ------------------------------------------------------------
 if [[ -n ${REAPD_BIN_DIR:-} ]]; then
@@ -214,12 +231,15 @@ pass "initramfs: $(du -m "$CACHE/initramfs.cpio" | cut -f1) MiB (static tests, b
 
 # --- boot ------------------------------------------------------------------
 boot() { # stock|patched|debug
-	local kind=$1 out=$CACHE/vm-$1.log rc t mode=$1 extra=
+	local kind=$1 out=$CACHE/vm-$1.log rc t mode=$1 extra= limit=$QEMU_TIMEOUT
 	# the debug kernel runs the patched checks, slower: fewer cycles
-	[[ $kind = debug ]] && mode=patched extra="reapd.debug=1 reapd.cycles=100 reapd.runs=3"
-	log "booting the $kind kernel (qemu TCG, 2 vCPUs, timeout ${QEMU_TIMEOUT}s)"
+	if [[ $kind = debug ]]; then
+		mode=patched extra="reapd.debug=1 reapd.cycles=100 reapd.runs=3 reapd.stress=$STRESS reapd.stress_secs=$STRESS_SECS"
+		limit=${QEMU_TIMEOUT_DEBUG:-3600}
+	fi
+	log "booting the $kind kernel (qemu TCG, 2 vCPUs, timeout ${limit}s)"
 	t=$(date +%s.%N)
-	timeout "$QEMU_TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024 \
+	timeout "$limit" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024 \
 		-kernel "$CACHE/build-$kind/arch/x86/boot/bzImage" -initrd "$CACHE/initramfs.cpio" \
 		-append "console=ttyS0 panic=-1 reapd.mode=$mode reapd.cycles=$CYCLES reapd.runs=$RUNS $extra" \
 		-nographic -no-reboot -monitor none \
@@ -228,6 +248,20 @@ boot() { # stock|patched|debug
 	local secs
 	secs=$(echo "$(date +%s.%N) - $t" | bc)
 	tr -d '\r' <"$out" | grep -E '^(VMCHECK|VMRACE|VMINFO|  )' | grep -v '^VMCHECK' | sed 's/^/    /'
+	if [[ $kind = debug ]]; then
+		tr -d '\r' <"$out" | sed -n 's/^DMESG //p' >"$CACHE/dmesg-debug.txt"
+		tr -d '\r' <"$out" | sed -n 's/^VMSTRESS //p' >"$CACHE/stress.txt"
+		# also from the host, on the whole serial log: a splat after the
+		# in-VM check, or in a boot that never reached it
+		local splat
+		splat=$(tr -d '\r' <"$out" | grep -v -E '^(VMCHECK|VMINFO|VMSTRESS|DMESG|  )' |
+			grep -E 'BUG:|WARNING:|KASAN:|possible circular|possible recursive|inconsistent lock|suspicious RCU|sleeping function called' | head -3)
+		if [[ -z $splat ]]; then
+			pass "vm debug: no splat on the serial console ($(wc -l <"$CACHE/dmesg-debug.txt") dmesg lines kept in $CACHE/dmesg-debug.txt)"
+		else
+			fail "vm debug: splat on the serial console: $splat"
+		fi
+	fi
 	while IFS= read -r line; do
 		case $line in
 		"VMCHECK PASS "*) pass "vm $kind: ${line#VMCHECK PASS }" ;;
@@ -238,7 +272,7 @@ boot() { # stock|patched|debug
 	case $rc in
 	1) pass "vm $kind: verdict pass via isa-debug-exit (${secs%.*} s)" ;;
 	3) fail "vm $kind: verdict fail via isa-debug-exit (see $out)" ;;
-	124) tail -30 "$out"; fail "vm $kind: timeout after ${QEMU_TIMEOUT}s (see $out)" ;;
+	124) tail -30 "$out"; fail "vm $kind: timeout after ${limit}s (see $out)" ;;
 	*) tail -30 "$out"; fail "vm $kind: no verdict, qemu exit $rc (panic or crash, see $out)" ;;
 	esac
 	# labelled by kernel (the debug kernel runs in mode patched)
@@ -247,43 +281,57 @@ boot() { # stock|patched|debug
 	grep -h '^VMINFO boot-ms' <(tr -d '\r' <"$out") | sed "s/^VMINFO boot-ms/$kind/" >>"$CACHE/boot.txt"
 }
 rm -f "$CACHE/race.txt" "$CACHE/boot.txt" "$CACHE/bench.txt"
-boot stock
-boot patched
+if [[ $NORMAL = 1 ]]; then
+	boot stock
+	boot patched
+fi
 [[ $DEBUG = 1 ]] && boot debug
 
 # --- results, stock and patched side by side -------------------------------
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 echo
-echo "memory returned: 32 MiB victim killed by a non-parent, process_mrelease(0) after"
-echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to_user()"
-echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
-echo "ms: kill to reaped by the parent)"
-printf '  %-8s | %-40s | %-40s\n' reader stock patched
-for r in none mem cmdline environ pagemap vm_readv; do
-	cells=()
-	for k in stock patched; do
-		l=$(grep "^VMBENCH $k PINNEDSUM reader=$r " "$CACHE/bench.txt")
-		if [[ $l = *unsupported* ]]; then
-			cells+=("not built into this kernel")
-			continue
-		fi
-		cells+=("$(echo "$l" | field freed_all)/$RUNS freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms")
+if [[ $NORMAL = 1 ]]; then
+	echo "memory returned: 32 MiB victim killed by a non-parent, process_mrelease(0) after"
+	echo "its exit, reaped by its parent, while a /proc reader is stalled in copy_to_user()"
+	echo "on a userfaultfd page ($RUNS runs each; AnonPages drop, kB min/median/max;"
+	echo "ms: kill to reaped by the parent)"
+	printf '  %-12s | %-40s | %-40s\n' reader stock patched
+	for r in none mem cmdline environ pagemap pagemap_scan vm_readv; do
+		cells=()
+		for k in stock patched; do
+			l=$(grep "^VMBENCH $k PINNEDSUM reader=$r " "$CACHE/bench.txt")
+			if [[ $l = *unsupported* ]]; then
+				cells+=("not built into this kernel")
+				continue
+			fi
+			cells+=("$(echo "$l" | field freed_all)/$RUNS freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms")
+		done
+		printf '  %-12s | %-40s | %-40s\n' "$r" "${cells[0]}" "${cells[1]}"
 	done
-	printf '  %-8s | %-40s | %-40s\n' "$r" "${cells[0]}" "${cells[1]}"
-done
-echo "robust futexes (20 victims holding a robust pshared mutex): owner-died marks lost"
-for q in kill reap; do
-	printf '  %-38s stock %s/20, patched %s/20\n' "$([[ $q = kill ]] && echo kill only || echo kill, process_mrelease at once)" \
-		"$(grep "^VMBENCH stock ROBUST seq=$q " "$CACHE/bench.txt" | field lost)" \
-		"$(grep "^VMBENCH patched ROBUST seq=$q " "$CACHE/bench.txt" | field lost)"
-done
-race() { grep "^VMRACE $1 .*mode=$2 " "$CACHE/race.txt" | sed -n 's/.* \(cycles=.*\)/\1/p'; }
-echo "return codes: $CYCLES kill+reap cycles of a fresh 1 MiB child (no reader)"
-printf '  %-38s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
-printf '  %-38s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
-printf '  %-38s %s\n' "stock, kill, yield, process_mrelease" "$(race stock yield)"
-printf '  %-38s %s\n' "patched, kill, yield, process_mrelease" "$(race patched yield)"
-echo "boot to verdict: stock ${BOOT_SECS_stock:-?} s, patched ${BOOT_SECS_patched:-?} s (qemu wall time, tests included)"
+	echo "robust futexes (20 victims holding a robust pshared mutex): owner-died marks lost"
+	for q in kill reap; do
+		printf '  %-38s stock %s/20, patched %s/20\n' "$([[ $q = kill ]] && echo kill only || echo kill, process_mrelease at once)" \
+			"$(grep "^VMBENCH stock ROBUST seq=$q " "$CACHE/bench.txt" | field lost)" \
+			"$(grep "^VMBENCH patched ROBUST seq=$q " "$CACHE/bench.txt" | field lost)"
+	done
+	race() { grep "^VMRACE $1 .*mode=$2 " "$CACHE/race.txt" | sed -n 's/.* \(cycles=.*\)/\1/p'; }
+	echo "return codes: $CYCLES kill+reap cycles of a fresh 1 MiB child (no reader)"
+	printf '  %-38s %s\n' "stock, kill then process_mrelease" "$(race stock plain)"
+	printf '  %-38s %s\n' "patched, kill then process_mrelease" "$(race patched plain)"
+	printf '  %-38s %s\n' "stock, kill, yield, process_mrelease" "$(race stock yield)"
+	printf '  %-38s %s\n' "patched, kill, yield, process_mrelease" "$(race patched yield)"
+fi
+if [[ $DEBUG = 1 ]]; then
+	echo "debug kernel (patched + lockdep, KASAN; 3 runs per reader):"
+	for r in none mem cmdline environ pagemap pagemap_scan vm_readv; do
+		l=$(grep "^VMBENCH debug PINNEDSUM reader=$r " "$CACHE/bench.txt")
+		printf '  %-12s | %s\n' "$r" "$(echo "$l" | field freed_all)/3 freed, $(echo "$l" | field freed_kb_min)/$(echo "$l" | field freed_kb_med)/$(echo "$l" | field freed_kb_max) kB, $(echo "$l" | field ms_med) ms"
+	done
+	echo "  robust futexes lost: kill only $(grep "^VMBENCH debug ROBUST seq=kill " "$CACHE/bench.txt" | field lost)/20, kill then process_mrelease $(grep "^VMBENCH debug ROBUST seq=reap " "$CACHE/bench.txt" | field lost)/20"
+	echo "exec race stress on the debug kernel:"
+	sed 's/^/  /' "$CACHE/stress.txt"
+fi
+echo "boot to verdict: stock ${BOOT_SECS_stock:-?} s, patched ${BOOT_SECS_patched:-?} s${BOOT_SECS_debug:+, debug $BOOT_SECS_debug s} (qemu wall time, tests included)"
 echo "harness wall time: $(($(date +%s) - T0)) s"
 echo
 finish
