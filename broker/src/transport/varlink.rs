@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use reapd_proto::model::{self, ApiError};
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
@@ -207,30 +208,117 @@ fn parse_call(bytes: &[u8]) -> Result<Call, VarlinkError> {
     })
 }
 
-/// Reads the optional integer parameter `name`, in `min..=max`. Null counts
-/// as absent, as varlink's `?int` allows.
-fn int_param(parameters: &Map<String, Value>, name: &str, min: i64, max: u64) -> Result<Option<u64>, VarlinkError> {
-    match parameters.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            let in_range = match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => (u <= max && (min <= 0 || u >= min as u64)).then_some(u),
-                (None, Some(i)) => (i >= min && i >= 0).then_some(i as u64),
-                _ => None,
-            };
-            in_range.map(Some).ok_or_else(|| VarlinkError::invalid_parameter(name))
+/// An integer parameter the IDL calls `int`, limited to `MIN..=MAX`: a
+/// negative, fractional, non-numeric or out-of-range value fails to
+/// decode, and the call is refused blaming that parameter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+struct Int<const MIN: u64, const MAX: u64>(u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Int<MIN, MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(deserializer)?;
+        if (MIN..=MAX).contains(&n) {
+            Ok(Int(n))
+        } else {
+            Err(serde::de::Error::custom(format_args!("{n} is outside {MIN}..={MAX}")))
         }
-        Some(_) => Err(VarlinkError::invalid_parameter(name)),
     }
 }
 
-/// Refuses parameters the method does not declare: a misspelt `startTime`
-/// must not silently drop the guard the caller meant to set.
-fn only_params(parameters: &Map<String, Value>, allowed: &[&str]) -> Result<(), VarlinkError> {
-    match parameters.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(unknown) => Err(VarlinkError::invalid_parameter(unknown)),
-        None => Ok(()),
+const I32_MAX: u64 = i32::MAX as u64;
+const U32_MAX: u64 = u32::MAX as u64;
+/// A process id: 1..=i32::MAX.
+type Pid = Int<1, I32_MAX>;
+/// An index into the fds passed with the message.
+type FdIndex = Int<0, { u64::MAX }>;
+/// Milliseconds, as the gRPC API's uint32 fields.
+type Millis = Int<0, U32_MAX>;
+
+/// `io.reapd.Reaper`'s call parameters, one struct per method, named as in
+/// the IDL (a test compares them with it). Unknown parameters are refused.
+mod params {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+    pub(super) struct KillAndReap {
+        pub pid: Option<Pid>,
+        pub start_time: Option<Int<0, { u64::MAX }>>,
+        pub pidfd: Option<FdIndex>,
+        pub pidns: Option<FdIndex>,
+        pub wait_for_exit_ms: Option<Millis>,
+        pub grace_ms: Option<Millis>,
+        pub reap_delay_ms: Option<Millis>,
     }
+
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+    pub(super) struct CheckPermission {
+        pub pid: Option<Pid>,
+        pub start_time: Option<Int<0, { u64::MAX }>>,
+        pub pidfd: Option<FdIndex>,
+        pub pidns: Option<FdIndex>,
+    }
+
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+    pub(super) struct ListCandidates {
+        pub sort_by: Option<SortKey>,
+        pub limit: Option<Int<0, 1000>>,
+        pub offset: Option<Int<0, U32_MAX>>,
+        pub pidns: Option<FdIndex>,
+    }
+
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+    pub(super) struct KillCgroup {
+        pub cgroup: Option<String>,
+        pub unit: Option<String>,
+        pub pidns: Option<FdIndex>,
+        pub reap_delay_ms: Option<Millis>,
+    }
+
+    /// `GetCapabilities`, `WatchKills` and the metrics and service calls
+    /// without parameters.
+    #[derive(Debug, Default, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct None {}
+
+    /// The methods of `io.reapd.Reaper` and their parameter names, as the
+    /// structs above decode them (for the IDL test).
+    #[cfg(test)]
+    pub(super) fn table() -> Vec<(&'static str, Vec<String>)> {
+        fn names<T: Serialize + Default>() -> Vec<String> {
+            match serde_json::to_value(T::default()).unwrap() {
+                Value::Object(map) => map.keys().cloned().collect(),
+                _ => unreachable!("parameter structs are objects"),
+            }
+        }
+        vec![
+            ("KillAndReap", names::<KillAndReap>()),
+            ("CheckPermission", names::<CheckPermission>()),
+            ("GetCapabilities", names::<None>()),
+            ("ListCandidates", names::<ListCandidates>()),
+            ("KillCgroup", names::<KillCgroup>()),
+            ("WatchKills", names::<None>()),
+        ]
+    }
+}
+
+/// Decodes a call's parameters into `T`. On failure the error blames the
+/// first parameter (in name order) that `T` refuses on its own: unknown,
+/// or of the wrong type or range.
+fn decode_params<T: serde::de::DeserializeOwned>(parameters: &Map<String, Value>) -> Result<T, VarlinkError> {
+    serde_json::from_value(Value::Object(parameters.clone())).map_err(|_| {
+        let blamed = parameters
+            .iter()
+            .find(|(name, value)| {
+                let alone = Map::from_iter([((*name).clone(), (*value).clone())]);
+                serde_json::from_value::<T>(Value::Object(alone)).is_err()
+            })
+            .map_or("parameters", |(name, _)| name.as_str());
+        VarlinkError::invalid_parameter(blamed)
+    })
 }
 
 /// The fds that came with one message, by index. A call takes the ones its
@@ -319,13 +407,18 @@ fn fds_named(call: &Call) -> usize {
 /// one (`pidns`, an fd index). Takes the named fds out of `fds`; the rest are closed when
 /// `fds` is dropped.
 fn target_of(
-    parameters: &Map<String, Value>,
+    pid: Option<Pid>,
+    start_time: Option<Int<0, { u64::MAX }>>,
+    pidfd: Option<FdIndex>,
+    pidns: Option<FdIndex>,
     fds: &mut MessageFds,
 ) -> Result<(TargetSpec, Option<OwnedFd>), VarlinkError> {
-    let pid = int_param(parameters, "pid", 1, i32::MAX as u64)?;
-    let start_time = int_param(parameters, "startTime", 0, u64::MAX)?;
-    let pidfd = int_param(parameters, "pidfd", 0, u64::MAX)?;
-    let pidns = int_param(parameters, "pidns", 0, u64::MAX)?;
+    let (pid, start_time, pidfd, pidns) = (
+        pid.map(|p| p.0),
+        start_time.map(|t| t.0),
+        pidfd.map(|i| i.0),
+        pidns.map(|i| i.0),
+    );
     // Each index names one received fd, taken once: the same fd cannot be
     // both the target and the namespace.
     let spec = match (pid, pidfd) {
@@ -369,7 +462,7 @@ async fn dispatch(
     match interface {
         SERVICE_INTERFACE => match name {
             "GetInfo" => {
-                only_params(params, &[])?;
+                let params::None {} = decode_params(params)?;
                 Ok(json!({
                     "vendor": "reapd",
                     "product": "reapd",
@@ -381,7 +474,9 @@ async fn dispatch(
                 }))
             }
             "GetInterfaceDescription" => {
-                only_params(params, &["interface"])?;
+                if let Some(unknown) = params.keys().find(|k| *k != "interface") {
+                    return Err(VarlinkError::invalid_parameter(unknown));
+                }
                 match params.get("interface") {
                     Some(Value::String(i)) if i == INTERFACE => {
                         Ok(json!({ "description": reapd_proto::VARLINK_INTERFACE }))
@@ -403,35 +498,22 @@ async fn dispatch(
         },
         INTERFACE => match name {
             "KillAndReap" => {
-                only_params(
-                    params,
-                    &[
-                        "pid",
-                        "startTime",
-                        "pidfd",
-                        "pidns",
-                        "waitForExitMs",
-                        "graceMs",
-                        "reapDelayMs",
-                    ],
-                )?;
-                let wait = int_param(params, "waitForExitMs", 0, u32::MAX as u64)?;
-                let grace = int_param(params, "graceMs", 0, u32::MAX as u64)?;
-                let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
-                let (target, pidns) = target_of(params, fds)?;
+                let p: params::KillAndReap = decode_params(params)?;
+                let (target, pidns) = target_of(p.pid, p.start_time, p.pidfd, p.pidns, fds)?;
+                let millis = |ms: Option<Millis>| ms.map(|ms| Duration::from_millis(ms.0));
                 let request = KillRequest {
                     target,
-                    wait_for_exit: wait.map(Duration::from_millis),
+                    wait_for_exit: millis(p.wait_for_exit_ms),
                     pidns,
-                    grace: grace.map(Duration::from_millis),
-                    reap_delay: reap_delay.map(Duration::from_millis),
+                    grace: millis(p.grace_ms),
+                    reap_delay: millis(p.reap_delay_ms),
                 };
                 let report = engine.kill_and_reap(caller, request).await.map_err(error_of)?;
                 reply(model::KillReport::from(report))
             }
             "CheckPermission" => {
-                only_params(params, &["pid", "startTime", "pidfd", "pidns"])?;
-                let (target, pidns) = target_of(params, fds)?;
+                let p: params::CheckPermission = decode_params(params)?;
+                let (target, pidns) = target_of(p.pid, p.start_time, p.pidfd, p.pidns, fds)?;
                 let report = engine
                     .check_permission_in(caller, target, pidns)
                     .await
@@ -439,50 +521,46 @@ async fn dispatch(
                 reply(model::Permission::from(report))
             }
             "GetCapabilities" => {
-                only_params(params, &[])?;
+                let params::None {} = decode_params(params)?;
                 reply(model::Capabilities::from(engine.capabilities()))
             }
             "ListCandidates" => {
-                only_params(params, &["sortBy", "limit", "offset", "pidns"])?;
-                let key = match params.get("sortBy") {
-                    None | Some(Value::Null) => SortKey::Unique,
-                    Some(Value::String(k)) => k.parse().map_err(|_| VarlinkError::invalid_parameter("sortBy"))?,
-                    Some(_) => return Err(VarlinkError::invalid_parameter("sortBy")),
+                let p: params::ListCandidates = decode_params(params)?;
+                // `unspecified` is what an unknown name decodes to: refuse
+                // it rather than sort by the default.
+                let key = match p.sort_by {
+                    Some(SortKey::Unspecified) => return Err(VarlinkError::invalid_parameter("sortBy")),
+                    Some(key) => key,
+                    None => SortKey::Unique,
                 };
-                let limit = int_param(params, "limit", 0, 1000)?.unwrap_or(0);
-                let offset = int_param(params, "offset", 0, u32::MAX as u64)?.unwrap_or(0);
-                let pidns = int_param(params, "pidns", 0, u64::MAX)?
-                    .map(|index| fds.take_pid_namespace(index, "pidns"))
+                let pidns = p
+                    .pidns
+                    .map(|index| fds.take_pid_namespace(index.0, "pidns"))
                     .transpose()?;
                 let query = candidates::Query {
                     key,
-                    offset: offset as usize,
-                    limit: limit as usize,
+                    offset: p.offset.map_or(0, |o| o.0 as usize),
+                    limit: p.limit.map_or(0, |l| l.0 as usize),
                 };
                 let report = engine.candidates(caller, query, pidns).await.map_err(error_of)?;
                 reply(model::Candidates::from(report))
             }
             "KillCgroup" => {
-                only_params(params, &["cgroup", "unit", "pidns", "reapDelayMs"])?;
-                let string = |name: &str| match params.get(name) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(s)) => Ok(Some(s.clone())),
-                    Some(_) => Err(VarlinkError::invalid_parameter(name)),
-                };
-                let group = match (string("cgroup")?, string("unit")?) {
+                let p: params::KillCgroup = decode_params(params)?;
+                let group = match (p.cgroup, p.unit) {
                     (Some(path), None) => GroupSpec::Path(path),
                     (None, Some(unit)) => GroupSpec::Unit(unit),
                     (Some(_), Some(_)) => return Err(VarlinkError::invalid_parameter("unit")),
                     (None, None) => return Err(VarlinkError::invalid_parameter("cgroup")),
                 };
-                let reap_delay = int_param(params, "reapDelayMs", 0, u32::MAX as u64)?;
-                let pidns = int_param(params, "pidns", 0, u64::MAX)?
-                    .map(|index| fds.take_pid_namespace(index, "pidns"))
+                let pidns = p
+                    .pidns
+                    .map(|index| fds.take_pid_namespace(index.0, "pidns"))
                     .transpose()?;
                 let request = GroupKillRequest {
                     group,
                     pidns,
-                    reap_delay: reap_delay.map(Duration::from_millis),
+                    reap_delay: p.reap_delay_ms.map(|ms| Duration::from_millis(ms.0)),
                 };
                 let report = engine.kill_cgroup(caller, request).await.map_err(error_of)?;
                 reply(model::GroupReport::from(report))
@@ -804,7 +882,7 @@ fn metrics_replies(engine: &Engine, caller: &Caller, call: &Call) -> Result<Vec<
             json!({ "method": call.method }),
         ));
     }
-    only_params(&call.parameters, &[])?;
+    let params::None {} = decode_params(&call.parameters)?;
     if !call.more {
         return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
     }
@@ -846,7 +924,7 @@ async fn watch_kills(
     call: &Call,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), VarlinkError> {
-    only_params(&call.parameters, &[])?;
+    let params::None {} = decode_params(&call.parameters)?;
     if !call.more {
         return Err(VarlinkError::new("org.varlink.service.ExpectedMore", json!({})));
     }
@@ -1158,38 +1236,81 @@ mod tests {
     }
 
     #[test]
-    fn int_params_are_range_checked() {
-        let params: Map<String, Value> =
-            serde_json::from_str(r#"{"a":0,"b":-1,"c":2147483648,"d":"1","e":1.5,"f":null,"g":7}"#).unwrap();
-        let max = i32::MAX as u64;
-        assert!(int_param(&params, "a", 1, max).is_err());
-        assert!(int_param(&params, "b", 0, max).is_err());
-        assert!(int_param(&params, "c", 1, max).is_err());
-        assert!(int_param(&params, "d", 1, max).is_err());
-        assert!(int_param(&params, "e", 1, max).is_err());
-        assert_eq!(int_param(&params, "f", 1, max), Ok(None));
-        assert_eq!(int_param(&params, "g", 1, max), Ok(Some(7)));
-        assert_eq!(int_param(&params, "missing", 1, max), Ok(None));
+    fn int_params_are_range_checked_and_blamed() {
+        let decode = |json: &str| decode_params::<params::CheckPermission>(&serde_json::from_str(json).unwrap());
+        for (json, blamed) in [
+            (r#"{"pid":0}"#, "pid"),
+            (r#"{"pid":-1}"#, "pid"),
+            (r#"{"pid":2147483648}"#, "pid"),
+            (r#"{"pid":"1"}"#, "pid"),
+            (r#"{"pid":1.5}"#, "pid"),
+            (r#"{"pid":7,"startTime":-3}"#, "startTime"),
+            (r#"{"pid":7,"bogus":1}"#, "bogus"),
+        ] {
+            assert_eq!(
+                decode(json).unwrap_err(),
+                VarlinkError::invalid_parameter(blamed),
+                "{json}"
+            );
+        }
+        assert!(decode(r#"{"pid":null}"#).unwrap().pid.is_none());
+        assert_eq!(decode(r#"{"pid":7}"#).unwrap().pid, Some(Int(7)));
+        let limit = decode_params::<params::ListCandidates>(&serde_json::from_str(r#"{"limit":1001}"#).unwrap());
+        assert_eq!(limit.unwrap_err(), VarlinkError::invalid_parameter("limit"));
+    }
+
+    /// The parameter structs are the IDL's methods, parameter for parameter.
+    #[test]
+    fn parameter_structs_are_the_idl_methods() {
+        let idl = reapd_proto::VARLINK_INTERFACE;
+        let mut declared: Vec<(String, Vec<String>)> = idl
+            .lines()
+            .filter_map(|line| line.strip_prefix("method "))
+            .map(|rest| {
+                let (name, rest) = rest.split_once('(').unwrap();
+                let (args, _) = rest.split_once(')').unwrap();
+                let mut names: Vec<String> = args
+                    .split(',')
+                    .filter_map(|a| a.split_once(':'))
+                    .map(|(n, _)| n.trim().to_string())
+                    .collect();
+                names.sort();
+                (name.to_string(), names)
+            })
+            .collect();
+        declared.sort();
+        let mut ours: Vec<(String, Vec<String>)> = params::table()
+            .into_iter()
+            .map(|(name, mut names)| {
+                names.sort();
+                (name.to_string(), names)
+            })
+            .collect();
+        ours.sort();
+        assert_eq!(ours, declared);
+        for (name, _) in &ours {
+            assert!(is_known_method(&format!("{INTERFACE}.{name}")), "{name}");
+        }
     }
 
     #[test]
     fn target_needs_exactly_one_name() {
         let mut fds = MessageFds::default();
-        let params = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
+        let pid = |n| Some(Int(n));
         assert_eq!(
-            target_of(&params("{}"), &mut fds).unwrap_err(),
+            target_of(None, None, None, None, &mut fds).unwrap_err(),
             VarlinkError::invalid_parameter("pid")
         );
         assert_eq!(
-            target_of(&params(r#"{"pid":1,"pidfd":0}"#), &mut fds).unwrap_err(),
+            target_of(pid(1), None, Some(Int(0)), None, &mut fds).unwrap_err(),
             VarlinkError::invalid_parameter("pidfd")
         );
         assert_eq!(
-            target_of(&params(r#"{"pidfd":0}"#), &mut fds).unwrap_err(),
+            target_of(None, None, Some(Int(0)), None, &mut fds).unwrap_err(),
             VarlinkError::invalid_parameter("pidfd")
         );
         assert!(matches!(
-            target_of(&params(r#"{"pid":5,"startTime":9}"#), &mut fds),
+            target_of(pid(5), Some(Int(9)), None, None, &mut fds),
             Ok((
                 TargetSpec::Pid {
                     pid: 5,
