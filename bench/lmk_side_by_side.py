@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """Side by side: reapd-lmk vs earlyoom vs the kernel's OOM killer alone.
 
 A cgroup limited to 256 MiB, no swap, holds (uid 61521) a 120 MiB "database"
@@ -235,7 +236,7 @@ class Lxcfs:
 EARLYOOM_KILL = re.compile(r'sending (SIG\w+) to process (\d+) uid (\d+) "([^"]*)"')
 
 
-def start_earlyoom(ns, arena, earlyoom, rep, scratch, strace_dir):
+def start_earlyoom(ns, group, earlyoom, rep, scratch, strace_dir):
     # In the cgroup, as in a container: lxcfs's /proc/meminfo (bound in
     # the namespace) then describes this cgroup, so -m 25 means what the
     # lmk's mem-available-percent = 25 means. SIGTERM and SIGKILL at the
@@ -249,7 +250,7 @@ def start_earlyoom(ns, arena, earlyoom, rep, scratch, strace_dir):
         argv = ["strace", "-I", "1", "-f", "--seccomp-bpf", "-tt", "-o", trace,
                 "-e", "trace=kill,pidfd_open,pidfd_send_signal,process_mrelease"] + argv
     log = os.path.join(scratch, f"earlyoom-{rep}.log")
-    p = spawn(0, arena.group("earlyoom"), argv, raw=True, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    p = spawn(0, group("earlyoom"), argv, raw=True, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     assert wait_for(log, "SIGKILL when mem avail"), open(log).read()
     return p, log, {}
 
@@ -258,12 +259,17 @@ def one_run(method, rep, broker_sock, scratch, earlyoom=None, lxcfs_meminfo=None
     arena = Arena(f"reapd-bench-lmk-{os.getpid()}-{method}-{rep}")
     procs = {}
     killer = None
-    ns = PidNs(lxcfs_meminfo, arena.group("init")) if method == "earlyoom" else None
+    group = arena.group
+    if method == "earlyoom":
+        # One cgroup for everything on cgroup2 too: lxcfs reports the usage
+        # of the namespace init's own cgroup (the limit may sit above it).
+        group = lambda _: arena.group("all")  # noqa: E731
+    ns = PidNs(lxcfs_meminfo, group("init")) if method == "earlyoom" else None
     extra = {}
     try:
-        procs["db"] = hog(HOGS, arena.group("db"), ns, "lmk-db", 120)
-        procs["other-uid"] = hog(OTHER, arena.group("other"), ns, "lmk-other", 32)
-        procs["worker"] = hog(HOGS, arena.group("worker"), ns, "lmk-worker", 16)
+        procs["db"] = hog(HOGS, group("db"), ns, "lmk-db", 120)
+        procs["other-uid"] = hog(OTHER, group("other"), ns, "lmk-other", 32)
+        procs["worker"] = hog(HOGS, group("worker"), ns, "lmk-worker", 16)
         if method == "lmk":
             os.chown(os.path.join(arena.v2, "memory.pressure"), KILLER, -1)
             conf = os.path.join(scratch, f"lmk-{rep}.toml")
@@ -286,9 +292,9 @@ def one_run(method, rep, broker_sock, scratch, earlyoom=None, lxcfs_meminfo=None
             )
             assert wait_for(log, "watching"), open(log).read()
         elif method == "earlyoom":
-            killer, eo_log, extra = start_earlyoom(ns, arena, earlyoom, rep, scratch, strace_dir)
+            killer, eo_log, extra = start_earlyoom(ns, group, earlyoom, rep, scratch, strace_dir)
         t0 = time.monotonic()
-        procs["leak"] = hog(HOGS, arena.group("leak"), ns, "lmk-leak", 0, 4, 20, 0)
+        procs["leak"] = hog(HOGS, group("leak"), ns, "lmk-leak", 0, 4, 20, 0)
         crossed = back = None
         peak = 0
         trace = []  # (s since t0, MiB): the plot's curves
@@ -325,6 +331,10 @@ def one_run(method, rep, broker_sock, scratch, earlyoom=None, lxcfs_meminfo=None
                     "kill_sigkill": len(re.findall(r"kill\(\d+, SIGKILL\) += 0", t)),
                     "pidfd_open_ok": len(re.findall(r"pidfd_open\(\d+, 0\) += \d+", t)),
                     "process_mrelease_ok": len(re.findall(r"process_mrelease\(\d+, 0\) += 0", t)),
+                    # ESRCH: the victim had exited and been reaped by its
+                    # parent before the call (it freed its memory itself).
+                    "process_mrelease_esrch": len(re.findall(r"process_mrelease\(\d+, 0\) += -1 ESRCH", t)),
+                    "process_mrelease_calls": len(re.findall(r"process_mrelease\(", t)),
                 }
         return {
             "method": method,
@@ -400,8 +410,11 @@ def table(runs, methods, version):
         traced = [r["earlyoom_strace"] for r in rs if "earlyoom_strace" in r]
         if not traced:
             return "n/a (not traced)" if rs and rs[0]["method"] == "earlyoom" else "n/a"
-        ok = sum(t["process_mrelease_ok"] for t in traced)
-        return f"{ok} returned 0, after {sum(t['kill_sigkill'] for t in traced)} kill(SIGKILL) (strace)"
+        n = {k: sum(t[k] for t in traced) for k in traced[0]}
+        return (
+            f"{n['process_mrelease_calls']} after {n['kill_sigkill']} kill(SIGKILL): {n['process_mrelease_ok']} returned 0, "
+            f"{n['process_mrelease_esrch']} ESRCH (victim already gone)"
+        )
 
     rows = [
         ("runs", lambda rs: str(len(rs))),
@@ -435,9 +448,24 @@ def check(runs):
                 bad.append(tag + "usage never came back under the line")
         if r["method"] == "lmk" and r["oom_kill"]:
             bad.append(tag + f"oom_kill {r['oom_kill']}")
-        if "earlyoom_strace" in r and r["earlyoom_strace"]["process_mrelease_ok"] < 1:
-            bad.append(tag + "strace saw no process_mrelease returning 0")
+        if "earlyoom_strace" in r and r["earlyoom_strace"]["process_mrelease_calls"] < 1:
+            bad.append(tag + "strace saw no process_mrelease call")
     return bad
+
+
+def markdown(md, args, version):
+    """The section bench/run.sh puts into docs/benchmarks.md."""
+    uname = os.uname()
+    cmd = f"sudo python3 bench/lmk_side_by_side.py --reps {args.reps}" + (
+        f" --methods {args.methods}" if args.methods != "kernel,lmk,earlyoom" else ""
+    )
+    eo = f"earlyoom {version} (Debian unstable, fetched by `bench/earlyoom.sh`); " if version else ""
+    return (
+        f"Generated by `{cmd}` (binaries from `{BIN}`), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"kernel {uname.release}, {os.cpu_count()} CPUs; {eo}runs interleaved across killers. "
+        "Workload, setup and reading: docs/lmk.md, \"Side by side\".\n\n"
+        f"{md}\n\n![usage around the trigger line and time to memory back, per killer](lmk_side_by_side.png)\n"
+    )
 
 
 def main():
@@ -448,6 +476,7 @@ def main():
     ap.add_argument("--earlyoom-root", help="where earlyoom and lxcfs are extracted (default: bench/earlyoom.sh)")
     ap.add_argument("--strace", metavar="DIR", help="trace earlyoom's kill/pidfd/process_mrelease calls into DIR")
     ap.add_argument("--check", action="store_true", help="exit 1 unless each run is as docs/lmk.md says")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the table, with how it was made, to FILE")
     args = ap.parse_args()
     methods = args.methods.split(",")
     earlyoom, version, lxcfs = None, "", None
@@ -495,7 +524,11 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"earlyoom_version": version, "runs": runs}, f, indent=1)
-    print(table(runs, methods, version))
+    md = table(runs, methods, version)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(md, args, version))
     if args.check:
         bad = check(runs)
         for b in bad:

@@ -239,7 +239,7 @@ within each (state, victim) block the methods alternate, each repetition startin
         fmt_ms(r.timeout_ms)
     );
     let _ = writeln!(md, "States: *running* — the victim runs normally; *starved* — the victim is SCHED_IDLE and one normal-priority spinner per CPU keeps every core busy; *frozen* — the victim is in a cgroup v1 freezer cgroup (FROZEN), which holds a killed task, so it cannot run its exit path.\n");
-    let _ = writeln!(md, "Methods: *kill+wait* — kill(2) SIGKILL then waitpid, as earlyoom and systemd-oomd do; *in-process* — pidfd_open + pidfd_send_signal + process_mrelease by a privileged caller in the benchmark process itself (the physical limit); *reapd gRPC* — KillAndReap through the broker with the `reapd-client` async client over an already open connection; *reapd varlink* — the same call with `reapd_client::varlink` (blocking), target named by pid + start time, connection opened before the window.\n");
+    let _ = writeln!(md, "Methods: *kill+wait* — kill(2) SIGKILL then waitpid, as systemd-oomd and earlyoom before 1.8 (Debian 12 ships 1.7) do (earlyoom 1.8 and later add process_mrelease: section 5); *in-process* — pidfd_open + pidfd_send_signal + process_mrelease by a privileged caller in the benchmark process itself (the physical limit); *reapd gRPC* — KillAndReap through the broker with the `reapd-client` async client over an already open connection; *reapd varlink* — the same call with `reapd_client::varlink` (blocking), target named by pid + start time, connection opened before the window.\n");
     let methods = methods_in(&r.memback);
     let cells = cells(&r.memback);
     let _ = write!(md, "| state | victim |");
