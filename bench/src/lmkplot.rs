@@ -62,18 +62,23 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
 
     // Left: usage against time since the line was crossed, every run.
     let mut chart = ChartBuilder::on(&left)
-        .caption("256 MiB cgroup, no swap: usage around the trigger line", ("sans-serif", 20))
+        .caption(
+            "256 MiB cgroup, no swap: usage around the trigger line",
+            ("sans-serif", 20),
+        )
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(-150f64..900f64, 150f64..265f64)?;
+        .build_cartesian_2d(-150f64..700f64, 150f64..265f64)?;
     chart
         .configure_mesh()
         .x_desc("ms since usage crossed 75 % of the limit")
         .y_desc("cgroup usage, MiB")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (y, label) in [(TRIGGER_MIB, "trigger line"), (LIMIT_MIB, "memory limit")] {
-        chart.draw_series(LineSeries::new([(-150.0, y), (900.0, y)], BLACK.mix(0.5)))?;
+        chart.draw_series(LineSeries::new([(-150.0, y), (700.0, y)], BLACK.mix(0.5)))?;
         chart.draw_series(std::iter::once(Text::new(label, (-140.0, y + 2.5), ("sans-serif", 13))))?;
     }
     for &method in methods {
@@ -85,7 +90,7 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
                 .usage_trace
                 .iter()
                 .map(|&(t, mib)| ((t - c) * 1e3, mib))
-                .filter(|&(ms, _)| (-150.0..=900.0).contains(&ms))
+                .filter(|&(ms, _)| (-150.0..=700.0).contains(&ms))
                 .collect();
             let series = chart.draw_series(LineSeries::new(pts, color.mix(0.6).stroke_width(2)))?;
             if first {
@@ -94,9 +99,9 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
                 } else {
                     label.to_string()
                 };
-                series.label(label).legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                series
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
                 first = false;
             }
         }
@@ -135,6 +140,7 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
             }
         })
         .y_desc("ms")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .disable_x_mesh()
         .draw()?;
     for (i, &method) in methods.iter().enumerate() {
@@ -153,7 +159,11 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
         )?;
         xs.sort_by(f64::total_cmp);
         if let Some(&med) = xs.get(xs.len() / 2) {
-            let med = if xs.len() % 2 == 0 { (med + xs[xs.len() / 2 - 1]) / 2.0 } else { med };
+            let med = if xs.len() % 2 == 0 {
+                (med + xs[xs.len() / 2 - 1]) / 2.0
+            } else {
+                med
+            };
             chart.draw_series(LineSeries::new(
                 [(i as f64 - 0.3, med), (i as f64 + 0.3, med)],
                 BLACK.stroke_width(2),

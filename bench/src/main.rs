@@ -583,7 +583,10 @@ fn write_outputs(results: &Results, out: &Path, scratch: &Path) -> anyhow::Resul
     // table, the command, the plot) becomes a section before the notes.
     if let Ok(lmk) = std::fs::read_to_string(out.join("lmk_side_by_side.md")) {
         let at = md.find("\n## Notes").unwrap_or(md.len());
-        md.insert_str(at, &format!("\n## 5. Low-memory killers side by side\n\n{}\n", lmk.trim_end()));
+        md.insert_str(
+            at,
+            &format!("\n## 5. Low-memory killers side by side\n\n{}\n", lmk.trim_end()),
+        );
     }
     std::fs::write(out.join("benchmarks.md"), md)?;
     eprintln!("wrote {}", out.join("benchmarks.md").display());
