@@ -106,12 +106,7 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
             }
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    crate::report::legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
 
     // Right: trigger line to back under it, one dot per run, median bar.
     let hi = bench
@@ -131,14 +126,7 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
     chart
         .configure_mesh()
         .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 0.01 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| crate::report::category_label(&names, *x))
         .y_desc("ms")
         .y_label_formatter(&|v| format!("{v:.0}"))
         .disable_x_mesh()

@@ -453,6 +453,31 @@ fn method_color(m: Method) -> RGBColor {
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
+/// The series legend, boxed, where the data leaves room.
+pub fn legend_box<'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    at: SeriesLabelPosition,
+) -> PlotResult {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// The label of a category axis (categories at 0, 1, 2, ...): the name at
+/// a whole-number tick, nothing between.
+pub fn category_label(names: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 0.01 && i >= 0.0 {
+        names.get(i as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 /// Memory-back time per method, one panel per state, log scale; timed-out
 /// trials are drawn at the timeout line.
 pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
@@ -482,14 +507,7 @@ pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
         chart
             .configure_mesh()
             .x_labels(n)
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 0.01 && i >= 0.0 {
-                    sizes.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&|x| category_label(&sizes, *x))
             .y_desc("ms until 95% back (log)")
             .y_label_formatter(&|v| axis_number(*v))
             .disable_x_mesh()
@@ -525,12 +543,7 @@ pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
                 .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
         }
         // Lower right: the timed-out points sit on the timeout line at the top.
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present()?;
     Ok(())
@@ -600,12 +613,7 @@ pub fn plot_throughput(r: &Results, path: &Path) -> PlotResult {
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }
