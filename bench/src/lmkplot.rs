@@ -145,9 +145,11 @@ fn draw(bench: &Bench, methods: &[&str], out: &Path) -> Result<(), Box<dyn std::
                 .enumerate()
                 .map(|(j, &y)| Circle::new((i as f64 - 0.2 + 0.4 * j as f64 / k, y), 4, color.filled())),
         )?;
+        // The median as the table's (Python's statistics.median): the mean
+        // of the middle two for an even count.
         xs.sort_by(f64::total_cmp);
         if let Some(&med) = xs.get(xs.len() / 2) {
-            let med = if xs.len() % 2 == 0 {
+            let med = if xs.len().is_multiple_of(2) {
                 (med + xs[xs.len() / 2 - 1]) / 2.0
             } else {
                 med
