@@ -25,7 +25,7 @@ back under it, the peak, who died, the kernel's oom_kill count, and deaths
 of processes outside the killer's grant (must be 0).
 
 Needs root and the debug (or REAPD_BIN_DIR) build of reapd, reapd-lmk and
-lmk-hog: `cargo build --workspace --all-targets`, then
+lmk-hog (REAPD_HOG_DIR, if elsewhere): `cargo build --workspace --all-targets`, then
 `sudo python3 bench/lmk_side_by_side.py [--reps 5] [--json out.json]
 [--methods kernel,lmk,earlyoom] [--strace DIR] [--check]`.
 Prints a Markdown table (docs/lmk.md has the last one). --strace DIR traces
@@ -50,6 +50,10 @@ TRIGGER = LIMIT * 3 // 4
 KILLER, HOGS, OTHER, EARLYOOM = 61520, 61521, 61522, 61523
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("REAPD_BIN_DIR", os.path.join(ROOT, "target", "debug"))
+# The workload's hog may come from elsewhere (bench/run.sh: the debug one,
+# so that a release run need not build the test crate with fat LTO; it only
+# allocates at its own pace, alike for every killer).
+HOG = os.path.join(os.environ.get("REAPD_HOG_DIR", BIN), "lmk-hog")
 
 
 def mounts():
@@ -144,7 +148,7 @@ def spawn(uid, cgroups, argv, ns=None, raw=False, **kw):
 
 
 def hog(uid, cgroups, ns, *args):
-    p = spawn(uid, cgroups, [os.path.join(BIN, "lmk-hog"), *map(str, args)], ns, stdout=subprocess.PIPE)
+    p = spawn(uid, cgroups, [HOG, *map(str, args)], ns, stdout=subprocess.PIPE)
     assert p.stdout.readline().strip() == b"ready"
     return p
 
@@ -536,6 +540,8 @@ def main():
         if lxcfs:
             lxcfs.close()
     made = {"utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "bin": os.path.relpath(BIN, ROOT)}
+    if os.path.dirname(HOG) != BIN:
+        made["bin"] += f"; the workload's lmk-hog from {os.path.relpath(os.path.dirname(HOG), ROOT)}"
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"earlyoom_version": version, "made": made, "runs": runs}, f, indent=1)
