@@ -8,6 +8,7 @@
 
 mod broker;
 mod floor;
+mod lmkplot;
 mod memback;
 mod overhead;
 mod probe;
@@ -102,6 +103,14 @@ enum Cmd {
         #[arg(long)]
         note: Vec<String>,
     },
+    /// Plot bench/lmk_side_by_side.py's --json output (reapd-lmk vs
+    /// earlyoom vs the kernel OOM killer) as a PNG.
+    LmkPlot {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long, default_value = "docs/lmk_side_by_side.png")]
+        out: PathBuf,
+    },
     /// (internal) A victim: touch memory, print "ready", wait.
     Victim {
         #[arg(long)]
@@ -129,6 +138,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Victim { bytes, file } => victim::victim_main(bytes, file.as_deref()),
         Cmd::Spin => victim::spin_main(),
         Cmd::Report { raw, out, note } => rewrite_report(&raw, &out, note),
+        Cmd::LmkPlot { json, out } => lmkplot::plot(&json, &out),
         Cmd::WorkerKill { socket, count, varlink } => overhead::worker_kill_main(&socket, count, varlink),
         Cmd::Run {
             reapd,
@@ -568,7 +578,17 @@ fn write_outputs(results: &Results, out: &Path, scratch: &Path) -> anyhow::Resul
             false
         }
     };
-    std::fs::write(out.join("benchmarks.md"), report::markdown(&results, plots))?;
+    let mut md = report::markdown(&results, plots);
+    // bench/run.sh runs bench/lmk_side_by_side.py first; its fragment (the
+    // table, the command, the plot) becomes a section before the notes.
+    if let Ok(lmk) = std::fs::read_to_string(out.join("lmk_side_by_side.md")) {
+        let at = md.find("\n## Notes").unwrap_or(md.len());
+        md.insert_str(
+            at,
+            &format!("\n## 5. Low-memory killers side by side\n\n{}\n", lmk.trim_end()),
+        );
+    }
+    std::fs::write(out.join("benchmarks.md"), md)?;
     eprintln!("wrote {}", out.join("benchmarks.md").display());
     for (state, size, text) in report::headline(&results) {
         eprintln!("headline: {} {size}: kill+wait / reapd = {text}", state.name());

@@ -239,7 +239,7 @@ within each (state, victim) block the methods alternate, each repetition startin
         fmt_ms(r.timeout_ms)
     );
     let _ = writeln!(md, "States: *running* — the victim runs normally; *starved* — the victim is SCHED_IDLE and one normal-priority spinner per CPU keeps every core busy; *frozen* — the victim is in a cgroup v1 freezer cgroup (FROZEN), which holds a killed task, so it cannot run its exit path.\n");
-    let _ = writeln!(md, "Methods: *kill+wait* — kill(2) SIGKILL then waitpid, as earlyoom and systemd-oomd do; *in-process* — pidfd_open + pidfd_send_signal + process_mrelease by a privileged caller in the benchmark process itself (the physical limit); *reapd gRPC* — KillAndReap through the broker with the `reapd-client` async client over an already open connection; *reapd varlink* — the same call with `reapd_client::varlink` (blocking), target named by pid + start time, connection opened before the window.\n");
+    let _ = writeln!(md, "Methods: *kill+wait* — kill(2) SIGKILL then waitpid, as systemd-oomd and earlyoom before 1.8 (Debian 12 ships 1.7) do (earlyoom 1.8 and later add process_mrelease: section 5); *in-process* — pidfd_open + pidfd_send_signal + process_mrelease by a privileged caller in the benchmark process itself (the physical limit); *reapd gRPC* — KillAndReap through the broker with the `reapd-client` async client over an already open connection; *reapd varlink* — the same call with `reapd_client::varlink` (blocking), target named by pid + start time, connection opened before the window.\n");
     let methods = methods_in(&r.memback);
     let cells = cells(&r.memback);
     let _ = write!(md, "| state | victim |");
@@ -453,6 +453,31 @@ fn method_color(m: Method) -> RGBColor {
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
+/// The series legend, boxed, where the data leaves room.
+pub fn legend_box<'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    at: SeriesLabelPosition,
+) -> PlotResult {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// The label of a category axis (categories at 0, 1, 2, ...): the name at
+/// a whole-number tick, nothing between.
+pub fn category_label(names: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 0.01 && i >= 0.0 {
+        names.get(i as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 /// Memory-back time per method, one panel per state, log scale; timed-out
 /// trials are drawn at the timeout line.
 pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
@@ -482,14 +507,7 @@ pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
         chart
             .configure_mesh()
             .x_labels(n)
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 0.01 && i >= 0.0 {
-                    sizes.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&|x| category_label(&sizes, *x))
             .y_desc("ms until 95% back (log)")
             .y_label_formatter(&|v| axis_number(*v))
             .disable_x_mesh()
@@ -525,12 +543,7 @@ pub fn plot_memback(r: &Results, path: &Path) -> PlotResult {
                 .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
         }
         // Lower right: the timed-out points sit on the timeout line at the top.
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend_box(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present()?;
     Ok(())
@@ -600,12 +613,7 @@ pub fn plot_throughput(r: &Results, path: &Path) -> PlotResult {
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend_box(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }

@@ -37,6 +37,10 @@ fn quick_run_writes_a_report() {
     );
     let out = std::env::temp_dir().join(format!("reapd-bench-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    // bench/run.sh leaves the side by side's fragment there first; the
+    // report puts it in as section 5, before the notes.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("lmk_side_by_side.md"), "| side by side fragment |\n").unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_reapd-bench"))
         .arg("run")
         .arg("--quick")
@@ -64,4 +68,9 @@ fn quick_run_writes_a_report() {
     ] {
         assert!(report.contains(needle), "report lacks {needle:?}:\n{report}");
     }
+    let five = report.find("## 5. Low-memory killers side by side\n\n| side by side fragment |\n");
+    assert!(
+        five.is_some_and(|at| report.find("## Notes").is_none_or(|notes| at < notes)),
+        "section 5 missing or after the notes:\n{report}"
+    );
 }
