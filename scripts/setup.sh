@@ -87,41 +87,13 @@ if [[ -d /run/systemd/system ]]; then
 fi
 
 if [[ $LMK -eq 1 ]]; then
-    install -D -m 0755 target/release/reapd-lmk /usr/bin/reapd-lmk
-    [[ -e /etc/reapd/lmk.toml ]] || install -D -m 0644 systemd/lmk.toml /etc/reapd/lmk.toml
-    # Its user, which the grant names (the broker resolves it at load).
-    install -D -m 0644 systemd/sysusers.d/reapd-lmk.conf /etc/sysusers.d/reapd-lmk.conf
-    systemd-sysusers /etc/sysusers.d/reapd-lmk.conf 2>/dev/null ||
-        id reapd-lmk >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin reapd-lmk
-    # The grant, once: the unit may kill regular users' session processes.
-    # Checked before it is kept; the broker reloads it (or reads it at its
-    # next start).
-    if ! grep -q '^name = "reapd-lmk"' /etc/reapd/policy.toml; then
-        cp /etc/reapd/policy.toml /etc/reapd/policy.toml.before-lmk
-        # Pinned to the uid sysusers gave it: the grant then needs no name
-        # lookup inside the broker's sandbox.
-        sed "s/^caller.users = \[\"reapd-lmk\"\]/caller.uids = [$(id -u reapd-lmk)]/" systemd/lmk-policy.toml >>/etc/reapd/policy.toml
-        if ! /usr/sbin/reapd check-policy /etc/reapd/policy.toml; then
-            mv /etc/reapd/policy.toml.before-lmk /etc/reapd/policy.toml
-            echo "the reapd-lmk grant does not fit /etc/reapd/policy.toml; add it by hand (docs/policy.md)" >&2
-            exit 1
-        fi
-        rm -f /etc/reapd/policy.toml.before-lmk
-    fi
-    echo "installed /usr/bin/reapd-lmk and /etc/reapd/lmk.toml (docs/lmk.md)"
-    if [[ -d /run/systemd/system ]]; then
-        install -D -m 0644 systemd/reapd-lmk.service /etc/systemd/system/reapd-lmk.service
-        systemctl daemon-reload
-        # The broker rereads its policy on SIGHUP (or at its next start).
-        systemctl kill -s HUP --kill-whom=main reapd.service 2>/dev/null || true
-        if [[ $RUN -eq 1 ]]; then
-            systemctl enable --now reapd-lmk.service
-            echo "reapd-lmk.service is running: journalctl -u reapd-lmk shows one JSON line per kill"
-        fi
-    elif [[ $RUN -eq 1 ]]; then
-        echo "systemd is not PID 1: run the killer yourself, unprivileged, e.g."
-        echo "  setpriv --reuid=nobody --regid=nogroup --clear-groups reapd-lmk --config /etc/reapd/lmk.toml"
-        echo "(grant its uid instead of the unit in /etc/reapd/policy.toml: caller.users = [\"nobody\"])"
+    # The binary, its config, its user reapd-lmk and the grant (checked),
+    # then the unit, started (systemd/install-lmk.sh; the systemd VM test
+    # runs the same script).
+    if [[ $RUN -eq 1 ]]; then
+        systemd/install-lmk.sh target/release
+    else
+        systemd/install-lmk.sh target/release --no-run
     fi
 fi
 

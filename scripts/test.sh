@@ -103,8 +103,9 @@ check venv .venv/bin/pip install -q --disable-pip-version-check -r tests/python/
 REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/python
 
 if [[ $QUICK -eq 0 ]]; then
-    # One release build serves both VMs (the in-VM broker test and the .deb).
-    check release cargo build --release --locked -p reapd -p reapd-client --bin reapd --bin reapctl
+    # One release build serves both VMs (the in-VM broker test, the .deb and
+    # reapd-lmk, which the systemd VM installs next to the broker).
+    check release cargo build --release --locked -p reapd -p reapd-client -p reapd-lmk --bin reapd --bin reapctl --bin reapd-lmk
     export REAPD_BIN_DIR=$ROOT/target/release
     run kernel-vm bash kernel-patch/vm/run.sh
     run systemd-vm bash systemd/vm/run.sh

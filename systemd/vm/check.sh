@@ -72,6 +72,10 @@ done
 info "hog pid=$HOG rss_kb=$(status_field "$HOG" VmRSS 2>/dev/null)"
 check "kill-and-reap of another user's hog under full hardening" reapctl kill --wait 5000 "$HOG"
 cp "$OUT" /tmp/kill.out
+# The broker that did the kill: under load the hog's set-up can outlast the
+# 30 s idle exit, and the kill then starts a new broker (activation, not a
+# restart). It must live on after the kill.
+PID=$(main_pid)
 sed 's/^/VMINFO kill: /' /tmp/kill.out
 check "reap released the memory" grep -Eq 'released: [1-9][0-9]*\.[0-9] MiB|exited before reap' /tmp/kill.out
 check "hog is gone" sh -c "! kill -0 $HOG 2>/dev/null"
@@ -107,67 +111,90 @@ for _ in $(seq 50); do
     sleep 0.2
 done
 check "after reload: the new rule allows it" sh -c "[ $reloaded = yes ] && grep -q '\"vm-reload-test\"' /tmp/reload.out"
+# The broker swaps the policy in before it logs "policy reloaded", and
+# journald takes the line a moment later: wait for it (at most 10 s).
+for _ in $(seq 50); do
+    journalctl -u reapd.service -b -o cat | grep -q 'policy reloaded' && break
+    sleep 0.2
+done
 check "the same broker reloaded (journal, MainPID)" sh -c "journalctl -u reapd.service -b -o cat | grep -q 'policy reloaded' && [ \"\$(systemctl show -P MainPID reapd.service)\" = $PID ]"
+info "reload main_pid_before=$PID main_pid_after=$(main_pid) reloaded_lines=$(journalctl -u reapd.service -b -o cat | grep -c 'policy reloaded')"
 kill "$VICTIM" 2>/dev/null
 
 info "$(systemd-analyze security reapd.service 2>/dev/null | tail -n1)"
 check "exposure <= 1.0" sh -c "systemd-analyze security --threshold=10 reapd.service >/dev/null"
 
-# reapd-lmk as a DynamicUser= service without capabilities: a 100 MiB hog
-# of uid 1000 in user.slice is killed and reaped through the broker under
-# the grant setup.sh --with-lmk installs (by user: kernel 6.1 has no
-# SO_PEERPIDFD, so the broker believes no caller cgroup and a unit grant
-# would never match). It kills at once (available memory
-# is always below 99 %) and exits after one kill.
-if [ -f /mnt/t/reapd-lmk ]; then
-    install -m 0755 /mnt/t/reapd-lmk /usr/bin/reapd-lmk
-    install -m 0644 /mnt/t/reapd-lmk.service /etc/systemd/system/reapd-lmk.service
-    install -m 0644 /mnt/t/reapd-lmk.conf /etc/sysusers.d/reapd-lmk.conf
-    systemd-sysusers /etc/sysusers.d/reapd-lmk.conf
-    # As setup.sh does: the grant pinned to the user's uid.
-    sed "s/^caller.users = \[\"reapd-lmk\"\]/caller.uids = [$(id -u reapd-lmk)]/" /mnt/t/lmk-policy.toml >>/etc/reapd/policy.toml
-    check "the lmk grant is a valid policy" reapd check-policy /etc/reapd/policy.toml
-    systemctl kill -s HUP --kill-whom=main reapd.service
-    printf '[trigger]\nmem-available-percent = 99\n' >/etc/reapd/lmk.toml
-    mkdir -p /run/systemd/system/reapd-lmk.service.d
-    printf '[Service]\nExecStart=\nExecStart=/usr/bin/reapd-lmk --config /etc/reapd/lmk.toml --max-kills 1\nRestart=no\n' \
-        >/run/systemd/system/reapd-lmk.service.d/once.conf
-    systemctl daemon-reload
-    # A scope in user.slice (root's part of the tree: the grant's cgroup),
-    # the hog itself uid 1000.
-    systemd-run --quiet --scope --slice=user.slice --unit=lmk-hog \
-        setpriv --reuid=1000 --regid=1000 --clear-groups \
-        sh -c '{ head -c 100M /dev/zero; exec sleep 600; } | tail' >/tmp/lmk-hog.out 2>&1 &
-    LMK_HOG=""
-    for _ in $(seq 150); do
-        for p in $(cat /sys/fs/cgroup/user.slice/lmk-hog.scope/cgroup.procs 2>/dev/null); do
-            [ "$(cat /proc/$p/comm 2>/dev/null)" = tail ] && LMK_HOG=$p
-        done
-        if [ -n "$LMK_HOG" ] && [ "$(status_field "$LMK_HOG" VmRSS 2>/dev/null)" -gt 90000 ] 2>/dev/null; then break; fi
-        sleep 0.2
+# reapd-lmk installed as scripts/setup.sh --with-lmk installs it (the same
+# systemd/install-lmk.sh): a DynamicUser= service without capabilities, run
+# as the static user reapd-lmk that the broker's grant names. A 100 MiB hog
+# of uid 1000 in user.slice is killed and reaped through the socket-activated
+# broker; the kernel's OOM killer never fires.
+lmk_journal() { journalctl -u reapd-lmk.service -b --no-pager -o cat; }
+OOM_KILLS=$(awk '$1 == "oom_kill" { print $2 }' /proc/vmstat)
+# The hog: a scope in user.slice (the grant's cgroup), the process uid 1000.
+systemd-run --quiet --scope --slice=user.slice --unit=lmk-hog \
+    setpriv --reuid=1000 --regid=1000 --clear-groups \
+    sh -c '{ head -c 100M /dev/zero; exec sleep 600; } | tail' >/tmp/lmk-hog.out 2>&1 &
+LMK_HOG=""
+for _ in $(seq 150); do
+    for p in $(cat /sys/fs/cgroup/user.slice/lmk-hog.scope/cgroup.procs 2>/dev/null); do
+        [ "$(cat /proc/$p/comm 2>/dev/null)" = tail ] && LMK_HOG=$p
     done
-    info "lmk hog pid=$LMK_HOG rss_kb=$(status_field "$LMK_HOG" VmRSS 2>/dev/null) $(head -c 300 /tmp/lmk-hog.out)"
-    systemctl start reapd-lmk.service
-    for _ in $(seq 150); do
-        systemctl is-active --quiet reapd-lmk.service || break
-        sleep 0.2
-    done
-    journalctl -u reapd-lmk.service -b --no-pager -o cat | tail -n 6 | sed 's/^/VMINFO lmk: /'
-    if systemctl is-active --quiet reapd-lmk.service; then
-        # Why it found nothing to kill: the victim and the broker's view.
-        grep -E '^(Uid|Gid)' "/proc/$LMK_HOG/status" | sed 's/^/VMINFO lmk hog: /'
-        sed 's/^/VMINFO lmk hog cgroup: /' "/proc/$LMK_HOG/cgroup"
-        journalctl -u reapd.service -b --no-pager -o cat | tail -n 12 | sed 's/^/VMINFO lmk broker: /'
+    if [ -n "$LMK_HOG" ] && [ "$(status_field "$LMK_HOG" VmRSS 2>/dev/null)" -gt 90000 ] 2>/dev/null; then break; fi
+    sleep 0.2
+done
+info "lmk hog pid=$LMK_HOG rss_kb=$(status_field "$LMK_HOG" VmRSS 2>/dev/null) $(head -c 300 /tmp/lmk-hog.out)"
+
+check "install-lmk.sh, as setup.sh --with-lmk runs it" bash /mnt/t/systemd/install-lmk.sh /mnt/t
+check "the grant names the killer's user" grep -qx 'caller.users = \["reapd-lmk"\]' /etc/reapd/policy.toml
+check "reapd-lmk.service enabled and started" sh -c "systemctl is-enabled --quiet reapd-lmk.service && systemctl is-active --quiet reapd-lmk.service"
+# The reload is asynchronous (SIGHUP): wait until the broker answers the
+# killer's user with the grant (it resolved the name inside its sandbox).
+granted=no
+for _ in $(seq 50); do
+    if setpriv --reuid=reapd-lmk --regid=reapd-lmk --clear-groups reapctl --json check "$LMK_HOG" >/tmp/lmk-check.out 2>&1 &&
+        grep -q '"reapd-lmk"' /tmp/lmk-check.out; then
+        granted=yes
+        break
     fi
-    check "reapd-lmk exited after its kill" sh -c "! systemctl is-active --quiet reapd-lmk.service && [ \"\$(systemctl show -P Result reapd-lmk.service)\" = success ] && [ \"\$(systemctl show -P ExecMainStatus reapd-lmk.service)\" = 0 ]"
-    check "reapd-lmk killed the other user's hog and logged it" sh -c "journalctl -u reapd-lmk.service -b -o cat | grep '\"event\":\"kill\"' | grep '\"rule\":\"reapd-lmk\"' | grep -q '\"pid\":$LMK_HOG,'"
-    for _ in $(seq 50); do kill -0 "$LMK_HOG" 2>/dev/null || break; sleep 0.1; done
-    check "the lmk hog is gone" sh -c "! kill -0 $LMK_HOG 2>/dev/null"
-    check "reapd-lmk ran as DynamicUser= reapd-lmk with no capabilities" sh -c "systemctl show -P DynamicUser reapd-lmk.service | grep -q yes && [ -z \"\$(systemctl show -P CapabilityBoundingSet reapd-lmk.service)\" ]"
-    info "$(systemd-analyze security reapd-lmk.service 2>/dev/null | tail -n1)"
-    # Its broker connection would keep the broker from idling out below.
-    systemctl stop reapd-lmk.service lmk-hog.scope 2>/dev/null
-fi
+    sleep 0.2
+done
+check "the broker grants user reapd-lmk the hog (rule reapd-lmk)" sh -c "[ $granted = yes ]"
+[ $granted = yes ] || {
+    sed 's/^/VMINFO lmk check: /' /tmp/lmk-check.out
+    journalctl -u reapd.service -b -o cat | grep 'policy reload' | sed 's/^/VMINFO lmk broker: /'
+}
+check "nothing killed with the shipped thresholds" sh -c "kill -0 $LMK_HOG && ! journalctl -u reapd-lmk.service -b -o cat | grep -q '\"event\":\"kill\"'"
+
+# Now a config that kills at once (available memory is always below 99 %)
+# and a run that exits after one kill.
+printf '[trigger]\nmem-available-percent = 99\n' >/etc/reapd/lmk.toml
+mkdir -p /run/systemd/system/reapd-lmk.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/bin/reapd-lmk --config /etc/reapd/lmk.toml --max-kills 1\nRestart=no\n' \
+    >/run/systemd/system/reapd-lmk.service.d/once.conf
+systemctl daemon-reload
+systemctl restart reapd-lmk.service
+for _ in $(seq 150); do
+    systemctl is-active --quiet reapd-lmk.service || break
+    sleep 0.2
+done
+lmk_journal | tail -n 6 | sed 's/^/VMINFO lmk: /'
+check "reapd-lmk exited after its kill" sh -c "! systemctl is-active --quiet reapd-lmk.service && [ \"\$(systemctl show -P Result reapd-lmk.service)\" = success ] && [ \"\$(systemctl show -P ExecMainStatus reapd-lmk.service)\" = 0 ]"
+lmk_journal | grep '"event":"kill"' >/tmp/lmk-kill.json
+check "reapd-lmk killed and reaped the other user's hog under its grant" sh -c \
+    "grep '\"pid\":$LMK_HOG,' /tmp/lmk-kill.json | grep '\"rule\":\"reapd-lmk\"' | grep -Eq '\"outcome\":\"(reaped|exited_before_reap)\"'"
+check "the kill released memory" sh -c "grep -Eq '\"bytes_released\":[1-9][0-9]{6,}' /tmp/lmk-kill.json"
+for _ in $(seq 50); do kill -0 "$LMK_HOG" 2>/dev/null || break; sleep 0.1; done
+check "the lmk hog is gone" sh -c "! kill -0 $LMK_HOG 2>/dev/null"
+check "the kernel's OOM killer never fired" sh -c "[ \"\$(awk '\$1 == \"oom_kill\" { print \$2 }' /proc/vmstat)\" = $OOM_KILLS ]"
+check "reapd-lmk ran as DynamicUser= user reapd-lmk with no capabilities" sh -c \
+    "systemctl show -P DynamicUser reapd-lmk.service | grep -qx yes && systemctl show -P User reapd-lmk.service | grep -qx reapd-lmk && [ -z \"\$(systemctl show -P CapabilityBoundingSet reapd-lmk.service)\" ] && systemctl show -P NoNewPrivileges reapd-lmk.service | grep -qx yes"
+check "the broker survived the killer (no restart)" sh -c "systemctl is-active --quiet reapd.service && [ \"\$(systemctl show -P NRestarts reapd.service)\" = 0 ]"
+info "$(systemd-analyze security reapd-lmk.service 2>/dev/null | tail -n1)"
+check "reapd-lmk exposure <= 1.0" sh -c "systemd-analyze security --threshold=10 reapd-lmk.service >/dev/null"
+rm -rf /run/systemd/system/reapd-lmk.service.d
+# Its broker connection would keep the broker from idling out below.
+systemctl stop reapd-lmk.service lmk-hog.scope 2>/dev/null
 
 # Idle exit: restart with a 3 s idle time, let it idle out, call again.
 mkdir -p /run/systemd/system/reapd.service.d

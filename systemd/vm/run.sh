@@ -100,16 +100,19 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir "$WORK/t"
 cp "$DEB" "$WORK/t/reapd.deb"
 cp "$HERE/check.sh" "$WORK/t/check.sh"
-# reapd-lmk's VM check (check.sh) runs when REAPD_VM_LMK=1 and it is built.
-# Off by default: in the Debian 12 VM the broker refuses the reload with the
-# grant appended (cause not found yet), which breaks the checks after it.
+# reapd-lmk's check installs it with systemd/install-lmk.sh (what
+# scripts/setup.sh --with-lmk runs) from the same layout as the repository.
 LMK_BIN="${REAPD_BIN_DIR:-$REPO/target/release}/reapd-lmk"
-if [ "${REAPD_VM_LMK:-0}" = 1 ] && [ -x "$LMK_BIN" ]; then
-    cp "$LMK_BIN" "$WORK/t/reapd-lmk"
-    strip --strip-unneeded "$WORK/t/reapd-lmk" 2>/dev/null || true
-    cp "$REPO/systemd/reapd-lmk.service" "$REPO/systemd/lmk-policy.toml" \
-        "$REPO/systemd/sysusers.d/reapd-lmk.conf" "$WORK/t/"
+if [ -z "${REAPD_BIN_DIR:-}" ]; then
+    (cd "$REPO" && cargo build --release --locked -p reapd-lmk --bin reapd-lmk >&2)
 fi
+[ -x "$LMK_BIN" ] || { echo "no reapd-lmk at '$LMK_BIN' (cargo build --release -p reapd-lmk)" >&2; exit 2; }
+cp "$LMK_BIN" "$WORK/t/reapd-lmk"
+strip --strip-unneeded "$WORK/t/reapd-lmk" 2>/dev/null || true
+mkdir -p "$WORK/t/systemd/sysusers.d"
+cp "$REPO/systemd/install-lmk.sh" "$REPO/systemd/reapd-lmk.service" "$REPO/systemd/lmk.toml" \
+    "$REPO/systemd/lmk-policy.toml" "$REPO/systemd/policy.toml" "$WORK/t/systemd/"
+cp "$REPO/systemd/sysusers.d/reapd-lmk.conf" "$WORK/t/systemd/sysusers.d/"
 mkfs.ext4 -q -F -L reapdtest -d "$WORK/t" "$WORK/test.img" 64M >&2
 qemu-img create -q -f qcow2 -b "$CACHE/base.img" -F raw "$WORK/root.qcow2"
 

@@ -279,8 +279,8 @@ impl Killer {
     }
 
     /// Waits (up to `timeout`) for it to exit after --max-kills; returns its
-    /// exit code and its event lines.
-    fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<Value>) {
+    /// exit code, its event lines and its log (stderr) by then.
+    fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<Value>, String) {
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -298,7 +298,7 @@ impl Killer {
             .map_while(Result::ok)
             .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect();
-        (status, events)
+        (status, events, self.log())
     }
 
     fn log(&self) -> String {
@@ -351,8 +351,7 @@ fn the_unprivileged_killer_kills_the_leak_before_the_oom_killer() {
     // Grows 4 MiB every 20 ms without end: past the trigger (25% of 256 MiB
     // left) in about 0.2 s, past the limit in about 0.5 s.
     let mut leak = Hog::start(HOGS, &arena.group("leak"), &["lmk-leak", "0", "4", "20", "0"]);
-    let log = killer.log();
-    let (code, events) = killer.finish(Duration::from_secs(15));
+    let (code, events, log) = killer.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "killer log:\n{log}");
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
@@ -379,7 +378,7 @@ fn dry_run_kills_nothing_and_logs_the_would_be_kill() {
     let killer = Killer::start(config.path(), &["--dry-run", "--max-kills", "1"]);
     // Stops at 64 MiB: past the trigger, under the limit.
     let mut leak = Hog::start(HOGS, &arena.group("leak"), &["lmk-leak", "0", "4", "20", "64"]);
-    let (code, events) = killer.finish(Duration::from_secs(15));
+    let (code, events, _) = killer.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0));
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
@@ -402,8 +401,7 @@ fn cgroup_mode_kills_the_whole_leaking_group_and_nothing_else() {
     let group = arena.group("leaky");
     let mut helper = Hog::start(HOGS, &group, &["lmk-helper", "8"]);
     let mut leak = Hog::start(HOGS, &group, &["lmk-leak", "0", "4", "20", "0"]);
-    let log = killer.log();
-    let (code, events) = killer.finish(Duration::from_secs(15));
+    let (code, events, log) = killer.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "killer log:\n{log}");
     let e = &events[0];
     assert_eq!(e["event"], "kill", "{e}");
@@ -448,9 +446,6 @@ fn uncached_file(bytes: u64) -> tempfile::NamedTempFile {
 }
 
 #[test]
-#[ignore = "timing-dependent: on a fresh CI clone the thrash did not build enough stall within 60 s \
-            (twice), though it passes on a warm machine; run with `cargo test -p reapd-e2e --test lmk \
-            -- --ignored`"]
 fn psi_fires_the_killer_on_thrashing_without_low_memory() {
     let Some(Scene { arena, broker, _policy }) = Scene::new("lmk-psi") else {
         return;
@@ -461,11 +456,18 @@ fn psi_fires_the_killer_on_thrashing_without_low_memory() {
     // ... and no memory threshold: only PSI can set the killer off.
     let config = arena.config_at(&broker.grpc, 0, "");
     let killer = Killer::start(config.path(), &["--max-kills", "1"]);
-    // ... so reading a 256 MiB file over and over thrashes: every pass
-    // evicts what the next one needs, and reclaim stalls the reader.
-    let data = uncached_file(256 * MIB);
+    // ... so a reader touching every page of a 96 MiB file mapped into its
+    // memory, over and over, thrashes: each pass faults back in what the
+    // last one evicted. Mapped pages, unlike read(2)'s streaming cache,
+    // are the working set the kernel protects: their refaults wait for I/O
+    // and their reclaim must unmap them, and both count as memory stall.
+    // Measured on the 2-core development VM: 0.5-1.3 s of stall per 2 s
+    // (the trigger wants 0.1 s), with or without parallel builds; the old
+    // read(2) loop over a 256 MiB file made 0.1-0.2 s, too close to it.
+    let data = uncached_file(96 * MIB);
     let code = format!(
-        "import sys\nprint('ready', flush=True)\nb = bytearray(1 << 20)\nf = open({:?}, 'rb', buffering=0)\nwhile True:\n    f.seek(0)\n    while f.readinto(b):\n        pass\n",
+        "import mmap\nf = open({:?}, 'rb')\nm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n\
+         print('ready', flush=True)\nwhile True:\n    for i in range(0, len(m), 4096):\n        m[i]\n",
         data.path().display()
     );
     let mut command = Command::new("python3");
@@ -478,13 +480,18 @@ fn psi_fires_the_killer_on_thrashing_without_low_memory() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "ready");
-    let log = killer.log();
-    // Unprivileged triggers are evaluated every 2 s; how soon the thrash
-    // builds enough stall depends on the machine's other load (seen: over
-    // 20 s while other builds ran), so the wait is generous: it ends as
-    // soon as the killer has killed.
-    let (code, events) = killer.finish(Duration::from_secs(60));
-    assert_eq!(code, Some(0), "killer log:\n{log}");
+    let started = Instant::now();
+    // Unprivileged triggers are evaluated every 2 s, so the first can fire
+    // 2-4 s after the thrash starts; the wait is generous and ends as soon
+    // as the killer has killed.
+    let (code, events, log) = killer.finish(Duration::from_secs(60));
+    let pressure = std::fs::read_to_string(arena.v2.join("memory.pressure")).unwrap_or_default();
+    eprintln!(
+        "psi: thrash start to killer exit {} ms; arena memory.pressure: {}",
+        started.elapsed().as_millis(),
+        pressure.replace('\n', "; ")
+    );
+    assert_eq!(code, Some(0), "killer log:\n{log}\narena memory.pressure:\n{pressure}");
     let e = &events[0];
     assert_eq!(e["event"], "kill", "{e}");
     assert_eq!(e["cause"], "pressure", "{e}");
