@@ -104,7 +104,7 @@ REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/
 
 if [[ $QUICK -eq 0 ]]; then
     # One release build serves both VMs (the in-VM broker test and the .deb).
-    check release cargo build --release --locked -p reapd -p reapd-client --bin reapd --bin reapctl
+    check release cargo build --release --locked -p reapd -p reapctl --bin reapd --bin reapctl
     export REAPD_BIN_DIR=$ROOT/target/release
     run kernel-vm bash kernel-patch/vm/run.sh
     run systemd-vm bash systemd/vm/run.sh
