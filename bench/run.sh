@@ -11,7 +11,7 @@
 # side's repetitions per killer.
 set -eu
 cd "$(dirname "$0")/.."
-cargo build --release -p reapd -p reapd-client -p reapd-bench -p reapd-lmk
+cargo build --release -p reapd -p reapctl -p reapd-bench -p reapd-lmk
 # The workload's hog needs no speed: debug, as the tests build it.
 cargo build -p reapd-e2e --bin lmk-hog
 mkdir -p target/reapd-bench

@@ -3,10 +3,14 @@
 //!
 //! protoc comes from the `protoc-bin-vendored` crate so a build needs nothing
 //! from apt; a `PROTOC` set in the environment wins (distributions prefer their
-//! own protoc).
-use std::{env, path::PathBuf};
+//! own protoc). Without the `grpc` feature there is nothing to generate.
 
+#[cfg(not(feature = "grpc"))]
+fn main() {}
+
+#[cfg(feature = "grpc")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    use std::{env, path::PathBuf};
     if env::var_os("PROTOC").is_none() {
         let protoc = protoc_bin_vendored::protoc_bin_path()?;
         // Edition 2021: set_var is safe; build.rs runs before any thread.

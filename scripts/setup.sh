@@ -48,9 +48,9 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 
 if [[ $LMK -eq 1 ]]; then
-    cargo build --release --locked -p reapd -p reapd-client -p reapd-lmk
+    cargo build --release --locked -p reapd -p reapctl -p reapd-lmk
 else
-    cargo build --release --locked -p reapd -p reapd-client
+    cargo build --release --locked -p reapd -p reapctl
 fi
 install -D -m 0755 target/release/reapd /usr/sbin/reapd
 install -D -m 0755 target/release/reapctl /usr/bin/reapctl

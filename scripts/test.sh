@@ -87,6 +87,11 @@ fi
 check fmt cargo fmt --all --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 check build cargo build --workspace --all-targets --locked
+# reapd-client's transports one at a time: each must build and lint (its
+# tests included) alone, and a varlink-only build must not compile tonic (or hyper).
+check client-varlink cargo clippy -p reapd-client --all-targets --no-default-features --features varlink --locked -- -D warnings
+check client-grpc cargo clippy -p reapd-client --all-targets --no-default-features --features grpc --locked -- -D warnings
+check client-no-tonic bash -c 'tree=$(cargo tree -p reapd-client --no-default-features --features varlink -e normal,build --locked) && ! grep -E "(tonic|hyper) v" <<<"$tree"'
 # --no-fail-fast: one failing test binary must not hide the others' results.
 run rust cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
@@ -105,7 +110,7 @@ REAPD_BIN_DIR=$ROOT/target/debug run python .venv/bin/python -m pytest -q tests/
 if [[ $QUICK -eq 0 ]]; then
     # One release build serves both VMs (the in-VM broker test, the .deb and
     # reapd-lmk, which the systemd VM installs next to the broker).
-    check release cargo build --release --locked -p reapd -p reapd-client -p reapd-lmk --bin reapd --bin reapctl --bin reapd-lmk
+    check release cargo build --release --locked -p reapd -p reapctl -p reapd-lmk --bin reapd --bin reapctl --bin reapd-lmk
     export REAPD_BIN_DIR=$ROOT/target/release
     run kernel-vm bash kernel-patch/vm/run.sh
     run systemd-vm bash systemd/vm/run.sh

@@ -25,7 +25,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 
 if [ -z "${REAPD_BIN_DIR:-}" ]; then
-    (cd "$REPO" && cargo build --release --locked -p reapd -p reapd-client --bin reapd --bin reapctl >&2)
+    (cd "$REPO" && cargo build --release --locked -p reapd -p reapctl --bin reapd --bin reapctl >&2)
     BIN_DIR="$REPO/target/release"
 else
     BIN_DIR=$(cd "$REAPD_BIN_DIR" && pwd)

@@ -10,17 +10,21 @@
 //! so a watcher that resubscribes should know it may have missed some
 //! (`sequence` has gaps).
 
+#[cfg(feature = "grpc")]
 use crate::Error;
+#[cfg(feature = "grpc")]
 use reapd_proto::v1 as pb;
 
 /// The events' types: the API's one data model, shared with the broker.
 pub use reapd_proto::model::{KillEvent, Requester, Victim};
 
 /// A gRPC kill-event subscription ([`crate::Client::watch_kills`]).
+#[cfg(feature = "grpc")]
 pub struct KillEvents {
     stream: tonic::Streaming<pb::KillEvent>,
 }
 
+#[cfg(feature = "grpc")]
 impl KillEvents {
     /// The next event; `Ok(None)` when the broker ended the stream (it is
     /// shutting down).
@@ -29,20 +33,27 @@ impl KillEvents {
     }
 }
 
+#[cfg(feature = "grpc")]
 impl crate::Client {
     /// Subscribes to kill events. Returns once the subscription exists: every
     /// kill that completes after this returns and that the caller may see
-    /// is delivered. Errors: RESOURCE_EXHAUSTED beyond 4 subscriptions per
-    /// uid. Not retried after a lost connection (see the module docs).
+    /// is delivered. Errors: [`Error::RateLimited`] beyond 4 subscriptions
+    /// per uid, [`Error::Timeout`] if the subscription is not made within
+    /// the client's timeout (events themselves may be any time apart). Not
+    /// retried after a lost connection (see the module docs).
     pub async fn watch_kills(&mut self) -> Result<KillEvents, Error> {
-        let stream = self.inner.watch_kills(pb::WatchKillsRequest {}).await?.into_inner();
-        Ok(KillEvents { stream })
+        let subscribe = async {
+            let stream = self.inner.watch_kills(pb::WatchKillsRequest {}).await?.into_inner();
+            Ok(KillEvents { stream })
+        };
+        crate::within(self.timeout, subscribe).await
     }
 }
 
 /// A blocking gRPC kill-event subscription
 /// ([`crate::blocking::Client::watch_kills`]); it borrows the client's
 /// runtime.
+#[cfg(feature = "grpc")]
 pub struct BlockingKillEvents<'a> {
     runtime: &'a tokio::runtime::Runtime,
     events: KillEvents,
@@ -50,6 +61,7 @@ pub struct BlockingKillEvents<'a> {
 
 /// Yields each event as it comes (blocking) and ends when the broker ends
 /// the stream (it is shutting down).
+#[cfg(feature = "grpc")]
 impl Iterator for BlockingKillEvents<'_> {
     type Item = Result<KillEvent, Error>;
 
@@ -58,6 +70,7 @@ impl Iterator for BlockingKillEvents<'_> {
     }
 }
 
+#[cfg(feature = "grpc")]
 impl crate::blocking::Client {
     /// As [`crate::Client::watch_kills`].
     pub fn watch_kills(&mut self) -> Result<BlockingKillEvents<'_>, Error> {

@@ -6,10 +6,13 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "grpc")]
 use reapd_proto::v1 as pb;
+#[cfg(feature = "varlink")]
 use serde_json::{json, Map, Value};
 
-use crate::{is_transport_failure, Error, KillReport, Target};
+#[cfg(feature = "grpc")]
+use crate::{is_transport_failure, within, Error, KillReport, Target};
 
 /// How a kill is paced; the default is SIGKILL and reap at once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,21 +43,32 @@ pub use reapd_proto::model::{Candidate, Candidates, CgroupCandidate, GroupReport
 /// Which page of which ranking.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CandidatesQuery {
+    /// The ranking.
     pub sort_by: SortKey,
-    /// 1..=1000; 0 means 100.
+    /// Entries per page, 1..=1000; 0 means 100.
     pub limit: u32,
+    /// Entries to skip: 0, or the previous page's `next_offset`.
     pub offset: u32,
 }
 
+/// Milliseconds for the wire, saturating at `u32::MAX`.
 fn ms(d: Option<Duration>) -> Option<u32> {
     d.map(|d| d.as_millis().min(u32::MAX as u128) as u32)
 }
 
+#[cfg(feature = "grpc")]
 impl crate::Client {
     /// Kills `target` paced by `options`; otherwise as
     /// [`crate::Client::kill_and_reap`] (one transparent retry after a lost
     /// connection, pinned to the start time read before the first try).
+    /// Bounded by the client's timeout plus the waits `options` ask for (see
+    /// the crate docs, "Timeouts").
     pub async fn kill_and_reap_with(&mut self, target: Target, options: KillOptions) -> Result<KillReport, Error> {
+        let limit = crate::kill_timeout(self.timeout, &options);
+        within(limit, self.kill_and_reap_unbounded(target, options)).await
+    }
+
+    async fn kill_and_reap_unbounded(&mut self, target: Target, options: KillOptions) -> Result<KillReport, Error> {
         let request = |target: Target| pb::KillAndReapRequest {
             target: Some(target.into()),
             wait_for_exit_ms: ms(options.wait_for_exit),
@@ -83,8 +97,22 @@ impl crate::Client {
     /// Kills every process of `group` and reaps them, all or nothing
     /// (PERMISSION_DENIED names the member that may not be killed).
     /// `reap_delay`: as in [`KillOptions`]. Not retried after a lost
-    /// connection: the caller re-lists and decides again.
+    /// connection: the caller re-lists and decides again. Bounded by the
+    /// client's timeout plus the reap delay (see the crate docs).
     pub async fn kill_cgroup(&mut self, group: Group, reap_delay: Option<Duration>) -> Result<GroupReport, Error> {
+        let options = KillOptions {
+            reap_delay,
+            ..KillOptions::default()
+        };
+        let limit = crate::kill_timeout(self.timeout, &options);
+        within(limit, self.kill_cgroup_unbounded(group, reap_delay)).await
+    }
+
+    async fn kill_cgroup_unbounded(
+        &mut self,
+        group: Group,
+        reap_delay: Option<Duration>,
+    ) -> Result<GroupReport, Error> {
         let request = pb::KillCgroupRequest {
             group: Some(match group {
                 Group::Cgroup(path) => pb::kill_cgroup_request::Group::Cgroup(path),
@@ -96,7 +124,13 @@ impl crate::Client {
     }
 
     /// The processes and cgroups the caller may kill now, one page.
+    /// Errors: [`Error::InvalidArgument`] (a limit above 1000),
+    /// [`Error::Timeout`], [`Error::Transport`].
     pub async fn list_candidates(&mut self, query: CandidatesQuery) -> Result<Candidates, Error> {
+        within(self.timeout, self.list_candidates_unbounded(query)).await
+    }
+
+    async fn list_candidates_unbounded(&mut self, query: CandidatesQuery) -> Result<Candidates, Error> {
         let request = pb::ListCandidatesRequest {
             sort_by: query.sort_by.into(),
             limit: query.limit,
@@ -114,6 +148,7 @@ impl crate::Client {
     }
 }
 
+#[cfg(feature = "grpc")]
 impl crate::blocking::Client {
     /// As [`crate::Client::kill_and_reap_with`].
     pub fn kill_and_reap_with(&mut self, target: Target, options: KillOptions) -> Result<KillReport, Error> {
@@ -136,6 +171,7 @@ impl crate::blocking::Client {
 
 // ---- varlink ----
 
+#[cfg(feature = "varlink")]
 impl crate::varlink::Client {
     /// As [`crate::Client::kill_cgroup`], over varlink.
     pub fn kill_cgroup(
@@ -151,7 +187,12 @@ impl crate::varlink::Client {
         if let Some(ms) = ms(reap_delay) {
             params.insert("reapDelayMs".into(), json!(ms));
         }
-        let reply = self.call("io.reapd.Reaper.KillCgroup", Value::Object(params), &[])?;
+        let options = KillOptions {
+            reap_delay,
+            ..KillOptions::default()
+        };
+        let limit = crate::kill_timeout(self.timeout(), &options);
+        let reply = self.call_within(limit, "io.reapd.Reaper.KillCgroup", Value::Object(params), &[])?;
         crate::varlink::decode(reply)
     }
 

@@ -12,17 +12,22 @@
 //! println!("{}", report.outcome);
 //! # Ok(()) }
 //! ```
+//!
+//! Calls are bounded as the gRPC client's are (the crate docs, "Timeouts"):
+//! each read and write of a call waits at most what is left of the call's
+//! bound. A connection whose call timed out is not used again (its late
+//! reply would answer the next call): the next call reconnects.
 
 use std::io::{IoSlice, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde_json::{json, Map, Value};
 
-use crate::{Capabilities, KillReport, Permission, Target};
+use crate::{Capabilities, KillReport, Permission, Target, DEFAULT_TIMEOUT};
 
 /// The broker's default varlink socket.
 pub const DEFAULT_SOCKET: &str = "/run/reapd/io.reapd.Reaper";
@@ -31,22 +36,62 @@ pub const DEFAULT_SOCKET: &str = "/run/reapd/io.reapd.Reaper";
 /// members; most replies are a few hundred bytes).
 const MAX_REPLY_BYTES: usize = 8 << 20;
 
+/// What a varlink call can fail with, the broker's answer kept as sent
+/// (`Reply`); `From<Error> for crate::Error` gives the transport-independent
+/// form. New variants may come: match with a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The socket at `path` could not be connected to (no broker there, or
+    /// no permission on the socket).
     #[error("cannot reach the broker at {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        /// The socket tried.
+        path: PathBuf,
+        /// What `connect(2)` failed with.
+        source: std::io::Error,
+    },
+    /// The connection failed during the call (closed, reset).
     #[error("varlink connection failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The broker sent something that is not a varlink reply (or one above
+    /// 8 MiB).
     #[error("unexpected reply from the broker: {0}")]
     Protocol(String),
-    /// The broker answered with a varlink error.
+    /// The broker answered with a varlink error: its name (e.g.
+    /// `io.reapd.Reaper.PermissionDenied`) and parameters.
     #[error("{name}: {parameters}")]
-    Reply { name: String, parameters: Value },
+    Reply {
+        /// The error's fully qualified name.
+        name: String,
+        /// The error's parameters, as sent.
+        parameters: Value,
+    },
     /// The client could not name the target (`--pidfd-of`).
     #[error("cannot open a pidfd for pid {pid}: {source}")]
-    Pidfd { pid: i32, source: std::io::Error },
+    Pidfd {
+        /// The process asked for.
+        pid: i32,
+        /// Why its pidfd could not be opened (ESRCH: no such process).
+        source: std::io::Error,
+    },
+    /// The process a pidfd pins did not start at the expected time.
     #[error("pid {pid} started at {actual}, not {expected}")]
-    StartTimeMismatch { pid: i32, expected: u64, actual: u64 },
+    StartTimeMismatch {
+        /// The process asked for.
+        pid: i32,
+        /// The start time given (clock ticks since boot).
+        expected: u64,
+        /// Its start time (clock ticks since boot).
+        actual: u64,
+    },
+    /// No answer within the call's bound (`after`); the broker may still
+    /// carry the call out.
+    #[error("no answer from the broker within {after:?}")]
+    Timeout {
+        /// The bound that ran out.
+        after: Duration,
+    },
 }
 
 impl Error {
@@ -71,6 +116,7 @@ impl From<Error> for crate::Error {
                 Some(api) => api.into(),
                 None => crate::Error::Unsupported(format!("{name}: {parameters}")),
             },
+            Error::Timeout { after } => crate::Error::Timeout { after },
             Error::StartTimeMismatch { .. } => crate::Error::ProcessChanged(err.to_string()),
             Error::Pidfd { ref source, .. } if source.raw_os_error() == Some(libc_esrch()) => {
                 crate::Error::NotFound(err.to_string())
@@ -94,6 +140,7 @@ fn libc_esrch() -> i32 {
 /// How a varlink call names its target.
 #[derive(Debug)]
 pub enum VarlinkTarget {
+    /// A pid, optionally guarded by its start time.
     Pid(Target),
     /// A pidfd, passed with the call.
     Pidfd(OwnedFd),
@@ -139,13 +186,37 @@ pub fn pidfd_of(pid: i32, expected_start: Option<u64>) -> Result<OwnedFd, Error>
 /// call notices before sending (the socket shows the broker's hang-up) or
 /// when its send fails, reconnects and sends it once more. A call whose
 /// reply never came after it was sent is retried only if it has no side
-/// effect (not `KillAndReap`).
+/// effect (not `KillAndReap`). Every call is bounded by [`Client::timeout`].
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
     buffer: Vec<u8>,
     path: PathBuf,
     reconnects: u64,
+    timeout: Option<Duration>,
+    /// A call on this connection timed out: its reply may still come, so
+    /// the connection must not carry another call.
+    stale: bool,
+}
+
+/// When a call must be done by: its bound and the instant it runs out.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    after: Duration,
+    at: Instant,
+}
+
+impl Deadline {
+    /// From now, for a call bounded by `limit` (`None`: unbounded, or so far
+    /// away that `Instant` cannot hold it).
+    fn start(limit: Option<Duration>) -> Option<Deadline> {
+        limit.and_then(|after| {
+            Some(Deadline {
+                after,
+                at: Instant::now().checked_add(after)?,
+            })
+        })
+    }
 }
 
 /// One metric value.
@@ -153,6 +224,7 @@ pub struct Client {
 pub struct Metric {
     /// E.g. `io.reapd.kills_total`.
     pub name: String,
+    /// Its value (a count, or seconds for latencies).
     pub value: f64,
     /// What tells it from others of its family (e.g. `outcome`, `le`).
     pub fields: Vec<(String, String)>,
@@ -185,7 +257,7 @@ impl Iterator for KillEvents {
     type Item = Result<crate::events::KillEvent, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let reply = match self.client.receive() {
+        let reply = match self.client.receive(None) {
             Ok(reply) => reply,
             Err(err) if is_disconnect(&err) => return None,
             Err(err) => return Some(Err(err)),
@@ -222,7 +294,16 @@ fn is_disconnect(err: &Error) -> bool {
 }
 
 impl Client {
+    /// Connects to the broker's varlink socket at `path` (usually
+    /// [`DEFAULT_SOCKET`]), with calls bounded by [`DEFAULT_TIMEOUT`].
+    /// Errors: [`Error::Connect`].
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::connect_with_timeout(path, Some(DEFAULT_TIMEOUT))
+    }
+
+    /// As [`Client::connect`], with `timeout` bounding every call (`None`:
+    /// unbounded).
+    pub fn connect_with_timeout(path: impl AsRef<Path>, timeout: Option<Duration>) -> Result<Self, Error> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|source| Error::Connect {
             path: path.to_path_buf(),
@@ -233,7 +314,21 @@ impl Client {
             buffer: Vec::new(),
             path: path.to_path_buf(),
             reconnects: 0,
+            timeout,
+            stale: false,
         })
+    }
+
+    /// The same client with calls bounded by `timeout` from now on (`None`:
+    /// unbounded); a kill gets its waits on top (see the crate docs).
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The bound on each call ([`DEFAULT_TIMEOUT`] unless set).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// How many times this client reconnected after a lost connection.
@@ -247,8 +342,19 @@ impl Client {
             source,
         })?;
         self.buffer.clear();
+        self.stale = false;
         self.reconnects += 1;
         Ok(())
+    }
+
+    /// Before a call: a new connection if the broker hung up on this one or
+    /// a timed-out call left it stale. Whether it reconnected.
+    fn ready_connection(&mut self) -> Result<bool, Error> {
+        if self.stale || self.broker_hung_up() {
+            self.reconnect()?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// The broker hung up on this connection (nothing is in flight between
@@ -262,33 +368,43 @@ impl Client {
         matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
     }
 
-    /// Makes one call, passing `fds` with it, and returns the reply's
-    /// parameters (or the broker's error).
+    /// Makes one call (`method`, e.g. `io.reapd.Reaper.GetCapabilities`),
+    /// passing `fds` with it, and returns the reply's parameters, or the
+    /// broker's error as [`Error::Reply`]; [`Error::Timeout`] after
+    /// [`Client::timeout`].
     pub fn call(&mut self, method: &str, parameters: Value, fds: &[&OwnedFd]) -> Result<Value, Error> {
+        self.call_within(self.timeout, method, parameters, fds)
+    }
+
+    /// As [`Client::call`], bounded by `limit`.
+    pub(crate) fn call_within(
+        &mut self,
+        limit: Option<Duration>,
+        method: &str,
+        parameters: Value,
+        fds: &[&OwnedFd],
+    ) -> Result<Value, Error> {
+        let deadline = Deadline::start(limit);
         let mut message = serde_json::to_vec(&json!({ "method": method, "parameters": parameters }))
             .expect("a serde_json::Value always serializes");
         message.push(0);
-        let mut retried = false;
-        if self.broker_hung_up() {
-            self.reconnect()?;
-            retried = true;
-        }
-        let reply = match self.send(&message, fds) {
+        let mut retried = self.ready_connection()?;
+        let reply = match self.send(&message, fds, deadline) {
             Err(err) if !retried && is_disconnect(&err) => {
                 // Not delivered: safe to send again, whatever the method.
                 self.reconnect()?;
                 retried = true;
-                self.send(&message, fds)?;
-                self.receive()
+                self.send(&message, fds, deadline)?;
+                self.receive(deadline)
             }
             Err(err) => return Err(err),
-            Ok(()) => self.receive(),
+            Ok(()) => self.receive(deadline),
         };
         let reply = match reply {
             Err(err) if !retried && is_disconnect(&err) && method != "io.reapd.Reaper.KillAndReap" => {
                 self.reconnect()?;
-                self.send(&message, fds)?;
-                self.receive()?
+                self.send(&message, fds, deadline)?;
+                self.receive(deadline)?
             }
             other => other?,
         };
@@ -297,18 +413,17 @@ impl Client {
 
     /// Makes one call with `more` and returns every reply's parameters, up
     /// to the one without `continues` (for methods that end, such as
-    /// `io.systemd.Metrics.List`).
+    /// `io.systemd.Metrics.List`); all of them within [`Client::timeout`].
     pub fn call_more(&mut self, method: &str, parameters: Value) -> Result<Vec<Value>, Error> {
+        let deadline = Deadline::start(self.timeout);
         let mut message = serde_json::to_vec(&json!({ "method": method, "parameters": parameters, "more": true }))
             .expect("a serde_json::Value always serializes");
         message.push(0);
-        if self.broker_hung_up() {
-            self.reconnect()?;
-        }
-        self.send(&message, &[])?;
+        self.ready_connection()?;
+        self.send(&message, &[], deadline)?;
         let mut replies = Vec::new();
         loop {
-            let reply = self.receive()?;
+            let reply = self.receive(deadline)?;
             let continues = reply.get("continues").and_then(Value::as_bool) == Some(true);
             replies.push(reply_parameters(reply)?);
             if !continues {
@@ -353,26 +468,58 @@ impl Client {
     /// Subscribes to kill events (see [`crate::events`]), giving this
     /// connection to the stream: returns once the broker says the
     /// subscription exists (its `ready` reply), so every kill that completes
-    /// afterwards and that the caller may see is delivered.
+    /// afterwards and that the caller may see is delivered. Bounded by
+    /// [`Client::timeout`] until then; events may be any time apart.
     pub fn watch_kills(mut self) -> Result<KillEvents, Error> {
+        let deadline = Deadline::start(self.timeout);
         let mut message = serde_json::to_vec(&json!({ "method": "io.reapd.Reaper.WatchKills", "more": true }))
             .expect("a serde_json::Value always serializes");
         message.push(0);
-        if self.broker_hung_up() {
-            self.reconnect()?;
-        }
-        self.send(&message, &[])?;
-        let first = reply_parameters(self.receive()?)?;
+        self.ready_connection()?;
+        self.send(&message, &[], deadline)?;
+        let first = reply_parameters(self.receive(deadline)?)?;
         if first.get("ready").and_then(Value::as_bool) != Some(true) {
             return Err(Error::Protocol(format!("expected the ready reply, got {first}")));
         }
         Ok(KillEvents { client: self })
     }
 
-    fn send(&mut self, message: &[u8], fds: &[&OwnedFd]) -> Result<(), Error> {
+    /// Bounds the next read (or, `write`, the next write) by what is left
+    /// until `deadline` (SO_RCVTIMEO, SO_SNDTIMEO; `None`: block). Once it
+    /// has passed, the call is over: [`Error::Timeout`], and the connection
+    /// is stale.
+    fn arm(&mut self, deadline: Option<Deadline>, write: bool) -> Result<(), Error> {
+        let left = match deadline {
+            None => None,
+            Some(d) => match d
+                .at
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+            {
+                Some(left) => Some(left),
+                None => return Err(self.timed_out(d)),
+            },
+        };
+        if write {
+            self.stream.set_write_timeout(left)?;
+        } else {
+            self.stream.set_read_timeout(left)?;
+        }
+        Ok(())
+    }
+
+    /// The call ran out of time: the connection may still get its reply, so
+    /// the next call takes a new one.
+    fn timed_out(&mut self, deadline: Deadline) -> Error {
+        self.stale = true;
+        Error::Timeout { after: deadline.after }
+    }
+
+    fn send(&mut self, message: &[u8], fds: &[&OwnedFd], deadline: Option<Deadline>) -> Result<(), Error> {
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         let mut sent = 0;
         while sent < message.len() {
+            self.arm(deadline, true)?;
             let mut space = vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(borrowed.len()))];
             let mut control = SendAncillaryBuffer::new(&mut space);
             // The fds ride with the first byte of the call, as the broker
@@ -388,13 +535,16 @@ impl Client {
             ) {
                 Ok(n) => sent += n,
                 Err(rustix::io::Errno::INTR) => continue,
+                // SO_SNDTIMEO ran out; `arm` tells whether the deadline did.
+                Err(rustix::io::Errno::AGAIN) if deadline.is_some() => continue,
                 Err(err) => return Err(Error::Io(err.into())),
             }
         }
         Ok(())
     }
 
-    fn receive(&mut self) -> Result<Value, Error> {
+    /// The next reply, read by `deadline` (`None`: however long it takes).
+    fn receive(&mut self, deadline: Option<Deadline>) -> Result<Value, Error> {
         loop {
             if let Some(end) = self.buffer.iter().position(|&b| b == 0) {
                 let message: Vec<u8> = self.buffer.drain(..=end).collect();
@@ -404,7 +554,21 @@ impl Client {
                 return Err(Error::Protocol("reply too large".into()));
             }
             let mut chunk = [0u8; 8192];
-            let n = self.stream.read(&mut chunk)?;
+            self.arm(deadline, false)?;
+            let n = match self.stream.read(&mut chunk) {
+                Ok(n) => n,
+                // SO_RCVTIMEO ran out (or a signal): `arm` tells whether the
+                // deadline did.
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(err) => return Err(err.into()),
+            };
             if n == 0 {
                 return Err(Error::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -417,6 +581,7 @@ impl Client {
 
     fn target_call(
         &mut self,
+        limit: Option<Duration>,
         method: &str,
         target: &VarlinkTarget,
         mut extra: Map<String, Value>,
@@ -427,15 +592,19 @@ impl Client {
                 if let Some(start) = t.start_time {
                     extra.insert("startTime".into(), json!(start));
                 }
-                self.call(method, Value::Object(extra), &[])
+                self.call_within(limit, method, Value::Object(extra), &[])
             }
             VarlinkTarget::Pidfd(fd) => {
                 extra.insert("pidfd".into(), json!(0));
-                self.call(method, Value::Object(extra), &[fd])
+                self.call_within(limit, method, Value::Object(extra), &[fd])
             }
         }
     }
 
+    /// As [`crate::Client::kill_and_reap`], naming the target by pid or by
+    /// a pidfd passed with the call. Not retried once sent. Errors: the
+    /// broker's as [`Error::Reply`], [`Error::Timeout`] (the kill may have
+    /// happened), [`Error::Io`].
     pub fn kill_and_reap(
         &mut self,
         target: VarlinkTarget,
@@ -448,7 +617,8 @@ impl Client {
         self.kill_and_reap_with(target, options)
     }
 
-    /// Kills `target` paced by `options` (SIGTERM grace, reap delay).
+    /// Kills `target` paced by `options` (SIGTERM grace, reap delay),
+    /// bounded by [`Client::timeout`] plus those waits (see the crate docs).
     pub fn kill_and_reap_with(
         &mut self,
         target: VarlinkTarget,
@@ -465,13 +635,18 @@ impl Client {
                 extra.insert(name.into(), ms(value));
             }
         }
-        decode(self.target_call("io.reapd.Reaper.KillAndReap", &target, extra)?)
+        let limit = crate::kill_timeout(self.timeout, &options);
+        decode(self.target_call(limit, "io.reapd.Reaper.KillAndReap", &target, extra)?)
     }
 
+    /// As [`crate::Client::check_permission`], naming the target by pid or
+    /// by a pidfd passed with the call.
     pub fn check_permission(&mut self, target: VarlinkTarget) -> Result<Permission, Error> {
-        decode(self.target_call("io.reapd.Reaper.CheckPermission", &target, Map::new())?)
+        let limit = self.timeout;
+        decode(self.target_call(limit, "io.reapd.Reaper.CheckPermission", &target, Map::new())?)
     }
 
+    /// As [`crate::Client::capabilities`].
     pub fn capabilities(&mut self) -> Result<Capabilities, Error> {
         decode(self.call("io.reapd.Reaper.GetCapabilities", json!({}), &[])?)
     }

@@ -199,9 +199,9 @@ pass "selftest: static mrelease_test, mrelease_race, mrelease_bench, exec_race, 
 if [[ -n ${REAPD_BIN_DIR:-} ]]; then
 	RB=$REAPD_BIN_DIR
 else
-	log "building the broker (cargo build --release -p reapd -p reapd-client)"
+	log "building the broker (cargo build --release -p reapd -p reapctl)"
 	export PATH=$HOME/.cargo/bin:$PATH
-	if ! (cd "$REPO" && nice -n 10 cargo build --release -q -p reapd -p reapd-client) >"$CACHE/cargo.log" 2>&1; then
+	if ! (cd "$REPO" && nice -n 10 cargo build --release -q -p reapd -p reapctl) >"$CACHE/cargo.log" 2>&1; then
 		tail -20 "$CACHE/cargo.log"
 		die "broker: cargo build --release failed"
 	fi

@@ -38,6 +38,10 @@ const EXIT_STATUS: Section = Section {
             "The process changed: its start time is not --start-time (the pid was reused).",
         ),
         Block::Item("8", "Rate limited."),
+        Block::Item(
+            "9",
+            "No answer within --timeout (the broker may still have acted: a kill may have happened).",
+        ),
         Block::Item("10", "Any other broker error."),
     ],
 };
@@ -74,6 +78,10 @@ struct Args {
     /// Print results as JSON on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up on a call after SECONDS (0: wait however long it takes); a
+    /// kill also waits for its --grace, --reap-delay and --wait.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 30)]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -194,6 +202,7 @@ fn exit_code_of(err: &Error) -> u8 {
         Error::PermissionDenied(_) => 6,
         Error::ProcessChanged(_) => 7,
         Error::RateLimited { .. } => 8,
+        Error::Timeout { .. } => 9,
         // Unsupported, Transport, Internal, and what later versions add.
         _ => 10,
     }
@@ -207,6 +216,7 @@ fn error_kind(err: &Error) -> &'static str {
         Error::PermissionDenied(_) => "permission_denied",
         Error::ProcessChanged(_) => "process_changed",
         Error::RateLimited { .. } => "rate_limited",
+        Error::Timeout { .. } => "timeout",
         _ => "other",
     }
 }
@@ -291,16 +301,17 @@ impl Backend {
 }
 
 fn run(args: Args) -> Result<u8, Error> {
+    let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     if let Command::Stats { prometheus } = args.command {
         let socket = match (&args.socket, args.varlink) {
             (Some(socket), true) => socket.clone(),
             _ => PathBuf::from(varlink::DEFAULT_SOCKET),
         };
-        return stats(&socket, prometheus, args.json);
+        return stats(&socket, timeout, prometheus, args.json);
     }
     let mut client = if args.varlink {
         let socket = args.socket.as_deref().unwrap_or(Path::new(varlink::DEFAULT_SOCKET));
-        match varlink::Client::connect(socket) {
+        match varlink::Client::connect_with_timeout(socket, timeout) {
             Ok(client) => Backend::Varlink(client),
             Err(err) => {
                 report_error(args.json, "connect", &err.to_string());
@@ -312,8 +323,9 @@ fn run(args: Args) -> Result<u8, Error> {
             eprintln!("reapctl: --pidfd-of needs --varlink: a pidfd can be passed over varlink only");
             return Ok(2);
         }
-        Backend::Grpc(Box::new(Client::connect(
+        Backend::Grpc(Box::new(Client::connect_with_timeout(
             args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET)),
+            timeout,
         )?))
     };
     if let Command::Watch { count } = args.command {
@@ -509,8 +521,8 @@ fn run(args: Args) -> Result<u8, Error> {
 }
 
 /// `reapctl stats`: the broker's metrics as a table, JSON or Prometheus text.
-fn stats(socket: &Path, prometheus: bool, json: bool) -> Result<u8, Error> {
-    let mut client = match varlink::Client::connect(socket) {
+fn stats(socket: &Path, timeout: Option<Duration>, prometheus: bool, json: bool) -> Result<u8, Error> {
+    let mut client = match varlink::Client::connect_with_timeout(socket, timeout) {
         Ok(client) => client,
         Err(err) => {
             report_error(json, "connect", &err.to_string());
