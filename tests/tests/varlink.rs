@@ -698,7 +698,12 @@ fn varlink_shares_the_connection_caps_and_idle_timeout_with_grpc() {
     };
     // The readiness probes' connections are uncounted: only the reader's.
     open_is(1.0, "the probes' slots");
-    let open = |path: &PathBuf| (UnixStream::connect(path).unwrap(), Instant::now());
+    // The instant is taken before connect(): the broker may accept (and
+    // start the idle timer) before connect() has returned here.
+    let open = |path: &PathBuf| {
+        let connected = Instant::now();
+        (UnixStream::connect(path).unwrap(), connected)
+    };
     // Two gRPC and two varlink connections fill this uid's four slots.
     let mut held = vec![
         open(&broker.grpc),
