@@ -488,19 +488,7 @@ pub fn kernel_allows_kill_each(creds: Creds, pids: &[i32]) -> Vec<bool> {
         }
     }
     unsafe { libc::close(answers_w) };
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        // SAFETY: reading into a live local buffer.
-        let n = unsafe { libc::read(answers_r, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n as usize]);
-    }
-    unsafe { libc::close(answers_r) };
-    let mut status = 0;
-    unsafe { libc::waitpid(child, &mut status, 0) };
+    let (got, status) = collect_child(answers_r, child);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "oracle child for {creds:?} failed: {status:#x}"
@@ -720,19 +708,29 @@ pub fn varlink_call_as(creds: Creds, socket: &Path, message: &str, fds: &[std::o
         }
     }
     unsafe { libc::close(reply_w) };
-    let mut reply = Vec::new();
+    let (reply, _) = collect_child(reply_r, child);
+    serde_json::from_slice(&reply).unwrap_or(Value::Null)
+}
+
+/// Reads what forked `child` writes to the pipe `read_end` until it closes
+/// (closing our end then), and waits for the child: its bytes and its wait
+/// status.
+fn collect_child(read_end: i32, child: i32) -> (Vec<u8>, i32) {
+    let mut bytes = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = unsafe { libc::read(reply_r, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: reading into a live local buffer.
+        let n = unsafe { libc::read(read_end, buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
             break;
         }
-        reply.extend_from_slice(&buf[..n as usize]);
+        bytes.extend_from_slice(&buf[..n as usize]);
     }
-    unsafe { libc::close(reply_r) };
+    // SAFETY: our pipe end and our own child.
+    unsafe { libc::close(read_end) };
     let mut status = 0;
     unsafe { libc::waitpid(child, &mut status, 0) };
-    serde_json::from_slice(&reply).unwrap_or(Value::Null)
+    (bytes, status)
 }
 
 /// Records a skipped precondition: printed, and appended to the file named

@@ -622,9 +622,11 @@ mod tests {
         const U: u32 = 1000;
         const V: u32 = 1001;
         const W: u32 = 1002;
+        /// (why, caller euid, caller ruid, target ruid, target suid, caller
+        /// root with CAP_KILL, allowed)
+        type Case = (&'static str, u32, Option<u32>, u32, u32, bool, bool);
         #[rustfmt::skip]
-        let cases: &[(&str, u32, Option<u32>, u32, u32, bool, bool)] = &[
-            // (why, caller euid, caller ruid, target ruid, target suid, caller root with CAP_KILL, allowed)
+        let cases: &[Case] = &[
             ("euid == uid: the caller's own process",               U, Some(U), U, U, false, true),
             ("no uid in common",                                    U, Some(U), V, V, false, false),
             ("euid == suid: the target was started by U, setuid V", U, Some(U), V, U, false, true),
