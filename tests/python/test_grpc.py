@@ -8,6 +8,7 @@ grpcio needs `grpc.default_authority` for a Unix-socket target.
 import importlib
 import signal
 import sys
+import time
 
 import grpc
 import pytest
@@ -157,12 +158,17 @@ def test_rate_limited_carries_the_retry_after_ms_trailer(tmp_path, pb):
     try:
         with channel(b) as ch:
             stub = services.ReaperStub(ch)
+            # The bucket is made (full) at the first kill, no earlier.
+            first_kill = time.monotonic()
             stub.KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=victims[0].pid)), timeout=10)
             with pytest.raises(grpc.RpcError) as err:
                 stub.KillAndReap(messages.KillAndReapRequest(target=messages.Target(pid=victims[1].pid)), timeout=10)
+            elapsed_ms = (time.monotonic() - first_kill) * 1000
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         trailers = dict(err.value.trailing_metadata())
-        assert 5000 < int(trailers["retry-after-ms"]) <= 10000, trailers
+        # 10 s per token, the one token spent: 10 s less the time since.
+        retry = int(trailers["retry-after-ms"])
+        assert 10000 - elapsed_ms - 1 <= retry <= 10000, (trailers, elapsed_ms)
         assert victims[1].proc.poll() is None
     finally:
         for v in victims:

@@ -162,11 +162,17 @@ def test_rate_limited_with_retry_hint(tmp_path):
     sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(3)]
     try:
         with client(b) as c, c.open("io.reapd.Reaper") as reaper:
+            # The bucket is made (full) at the first kill, no earlier.
+            first_kill = time.monotonic()
             for p in sleepers[:2]:
                 assert reaper.KillAndReap(pid=p.pid)["rule"]
             name, params = error_of(lambda: reaper.KillAndReap(pid=sleepers[2].pid))
+            elapsed_ms = (time.monotonic() - first_kill) * 1000
         assert name == "io.reapd.Reaper.RateLimited"
-        assert 0 < params["retryAfterMs"] <= 10000
+        # The time until the next token: 10 s per token, the burst spent,
+        # refilled since the first kill. A constant hint fails this.
+        retry = params["retryAfterMs"]
+        assert 10000 - elapsed_ms - 1 <= retry <= 10000, (retry, elapsed_ms)
         assert params["reason"]
         assert sleepers[2].poll() is None
     finally:

@@ -294,6 +294,29 @@ impl Victim {
     /// As [`Victim::spawn`], and the child names itself `name` with
     /// `prctl(PR_SET_NAME)` (any bytes; the kernel keeps 15).
     pub fn spawn_named(creds: Creds, bytes: usize, name: Option<&'static [u8]>) -> Victim {
+        Victim::spawn_inner(creds, bytes, name, None)
+    }
+
+    /// As [`Victim::spawn`], and the child, once it has taken `creds`,
+    /// connects to the Unix socket at `socket`: the peer a listener there
+    /// accepts is this process, with these credentials (SO_PEERCRED).
+    pub fn spawn_connected(creds: Creds, socket: &Path) -> Victim {
+        Victim::spawn_inner(creds, 0, None, Some(socket))
+    }
+
+    fn spawn_inner(creds: Creds, bytes: usize, name: Option<&'static [u8]>, socket: Option<&Path>) -> Victim {
+        // Built before the fork: the child only copies bytes.
+        let address = socket.map(|path| {
+            let raw = path.as_os_str().as_encoded_bytes();
+            // SAFETY: sockaddr_un is plain old data; all zeroes is valid.
+            let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            assert!(raw.len() < addr.sun_path.len(), "socket path too long");
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (i, b) in raw.iter().enumerate() {
+                addr.sun_path[i] = *b as libc::c_char;
+            }
+            (addr, std::mem::size_of::<libc::sa_family_t>() + raw.len() + 1)
+        });
         let name: Option<[u8; 16]> = name.map(|n| {
             let mut buf = [0u8; 16];
             buf[..n.len().min(15)].copy_from_slice(&n[..n.len().min(15)]);
@@ -317,6 +340,14 @@ impl Victim {
                 }
                 if let Some(name) = &name {
                     libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+                }
+                if let Some((addr, len)) = &address {
+                    let sock = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                    if sock < 0
+                        || libc::connect(sock, (addr as *const libc::sockaddr_un).cast(), *len as libc::socklen_t) != 0
+                    {
+                        libc::_exit(92);
+                    }
                 }
                 if bytes > 0 {
                     let mem = libc::mmap(
@@ -417,6 +448,59 @@ pub fn kernel_allows_kill(creds: Creds, pid: i32) -> bool {
         1 => false,
         other => panic!("oracle child failed to take {creds:?}: {other}"),
     }
+}
+
+/// The kernel's answers for many targets at once: may a process with
+/// `creds` signal each of `pids`? One forked child takes the credentials
+/// and calls kill(pid, 0) for each, in order.
+pub fn kernel_allows_kill_each(creds: Creds, pids: &[i32]) -> Vec<bool> {
+    let (answers_r, answers_w) = pipe();
+    let pids = pids.to_vec();
+    let mut answers = vec![0u8; pids.len()];
+    // SAFETY: the child makes only raw syscalls on memory allocated before
+    // the fork, then _exits.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        unsafe {
+            libc::close(answers_r);
+            if !become_creds(creds) {
+                libc::_exit(2);
+            }
+            for (i, pid) in pids.iter().enumerate() {
+                answers[i] = if libc::syscall(libc::SYS_kill, *pid, 0) == 0 {
+                    b'y'
+                } else if *libc::__errno_location() == libc::EPERM {
+                    b'n'
+                } else {
+                    b'?'
+                };
+            }
+            let mut written = 0;
+            while written < answers.len() {
+                let n = libc::write(answers_w, answers[written..].as_ptr().cast(), answers.len() - written);
+                if n <= 0 {
+                    libc::_exit(3);
+                }
+                written += n as usize;
+            }
+            libc::_exit(0);
+        }
+    }
+    unsafe { libc::close(answers_w) };
+    let (got, status) = collect_child(answers_r, child);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "oracle child for {creds:?} failed: {status:#x}"
+    );
+    assert_eq!(got.len(), answers.len());
+    got.iter()
+        .map(|a| match a {
+            b'y' => true,
+            b'n' => false,
+            _ => panic!("kill(pid, 0) failed other than with EPERM: a target is gone"),
+        })
+        .collect()
 }
 
 pub fn start_time_of(pid: i32) -> Option<u64> {
@@ -624,19 +708,29 @@ pub fn varlink_call_as(creds: Creds, socket: &Path, message: &str, fds: &[std::o
         }
     }
     unsafe { libc::close(reply_w) };
-    let mut reply = Vec::new();
+    let (reply, _) = collect_child(reply_r, child);
+    serde_json::from_slice(&reply).unwrap_or(Value::Null)
+}
+
+/// Reads what forked `child` writes to the pipe `read_end` until it closes
+/// (closing our end then), and waits for the child: its bytes and its wait
+/// status.
+fn collect_child(read_end: i32, child: i32) -> (Vec<u8>, i32) {
+    let mut bytes = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = unsafe { libc::read(reply_r, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: reading into a live local buffer.
+        let n = unsafe { libc::read(read_end, buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
             break;
         }
-        reply.extend_from_slice(&buf[..n as usize]);
+        bytes.extend_from_slice(&buf[..n as usize]);
     }
-    unsafe { libc::close(reply_r) };
+    // SAFETY: our pipe end and our own child.
+    unsafe { libc::close(read_end) };
     let mut status = 0;
     unsafe { libc::waitpid(child, &mut status, 0) };
-    serde_json::from_slice(&reply).unwrap_or(Value::Null)
+    (bytes, status)
 }
 
 /// Records a skipped precondition: printed, and appended to the file named
@@ -649,6 +743,242 @@ pub fn skip(test: &str, reason: &str) {
         use std::io::Write;
         if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
             let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+/// Runs `reapctl --json ARGS` as `creds` (its `args` include the socket
+/// and transport), giving up after `timeout`: `None` if it had not exited by
+/// then (it is killed). For waits on a broker that may never answer (one
+/// that serves a connection at a time), which must fail, not hang.
+pub fn reapctl_within(creds: Creds, args: &[&std::ffi::OsStr], timeout: Duration) -> Option<CtlResult> {
+    let mut command = Command::new(bin("reapctl"));
+    command
+        .arg("--json")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = with_creds(creds, &mut command).spawn().expect("spawn reapctl");
+    // Read the pipes while it runs: a reply larger than a pipe's buffer
+    // must not hold the child up.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for reapctl") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    status.map(|status| CtlResult::from(Output { status, stdout, stderr }))
+}
+
+/// The broker's metrics (`reapctl --varlink stats`, `io.systemd.Metrics`)
+/// as `creds` reads them (root, or a uid a `watch` rule names), or `None`
+/// if the broker did not answer within `timeout`.
+pub fn metrics_within(broker: &Broker, creds: Creds, timeout: Duration) -> Option<Vec<Value>> {
+    let socket = varlink_socket(broker);
+    let args: [&std::ffi::OsStr; 4] = [
+        "--varlink".as_ref(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "stats".as_ref(),
+    ];
+    let r = reapctl_within(creds, &args, timeout)?;
+    assert_eq!(r.code, 0, "reapctl stats as {creds:?}: {r:?}");
+    Some(serde_json::from_value(r.json.clone()).unwrap_or_else(|_| panic!("stats are not a JSON list: {r:?}")))
+}
+
+/// The value of metric `name` (without the `io.reapd.` prefix) summed over
+/// its entries whose fields include all of `fields`.
+pub fn metric(metrics: &[Value], name: &str, fields: &[(&str, &str)]) -> f64 {
+    metrics
+        .iter()
+        .filter(|m| m["name"] == format!("io.reapd.{name}"))
+        .filter(|m| {
+            let have: Vec<(String, String)> = serde_json::from_value(m["fields"].clone()).unwrap_or_default();
+            fields
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        })
+        .map(|m| m["value"].as_f64().unwrap())
+        .sum()
+}
+
+/// Polls the broker's metrics as `creds` until `ready` holds of them, and
+/// returns them; panics after `timeout` (naming `what`), or when the broker
+/// stops answering metrics calls within it.
+pub fn wait_for_metrics(
+    broker: &Broker,
+    creds: Creds,
+    what: &str,
+    timeout: Duration,
+    ready: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let metrics = metrics_within(broker, creds, left.max(Duration::from_millis(100))).unwrap_or_else(|| {
+            panic!("waiting for {what}: the broker did not answer a metrics call within {timeout:?}")
+        });
+        if ready(&metrics) {
+            return metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {what}: not within {timeout:?}; last metrics: {:?}",
+            metrics
+                .iter()
+                .filter(|m| m["fields"].as_array().is_none_or(|f| f.is_empty()))
+                .map(|m| format!("{}={}", m["name"], m["value"]))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The policy rule that lets `uid` read the broker's metrics (a `watch`
+/// grant) without being root: its own connections then do not count
+/// against root's per-uid connection cap while it watches root's.
+pub fn watch_rule(uid: u32) -> String {
+    format!("[[rule]]\nname = \"metrics-reader\"\nactions = [\"watch\"]\ncaller.uids = [{uid}]\ntarget.any = true\n")
+}
+
+/// Lines of `log` that contain every one of `needles`.
+pub fn count_lines(log: &str, needles: &[&str]) -> usize {
+    log.lines().filter(|l| needles.iter().all(|n| l.contains(n))).count()
+}
+
+/// How a connection the test holds ended.
+#[derive(Debug)]
+pub enum Closed {
+    /// The broker closed it: EOF after `bytes` bytes, `after` its connect.
+    Eof { bytes: usize, after: Duration },
+    /// Still open when the read gave up (a read timeout is not a close).
+    Open(std::io::Error),
+}
+
+/// Reads `stream` until EOF or until `deadline` (measured from `connected`).
+pub fn how_closed(stream: &mut std::os::unix::net::UnixStream, connected: Instant, deadline: Duration) -> Closed {
+    let mut bytes = 0;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_sub(connected.elapsed());
+        if left.is_zero() {
+            return Closed::Open(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match std::io::Read::read(stream, &mut buf) {
+            Ok(0) => {
+                return Closed::Eof {
+                    bytes,
+                    after: connected.elapsed(),
+                }
+            }
+            Ok(n) => bytes += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Closed::Open(err),
+        }
+    }
+}
+
+/// Polls `ready` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// A cgroup v1 freezer hierarchy: the one mounted, or one we mount. A
+/// SIGKILLed task in it stays (unlike in the cgroup2 freezer) until thawed,
+/// so it cannot win the race to exit_mm(), and a kill's wait for its exit
+/// lasts as long as the test wants. Declare it after the victims it
+/// freezes: it is then dropped (thawed) first, and a failing test cannot
+/// leave a victim frozen forever.
+pub struct Freezer {
+    dir: PathBuf,
+    mounted: Option<tempfile::TempDir>,
+}
+
+impl Freezer {
+    pub fn new(name: &str) -> Freezer {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let existing = mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            let opts = r.nth(1)?;
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"))
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        });
+        let (root, mounted) = match existing {
+            Some(root) => (root, None),
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                let status = Command::new("mount")
+                    .args(["-t", "cgroup", "-o", "freezer", "reapd-freezer"])
+                    .arg(tmp.path())
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "cannot mount a v1 freezer");
+                (tmp.path().to_path_buf(), Some(tmp))
+            }
+        };
+        let dir = root.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        Freezer { dir, mounted }
+    }
+
+    /// Moves `pid` in and waits until the cgroup reports FROZEN.
+    pub fn freeze(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(self.dir.join("freezer.state"), "FROZEN").unwrap();
+        for _ in 0..500 {
+            if std::fs::read_to_string(self.dir.join("freezer.state")).unwrap().trim() == "FROZEN" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("freezer did not freeze");
+    }
+
+    pub fn thaw(&self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        self.thaw();
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(tmp) = &self.mounted {
+            let _ = Command::new("umount").arg(tmp.path()).status();
         }
     }
 }

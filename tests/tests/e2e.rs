@@ -4,9 +4,9 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use reapd_e2e::{kernel_allows_kill, probe, wait_for_log, Broker, Creds, Victim};
+use reapd_e2e::{kernel_allows_kill, probe, wait_for_log, Broker, Creds, Freezer, Victim};
 
 const A: u32 = 61001;
 const B: u32 = 61002;
@@ -283,23 +283,114 @@ fn garbage_http1_and_bad_frames_cost_nothing() {
 
 #[test]
 fn idle_connections_are_capped_and_timed_out() {
-    let mut broker = Broker::start_with(&["--max-connections-per-uid", "100", "--idle-timeout-secs", "2"], &[]);
-    // Hundreds of idle connections from root: beyond 100 they are closed at
-    // once, the rest time out; callers of other uids are served meanwhile.
-    let idle: Vec<UnixStream> = (0..300).map(|_| UnixStream::connect(&broker.grpc).unwrap()).collect();
+    const CAP: usize = 100;
+    const FLOOD: usize = 300;
+    // Long enough to fill the CAP slots one by one on a loaded machine
+    // before the first idle timer fires.
+    const IDLE: Duration = Duration::from_secs(4);
+    // Uid C reads the metrics (a watch grant): its own connection is not
+    // root's, so it never takes one of the slots the flood fills.
+    let policy = reapd_e2e::policy_file(&reapd_e2e::watch_rule(C));
+    let mut broker = Broker::start_with(
+        &[
+            "--policy",
+            policy.path().to_str().unwrap(),
+            "--max-connections-per-uid",
+            &CAP.to_string(),
+            "--idle-timeout-secs",
+            &IDLE.as_secs().to_string(),
+        ],
+        &[],
+    );
+    // The readiness probe (a root connection) must be uncounted first, or it
+    // would take one of root's slots: only the reader's own is open.
+    let open_now = |m: &[reapd_e2e::Value]| reapd_e2e::metric(m, "connections_open", &[]);
+    reapd_e2e::wait_for_metrics(
+        &broker,
+        Creds::uid(C),
+        "the probe's slot",
+        Duration::from_secs(10),
+        |m| open_now(m) == 1.0,
+    );
+    // Root's CAP slots, filled one connection at a time: each is in the
+    // HTTP/2 server's hands once the server has spoken first (its SETTINGS
+    // frame), so none is dropped from a full accept backlog, which would
+    // free its slot for a later one.
+    let mut idle: Vec<(UnixStream, Instant)> = Vec::new();
+    for i in 0..CAP {
+        // Taken before connect(): the broker may accept (and start the
+        // timer) before connect() has returned here.
+        let connected = Instant::now();
+        let mut stream = UnixStream::connect(&broker.grpc).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("connection {i} of {CAP} was closed at once: refused under the cap"),
+            Ok(_) => idle.push((stream, connected)),
+            Err(err) => panic!("connection {i} of {CAP}: the server did not speak first: {err}"),
+        }
+    }
+    // Then a flood from root past the cap, all idle: closed at once by the
+    // per-uid cap (the first CAP hold their slots until their idle timers
+    // fire); callers of other uids are served meanwhile.
+    idle.extend((CAP..FLOOD).map(|_| {
+        let connected = Instant::now();
+        (UnixStream::connect(&broker.grpc).unwrap(), connected)
+    }));
     let r = broker.reapctl(Creds::uid(A), &["caps"]);
     assert_eq!(r.code, 0, "{r:?}");
-    // The 300th connection was refused (closed without a byte).
-    let mut last = &idle[299];
-    last.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 1];
-    assert_eq!(last.read(&mut buf).unwrap_or(0), 0);
-    // The first one is closed by the idle timeout.
-    let mut first = &idle[0];
-    first.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
-    let mut drained = Vec::new();
-    let closed = first.read_to_end(&mut drained).is_ok();
-    assert!(closed, "idle connection was not closed");
+
+    // Connections past the cap: EOF without a byte (the server never had
+    // them), however long the broker takes to get to them on a loaded
+    // machine; a read that times out is a failure, not a close.
+    let mut slowest = Duration::ZERO;
+    for (i, (stream, connected)) in idle.iter_mut().enumerate().skip(CAP) {
+        match reapd_e2e::how_closed(stream, *connected, Duration::from_secs(20)) {
+            reapd_e2e::Closed::Eof { bytes: 0, after } => slowest = slowest.max(after),
+            other => panic!("connection {i} (over the cap of {CAP}) was not refused: {other:?}"),
+        }
+    }
+    eprintln!(
+        "the {} refused connections were closed within {slowest:?} of their connect",
+        FLOOD - CAP
+    );
+    // ... and the broker says why, once for each of them.
+    let refused = |log: &str| {
+        reapd_e2e::count_lines(
+            log,
+            &["connection refused: over the per-uid connection limit", "caller_uid=0"],
+        )
+    };
+    assert!(
+        reapd_e2e::wait_until(Duration::from_secs(5), || refused(&broker.log_text()) >= FLOOD - CAP),
+        "{} refusals logged",
+        refused(&broker.log_text())
+    );
+    assert_eq!(refused(&broker.log_text()), FLOOD - CAP, "{}", broker.log_text());
+
+    // The first CAP are closed by the idle timer: not before IDLE after
+    // their connect (the timer starts at accept, after it), and not much
+    // later.
+    for (i, (stream, connected)) in idle.iter_mut().enumerate().take(CAP) {
+        match reapd_e2e::how_closed(stream, *connected, IDLE + Duration::from_secs(8)) {
+            reapd_e2e::Closed::Eof { after, .. } => assert!(
+                after >= IDLE,
+                "connection {i} closed after {after:?}, before its idle timeout"
+            ),
+            reapd_e2e::Closed::Open(err) => panic!("connection {i} was not closed by its idle timer: {err}"),
+        }
+    }
+    let metrics = reapd_e2e::wait_for_metrics(
+        &broker,
+        Creds::uid(C),
+        "the slots' release",
+        Duration::from_secs(5),
+        |m| open_now(m) == 1.0,
+    );
+    assert_eq!(
+        reapd_e2e::metric(&metrics, "connections_refused_total", &[]),
+        (FLOOD - CAP) as f64
+    );
     drop(idle);
     assert!(broker.alive());
 }
@@ -315,74 +406,15 @@ fn sigterm_exits_cleanly() {
 /// allocations do not show up in another's measurement.
 static MEMORY_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A cgroup v1 freezer hierarchy: the one mounted, or one we mount. The
-/// cgroup2 freezer lets a SIGKILLed task go, so it proves nothing here.
-/// Declare it after the victims it freezes: it is then dropped (thawed)
-/// first, and a failing test cannot leave a victim frozen forever.
-pub struct Freezer {
-    dir: std::path::PathBuf,
-    mounted: Option<tempfile::TempDir>,
-}
-
-impl Freezer {
-    pub fn new(name: &str) -> Freezer {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let existing = mountinfo.lines().find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mut r = right.split_whitespace();
-            let fstype = r.next()?;
-            let opts = r.nth(1)?;
-            (fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"))
-                .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
-        });
-        let (root, mounted) = match existing {
-            Some(root) => (root, None),
-            None => {
-                let tmp = tempfile::tempdir().unwrap();
-                let status = std::process::Command::new("mount")
-                    .args(["-t", "cgroup", "-o", "freezer", "reapd-freezer"])
-                    .arg(tmp.path())
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "cannot mount a v1 freezer");
-                (tmp.path().to_path_buf(), Some(tmp))
-            }
-        };
-        let dir = root.join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::create_dir(&dir);
-        Freezer { dir, mounted }
-    }
-
-    pub fn freeze(&self, pid: i32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-        std::fs::write(self.dir.join("freezer.state"), "FROZEN").unwrap();
-        for _ in 0..500 {
-            if std::fs::read_to_string(self.dir.join("freezer.state")).unwrap().trim() == "FROZEN" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("freezer did not freeze");
-    }
-
-    pub fn thaw(&self) {
-        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
-    }
-}
-
-impl Drop for Freezer {
-    fn drop(&mut self) {
-        self.thaw();
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Some(tmp) = &self.mounted {
-            let _ = std::process::Command::new("umount").arg(tmp.path()).status();
-        }
-    }
+/// SIGKILL is pending on `pid` (its own or its thread group's queue).
+fn sigkill_pending(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let bit = 1u64 << (libc::SIGKILL - 1);
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")))
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|mask| mask & bit != 0)
 }
 
 fn rss_anon(pid: i32) -> u64 {
@@ -451,8 +483,23 @@ fn frozen_victim_keeps_its_memory_after_a_plain_kill() {
     let freezer = Freezer::new("reapd-e2e-control");
     freezer.freeze(victim.pid);
     reapd_e2e::unsafe_kill(victim.pid, libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(rss_anon(victim.pid) >= 250 * MIB as u64);
+    // The kill has landed (SIGKILL pending on the victim) ...
+    assert!(
+        reapd_e2e::wait_until(Duration::from_secs(5), || sigkill_pending(victim.pid)),
+        "SIGKILL never pending on the frozen victim"
+    );
+    // ... and for as long as we look, the memory stays: nothing but a reap
+    // gives it back while the victim is frozen.
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(300) {
+        assert!(victim.running());
+        let held = rss_anon(victim.pid);
+        assert!(
+            held >= 250 * MIB as u64,
+            "a frozen, killed victim gave memory back: {held} bytes left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     freezer.thaw();
     assert_eq!(victim.wait(), Some(libc::SIGKILL));
 }
@@ -497,18 +544,30 @@ fn over_the_kill_rate_is_resource_exhausted_with_a_retry_hint() {
     std::fs::write(&policy, "[limits]\nkills = 2\ninterval-secs = 60\nburst = 2\n").unwrap();
     let broker = Broker::start_with(&["--policy", policy.to_str().unwrap()], &[]);
     let mut victims: Vec<Victim> = (0..3).map(|_| Victim::spawn(Creds::uid(A), 0)).collect();
+    // The bucket is made full (2 tokens) at the first kill, no earlier.
+    let first_kill = Instant::now();
     for victim in &mut victims[..2] {
         let r = broker.reapctl(Creds::uid(A), &["kill", &victim.pid.to_string()]);
         assert_eq!(r.code, 0, "{r:?}");
         victim.wait();
     }
     let r = broker.reapctl(Creds::uid(A), &["kill", &victims[2].pid.to_string()]);
+    let elapsed = first_kill.elapsed();
     assert_eq!(r.code, 8, "{r:?}");
     assert_eq!(r.json["error"], "rate_limited");
+    // The hint is the time until the next token: one token per 30 s (2 per
+    // 60 s), the burst spent, refilled since the first kill; so 30 s less at
+    // most the time since then (a constant or a rounded hint fails this).
+    let message = r.json["message"].as_str().unwrap();
+    let retry_ms: u128 = message
+        .split("retry after ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no \"retry after N ms\" in {message:?}"));
     assert!(
-        r.json["message"].as_str().unwrap().contains("retry after"),
-        "{:?}",
-        r.json
+        retry_ms <= 30_000 && retry_ms + elapsed.as_millis() + 1 >= 30_000,
+        "retry after {retry_ms} ms, {elapsed:?} after the first kill: {message}"
     );
     assert!(victims[2].running());
     // Another uid has its own budget.

@@ -6,7 +6,9 @@
 
 use std::process::Command;
 
-use reapd_e2e::{bin, policy_file, probe, run_as, start_with_policy, varlink_socket, Broker, Creds, Victim};
+use reapd_e2e::{
+    bin, metric as sum, policy_file, probe, run_as, start_with_policy, varlink_socket, Broker, Creds, Victim,
+};
 use serde_json::Value;
 
 const OWNER: u32 = 61950;
@@ -26,21 +28,6 @@ fn stats(broker: &Broker, creds: Creds, extra: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
-}
-
-/// The value of `name` whose fields include all of `fields`, summed.
-fn sum(metrics: &[Value], name: &str, fields: &[(&str, &str)]) -> f64 {
-    metrics
-        .iter()
-        .filter(|m| m["name"] == format!("io.reapd.{name}"))
-        .filter(|m| {
-            let have: Vec<(String, String)> = serde_json::from_value(m["fields"].clone()).unwrap_or_default();
-            fields
-                .iter()
-                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
-        })
-        .map(|m| m["value"].as_f64().unwrap())
-        .sum()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use reapd_client::varlink::{pidfd_of, Client as VarlinkClient, VarlinkTarget};
 use reapd_client::Target;
-use reapd_e2e::{bin, spawn_as, unsafe_kill, wait_for_log, Broker, Creds, Value, Victim};
+use reapd_e2e::{bin, spawn_as, unsafe_kill, wait_for_log, Broker, Creds, Freezer, Value, Victim};
 use serde_json::json;
 
 const A: u32 = 61201;
@@ -144,74 +144,6 @@ fn skip(reason: &str) {
 
 fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
-}
-
-/// A cgroup v1 freezer (a SIGKILLed task in it stays until thawed, so a
-/// kill's wait for exit lasts as long as the test wants).
-struct Freezer {
-    dir: PathBuf,
-    mounted: Option<tempfile::TempDir>,
-}
-
-impl Freezer {
-    fn new(name: &str) -> Freezer {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let existing = mountinfo.lines().find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mut r = right.split_whitespace();
-            let fstype = r.next()?;
-            let opts = r.nth(1)?;
-            (fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"))
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        });
-        let (root, mounted) = match existing {
-            Some(root) => (root, None),
-            None => {
-                let tmp = tempfile::tempdir().unwrap();
-                let status = Command::new("mount")
-                    .args(["-t", "cgroup", "-o", "freezer", "reapd-freezer"])
-                    .arg(tmp.path())
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "cannot mount a v1 freezer");
-                (tmp.path().to_path_buf(), Some(tmp))
-            }
-        };
-        let dir = root.join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::create_dir(&dir);
-        Freezer { dir, mounted }
-    }
-
-    fn freeze(&self, pid: i32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-        std::fs::write(self.dir.join("freezer.state"), "FROZEN").unwrap();
-        for _ in 0..500 {
-            if std::fs::read_to_string(self.dir.join("freezer.state")).unwrap().trim() == "FROZEN" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("freezer did not freeze");
-    }
-
-    fn thaw(&self) {
-        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
-    }
-}
-
-impl Drop for Freezer {
-    fn drop(&mut self) {
-        self.thaw();
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Some(tmp) = &self.mounted {
-            let _ = Command::new("umount").arg(tmp.path()).status();
-        }
-    }
 }
 
 /// Keeps the broker's blocking pool and runtime busy: CheckPermission in a

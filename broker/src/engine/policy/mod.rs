@@ -572,15 +572,46 @@ mod proptests;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
-    proptest! {
-        /// The pure rule is exactly kill_ok_by_cred() written out.
-        #[test]
-        fn kill_rule_matches_kernel_formula(e in 0u32..4, r in proptest::option::of(0u32..4), tr in 0u32..4, ts in 0u32..4, cap in proptest::bool::ANY) {
-            let creds = KillCreds { caller_euid: e, caller_ruid: r, target_ruid: tr, target_suid: ts, caller_cap_kill: cap };
-            let kernel = (e == 0 && cap) || e == ts || e == tr || r == Some(ts) || r == Some(tr);
-            prop_assert_eq!(kill_rule_allows(creds), kernel);
+    /// `kill_ok_by_cred()` in kernel/signal.c, worked by hand: the sender's
+    /// euid or uid equals the target's suid or uid, or the sender holds
+    /// CAP_KILL. Each case names the clause that decides it; none is
+    /// computed, so a rule typed wrongly cannot agree with itself here.
+    /// (The running kernel is the oracle in tests/tests/kill_oracle.rs.)
+    #[test]
+    fn kill_rule_on_hand_worked_kill_ok_by_cred_cases() {
+        const U: u32 = 1000;
+        const V: u32 = 1001;
+        const W: u32 = 1002;
+        /// (why, caller euid, caller ruid, target ruid, target suid, caller
+        /// root with CAP_KILL, allowed)
+        type Case = (&'static str, u32, Option<u32>, u32, u32, bool, bool);
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ("euid == uid: the caller's own process",               U, Some(U), U, U, false, true),
+            ("no uid in common",                                    U, Some(U), V, V, false, false),
+            ("euid == suid: the target was started by U, setuid V", U, Some(U), V, U, false, true),
+            ("uid == uid: the caller runs setuid V, target is U's", V, Some(U), U, W, false, true),
+            ("uid == suid",                                         V, Some(U), W, U, false, true),
+            ("a setuid-root program the user ran: euid == uid",     U, Some(U), U, 0, false, true),
+            ("root's process, caller U",                            U, Some(U), 0, 0, false, false),
+            ("real uid unknown: only the euid counts",              U, None,    V, V, false, false),
+            ("real uid unknown, euid == suid",                      U, None,    V, U, false, true),
+            ("real uid 0 (euid dropped to U) on root's process",    U, Some(0), 0, 0, false, true),
+            ("root with CAP_KILL: anything",                        0, Some(0), V, V, true,  true),
+            ("root without CAP_KILL is an ordinary uid 0",          0, Some(0), V, V, false, false),
+            ("root without CAP_KILL on root's process",             0, Some(0), 0, V, false, true),
+            ("euid 0 and uid U without CAP_KILL: uid == suid",      0, Some(U), V, U, false, true),
+        ];
+        for (why, caller_euid, caller_ruid, target_ruid, target_suid, caller_cap_kill, allowed) in cases {
+            let creds = KillCreds {
+                caller_euid: *caller_euid,
+                caller_ruid: *caller_ruid,
+                target_ruid: *target_ruid,
+                target_suid: *target_suid,
+                caller_cap_kill: *caller_cap_kill,
+            };
+            assert_eq!(kill_rule_allows(creds), *allowed, "{why}: {creds:?}");
         }
     }
 }
