@@ -223,8 +223,18 @@ pub async fn serve(
         move |accepted| {
             match sender.try_send(Ok(PeerStream::new(accepted, idle))) {
                 Ok(()) => true,
-                // Backlog full: drop this connection rather than stall accept.
-                Err(mpsc::error::TrySendError::Full(_)) => true,
+                // The server is behind (a burst of connections): wait for
+                // room instead of closing a connection already accepted and
+                // counted. The waiters are bounded by the connection caps,
+                // which this connection already counts against; accept
+                // itself never stalls.
+                Err(mpsc::error::TrySendError::Full(stream)) => {
+                    let sender = sender.clone();
+                    tokio::spawn(async move {
+                        let _ = sender.send(stream).await;
+                    });
+                    true
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         },
