@@ -401,7 +401,7 @@ fn idle_connections_are_capped_and_timed_out() {
 /// between the accept loop and the server holds 64; the burst is larger).
 #[test]
 fn a_burst_of_connections_within_the_cap_is_served_whole() {
-    const BURST: usize = 240;
+    const BURST: usize = 1000;
     let policy = reapd_e2e::policy_file(&reapd_e2e::watch_rule(C));
     let broker = Broker::start_with(
         &[
