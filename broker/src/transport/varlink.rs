@@ -171,10 +171,111 @@ struct Call {
     more: bool,
 }
 
+/// A JSON value read without losing a duplicate key. serde_json's `Value`
+/// keeps the last of two equal keys, so `{"pid":1,"pid":2}` would name pid
+/// 2 to the broker and pid 1 to whatever else reads the message first-wins
+/// (a log, a filter, a proxy in front of the socket): a call is refused
+/// instead. `duplicate` is the path to the first repeated key, innermost key
+/// first (the top-level key last).
+struct Unique {
+    value: Value,
+    duplicate: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueVisitor)
+    }
+}
+
+struct UniqueVisitor;
+
+impl UniqueVisitor {
+    fn plain<E>(value: Value) -> Result<Unique, E> {
+        Ok(Unique { value, duplicate: None })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Unique, E> {
+        Self::plain(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Unique, E> {
+        Self::plain(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Unique, E> {
+        Self::plain(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Unique, E> {
+        // As serde_json's own `Value` (JSON has no NaN or infinity).
+        Self::plain(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Unique, E> {
+        Self::plain(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Unique, E> {
+        Self::plain(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Unique, E> {
+        Self::plain(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Unique, E> {
+        Self::plain(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Unique, D::Error> {
+        Unique::deserialize(d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        let (mut items, mut duplicate) = (Vec::new(), None);
+        while let Some(item) = seq.next_element::<Unique>()? {
+            duplicate = duplicate.or(item.duplicate);
+            items.push(item.value);
+        }
+        Ok(Unique {
+            value: Value::Array(items),
+            duplicate,
+        })
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        let (mut object, mut duplicate) = (Map::new(), None);
+        while let Some(key) = map.next_key::<String>()? {
+            let child: Unique = map.next_value()?;
+            if duplicate.is_none() {
+                duplicate = match child.duplicate {
+                    Some(mut path) => {
+                        path.push(key.clone());
+                        Some(path)
+                    }
+                    None if object.contains_key(&key) => Some(vec![key.clone()]),
+                    None => None,
+                };
+            }
+            object.insert(key, child.value);
+        }
+        Ok(Unique {
+            value: Value::Object(object),
+            duplicate,
+        })
+    }
+}
+
 /// Decodes one message (without its NUL). Errors are the reply to send.
 fn parse_call(bytes: &[u8]) -> Result<Call, VarlinkError> {
-    let value: Value =
+    let Unique { value, duplicate } =
         serde_json::from_slice(bytes).map_err(|err| VarlinkError::invalid_message(format!("not JSON: {err}")))?;
+    if let Some(path) = duplicate {
+        // A repeated parameter, or one whose value repeats a key, is that
+        // parameter's fault; any other repetition is the message's.
+        return Err(match path.as_slice() {
+            [.., parameter, top] if top == "parameters" => VarlinkError::invalid_parameter(parameter),
+            _ => VarlinkError::invalid_message(format!("key {:?} appears twice", path[0])),
+        });
+    }
     let Value::Object(mut object) = value else {
         return Err(VarlinkError::invalid_message("a call must be a JSON object"));
     };
@@ -1233,6 +1334,32 @@ mod tests {
         assert_eq!(err, VarlinkError::invalid_parameter("parameters"));
         let err = parse_call(br#"{"method":"a.B","oneway":"yes"}"#).unwrap_err();
         assert_eq!(err, VarlinkError::invalid_parameter("oneway"));
+    }
+
+    /// A repeated key is refused, not resolved last-wins: the parameter is
+    /// blamed when it is a parameter's (or inside one's value).
+    #[test]
+    fn parse_refuses_duplicate_keys() {
+        for (json, blamed) in [
+            (r#"{"method":"a.B","parameters":{"pid":1,"pid":2}}"#, "pid"),
+            (r#"{"method":"a.B","parameters":{"pid":1,"startTime":{"a":1,"a":1}}}"#, "startTime"),
+            (r#"{"method":"a.B","parameters":{"x":[{"k":1,"k":2}]}}"#, "x"),
+        ] {
+            assert_eq!(parse_call(json.as_bytes()).unwrap_err(), VarlinkError::invalid_parameter(blamed), "{json}");
+        }
+        for json in [
+            r#"{"method":"a.B","method":"c.D"}"#,
+            r#"{"method":"a.B","parameters":{},"parameters":{"pid":1}}"#,
+            r#"{"method":"a.B","more":false,"more":true}"#,
+        ] {
+            assert_eq!(parse_call(json.as_bytes()).unwrap_err().name, "io.reapd.Reaper.InvalidMessage", "{json}");
+        }
+        // Equal values under different keys, and equal keys in different
+        // objects, are not duplicates.
+        let call = parse_call(br#"{"method":"a.B","parameters":{"pid":1,"startTime":1},"x":{"pid":1}}"#).unwrap();
+        assert_eq!(call.parameters.len(), 2);
+        let call = parse_call(br#"{"method":"a.B","parameters":{"pid":-0,"limit":1e3}}"#).unwrap();
+        assert!(call.parameters["pid"].is_f64() || call.parameters["pid"].is_i64());
     }
 
     #[test]
