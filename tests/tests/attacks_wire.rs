@@ -9,10 +9,9 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use reapd_client::varlink::pidfd_of;
-use reapd_e2e::{varlink_call_as, varlink_socket, Broker, CtlResult, Creds, Victim};
+use reapd_e2e::{varlink_call_as, varlink_socket, wait_for_varlink, Broker, Creds, CtlResult, Victim};
 use reapd_proto::v1 as pb;
 use serde_json::{json, Value};
 
@@ -23,11 +22,7 @@ const OTHER: u32 = 61302;
 /// varlink socket is up too (readiness is probed on gRPC).
 fn start() -> Broker {
     let broker = Broker::start();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(varlink_socket(&broker)).is_err() {
-        assert!(Instant::now() < deadline, "no varlink socket; log:\n{}", broker.log_text());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_varlink(&broker);
     broker
 }
 
@@ -51,8 +46,14 @@ fn a_call_that_names_a_parameter_twice_kills_nothing() {
     let mut mine = Victim::spawn(Creds::uid(ATTACKER), 0);
     let theirs = Victim::spawn(Creds::uid(OTHER), 0);
     for message in [
-        format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"pid":{}}}}}"#, theirs.pid, mine.pid),
-        format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"pid":{}}}}}"#, mine.pid, mine.pid),
+        format!(
+            r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"pid":{}}}}}"#,
+            theirs.pid, mine.pid
+        ),
+        format!(
+            r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"pid":{}}}}}"#,
+            mine.pid, mine.pid
+        ),
         format!(
             r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"startTime":1,"startTime":{}}}}}"#,
             mine.pid,
@@ -78,7 +79,10 @@ fn a_call_that_names_a_parameter_twice_kills_nothing() {
     assert_eq!(reply["error"], "io.reapd.Reaper.InvalidMessage", "{reply}");
     assert!(mine.running() && theirs.running());
     // The same kill, said once, works.
-    let message = format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"waitForExitMs":5000}}}}"#, mine.pid);
+    let message = format!(
+        r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{},"waitForExitMs":5000}}}}"#,
+        mine.pid
+    );
     let reply = call(&broker, &message, &[]);
     assert_eq!(reply["parameters"]["exited"], true, "{reply}");
     assert_eq!(mine.wait(), Some(libc::SIGKILL));
@@ -94,42 +98,63 @@ fn hostile_values_blame_the_parameter_at_fault() {
     let broker = start();
     let victim = Victim::spawn(Creds::uid(ATTACKER), 0);
     let pid = victim.pid;
-    let cases: Vec<(String, &str)> = vec![
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid}e0}}}}"#), "pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":1e3}}"#.into(), "pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":-0}}"#.into(), "pid"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid}.0}}}}"#), "pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":{"pid":1}}}"#.into(), "pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":[1]}}"#.into(), "pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":null}}"#.into(), "pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pid":18446744073709551617}}"#.into(), "pid"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"graceMs":-1}}}}"#), "graceMs"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"waitForExitMs":4294967296}}}}"#), "waitForExitMs"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"startTime":1e30}}}}"#), "startTime"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"start_time":1}}}}"#), "start_time"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"Pid":{pid}}}}}"#), "Pid"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"zzz":1,"pid":"1"}}"#.into(), "pid"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"pidfd":0}}}}"#), "pidfd"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":99999999999}}"#.into(), "pidfd"),
-        (format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid},"pidns":3}}}}"#), "pidns"),
-        (r#"{"method":"io.reapd.Reaper.ListCandidates","parameters":{"sortBy":"unspecified"}}"#.into(), "sortBy"),
-        (r#"{"method":"io.reapd.Reaper.ListCandidates","parameters":{"sortBy":"RSS"}}"#.into(), "sortBy"),
-        (r#"{"method":"io.reapd.Reaper.ListCandidates","parameters":{"sortBy":3}}"#.into(), "sortBy"),
-        (r#"{"method":"io.reapd.Reaper.ListCandidates","parameters":{"sortBy":{"rss":1}}}"#.into(), "sortBy"),
-        (r#"{"method":"io.reapd.Reaper.ListCandidates","parameters":{"limit":1001}}"#.into(), "limit"),
-        (r#"{"method":"io.reapd.Reaper.ListCandidates","parameters":{"offset":4294967296}}"#.into(), "offset"),
-        (r#"{"method":"io.reapd.Reaper.KillCgroup","parameters":{"cgroup":"/","unit":"x.service"}}"#.into(), "unit"),
-        (r#"{"method":"io.reapd.Reaper.KillCgroup","parameters":{"cgroup":null}}"#.into(), "cgroup"),
-        (r#"{"method":"io.reapd.Reaper.GetCapabilities","parameters":{"verbose":true}}"#.into(), "verbose"),
-        (r#"{"method":"io.reapd.Reaper.WatchKills","parameters":{"since":0},"more":true}"#.into(), "since"),
-        (r#"{"method":"org.varlink.service.GetInfo","parameters":{"x":null}}"#.into(), "x"),
-        (r#"{"method":"io.reapd.Reaper.GetCapabilities","more":true}"#.into(), "more"),
-        (r#"{"method":"io.reapd.Reaper.GetCapabilities","upgrade":true}"#.into(), "upgrade"),
-        (r#"{"method":"io.reapd.Reaper.GetCapabilities","parameters":[]}"#.into(), "parameters"),
+    let k = "io.reapd.Reaper.KillAndReap";
+    let l = "io.reapd.Reaper.ListCandidates";
+    let g = "io.reapd.Reaper.KillCgroup";
+    let c = "io.reapd.Reaper.GetCapabilities";
+    // (method, parameters, the parameter blamed)
+    let cases: Vec<(&str, String, &str)> = vec![
+        (k, format!(r#"{{"pid":{pid}e0}}"#), "pid"),
+        (k, r#"{"pid":1e3}"#.into(), "pid"),
+        (k, r#"{"pid":-0}"#.into(), "pid"),
+        (k, format!(r#"{{"pid":{pid}.0}}"#), "pid"),
+        (k, r#"{"pid":{"pid":1}}"#.into(), "pid"),
+        (k, r#"{"pid":[1]}"#.into(), "pid"),
+        (k, r#"{"pid":null}"#.into(), "pid"),
+        (k, r#"{"pid":18446744073709551617}"#.into(), "pid"),
+        (k, format!(r#"{{"pid":{pid},"graceMs":-1}}"#), "graceMs"),
+        (
+            k,
+            format!(r#"{{"pid":{pid},"waitForExitMs":4294967296}}"#),
+            "waitForExitMs",
+        ),
+        (k, format!(r#"{{"pid":{pid},"startTime":1e30}}"#), "startTime"),
+        (k, format!(r#"{{"pid":{pid},"start_time":1}}"#), "start_time"),
+        (k, format!(r#"{{"Pid":{pid}}}"#), "Pid"),
+        (k, r#"{"zzz":1,"pid":"1"}"#.into(), "pid"),
+        (k, format!(r#"{{"pid":{pid},"pidfd":0}}"#), "pidfd"),
+        (k, r#"{"pidfd":99999999999}"#.into(), "pidfd"),
+        (k, format!(r#"{{"pid":{pid},"pidns":3}}"#), "pidns"),
+        (l, r#"{"sortBy":"unspecified"}"#.into(), "sortBy"),
+        (l, r#"{"sortBy":"RSS"}"#.into(), "sortBy"),
+        (l, r#"{"sortBy":3}"#.into(), "sortBy"),
+        (l, r#"{"sortBy":{"rss":1}}"#.into(), "sortBy"),
+        (l, r#"{"limit":1001}"#.into(), "limit"),
+        (l, r#"{"offset":4294967296}"#.into(), "offset"),
+        (g, r#"{"cgroup":"/","unit":"x.service"}"#.into(), "unit"),
+        (g, r#"{"cgroup":null}"#.into(), "cgroup"),
+        (c, r#"{"verbose":true}"#.into(), "verbose"),
+        (c, "[]".into(), "parameters"),
+        ("org.varlink.service.GetInfo", r#"{"x":null}"#.into(), "x"),
     ];
-    for (message, parameter) in &cases {
-        let reply = call(&broker, message, &[]);
+    for (method, parameters, parameter) in &cases {
+        let message = format!(r#"{{"method":"{method}","parameters":{parameters}}}"#);
+        let reply = call(&broker, &message, &[]);
         assert_eq!(blamed(&reply), Some(*parameter), "{message}: {reply}");
+    }
+    for (message, parameter) in [
+        (
+            r#"{"method":"io.reapd.Reaper.WatchKills","parameters":{"since":0},"more":true}"#,
+            "since",
+        ),
+        (r#"{"method":"io.reapd.Reaper.GetCapabilities","more":true}"#, "more"),
+        (
+            r#"{"method":"io.reapd.Reaper.GetCapabilities","upgrade":true}"#,
+            "upgrade",
+        ),
+    ] {
+        let reply = call(&broker, message, &[]);
+        assert_eq!(blamed(&reply), Some(parameter), "{message}: {reply}");
     }
     assert!(victim.running(), "a refused call killed");
     // null and missing are the same; so are parameters null and {}.
@@ -143,11 +168,26 @@ fn hostile_values_blame_the_parameter_at_fault() {
     }
     // Unknown methods and interfaces, `more` or not, are named as such.
     for (message, error) in [
-        (r#"{"method":"io.reapd.Reaper.Nope","more":true}"#, "org.varlink.service.MethodNotFound"),
-        (r#"{"method":"io.reapd.Reaper."}"#, "org.varlink.service.InterfaceNotFound"),
-        (r#"{"method":"io.reapd.Nope.KillAndReap"}"#, "org.varlink.service.InterfaceNotFound"),
-        (r#"{"method":"io.systemd.Metrics.Nope","more":true}"#, "org.varlink.service.MethodNotFound"),
-        (r#"{"method":"io.reapd.Reaper.WatchKills"}"#, "org.varlink.service.ExpectedMore"),
+        (
+            r#"{"method":"io.reapd.Reaper.Nope","more":true}"#,
+            "org.varlink.service.MethodNotFound",
+        ),
+        (
+            r#"{"method":"io.reapd.Reaper."}"#,
+            "org.varlink.service.InterfaceNotFound",
+        ),
+        (
+            r#"{"method":"io.reapd.Nope.KillAndReap"}"#,
+            "org.varlink.service.InterfaceNotFound",
+        ),
+        (
+            r#"{"method":"io.systemd.Metrics.Nope","more":true}"#,
+            "org.varlink.service.MethodNotFound",
+        ),
+        (
+            r#"{"method":"io.reapd.Reaper.WatchKills"}"#,
+            "org.varlink.service.ExpectedMore",
+        ),
     ] {
         let reply = call(&broker, message, &[]);
         assert_eq!(reply["error"], error, "{message}: {reply}");
@@ -185,11 +225,31 @@ fn one_fd_cannot_be_named_twice() {
     let (pipe, _write) = std::io::pipe().unwrap();
     let pipe = pipe.as_raw_fd();
     for (message, fds, parameter) in [
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":0,"pidns":0}}"#, vec![fd], "pidns"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":1}}"#, vec![fd], "pidfd"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":1,"pidns":1}}"#, vec![fd, fd], "pidns"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":3}}"#, vec![fd, fd, fd, pipe], "pidfd"),
-        (r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":0.0}}"#, vec![fd], "pidfd"),
+        (
+            r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":0,"pidns":0}}"#,
+            vec![fd],
+            "pidns",
+        ),
+        (
+            r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":1}}"#,
+            vec![fd],
+            "pidfd",
+        ),
+        (
+            r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":1,"pidns":1}}"#,
+            vec![fd, fd],
+            "pidns",
+        ),
+        (
+            r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":3}}"#,
+            vec![fd, fd, fd, pipe],
+            "pidfd",
+        ),
+        (
+            r#"{"method":"io.reapd.Reaper.KillAndReap","parameters":{"pidfd":0.0}}"#,
+            vec![fd],
+            "pidfd",
+        ),
     ] {
         let reply = call(&broker, message, &fds);
         assert_eq!(blamed(&reply), Some(parameter), "{message}: {reply}");
@@ -198,7 +258,10 @@ fn one_fd_cannot_be_named_twice() {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn grpc(path: &Path) -> pb::reaper_client::ReaperClient<tonic::transport::Channel> {
@@ -238,7 +301,10 @@ fn grpc_client_mistakes_are_invalid_argument_naming_the_field() {
     runtime().block_on(async {
         let mut client = grpc(&broker.grpc).await;
         let mut cases: Vec<(&str, tonic::Status, &str)> = Vec::new();
-        let err = client.check_permission(pb::CheckPermissionRequest { target: None }).await.unwrap_err();
+        let err = client
+            .check_permission(pb::CheckPermissionRequest { target: None })
+            .await
+            .unwrap_err();
         cases.push(("check without target", err, "pid"));
         let err = client
             .kill_and_reap(pb::KillAndReapRequest::default())
@@ -258,7 +324,11 @@ fn grpc_client_mistakes_are_invalid_argument_naming_the_field() {
             limit: 5000,
             ..Default::default()
         };
-        cases.push(("limit 5000", client.list_candidates(request).await.unwrap_err(), "limit"));
+        cases.push((
+            "limit 5000",
+            client.list_candidates(request).await.unwrap_err(),
+            "limit",
+        ));
         for (what, status, field) in cases {
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
             assert_eq!(field_of(&status).as_deref(), Some(field), "{what}: {status:?}");
@@ -309,11 +379,17 @@ fn crossed_sockets_are_not_reported_as_broker_errors() {
         assert_eq!(r.code, 10, "{args:?}: {r:?}");
         assert_eq!(r.json["error"], "other", "{args:?}: {r:?}");
         let text = format!("{r:?}").to_lowercase();
-        assert!(!text.contains("internal") && !text.contains("broker error"), "{args:?}: {r:?}");
+        assert!(
+            !text.contains("internal") && !text.contains("broker error"),
+            "{args:?}: {r:?}"
+        );
         assert!(text.contains("is this the"), "{args:?}: {r:?}");
     }
     let r = reapctl(Creds::uid(ATTACKER), &["--socket", &grpc_socket, "caps"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let r = reapctl(Creds::uid(ATTACKER), &["--varlink", "--socket", varlink.to_str().unwrap(), "caps"]);
+    let r = reapctl(
+        Creds::uid(ATTACKER),
+        &["--varlink", "--socket", varlink.to_str().unwrap(), "caps"],
+    );
     assert_eq!(r.code, 0, "{r:?}");
 }

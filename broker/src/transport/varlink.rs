@@ -1342,17 +1342,28 @@ mod tests {
     fn parse_refuses_duplicate_keys() {
         for (json, blamed) in [
             (r#"{"method":"a.B","parameters":{"pid":1,"pid":2}}"#, "pid"),
-            (r#"{"method":"a.B","parameters":{"pid":1,"startTime":{"a":1,"a":1}}}"#, "startTime"),
+            (
+                r#"{"method":"a.B","parameters":{"pid":1,"startTime":{"a":1,"a":1}}}"#,
+                "startTime",
+            ),
             (r#"{"method":"a.B","parameters":{"x":[{"k":1,"k":2}]}}"#, "x"),
         ] {
-            assert_eq!(parse_call(json.as_bytes()).unwrap_err(), VarlinkError::invalid_parameter(blamed), "{json}");
+            assert_eq!(
+                parse_call(json.as_bytes()).unwrap_err(),
+                VarlinkError::invalid_parameter(blamed),
+                "{json}"
+            );
         }
         for json in [
             r#"{"method":"a.B","method":"c.D"}"#,
             r#"{"method":"a.B","parameters":{},"parameters":{"pid":1}}"#,
             r#"{"method":"a.B","more":false,"more":true}"#,
         ] {
-            assert_eq!(parse_call(json.as_bytes()).unwrap_err().name, "io.reapd.Reaper.InvalidMessage", "{json}");
+            assert_eq!(
+                parse_call(json.as_bytes()).unwrap_err().name,
+                "io.reapd.Reaper.InvalidMessage",
+                "{json}"
+            );
         }
         // Equal values under different keys, and equal keys in different
         // objects, are not duplicates.
