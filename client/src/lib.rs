@@ -248,6 +248,16 @@ impl From<tonic::Status> for Error {
         // one the broker sent does not.
         match reapd_proto::model::ApiError::from_status(&status) {
             Some(err) if status.source().is_none() => err.into(),
+            // The code of a status made here says nothing about the broker
+            // (an HTTP/2 protocol error is INTERNAL to tonic), so it is not
+            // shown; a protocol error is most likely the varlink socket.
+            _ if status.message().contains("h2 protocol error") => Error::Transport {
+                message: format!(
+                    "not a gRPC server ({}); is this the varlink socket? (give --varlink)",
+                    status.message()
+                ),
+                source: Some(Box::new(status)),
+            },
             _ => Error::Transport {
                 message: format!("{:?}: {}", status.code(), status.message()),
                 source: Some(Box::new(status)),

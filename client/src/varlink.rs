@@ -548,7 +548,13 @@ impl Client {
         loop {
             if let Some(end) = self.buffer.iter().position(|&b| b == 0) {
                 let message: Vec<u8> = self.buffer.drain(..=end).collect();
-                return serde_json::from_slice(&message[..end]).map_err(|e| Error::Protocol(e.to_string()));
+                // Binary bytes here are most likely an HTTP/2 server's
+                // greeting: say which socket this probably is.
+                return serde_json::from_slice(&message[..end]).map_err(|e| {
+                    Error::Protocol(format!(
+                        "not a varlink reply ({e}); is this the gRPC socket? (varlink is io.reapd.Reaper)"
+                    ))
+                });
             }
             if self.buffer.len() > MAX_REPLY_BYTES {
                 return Err(Error::Protocol("reply too large".into()));

@@ -644,6 +644,20 @@ pub fn varlink_socket(broker: &Broker) -> PathBuf {
     broker.dir.path().join("io.reapd.Reaper")
 }
 
+/// Waits (up to 10 s) for the varlink socket too: [`Broker::start`] probes
+/// readiness on gRPC only.
+pub fn wait_for_varlink(broker: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(varlink_socket(broker)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no varlink socket; log:\n{}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// One raw varlink call with `fds` attached (SCM_RIGHTS), as `creds` would
 /// make it: the call is made from a forked child that takes the
 /// credentials, so the broker sees that caller. Returns the reply.

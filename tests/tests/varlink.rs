@@ -34,15 +34,7 @@ fn victim(creds: Creds, bytes: usize) -> Victim {
 /// A broker whose varlink socket is up too (readiness is probed on gRPC).
 fn start(args: &[&str]) -> Broker {
     let broker = Broker::start_with(args, &[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket(&broker)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no varlink socket; log:\n{}",
-            broker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    reapd_e2e::wait_for_varlink(&broker);
     broker
 }
 

@@ -65,7 +65,9 @@ fn caller_of<T>(request: &Request<T>) -> Result<Arc<Caller>, Status> {
 
 fn target_spec(target: Option<pb::Target>) -> Result<TargetSpec, Status> {
     // Decoding only: the engine validates the pid, for every transport.
-    let target = target.ok_or_else(|| Status::invalid_argument("target is required"))?;
+    // Blamed as varlink blames it (a `BadRequest` field violation the
+    // client reads), not a bare status.
+    let target = target.ok_or_else(|| status_of(EngineError::invalid("pid", "target is required")))?;
     Ok(TargetSpec::Pid {
         pid: target.pid,
         start_time: target.start_time,
@@ -154,6 +156,11 @@ impl Reaper for GrpcReaper {
             Ok(_) => model::SortKey::from(request.sort_by),
             Err(_) => return Err(status_of(EngineError::invalid("sortBy", "unknown sort key"))),
         };
+        // The documented range, refused as varlink refuses it rather than
+        // clamped.
+        if request.limit as usize > candidates::MAX_PAGE {
+            return Err(status_of(EngineError::invalid("limit", "limit is at most 1000")));
+        }
         let query = candidates::Query {
             key,
             offset: request.offset as usize,
@@ -172,7 +179,7 @@ impl Reaper for GrpcReaper {
         let group = match request.group {
             Some(pb::kill_cgroup_request::Group::Cgroup(path)) => GroupSpec::Path(path),
             Some(pb::kill_cgroup_request::Group::Unit(unit)) => GroupSpec::Unit(unit),
-            None => return Err(Status::invalid_argument("group: give a cgroup or a unit")),
+            None => return Err(status_of(EngineError::invalid("cgroup", "give a cgroup or a unit"))),
         };
         let kill = GroupKillRequest {
             group,

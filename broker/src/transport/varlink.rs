@@ -171,10 +171,142 @@ struct Call {
     more: bool,
 }
 
+/// A JSON value read without losing a duplicate key. serde_json's `Value`
+/// keeps the last of two equal keys, so `{"pid":1,"pid":2}` would name pid
+/// 2 to the broker and pid 1 to whatever else reads the message first-wins
+/// (a log, a filter, a proxy in front of the socket): a call is refused
+/// instead. `duplicate` is the path to the first repeated key, innermost key
+/// first (the top-level key last).
+struct Unique {
+    value: Value,
+    duplicate: Option<Vec<String>>,
+}
+
+/// Most JSON values (objects, arrays and scalars, at any depth) one message
+/// may hold. A real call has a dozen; a message of thousands of keys costs
+/// milliseconds of a runtime worker to parse (and other callers wait), so
+/// parsing stops here.
+pub const MAX_VALUES: usize = 256;
+
+/// Reads a [`Unique`], counting values in a budget shared by the message.
+struct UniqueSeed<'a>(&'a std::cell::Cell<usize>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueSeed<'_> {
+    type Value = Unique;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Unique, D::Error> {
+        deserializer.deserialize_any(UniqueVisitor(self.0))
+    }
+}
+
+struct UniqueVisitor<'a>(&'a std::cell::Cell<usize>);
+
+impl UniqueVisitor<'_> {
+    /// Charges one value to the message's budget.
+    fn count<E: serde::de::Error>(&self) -> Result<(), E> {
+        let n = self.0.get() + 1;
+        self.0.set(n);
+        if n > MAX_VALUES {
+            return Err(E::custom(format_args!("more than {MAX_VALUES} values in one message")));
+        }
+        Ok(())
+    }
+
+    fn plain<E: serde::de::Error>(&self, value: Value) -> Result<Unique, E> {
+        self.count()?;
+        Ok(Unique { value, duplicate: None })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor<'_> {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Unique, E> {
+        self.plain(Value::Bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Unique, E> {
+        self.plain(Value::from(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Unique, E> {
+        self.plain(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Unique, E> {
+        // As serde_json's own `Value` (JSON has no NaN or infinity).
+        self.plain(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Unique, E> {
+        self.plain(Value::String(v.to_string()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Unique, E> {
+        self.plain(Value::String(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Unique, E> {
+        self.plain(Value::Null)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Unique, E> {
+        self.plain(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Unique, D::Error> {
+        serde::de::DeserializeSeed::deserialize(UniqueSeed(self.0), d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        self.count()?;
+        let (mut items, mut duplicate) = (Vec::new(), None);
+        while let Some(item) = seq.next_element_seed(UniqueSeed(self.0))? {
+            duplicate = duplicate.or(item.duplicate);
+            items.push(item.value);
+        }
+        Ok(Unique {
+            value: Value::Array(items),
+            duplicate,
+        })
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        self.count()?;
+        let (mut object, mut duplicate) = (Map::new(), None);
+        while let Some(key) = map.next_key::<String>()? {
+            let child = map.next_value_seed(UniqueSeed(self.0))?;
+            if duplicate.is_none() {
+                if let Some(mut path) = child.duplicate {
+                    path.push(key.clone());
+                    duplicate = Some(path);
+                }
+            }
+            match object.entry(key) {
+                serde_json::map::Entry::Occupied(mut entry) => {
+                    duplicate = duplicate.or_else(|| Some(vec![entry.key().clone()]));
+                    entry.insert(child.value);
+                }
+                serde_json::map::Entry::Vacant(entry) => {
+                    entry.insert(child.value);
+                }
+            }
+        }
+        Ok(Unique {
+            value: Value::Object(object),
+            duplicate,
+        })
+    }
+}
+
 /// Decodes one message (without its NUL). Errors are the reply to send.
 fn parse_call(bytes: &[u8]) -> Result<Call, VarlinkError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|err| VarlinkError::invalid_message(format!("not JSON: {err}")))?;
+    let not_json = |err: serde_json::Error| VarlinkError::invalid_message(format!("not JSON: {err}"));
+    let budget = std::cell::Cell::new(0);
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let Unique { value, duplicate } =
+        serde::de::DeserializeSeed::deserialize(UniqueSeed(&budget), &mut deserializer).map_err(not_json)?;
+    deserializer.end().map_err(not_json)?;
+    if let Some(path) = duplicate {
+        // A repeated parameter, or one whose value repeats a key, is that
+        // parameter's fault; any other repetition is the message's.
+        return Err(match path.as_slice() {
+            [.., parameter, top] if top == "parameters" => VarlinkError::invalid_parameter(parameter),
+            _ => VarlinkError::invalid_message(format!("key {:?} appears twice", path[0])),
+        });
+    }
     let Value::Object(mut object) = value else {
         return Err(VarlinkError::invalid_message("a call must be a JSON object"));
     };
@@ -1233,6 +1365,65 @@ mod tests {
         assert_eq!(err, VarlinkError::invalid_parameter("parameters"));
         let err = parse_call(br#"{"method":"a.B","oneway":"yes"}"#).unwrap_err();
         assert_eq!(err, VarlinkError::invalid_parameter("oneway"));
+    }
+
+    /// A repeated key is refused, not resolved last-wins: the parameter is
+    /// blamed when it is a parameter's (or inside one's value).
+    #[test]
+    fn parse_refuses_duplicate_keys() {
+        for (json, blamed) in [
+            (r#"{"method":"a.B","parameters":{"pid":1,"pid":2}}"#, "pid"),
+            (
+                r#"{"method":"a.B","parameters":{"pid":1,"startTime":{"a":1,"a":1}}}"#,
+                "startTime",
+            ),
+            (r#"{"method":"a.B","parameters":{"x":[{"k":1,"k":2}]}}"#, "x"),
+        ] {
+            assert_eq!(
+                parse_call(json.as_bytes()).unwrap_err(),
+                VarlinkError::invalid_parameter(blamed),
+                "{json}"
+            );
+        }
+        for json in [
+            r#"{"method":"a.B","method":"c.D"}"#,
+            r#"{"method":"a.B","parameters":{},"parameters":{"pid":1}}"#,
+            r#"{"method":"a.B","more":false,"more":true}"#,
+        ] {
+            assert_eq!(
+                parse_call(json.as_bytes()).unwrap_err().name,
+                "io.reapd.Reaper.InvalidMessage",
+                "{json}"
+            );
+        }
+        // Equal values under different keys, and equal keys in different
+        // objects, are not duplicates.
+        let call = parse_call(br#"{"method":"a.B","parameters":{"pid":1,"startTime":1},"x":{"pid":1}}"#).unwrap();
+        assert_eq!(call.parameters.len(), 2);
+        let call = parse_call(br#"{"method":"a.B","parameters":{"pid":-0,"limit":1e3}}"#).unwrap();
+        assert!(call.parameters["pid"].is_f64() || call.parameters["pid"].is_i64());
+        // Trailing bytes are still refused.
+        assert!(parse_call(br#"{"method":"a.B"} x"#).is_err());
+    }
+
+    /// A message of more values than any call has is refused as soon as
+    /// the budget is spent, however it nests them.
+    #[test]
+    fn parse_stops_at_the_value_budget() {
+        let keys = |n: usize| (0..n).map(|i| format!(r#""k{i}":0"#)).collect::<Vec<_>>().join(",");
+        let ok = format!(r#"{{"method":"a.B","parameters":{{{}}}}}"#, keys(MAX_VALUES - 3));
+        assert!(parse_call(ok.as_bytes()).is_ok());
+        for bad in [
+            format!(r#"{{"method":"a.B","parameters":{{{}}}}}"#, keys(MAX_VALUES)),
+            format!(
+                r#"{{"method":"a.B","parameters":{{"x":[{}]}}}}"#,
+                vec!["0"; MAX_VALUES].join(",")
+            ),
+            format!(r#"{{"method":"a.B","x":[{}]}}"#, vec!["[[]]"; MAX_VALUES / 2].join(",")),
+        ] {
+            let err = parse_call(bad.as_bytes()).unwrap_err();
+            assert_eq!(err.name, "io.reapd.Reaper.InvalidMessage", "{bad}");
+        }
     }
 
     #[test]
