@@ -40,17 +40,30 @@ pub struct Broker {
     pub start_to_first_reply: Duration,
 }
 
+/// The built-in default policy, spelled out: the kernel's kill(2) rule and
+/// anyone may check.
+const DEFAULT_POLICY: &str = "[defaults]\nkill-rule = true\ncheck = \"anyone\"\n";
+
 impl Broker {
     pub async fn start(reapd: &Path, dir: &Path, name: &str, extra: &[String]) -> anyhow::Result<Broker> {
         let socket = dir.join(format!("{name}.sock"));
         let varlink = dir.join(format!("{name}.varlink"));
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        // Hermetic: every benchmark broker gets an explicit policy (the
+        // kill(2) rule, as built in), never the host's /etc/reapd one.
+        let mut policy = Vec::new();
+        if !extra.iter().any(|a| a == "--policy") {
+            let file = dir.join(format!("{name}.policy.toml"));
+            std::fs::write(&file, DEFAULT_POLICY)?;
+            policy = vec!["--policy".into(), file.into_os_string()];
+        }
         let started = Instant::now();
         let child = Command::new(reapd)
             .arg("--grpc-socket")
             .arg(&socket)
             .arg("--varlink-socket")
             .arg(&varlink)
+            .args(&policy)
             .args(extra)
             .env("REAPD_LOG", "info")
             .stdin(Stdio::null())
