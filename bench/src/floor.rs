@@ -339,16 +339,16 @@ type Caller = Box<dyn FnMut() -> anyhow::Result<()>>;
 fn grpc_caller(socket: &Path, target: Target) -> anyhow::Result<Caller> {
     let mut client = blocking::Client::connect(socket)?;
     Ok(Box::new(move || {
-        client.check_permission(target)?;
+        client.check_permission(target.clone())?;
         Ok(())
     }))
 }
 
 fn varlink_caller(socket: &Path, target: Target) -> anyhow::Result<Caller> {
-    use reapd_client::varlink::{Client, VarlinkTarget};
+    use reapd_client::varlink::Client;
     let mut client = Client::connect(socket)?;
     Ok(Box::new(move || {
-        client.check_permission(VarlinkTarget::Pid(target))?;
+        client.check_permission(target.clone())?;
         Ok(())
     }))
 }
@@ -633,16 +633,16 @@ fn callgrind(reapd: &Path, dir: &Path, target: Target, n: usize, notes: &mut Vec
             Ok(())
         };
         for _ in 0..20 {
-            client.check_permission(target)?;
-            vclient.check_permission(reapd_client::varlink::VarlinkTarget::Pid(target))?;
+            client.check_permission(target.clone())?;
+            vclient.check_permission(target.clone())?;
         }
         dump_ir("warm")?;
         for _ in 0..n {
-            client.check_permission(target)?;
+            client.check_permission(target.clone())?;
         }
         dump_ir("grpc")?;
         for _ in 0..n {
-            vclient.check_permission(reapd_client::varlink::VarlinkTarget::Pid(target))?;
+            vclient.check_permission(target.clone())?;
         }
         dump_ir("varlink")?;
         let ir_of = |tag: &str| -> Option<f64> {
@@ -729,8 +729,8 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
 
     // Idle footprint: after one call of each kind, then a pause.
     for s in &subjects {
-        grpc_caller(&s.grpc, target)?()?;
-        varlink_caller(&s.varlink, target)?()?;
+        grpc_caller(&s.grpc, target.clone())?()?;
+        varlink_caller(&s.varlink, target.clone())?()?;
     }
     std::thread::sleep(Duration::from_millis(300));
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
@@ -743,8 +743,8 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
     eprintln!("floor: latency");
     let mut callers: Vec<Caller> = vec![inprocess_caller(target_victim.pid)];
     for s in &subjects {
-        callers.push(grpc_caller(&s.grpc, target)?);
-        callers.push(varlink_caller(&s.varlink, target)?);
+        callers.push(grpc_caller(&s.grpc, target.clone())?);
+        callers.push(varlink_caller(&s.varlink, target.clone())?);
     }
     let mut warm: Vec<Vec<f64>> = vec![Vec::new(); callers.len()];
     let mut idle: Vec<Vec<f64>> = vec![Vec::new(); callers.len()];
@@ -778,9 +778,9 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
         for (varlink, t) in [(false, &mut server.grpc), (true, &mut server.varlink)] {
             let mut caller = if varlink {
-                varlink_caller(&s.varlink, target)?
+                varlink_caller(&s.varlink, target.clone())?
             } else {
-                grpc_caller(&s.grpc, target)?
+                grpc_caller(&s.grpc, target.clone())?
             };
             timed(&mut caller, 50, None)?;
             let before = cpu_ns(s.pid);
@@ -801,8 +801,9 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
         let grpc_path = s.grpc.clone();
         let varlink_path = s.varlink.clone();
-        let make_grpc = move || grpc_caller(&grpc_path, target);
-        let make_varlink = move || varlink_caller(&varlink_path, target);
+        let (grpc_target, varlink_target) = (target.clone(), target.clone());
+        let make_grpc = move || grpc_caller(&grpc_path, grpc_target.clone());
+        let make_varlink = move || varlink_caller(&varlink_path, varlink_target.clone());
         for (make, t) in [
             (
                 &make_grpc as &(dyn Fn() -> anyhow::Result<Caller> + Sync),
@@ -839,7 +840,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
 
     eprintln!("floor: footprint after {} calls", cfg.soak_calls);
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
-        rt.block_on(crate::overhead::many_calls(&s.grpc, target, cfg.soak_calls, 16))?;
+        rt.block_on(crate::overhead::many_calls(&s.grpc, target.clone(), cfg.soak_calls, 16))?;
         server.calls_before_after = cfg.soak_calls;
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -861,7 +862,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
             for (k, (_, path)) in brokers.iter().enumerate() {
                 let cg = dir.join(format!("callgrind{k}"));
                 std::fs::create_dir_all(&cg)?;
-                if let Some((g, v)) = callgrind(path, &cg, target, 300, &mut notes) {
+                if let Some((g, v)) = callgrind(path, &cg, target.clone(), 300, &mut notes) {
                     servers[k + 1].grpc.cost.instructions = Some(g);
                     servers[k + 1].varlink.cost.instructions = Some(v);
                 }

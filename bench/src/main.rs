@@ -361,8 +361,8 @@ fn run(
     let target_victim = Victim::spawn(&Memory::Anon(overhead::TINY), Some(VICTIM_UID))?;
     let target = Target::pinned(target_victim.pid)?;
     eprintln!("overhead: CheckPermission");
-    let check_grpc = rt.block_on(overhead::check_grpc(&main_broker.socket, target, n_check))?;
-    let check_varlink = overhead::check_varlink(&main_broker.varlink, target, n_check)?;
+    let check_grpc = rt.block_on(overhead::check_grpc(&main_broker.socket, target.clone(), n_check))?;
+    let check_varlink = overhead::check_varlink(&main_broker.varlink, target.clone(), n_check)?;
     let check_inproc = overhead::check_inprocess(target_victim.pid, n_check)?;
     eprintln!("overhead: KillAndReap");
     let kill_grpc = overhead::kill_grpc(
@@ -382,7 +382,7 @@ fn run(
     let kill_inproc = overhead::kill_inprocess(kill_workers * kill_per_worker)?;
     let mut throughput = Vec::new();
     for c in conc {
-        let p = rt.block_on(overhead::throughput(&main_broker.socket, target, c, tput_dur))?;
+        let p = rt.block_on(overhead::throughput(&main_broker.socket, target.clone(), c, tput_dur))?;
         eprintln!(
             "throughput: {c} clients: {:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs",
             p.calls_per_sec, p.latency_us.p50, p.latency_us.p99
@@ -400,7 +400,7 @@ fn run(
     let policy = rt.block_on(overhead::policy_cost(
         reapd,
         &dir.0,
-        target,
+        target.clone(),
         &policy_sizes,
         if quick { 200 } else { 5000 },
     ))?;

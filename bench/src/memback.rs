@@ -197,10 +197,7 @@ fn one(
                 .map(|_| ())
                 .map_err(Into::into),
             Method::Varlink => match vclient.as_mut() {
-                Some(v) => v
-                    .kill_and_reap(reapd_client::varlink::VarlinkTarget::Pid(target), None)
-                    .map(|_| ())
-                    .map_err(Into::into),
+                Some(v) => v.kill_and_reap(target.clone(), None).map(|_| ()).map_err(Into::into),
                 None => Err(anyhow::anyhow!("no varlink connection")),
             },
         };

@@ -29,12 +29,12 @@ fn us(d: Duration) -> f64 {
 pub async fn check_grpc(socket: &Path, target: Target, n: usize) -> anyhow::Result<Vec<f64>> {
     let mut client = Client::connect(socket).await?;
     for _ in 0..(n / 10).max(10) {
-        client.check_permission(target).await?;
+        client.check_permission(target.clone()).await?;
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t0 = Instant::now();
-        client.check_permission(target).await?;
+        client.check_permission(target.clone()).await?;
         out.push(us(t0.elapsed()));
     }
     Ok(out)
@@ -42,15 +42,15 @@ pub async fn check_grpc(socket: &Path, target: Target, n: usize) -> anyhow::Resu
 
 /// CheckPermission over varlink, one connection, sequential calls.
 pub fn check_varlink(socket: &Path, target: Target, n: usize) -> anyhow::Result<Vec<f64>> {
-    use reapd_client::varlink::{Client as VClient, VarlinkTarget};
+    use reapd_client::varlink::Client as VClient;
     let mut client = VClient::connect(socket)?;
     for _ in 0..(n / 10).max(10) {
-        client.check_permission(VarlinkTarget::Pid(target))?;
+        client.check_permission(target.clone())?;
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t0 = Instant::now();
-        client.check_permission(VarlinkTarget::Pid(target))?;
+        client.check_permission(target.clone())?;
         out.push(us(t0.elapsed()));
     }
     Ok(out)
@@ -97,7 +97,7 @@ pub async fn policy_cost(
         std::fs::write(&file, policy_text(rules))?;
         let args = vec!["--policy".to_string(), file.display().to_string()];
         let broker = Broker::start(reapd, dir, &format!("policy{rules}"), &args).await?;
-        let lat = check_grpc(&broker.socket, target, n).await?;
+        let lat = check_grpc(&broker.socket, target.clone(), n).await?;
         let p = PolicyPoint {
             rules,
             start_ms: broker.start_to_first_reply.as_secs_f64() * 1e3,
@@ -206,7 +206,7 @@ pub fn worker_kill_main(socket: &Path, count: usize, varlink: bool) -> anyhow::R
         for v in &victims {
             let target = Target::pinned(v.pid)?;
             let t0 = Instant::now();
-            client.kill_and_reap(reapd_client::varlink::VarlinkTarget::Pid(target), None)?;
+            client.kill_and_reap(target.clone(), None)?;
             lines.push_str(&format!("{}\n", us(t0.elapsed())));
         }
         victims.into_iter().for_each(Victim::finish);
@@ -253,20 +253,21 @@ pub async fn throughput(
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         let mut c = Client::connect(socket).await?;
-        c.check_permission(target).await?;
+        c.check_permission(target.clone()).await?;
         conns.push(c);
     }
     let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let mut tasks = Vec::new();
     for mut c in conns {
         let start = start.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             start.wait().await;
             let deadline = Instant::now() + duration;
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                c.check_permission(target).await?;
+                c.check_permission(target.clone()).await?;
                 lat.push(us(t0.elapsed()));
             }
             anyhow::Ok(lat)
@@ -292,10 +293,11 @@ pub async fn many_calls(socket: &Path, target: Target, total: usize, clients: us
     for i in 0..clients {
         let socket = socket.to_path_buf();
         let n = total / clients + usize::from(i < total % clients);
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&socket).await?;
             for _ in 0..n {
-                c.check_permission(target).await?;
+                c.check_permission(target.clone()).await?;
             }
             anyhow::Ok(())
         }));

@@ -266,8 +266,12 @@ impl From<tonic::Status> for Error {
     }
 }
 
-/// A process, by pid, optionally guarded by its start time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A process to act on: a pid, optionally guarded by its start time, and
+/// optionally pinned by a pidfd ([`Target::pidfd_of`]). The one target type
+/// of both transports: varlink passes the pidfd with the call (the broker
+/// then needs no pid at all), gRPC, which carries no fds, sends the pid and
+/// the start time read through the pidfd.
+#[derive(Debug, Clone)]
 pub struct Target {
     /// The process id, in the caller's pid namespace (at least 1).
     pub pid: i32,
@@ -276,21 +280,75 @@ pub struct Target {
     /// with [`Error::ProcessChanged`] unless `pid` still started then (the
     /// pid was not reused).
     pub start_time: Option<u64>,
+    /// The pidfd that pins the process, shared by clones of the target.
+    pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
+
+/// Targets are equal when they name the same pid and start time and the
+/// same pidfd (or none).
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        let same_fd = match (&self.pidfd, &other.pidfd) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.pid == other.pid && self.start_time == other.start_time && same_fd
+    }
+}
+
+impl Eq for Target {}
 
 impl Target {
     /// The process `pid`, unguarded: whichever process has that pid when
     /// the broker looks (a retried kill pins it first; see the crate docs).
     pub fn pid(pid: i32) -> Self {
-        Target { pid, start_time: None }
+        Target {
+            pid,
+            start_time: None,
+            pidfd: None,
+        }
+    }
+
+    /// `pid` guarded by `start_time` (clock ticks since boot).
+    pub fn with_start_time(pid: i32, start_time: u64) -> Self {
+        Target {
+            pid,
+            start_time: Some(start_time),
+            pidfd: None,
+        }
+    }
+
+    /// The same target guarded by `start_time` (or unguarded: `None`).
+    pub fn start_time(mut self, start_time: Option<u64>) -> Self {
+        self.start_time = start_time;
+        self
     }
 
     /// The target, guarded by the start time read now from `/proc`.
     pub fn pinned(pid: i32) -> std::io::Result<Self> {
+        Ok(Target::with_start_time(pid, start_time_of(pid)?))
+    }
+
+    /// The process `pid` pinned by a pidfd opened now, checked against
+    /// `expected_start` if given (see [`varlink::pidfd_of`]); its start time
+    /// is read through the pinned process. Errors: as `pidfd_of`.
+    #[cfg(feature = "varlink")]
+    pub fn pidfd_of(pid: i32, expected_start: Option<u64>) -> Result<Self, varlink::Error> {
+        let pidfd = varlink::pidfd_of(pid, expected_start)?;
+        // pidfd_of read the start time after pinning and checked the
+        // process still ran: this read names the same process.
+        let start_time = start_time_of(pid).map_err(|source| varlink::Error::Pidfd { pid, source })?;
         Ok(Target {
             pid,
-            start_time: Some(start_time_of(pid)?),
+            start_time: Some(start_time),
+            pidfd: Some(std::sync::Arc::new(pidfd)),
         })
+    }
+
+    /// The pidfd pinning the process, if the target was made with one.
+    pub fn pidfd(&self) -> Option<&std::os::fd::OwnedFd> {
+        self.pidfd.as_deref()
     }
 }
 

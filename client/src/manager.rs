@@ -76,7 +76,7 @@ impl crate::Client {
             reap_delay_ms: ms(options.reap_delay),
         };
         let retry_target = match target.start_time {
-            Some(_) => Some(target),
+            Some(_) => Some(target.clone()),
             None => Target::pinned(target.pid).ok(),
         };
         let reply = match self.inner.kill_and_reap(request(target)).await {

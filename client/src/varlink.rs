@@ -5,10 +5,10 @@
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), reapd_client::varlink::Error> {
-//! use reapd_client::varlink::{pidfd_of, Client, VarlinkTarget};
+//! use reapd_client::{varlink::Client, Target};
 //! let mut client = Client::connect(reapd_client::varlink::DEFAULT_SOCKET)?;
-//! let pidfd = pidfd_of(4242, None)?;
-//! let report = client.kill_and_reap(VarlinkTarget::Pidfd(pidfd), None)?;
+//! let target = Target::pidfd_of(4242, None)?;
+//! let report = client.kill_and_reap(target, None)?;
 //! println!("{}", report.outcome);
 //! # Ok(()) }
 //! ```
@@ -135,15 +135,6 @@ impl From<Error> for crate::Error {
 
 fn libc_esrch() -> i32 {
     rustix::io::Errno::SRCH.raw_os_error()
-}
-
-/// How a varlink call names its target.
-#[derive(Debug)]
-pub enum VarlinkTarget {
-    /// A pid, optionally guarded by its start time.
-    Pid(Target),
-    /// A pidfd, passed with the call.
-    Pidfd(OwnedFd),
 }
 
 /// Opens a pidfd for `pid` and, if `expected_start` is given, checks the
@@ -589,20 +580,22 @@ impl Client {
         &mut self,
         limit: Option<Duration>,
         method: &str,
-        target: &VarlinkTarget,
+        target: &Target,
         mut extra: Map<String, Value>,
     ) -> Result<Value, Error> {
-        match target {
-            VarlinkTarget::Pid(t) => {
-                extra.insert("pid".into(), json!(t.pid));
-                if let Some(start) = t.start_time {
+        // A pidfd names the process exactly: it is passed alone (a pid or
+        // start time beside it would be a second name the broker refuses).
+        match target.pidfd() {
+            Some(fd) => {
+                extra.insert("pidfd".into(), json!(0));
+                self.call_within(limit, method, Value::Object(extra), &[fd])
+            }
+            None => {
+                extra.insert("pid".into(), json!(target.pid));
+                if let Some(start) = target.start_time {
                     extra.insert("startTime".into(), json!(start));
                 }
                 self.call_within(limit, method, Value::Object(extra), &[])
-            }
-            VarlinkTarget::Pidfd(fd) => {
-                extra.insert("pidfd".into(), json!(0));
-                self.call_within(limit, method, Value::Object(extra), &[fd])
             }
         }
     }
@@ -611,11 +604,7 @@ impl Client {
     /// a pidfd passed with the call. Not retried once sent. Errors: the
     /// broker's as [`Error::Reply`], [`Error::Timeout`] (the kill may have
     /// happened), [`Error::Io`].
-    pub fn kill_and_reap(
-        &mut self,
-        target: VarlinkTarget,
-        wait_for_exit: Option<Duration>,
-    ) -> Result<KillReport, Error> {
+    pub fn kill_and_reap(&mut self, target: Target, wait_for_exit: Option<Duration>) -> Result<KillReport, Error> {
         let options = crate::KillOptions {
             wait_for_exit,
             ..Default::default()
@@ -625,11 +614,7 @@ impl Client {
 
     /// Kills `target` paced by `options` (SIGTERM grace, reap delay),
     /// bounded by [`Client::timeout`] plus those waits (see the crate docs).
-    pub fn kill_and_reap_with(
-        &mut self,
-        target: VarlinkTarget,
-        options: crate::KillOptions,
-    ) -> Result<KillReport, Error> {
+    pub fn kill_and_reap_with(&mut self, target: Target, options: crate::KillOptions) -> Result<KillReport, Error> {
         let mut extra = Map::new();
         let ms = |d: Duration| json!(d.as_millis().min(u32::MAX as u128) as u64);
         for (name, value) in [
@@ -647,7 +632,7 @@ impl Client {
 
     /// As [`crate::Client::check_permission`], naming the target by pid or
     /// by a pidfd passed with the call.
-    pub fn check_permission(&mut self, target: VarlinkTarget) -> Result<Permission, Error> {
+    pub fn check_permission(&mut self, target: Target) -> Result<Permission, Error> {
         let limit = self.timeout;
         decode(self.target_call(limit, "io.reapd.Reaper.CheckPermission", &target, Map::new())?)
     }

@@ -136,7 +136,7 @@ fn to_crate<T>(result: Result<T, reapd_client::varlink::Error>) -> Result<T, Err
 #[cfg(feature = "varlink")]
 #[test]
 fn varlink_calls_time_out_against_a_broker_that_never_answers() {
-    use reapd_client::varlink::{Client, VarlinkTarget};
+    use reapd_client::varlink::Client;
     let broker = SilentBroker::start("varlink");
     let client = Client::connect(&broker.path).expect("the socket accepts");
     assert_eq!(client.timeout(), Some(reapd_client::DEFAULT_TIMEOUT));
@@ -147,7 +147,7 @@ fn varlink_calls_time_out_against_a_broker_that_never_answers() {
     assert_timed_out("varlink capabilities", result, started, BOUND);
 
     let started = Instant::now();
-    let result = to_crate(client.check_permission(VarlinkTarget::Pid(reapd_client::Target::pid(1))));
+    let result = to_crate(client.check_permission(reapd_client::Target::pid(1)));
     assert_timed_out("varlink check_permission", result, started, BOUND);
 
     let options = reapd_client::KillOptions {
@@ -155,7 +155,7 @@ fn varlink_calls_time_out_against_a_broker_that_never_answers() {
         ..Default::default()
     };
     let started = Instant::now();
-    let result = to_crate(client.kill_and_reap_with(VarlinkTarget::Pid(reapd_client::Target::pid(i32::MAX)), options));
+    let result = to_crate(client.kill_and_reap_with(reapd_client::Target::pid(i32::MAX), options));
     assert_timed_out("varlink kill_and_reap_with", result, started, BOUND);
 
     let started = Instant::now();

@@ -321,10 +321,7 @@ impl Killer {
         let p = &c.process;
         // Pinned to the start time the broker listed: a recycled pid is
         // refused, not killed.
-        let target = Target {
-            pid: p.pid,
-            start_time: Some(p.start_time),
-        };
+        let target = Target::with_start_time(p.pid, p.start_time);
         self.client.kill_and_reap_with(
             target,
             KillOptions {

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use reapd_client::varlink::{self, VarlinkTarget};
+use reapd_client::varlink;
 use reapd_client::{
     blocking::Client, Candidates, CandidatesQuery, Capabilities, Error, Group, GroupReport, KillEvent, KillOptions,
     KillReport, Permission, Target, DEFAULT_SOCKET,
@@ -260,21 +260,17 @@ enum Backend {
 }
 
 impl Backend {
-    fn kill(&mut self, target: VarlinkTarget, options: KillOptions) -> Result<KillReport, Error> {
-        match (self, target) {
-            (Backend::Grpc(c), VarlinkTarget::Pid(t)) => c.kill_and_reap_with(t, options),
-            (Backend::Varlink(c), target) => Ok(c.kill_and_reap_with(target, options)?),
-            (Backend::Grpc(_), VarlinkTarget::Pidfd(_)) => Err(Error::InvalidArgument {
-                message: "a pidfd can be passed over varlink only".into(),
-                parameter: Some("pidfd".into()),
-            }),
+    fn kill(&mut self, target: Target, options: KillOptions) -> Result<KillReport, Error> {
+        match self {
+            Backend::Grpc(c) => c.kill_and_reap_with(target, options),
+            Backend::Varlink(c) => Ok(c.kill_and_reap_with(target, options)?),
         }
     }
 
     fn check(&mut self, target: Target) -> Result<Permission, Error> {
         match self {
             Backend::Grpc(c) => c.check_permission(target),
-            Backend::Varlink(c) => Ok(c.check_permission(VarlinkTarget::Pid(target))?),
+            Backend::Varlink(c) => Ok(c.check_permission(target)?),
         }
     }
 
@@ -393,8 +389,8 @@ fn run(args: Args) -> Result<u8, Error> {
             ..
         } => {
             let target = match (pid, pidfd_of) {
-                (_, Some(of)) => VarlinkTarget::Pidfd(varlink::pidfd_of(of, start_time)?),
-                (Some(pid), None) => VarlinkTarget::Pid(Target { pid, start_time }),
+                (_, Some(of)) => Target::pidfd_of(of, start_time)?,
+                (Some(pid), None) => Target::pid(pid).start_time(start_time),
                 (None, None) => unreachable!("clap requires a pid or --pidfd-of"),
             };
             let pid = pid.or(pidfd_of).unwrap_or_default();
@@ -442,7 +438,7 @@ fn run(args: Args) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Check { pid, start_time } => {
-            let permission = client.check(Target { pid, start_time })?;
+            let permission = client.check(Target::pid(pid).start_time(start_time))?;
             if args.json {
                 print_json(&permission);
             } else {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reapd_client::varlink::{pidfd_of, Client as VarlinkClient, VarlinkTarget};
+use reapd_client::varlink::{pidfd_of, Client as VarlinkClient};
 use reapd_client::Target;
 use reapd_e2e::{bin, spawn_as, unsafe_kill, wait_for_log, Broker, Creds, Freezer, Value, Victim};
 use serde_json::json;
@@ -163,7 +163,7 @@ impl Busy {
                     let mut client = VarlinkClient::connect(path).unwrap();
                     let mut calls = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        let _ = client.check_permission(VarlinkTarget::Pid(Target::pid(1)));
+                        let _ = client.check_permission(Target::pid(1));
                         calls += 1;
                     }
                     calls
@@ -465,7 +465,7 @@ fn a_check_flood_never_crowds_out_kill_records() {
                 let t = Instant::now();
                 let mut calls = 0u64;
                 while t.elapsed() < Duration::from_secs(3) {
-                    let _ = client.check_permission(VarlinkTarget::Pid(Target::pid(1)));
+                    let _ = client.check_permission(Target::pid(1));
                     calls += 1;
                 }
                 calls
@@ -475,9 +475,7 @@ fn a_check_flood_never_crowds_out_kill_records() {
     let victims: Vec<Victim> = (0..100).map(|_| victim(Creds::uid(B), 0)).collect();
     let mut client = VarlinkClient::connect(socket(&broker)).unwrap();
     for v in &victims {
-        client
-            .kill_and_reap(VarlinkTarget::Pid(Target::pid(v.pid)), None)
-            .expect("kill");
+        client.kill_and_reap(Target::pid(v.pid), None).expect("kill");
     }
     let checks: u64 = flood.into_iter().map(|t| t.join().unwrap()).sum();
     assert!(wait_for_log(
@@ -570,7 +568,7 @@ fn a_connection_flood_leaves_room_for_root_and_grantees() {
     let target = victim(Creds::uid(A), 0);
     let t = Instant::now();
     let permission = VarlinkClient::connect(socket(&broker))
-        .and_then(|mut c| c.check_permission(VarlinkTarget::Pid(Target::pid(target.pid))))
+        .and_then(|mut c| c.check_permission(Target::pid(target.pid)))
         .expect("root is served");
     let root_took = t.elapsed();
     assert!(permission.allowed);

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use reapd_client::varlink::{pidfd_of, Client, Error, VarlinkTarget};
+use reapd_client::varlink::{pidfd_of, Client, Error};
 use reapd_client::Target;
 use reapd_e2e::{bin, fd_count, run_as, Broker, Creds, CtlResult, Value, Victim};
 use serde_json::json;
@@ -162,8 +162,8 @@ fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
     for _attempt in 0..50 {
         let mut old = victim(Creds::uid(A), 0);
         let old_pid = old.pid;
-        let pidfd = pidfd_of(old_pid, Some(old.start_time())).expect("pidfd of a live victim");
-        let second = pidfd.try_clone().unwrap();
+        let target = Target::pidfd_of(old_pid, Some(old.start_time())).expect("pidfd of a live victim");
+        let second = target.clone();
         reapd_e2e::unsafe_kill(old_pid, libc::SIGKILL);
         old.wait();
         std::fs::write("/proc/sys/kernel/ns_last_pid", (old_pid - 1).to_string()).unwrap();
@@ -172,15 +172,13 @@ fn passed_pidfd_of_an_exited_process_is_gone_even_when_its_pid_is_reused() {
             continue;
         }
         let mut client = connect(&broker);
-        let (name, params) = error_name(client.kill_and_reap(VarlinkTarget::Pidfd(pidfd), None));
+        let (name, params) = error_name(client.kill_and_reap(target, None));
         assert_eq!(name, "io.reapd.Reaper.NoSuchProcess", "{params}");
-        let (name, _) = error_name(client.check_permission(VarlinkTarget::Pidfd(second)));
+        let (name, _) = error_name(client.check_permission(second));
         assert_eq!(name, "io.reapd.Reaper.NoSuchProcess");
         assert!(new.running(), "the new process at the reused pid was hit");
         // The pid names a live process, which a by-pid call would reach.
-        let check = client
-            .check_permission(VarlinkTarget::Pid(Target::pid(old_pid)))
-            .unwrap();
+        let check = client.check_permission(Target::pid(old_pid)).unwrap();
         assert_eq!(check.target.start_time, new.start_time());
         return;
     }
@@ -265,9 +263,7 @@ fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
             let (pid, path) = (v.pid, socket(&broker));
             std::thread::spawn(move || {
                 let mut client = Client::connect(path).unwrap();
-                client
-                    .kill_and_reap(VarlinkTarget::Pid(Target::pid(pid)), Some(WAIT))
-                    .expect("slow kill")
+                client.kill_and_reap(Target::pid(pid), Some(WAIT)).expect("slow kill")
             })
         })
         .collect();
@@ -281,9 +277,7 @@ fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
     });
     // The check on an eleventh connection is answered while they all are.
     let mut checker = connect(&broker);
-    let permission = checker
-        .check_permission(VarlinkTarget::Pid(Target::pid(bystander.pid)))
-        .unwrap();
+    let permission = checker.check_permission(Target::pid(bystander.pid)).unwrap();
     assert!(permission.allowed);
     let after = reapd_e2e::metrics_within(&broker, Creds::ROOT, WAIT / 2).expect("metrics answered");
     assert_eq!(
@@ -637,7 +631,7 @@ fn check_permission_latency_over_varlink_and_grpc() {
     };
 
     let mut client = connect(&broker);
-    let target = || VarlinkTarget::Pid(Target::pid(victim.pid));
+    let target = || Target::pid(victim.pid);
     let mut varlink = Vec::with_capacity(N);
     for _ in 0..N {
         let t = Instant::now();
@@ -763,7 +757,7 @@ fn one_rate_limit_spans_both_transports() {
     // Another uid has its own bucket.
     let mut client = connect(&broker);
     client
-        .kill_and_reap(VarlinkTarget::Pid(Target::pid(victims[3].pid)), None)
+        .kill_and_reap(Target::pid(victims[3].pid), None)
         .expect("root is not limited by uid A's kills");
     assert!(victims[2].running());
     std::fs::remove_file(policy).ok();
