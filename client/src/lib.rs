@@ -8,7 +8,7 @@
 //! let caps = client.capabilities().await?;
 //! println!("kill path: {}", caps.kill_path);
 //! let target = reapd_client::Target::pid(4242);
-//! if client.check_permission(target).await?.allowed {
+//! if client.check_permission(target.clone()).await?.allowed {
 //!     let report = client.kill_and_reap(target, None).await?;
 //!     println!("{} bytes released", report.bytes_released);
 //! }
