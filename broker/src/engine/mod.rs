@@ -778,6 +778,13 @@ impl Engine {
         pidns: Option<OwnedFd>,
     ) -> Result<CandidatesReport, EngineError> {
         let started = Instant::now();
+        // The page size is the API's rule, for every transport.
+        if query.limit > candidates::MAX_PAGE {
+            return Err(EngineError::invalid(
+                "limit",
+                format!("limit is at most {}", candidates::MAX_PAGE),
+            ));
+        }
         let ns = match owned_namespace(caller, pidns.as_ref()) {
             Ok(ns) => ns,
             Err(err) => {

@@ -156,11 +156,7 @@ impl Reaper for GrpcReaper {
             Ok(_) => model::SortKey::from(request.sort_by),
             Err(_) => return Err(status_of(EngineError::invalid("sortBy", "unknown sort key"))),
         };
-        // The documented range, refused as varlink refuses it rather than
-        // clamped.
-        if request.limit as usize > candidates::MAX_PAGE {
-            return Err(status_of(EngineError::invalid("limit", "limit is at most 1000")));
-        }
+        // The page size is checked by the engine (at most MAX_PAGE).
         let query = candidates::Query {
             key,
             offset: request.offset as usize,
