@@ -263,13 +263,17 @@ pub fn read_process_memory(pid: i32) -> io::Result<(Memory, bool)> {
     Ok((status.memory, false))
 }
 
-/// System-wide anonymous and swap memory in use, in bytes: `AnonPages`
-/// summed over `/sys/devices/system/node/node*/meminfo` (or `/proc/meminfo`
-/// where there are no nodes), plus `SwapTotal` − `SwapFree` from
-/// `/proc/meminfo` when it is readable. Under the unit's `ProcSubset=pid`
-/// it is not: swap then counts as unchanged, so a figure built on this can
-/// only under-report. What a kill gives back to the system shows here;
+/// System-wide anonymous and swap memory in use, in bytes: `AnonPages` +
+/// `SwapTotal` − `SwapFree` from `/proc/meminfo` (one open, one read()).
+/// Under the unit's `ProcSubset=pid` that file is hidden: `AnonPages` is
+/// then summed over `/sys/devices/system/node/node*/meminfo` (the same
+/// `NR_ANON_MAPPED` counters, per node; the node list is read once) and
+/// swap counts as unchanged, so a figure built on this can only
+/// under-report. What a kill gives back to the system shows here;
 /// copy-on-write pages still mapped by a survivor do not.
+///
+/// Read on either side of every kill, so it is kept to the fewest
+/// syscalls: the first read sits between the decision and the SIGKILL.
 pub fn system_anon_and_swap() -> io::Result<u64> {
     let kib_of = |text: &str, key: &str| -> Option<u64> {
         text.lines().find_map(|line| {
@@ -278,34 +282,43 @@ pub fn system_anon_and_swap() -> io::Result<u64> {
             (left.split_whitespace().last()? == key).then(|| value.split_whitespace().next()?.parse().ok())?
         })
     };
-    let meminfo = fs::read_to_string("/proc/meminfo").ok();
-    let mut anon = None;
-    if let Ok(nodes) = fs::read_dir("/sys/devices/system/node") {
-        for node in nodes.flatten() {
-            let name = node.file_name();
-            if !name.to_string_lossy().starts_with("node") {
-                continue;
-            }
-            if let Some(kib) = fs::read_to_string(node.path().join("meminfo"))
-                .ok()
-                .and_then(|text| kib_of(&text, "AnonPages"))
-            {
-                *anon.get_or_insert(0) += kib;
-            }
+    if let Ok(bytes) = read_proc("/proc/meminfo") {
+        let text = String::from_utf8_lossy(&bytes);
+        if let Some(anon) = kib_of(&text, "AnonPages") {
+            let swap = kib_of(&text, "SwapTotal")
+                .zip(kib_of(&text, "SwapFree"))
+                .map_or(0, |(total, free)| total.saturating_sub(free));
+            return Ok((anon + swap) * 1024);
         }
     }
-    let anon = match anon {
-        Some(kib) => kib,
-        None => meminfo
-            .as_deref()
-            .and_then(|text| kib_of(text, "AnonPages"))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no AnonPages in node or /proc meminfo"))?,
-    };
-    let swap = meminfo
-        .as_deref()
-        .and_then(|text| Some(kib_of(text, "SwapTotal")?.saturating_sub(kib_of(text, "SwapFree")?)))
-        .unwrap_or(0);
-    Ok((anon + swap) * 1024)
+    let mut anon = None;
+    for path in node_meminfo_paths() {
+        if let Some(kib) = read_proc(path)
+            .ok()
+            .and_then(|bytes| kib_of(&String::from_utf8_lossy(&bytes), "AnonPages"))
+        {
+            *anon.get_or_insert(0) += kib;
+        }
+    }
+    anon.map(|kib| kib * 1024)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no AnonPages in /proc/meminfo or node meminfo"))
+}
+
+/// `/sys/devices/system/node/node*/meminfo`, listed once: memory nodes come
+/// and go only with memory hotplug, which a node added later would miss
+/// (its anon pages then count as unchanged: an under-report, never more).
+fn node_meminfo_paths() -> &'static [String] {
+    static PATHS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    PATHS.get_or_init(|| {
+        let Ok(nodes) = fs::read_dir("/sys/devices/system/node") else {
+            return Vec::new();
+        };
+        nodes
+            .flatten()
+            .filter(|node| node.file_name().to_string_lossy().starts_with("node"))
+            .map(|node| node.path().join("meminfo").to_string_lossy().into_owned())
+            .collect()
+    })
 }
 
 /// The cgroup v2 path of a process ("0::/path" in `/proc/PID/cgroup`), as
