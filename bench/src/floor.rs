@@ -81,6 +81,17 @@ pub struct Server {
     pub threads_after: u64,
     pub rss_idle: u64,
     pub rss_after: u64,
+    /// After [`SETTLE`] with no calls: what the server gave back.
+    #[serde(default)]
+    pub threads_settled: u64,
+    #[serde(default)]
+    pub rss_settled: u64,
+    /// The anonymous part of the RSS (RssAnon), idle and settled; the rest
+    /// is file-backed (the binary's text and the C library, shared).
+    #[serde(default)]
+    pub anon_idle: u64,
+    #[serde(default)]
+    pub anon_settled: u64,
     pub calls_before_after: usize,
     pub binary_bytes: u64,
 }
@@ -95,6 +106,9 @@ pub struct FloorResults {
     pub inprocess_check: Pair,
     pub inprocess_syscalls: f64,
     pub inprocess_kill: Summary,
+    /// The KillAndReap victims were frozen (v1 freezer), not running.
+    #[serde(default)]
+    pub kill_frozen: bool,
     /// The bare echo servers first, then each broker.
     pub servers: Vec<Server>,
     pub notes: Vec<String>,
@@ -354,7 +368,7 @@ fn varlink_caller(socket: &Path, target: Target) -> anyhow::Result<Caller> {
 }
 
 /// Opens, reads once (one read() into a stack buffer) and closes `path`.
-fn read_once(path: &str) -> std::io::Result<usize> {
+pub(crate) fn read_once(path: &str) -> std::io::Result<usize> {
     let mut file = std::fs::File::open(path)?;
     let mut buffer = [0u8; 4096];
     let n = file.read(&mut buffer)?;
@@ -686,6 +700,11 @@ struct Subject {
 
 /// Runs the floor benchmark against the bare echoes and each broker binary
 /// in `brokers` (label, path), interleaved.
+/// How long after the footprint soak the settled figures are read: the
+/// broker gives memory back after 2 s without calls and lets idle blocking
+/// threads go after 2 s (broker/src/server.rs, `QUIET_TICK`).
+const SETTLE: Duration = Duration::from_secs(6);
+
 pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::Result<FloorResults> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -736,6 +755,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
         server.threads_idle = threads(s.pid);
         server.rss_idle = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+        server.anon_idle = crate::probe::status_bytes(s.pid, "RssAnon").unwrap_or(0);
     }
 
     // Latency, interleaved: every path's warm block in turn, repeated; then
@@ -820,7 +840,20 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
 
     eprintln!("floor: KillAndReap");
     let (workers, per_worker) = cfg.kills;
-    let inprocess_kill = summarize(&crate::overhead::kill_inprocess(workers * per_worker)?);
+    // Frozen victims (v1 freezer): the reap does all the work, with no race
+    // against the victim's own exit path.
+    let freezer = match crate::probe::FreezerCgroup::create("floor-kill") {
+        Ok(f) => Some(f),
+        Err(err) => {
+            notes.push(format!("KillAndReap victims run, not frozen: no v1 freezer ({err})"));
+            None
+        }
+    };
+    let frozen = freezer.is_some();
+    let inprocess_kill = summarize(&crate::overhead::kill_inprocess(
+        workers * per_worker,
+        freezer.as_ref(),
+    )?);
     for (s, server) in subjects.iter().zip(servers.iter_mut()).skip(1) {
         server.kill_grpc = Some(summarize(&crate::overhead::kill_grpc(
             &s.grpc,
@@ -828,6 +861,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
             per_worker,
             false,
             VICTIM_UID + 1,
+            freezer.as_ref(),
         )?));
         server.kill_varlink = Some(summarize(&crate::overhead::kill_grpc(
             &s.varlink,
@@ -835,18 +869,29 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
             per_worker,
             true,
             VICTIM_UID + 101,
+            freezer.as_ref(),
         )?));
     }
+    drop(freezer);
 
     eprintln!("floor: footprint after {} calls", cfg.soak_calls);
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
         rt.block_on(crate::overhead::many_calls(&s.grpc, target.clone(), cfg.soak_calls, 16))?;
         server.calls_before_after = cfg.soak_calls;
     }
+    let soaked = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
         server.threads_after = threads(s.pid);
         server.rss_after = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+    }
+    // A measurement window, not a wait for an event: what the server holds
+    // once it has been quiet for a while.
+    std::thread::sleep(SETTLE.saturating_sub(soaked.elapsed()));
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        server.threads_settled = threads(s.pid);
+        server.rss_settled = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+        server.anon_settled = crate::probe::status_bytes(s.pid, "RssAnon").unwrap_or(0);
     }
     drop(running);
     drop(floor);
@@ -881,6 +926,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         inprocess_check,
         inprocess_syscalls,
         inprocess_kill,
+        kill_frozen: frozen,
         servers,
         notes,
     })
@@ -962,7 +1008,8 @@ pub fn markdown(r: &FloorResults) -> String {
     }
     let _ = writeln!(
         md,
-        "\nKillAndReap of a running 1 MiB victim (p50 µs; in-process: pidfd_open + pidfd_send_signal + process_mrelease, {:.0} µs):\n",
+        "\nKillAndReap of a {} 1 MiB victim, killed by a process that is not its parent (p50 µs; in-process, what the broker must do: pidfd_open, PIDFD_GET_INFO, one read() each of status, stat, oom_score_adj and cgroup, pidfd_send_signal(SIGKILL), process_mrelease: {:.0} µs):\n",
+        if r.kill_frozen { "frozen (v1 freezer)" } else { "running" },
         r.inprocess_kill.p50
     );
     let _ = writeln!(
@@ -1037,22 +1084,28 @@ pub fn markdown(r: &FloorResults) -> String {
     }
     let _ = writeln!(
         md,
-        "\nFootprint: threads and RSS idle (after one call per transport) and after {} CheckPermission calls over 16 gRPC connections (plus everything above):\n",
-        r.servers.get(1).map_or(0, |s| s.calls_before_after)
+        "\nFootprint: threads and RSS idle (after one call per transport), right after {} CheckPermission calls over 16 gRPC connections (plus everything above), and {} s after those calls (settled); anonymous memory (RssAnon) in brackets, the rest is file-backed (text of the binary and the C library):\n",
+        r.servers.get(1).map_or(0, |s| s.calls_before_after),
+        SETTLE.as_secs()
     );
     let _ = writeln!(
         md,
-        "| server | threads idle | threads after | RSS idle | RSS after | binary |\n|---|---|---|---|---|---|"
+        "| server | threads idle / after / settled | RSS idle | RSS after | RSS settled | settled ÷ idle | binary |\n|---|---|---|---|---|---|---|"
     );
     for s in &r.servers {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {} |",
+            "| {} | {} / {} / {} | {:.1} MiB ({:.1}) | {:.1} MiB | {:.1} MiB ({:.1}) | {:.2}× | {} |",
             s.label,
             s.threads_idle,
             s.threads_after,
+            s.threads_settled,
             mib(s.rss_idle),
+            mib(s.anon_idle),
             mib(s.rss_after),
+            mib(s.rss_settled),
+            mib(s.anon_settled),
+            s.rss_settled as f64 / s.rss_idle.max(1) as f64,
             if s.binary_bytes > 0 {
                 format!("{:.1} MiB", mib(s.binary_bytes))
             } else {

@@ -120,15 +120,27 @@ enum Cmd {
     },
     /// (internal) Keep one core busy.
     Spin,
-    /// (internal) KillAndReap tiny victims as the current uid, printing µs.
+    /// (internal) KillAndReap the given victims as the current uid, printing µs.
     WorkerKill {
         #[arg(long)]
         socket: PathBuf,
-        #[arg(long)]
-        count: usize,
+        /// The victims, comma-separated pids of this uid.
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<i32>,
         /// Use varlink (the socket is then the varlink socket).
         #[arg(long)]
         varlink: bool,
+    },
+    /// (internal) CHECKS CheckPermission calls over CLIENTS gRPC
+    /// connections against SOCKET, on the benchmark's own pid (a footprint
+    /// soak against a broker started by hand).
+    Soak {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        checks: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
     },
 }
 
@@ -139,7 +151,12 @@ fn main() -> std::process::ExitCode {
         Cmd::Spin => victim::spin_main(),
         Cmd::Report { raw, out, note } => rewrite_report(&raw, &out, note),
         Cmd::LmkPlot { json, out } => lmkplot::plot(&json, &out),
-        Cmd::WorkerKill { socket, count, varlink } => overhead::worker_kill_main(&socket, count, varlink),
+        Cmd::WorkerKill { socket, pids, varlink } => overhead::worker_kill_main(&socket, &pids, varlink),
+        Cmd::Soak {
+            socket,
+            checks,
+            clients,
+        } => soak(&socket, checks, clients),
         Cmd::Run {
             reapd,
             out,
@@ -371,6 +388,7 @@ fn run(
         kill_per_worker,
         false,
         VICTIM_UID + 1,
+        None,
     )?;
     let kill_varlink = overhead::kill_grpc(
         &main_broker.varlink,
@@ -378,8 +396,9 @@ fn run(
         kill_per_worker,
         true,
         VICTIM_UID + 101,
+        None,
     )?;
-    let kill_inproc = overhead::kill_inprocess(kill_workers * kill_per_worker)?;
+    let kill_inproc = overhead::kill_inprocess(kill_workers * kill_per_worker, None)?;
     let mut throughput = Vec::new();
     for c in conc {
         let p = rt.block_on(overhead::throughput(&main_broker.socket, target.clone(), c, tput_dur))?;
@@ -493,6 +512,12 @@ fn run(
         floor: Some(floor),
     };
     write_outputs(&results, out, scratch)
+}
+
+fn soak(socket: &Path, checks: usize, clients: usize) -> anyhow::Result<()> {
+    let target = Target::pinned(std::process::id() as i32)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(overhead::many_calls(socket, target, checks, clients))
 }
 
 /// The brokers of the floor section: `reapd` itself, then each LABEL=PATH.

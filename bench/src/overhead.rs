@@ -15,6 +15,7 @@ use rustix::process::{Pid, PidfdFlags, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::Broker;
+use crate::probe::FreezerCgroup;
 use crate::stats::{summarize, Summary};
 use crate::victim::{Memory, Victim, VICTIM_UID};
 
@@ -128,51 +129,89 @@ pub fn check_inprocess(pid: i32, n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Kill + reap of tiny victims in-process (pidfd_open, pidfd_send_signal,
-/// process_mrelease), victims spawned in batches outside the window.
-pub fn kill_inprocess(n: usize) -> anyhow::Result<Vec<f64>> {
+/// `n` tiny victims of `uid`, spawned (and, with a `freezer`, frozen)
+/// outside any timed window. Frozen victims cannot run their exit path
+/// once killed, so the reap does all the work, as for a frozen container:
+/// the comparison is then the kill and reap alone, with no race against
+/// the victim's own exit.
+fn tiny_victims(n: usize, uid: u32, freezer: Option<&FreezerCgroup>) -> anyhow::Result<Vec<Victim>> {
+    let victims: Vec<Victim> = (0..n)
+        .map(|_| Victim::spawn(&Memory::Anon(TINY), Some(uid)))
+        .collect::<anyhow::Result<_>>()?;
+    if let Some(f) = freezer {
+        for v in &victims {
+            f.freeze(v.pid)?;
+        }
+    }
+    Ok(victims)
+}
+
+/// Thaws (so killed victims can exit) and waits for every victim.
+fn finish_victims(victims: Vec<Victim>, freezer: Option<&FreezerCgroup>) {
+    if let Some(f) = freezer {
+        let _ = f.thaw();
+    }
+    victims.into_iter().for_each(Victim::finish);
+}
+
+/// Kill + reap of tiny victims in-process, doing what the broker must do
+/// for a kill: pidfd_open, PIDFD_GET_INFO and one read() each of the
+/// target's status (its memory before the kill), stat, oom_score_adj and
+/// cgroup (the pin and the decision's facts), then pidfd_send_signal
+/// (SIGKILL) and process_mrelease. Victims spawned (and frozen, with a
+/// `freezer`) in batches outside the window.
+pub fn kill_inprocess(n: usize, freezer: Option<&FreezerCgroup>) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let batch = (n - out.len()).min(64);
-        let victims: Vec<Victim> = (0..batch)
-            .map(|_| Victim::spawn(&Memory::Anon(TINY), Some(VICTIM_UID)))
-            .collect::<anyhow::Result<_>>()?;
+        let victims = tiny_victims(batch, VICTIM_UID, freezer)?;
         for v in &victims {
+            let paths = ["status", "stat", "oom_score_adj", "cgroup"].map(|f| format!("/proc/{}/{f}", v.pid));
             let t0 = Instant::now();
             let pid = Pid::from_raw(v.pid).ok_or_else(|| anyhow::anyhow!("bad pid"))?;
             let fd = rustix::process::pidfd_open(pid, PidfdFlags::empty())?;
+            let wanted = reapd::os::sys::PIDFD_INFO_CREDS | reapd::os::sys::PIDFD_INFO_PID;
+            std::hint::black_box(reapd::os::sys::pidfd_get_info(fd.as_fd(), wanted).is_ok());
+            for path in &paths {
+                crate::floor::read_once(path)?;
+            }
             rustix::process::pidfd_send_signal(&fd, Signal::KILL)?;
             crate::memback::mrelease_retrying(fd.as_fd())?;
             out.push(us(t0.elapsed()));
         }
-        victims.into_iter().for_each(Victim::finish);
+        finish_victims(victims, freezer);
     }
     Ok(out)
 }
 
-/// KillAndReap of tiny victims over gRPC. The broker rate-limits kills per
-/// caller uid (burst 64, then 20/s), so the calls come from `workers`
-/// unprivileged worker processes with their own uids, each killing its own
-/// victims within its burst: this measures the call, not the limiter.
-/// `uid_base` keeps each transport's workers on uids of their own, so
-/// every worker starts with a full bucket.
+/// KillAndReap of tiny victims over gRPC (or varlink). The broker
+/// rate-limits kills per caller uid (burst 64, then 20/s), so the calls
+/// come from `workers` unprivileged worker processes with their own uids,
+/// each killing its own victims within its burst: this measures the call,
+/// not the limiter. `uid_base` keeps each transport's workers on uids of
+/// their own, so every worker starts with a full bucket. Victims are
+/// spawned here (not by the worker: the killer is not their parent) and,
+/// with a `freezer`, frozen.
 pub fn kill_grpc(
     socket: &Path,
     workers: usize,
     per_worker: usize,
     varlink: bool,
     uid_base: u32,
+    freezer: Option<&FreezerCgroup>,
 ) -> anyhow::Result<Vec<f64>> {
     let exe = std::env::current_exe()?;
     let mut out = Vec::new();
     for w in 0..workers {
         let uid = uid_base + w as u32;
+        let victims = tiny_victims(per_worker, uid, freezer)?;
+        let pids: Vec<String> = victims.iter().map(|v| v.pid.to_string()).collect();
         let mut cmd = Command::new(&exe);
         cmd.arg("worker-kill")
             .arg("--socket")
             .arg(socket)
-            .arg("--count")
-            .arg(per_worker.to_string());
+            .arg("--pids")
+            .arg(pids.join(","));
         if varlink {
             cmd.arg("--varlink");
         }
@@ -181,7 +220,9 @@ pub fn kill_grpc(
             .gid(uid)
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
-            .output()?;
+            .output();
+        finish_victims(victims, freezer);
+        let output = output?;
         if !output.status.success() {
             anyhow::bail!("kill worker as uid {uid} failed: {}", output.status);
         }
@@ -192,45 +233,39 @@ pub fn kill_grpc(
     Ok(out)
 }
 
-/// The `worker-kill` mode, run as an unprivileged uid: spawn `count` tiny
-/// victims (same uid), then KillAndReap each through the broker, printing
-/// each call's latency in microseconds.
-pub fn worker_kill_main(socket: &Path, count: usize, varlink: bool) -> anyhow::Result<()> {
-    let victims: Vec<Victim> = (0..count)
-        .map(|_| Victim::spawn(&Memory::Anon(TINY), None))
-        .collect::<anyhow::Result<_>>()?;
+/// The `worker-kill` mode, run as an unprivileged uid: KillAndReap each of
+/// `pids` (victims of this uid) through the broker, printing each call's
+/// latency in microseconds.
+pub fn worker_kill_main(socket: &Path, pids: &[i32], varlink: bool) -> anyhow::Result<()> {
+    let targets: Vec<Target> = pids.iter().map(|&pid| Target::pinned(pid)).collect::<Result<_, _>>()?;
+    let mut lines = String::new();
     if varlink {
         let mut client = reapd_client::varlink::Client::connect(socket)?;
         client.capabilities()?;
-        let mut lines = String::new();
-        for v in &victims {
-            let target = Target::pinned(v.pid)?;
+        for target in targets {
             let t0 = Instant::now();
-            client.kill_and_reap(target.clone(), None)?;
+            client.kill_and_reap(target, None)?;
             lines.push_str(&format!("{}\n", us(t0.elapsed())));
         }
-        victims.into_iter().for_each(Victim::finish);
         print!("{lines}");
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut lines = String::new();
     rt.block_on(async {
         let mut client = Client::connect(socket).await?;
         client.capabilities().await?;
-        for v in &victims {
-            let target = Target::pinned(v.pid)?;
+        for target in targets {
+            let pid = target.pid;
             let t0 = Instant::now();
             let report = client.kill_and_reap(target, None).await?;
             let took = us(t0.elapsed());
             if report.outcome == reapd_client::Outcome::Unspecified {
-                anyhow::bail!("KillAndReap of {} answered no outcome", v.pid);
+                anyhow::bail!("KillAndReap of {pid} answered no outcome");
             }
             lines.push_str(&format!("{took}\n"));
         }
         anyhow::Ok(())
     })?;
-    victims.into_iter().for_each(Victim::finish);
     print!("{lines}");
     Ok(())
 }

@@ -307,7 +307,7 @@ within each (state, victim) block the methods alternate, each repetition startin
     }
 
     let _ = writeln!(md, "## 2. What the broker costs\n");
-    let _ = writeln!(md, "Per call, microseconds. gRPC: the `reapd-client` async client over one open Unix-socket connection, sequential calls. In-process: the same work done by a privileged caller itself — for a kill, pidfd_open + pidfd_send_signal(SIGKILL) + process_mrelease; for a check, pidfd_open + reading /proc/PID/status. Kill victims hold 1 MiB. The broker limits kills per caller uid (burst 64, 20/s), so gRPC and varlink kills come from unprivileged worker processes under distinct uids (61001… and 61101…), each within its burst. Varlink: `reapd_client::varlink` (blocking), target by pid + start time.\n");
+    let _ = writeln!(md, "Per call, microseconds. gRPC: the `reapd-client` async client over one open Unix-socket connection, sequential calls. In-process: the same work done by a privileged caller itself — for a kill, what the broker must do: pidfd_open, PIDFD_GET_INFO, one read() each of the target's status, stat, oom_score_adj and cgroup, then pidfd_send_signal(SIGKILL) + process_mrelease; for a check, pidfd_open + reading /proc/PID/status. Kill victims hold 1 MiB. The broker limits kills per caller uid (burst 64, 20/s), so gRPC and varlink kills come from unprivileged worker processes under distinct uids (61001… and 61101…), each within its burst. Varlink: `reapd_client::varlink` (blocking), target by pid + start time.\n");
     let _ = writeln!(
         md,
         "| call | n | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|"

@@ -117,6 +117,19 @@ fn path_index(path: KillPath) -> usize {
 }
 
 impl Metrics {
+    /// A number that grows with every connection and every check or kill:
+    /// unchanged between two readings means the broker was idle between
+    /// them.
+    pub fn activity(&self) -> u64 {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let kills: u64 = self.kills.iter().flatten().map(load).sum();
+        load(&self.checks)
+            + load(&self.connections_accepted)
+            + load(&self.connections_refused)
+            + load(&self.group_kills)
+            + kills
+    }
+
     /// One process killed (`None`: the kill failed).
     pub fn killed(&self, outcome: Option<Outcome>, path: KillPath, bytes_released: u64) {
         self.kills[outcome_index(outcome)][path_index(path)].fetch_add(1, Ordering::Relaxed);
