@@ -77,6 +77,10 @@ enum Cmd {
         compare: Vec<String>,
         #[arg(long)]
         quick: bool,
+        /// A reading of this run's numbers, added to the section marked †
+        /// (repeatable).
+        #[arg(long)]
+        note: Vec<String>,
     },
     /// (internal) The bare tonic and JSON echo servers of the floor.
     FloorServer {
@@ -171,7 +175,8 @@ fn main() -> std::process::ExitCode {
             out,
             compare,
             quick,
-        } => floor_only(&reapd, &out, &compare, quick),
+            note,
+        } => floor_only(&reapd, &out, &compare, quick, note),
         Cmd::FloorServer { grpc, varlink } => floor::server_main(&grpc, &varlink),
         Cmd::InprocessCheck { pid, count } => floor::inprocess_main(pid, count),
     };
@@ -532,12 +537,14 @@ fn subjects(reapd: &Path, compare: &[String]) -> anyhow::Result<Vec<(String, Pat
     Ok(out)
 }
 
-fn floor_only(reapd: &Path, out: &Path, compare: &[String], quick: bool) -> anyhow::Result<()> {
+fn floor_only(reapd: &Path, out: &Path, compare: &[String], quick: bool, notes: Vec<String>) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
         anyhow::bail!("run as root: the kill workers run under other uids");
     }
     let dir = RunDir::create("floor")?;
-    let results = floor::run(&floor::Config::new(quick), &subjects(reapd, compare)?, &dir.0)?;
+    let mut results = floor::run(&floor::Config::new(quick), &subjects(reapd, compare)?, &dir.0)?;
+    // Marked: readings of the numbers, written before seeing this run's.
+    results.notes.extend(notes.into_iter().map(|n| format!("† {n}")));
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("floor.json"), serde_json::to_string_pretty(&results)?)?;
     let section = floor::markdown(&results);

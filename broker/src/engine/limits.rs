@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Per-caller-uid limits on kills: a token bucket (kills per interval with a
-//! burst) and a cap on kills in flight. Checks have no side effect and are
-//! not limited here; connection limits live in the listener.
+//! burst) and a cap on kills in flight; and one broker-wide cap on kills in
+//! flight. Checks have no side effect and are not limited here; connection
+//! limits live in the listener.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,15 @@ impl Default for KillLimits {
     }
 }
 
+/// Kills in flight broker-wide, whatever their callers. Each holds a thread
+/// for as long as its reap and its wait for exit take (up to ~10 s), in
+/// place or on the blocking pool (64 threads, `server.rs`); the rest of the
+/// pool must stay free for the async workers' hand-off when a kill blocks
+/// in place and for caller identification at accept, so that kills stuck
+/// on victims that will not die never stall other callers. Beyond it a
+/// kill is refused as rate-limited (and audited as such).
+pub const MAX_KILLS_IN_FLIGHT: u32 = 48;
+
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
@@ -40,7 +50,14 @@ struct Bucket {
 
 #[derive(Debug, Default)]
 pub struct Limiter {
-    buckets: Mutex<HashMap<u32, Bucket>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    buckets: HashMap<u32, Bucket>,
+    /// Kills in flight, all uids.
+    in_flight: u32,
 }
 
 /// Holds one in-flight slot; released on drop.
@@ -52,8 +69,9 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut buckets = self.limiter.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bucket) = buckets.get_mut(&self.uid) {
+        let mut state = self.limiter.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if let Some(bucket) = state.buckets.get_mut(&self.uid) {
             bucket.in_flight = bucket.in_flight.saturating_sub(1);
         }
     }
@@ -61,10 +79,21 @@ impl Drop for InFlight {
 
 impl Limiter {
     /// Takes one kill token and one in-flight slot for `uid`, or says when
-    /// to retry.
+    /// to retry. A kill refused for the broker-wide cap
+    /// ([`MAX_KILLS_IN_FLIGHT`]) spends no token.
     pub fn acquire(self: &Arc<Self>, uid: u32, limits: &KillLimits) -> Result<InFlight, EngineError> {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.in_flight >= MAX_KILLS_IN_FLIGHT {
+            return Err(EngineError::RateLimited {
+                reason: format!(
+                    "the broker has {} kills in flight, all callers together (limit {MAX_KILLS_IN_FLIGHT})",
+                    state.in_flight
+                ),
+                retry_after: Duration::from_millis(10),
+            });
+        }
+        let State { buckets, in_flight } = &mut *state;
         let bucket = buckets.entry(uid).or_insert(Bucket {
             tokens: limits.burst as f64,
             refilled: now,
@@ -98,6 +127,7 @@ impl Limiter {
         }
         bucket.tokens -= 1.0;
         bucket.in_flight += 1;
+        *in_flight += 1;
         Ok(InFlight {
             limiter: Arc::clone(self),
             uid,
@@ -144,5 +174,26 @@ mod tests {
         assert!(limiter.acquire(1, &limits).is_err());
         drop(first);
         assert!(limiter.acquire(1, &limits).is_ok());
+    }
+
+    /// The broker-wide cap holds across uids, and each released kill
+    /// gives its slot back.
+    #[test]
+    fn kills_in_flight_are_capped_broker_wide() {
+        let limiter = Arc::new(Limiter::default());
+        let limits = KillLimits {
+            kills_per_second: 1000.0,
+            burst: 1000,
+            max_in_flight: 1,
+        };
+        let mut held: Vec<_> = (0..MAX_KILLS_IN_FLIGHT)
+            .map(|uid| limiter.acquire(uid, &limits).unwrap())
+            .collect();
+        match limiter.acquire(10_000, &limits) {
+            Err(EngineError::RateLimited { reason, .. }) => assert!(reason.contains("all callers"), "{reason}"),
+            other => panic!("expected RateLimited, got {:?}", other.map(|_| ())),
+        }
+        held.pop();
+        assert!(limiter.acquire(10_000, &limits).is_ok());
     }
 }
