@@ -206,7 +206,13 @@ impl FloorServer {
 
     /// The arguments of `reapd-bench` that start one.
     fn args(grpc: &Path, varlink: &Path) -> Vec<OsString> {
-        vec!["floor-server".into(), "--grpc".into(), grpc.into(), "--varlink".into(), varlink.into()]
+        vec![
+            "floor-server".into(),
+            "--grpc".into(),
+            grpc.into(),
+            "--varlink".into(),
+            varlink.into(),
+        ]
     }
 }
 
@@ -762,8 +768,7 @@ impl Callgrind {
             // program's own last words.
             let last = log_text
                 .lines()
-                .filter(|l| l.contains("unhandled") || l.contains("ERROR") || l.contains("rror:"))
-                .last()
+                .rfind(|l| l.contains("unhandled") || l.contains("ERROR") || l.contains("rror:"))
                 .unwrap_or_default()
                 .to_string();
             anyhow::anyhow!("{e}; {} says: {last:?}", log.display())
@@ -779,7 +784,14 @@ impl Callgrind {
 
     /// Instructions per CheckPermission of one server on each transport
     /// (gRPC, varlink): three runs, see [`Callgrind`].
-    fn server(&mut self, program: &Path, args: &[OsString], grpc: &Path, varlink: &Path, target: &Target) -> anyhow::Result<(f64, f64)> {
+    fn server(
+        &mut self,
+        program: &Path,
+        args: &[OsString],
+        grpc: &Path,
+        varlink: &Path,
+        target: &Target,
+    ) -> anyhow::Result<(f64, f64)> {
         let (warm, calls) = (self.warm, self.calls);
         let mut run = |measured: Option<bool>| {
             let _ = std::fs::remove_file(grpc);
@@ -792,7 +804,11 @@ impl Callgrind {
                     varlink_c()?;
                 }
                 let n = if measured.is_some() { calls } else { 0 };
-                let caller = if measured == Some(true) { &mut varlink_c } else { &mut grpc_c };
+                let caller = if measured == Some(true) {
+                    &mut varlink_c
+                } else {
+                    &mut grpc_c
+                };
                 for _ in 0..n {
                     caller()?;
                 }
@@ -1049,7 +1065,11 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
                     version: cg.version.clone(),
                     warm,
                     calls,
-                    unhandled: cg.unhandled.iter().map(|&nr| (nr, syscall_name(nr).to_string())).collect(),
+                    unhandled: cg
+                        .unhandled
+                        .iter()
+                        .map(|&nr| (nr, syscall_name(nr).to_string()))
+                        .collect(),
                 });
             }
         }
@@ -1096,7 +1116,7 @@ fn instructions_method(r: &FloorResults) -> String {
         return "callgrind, not run".into();
     };
     let mut text = format!(
-        "{} --tool=callgrind, Ir of every thread of the server process, a separate pass: each server started under callgrind three times, each run opening one gRPC and one varlink connection and making {} calls on each, then {} more CheckPermission calls on one transport (or none: the baseline); the run's Ir minus the baseline's, ÷ {}, so start-up and connection costs cancel. The in-process row: `reapd-bench inprocess-check` with {} checks minus {}, ÷ {}. Brokers run with --no-seccomp under valgrind: valgrind cannot apply a seccomp filter to its guest (seccomp(2) is unknown to it), and the broker's allow-list would forbid valgrind's own syscalls",
+        "{} --tool=callgrind: Ir, the user-space instructions of every thread of the server process (the kernel's work in its syscalls is not counted), a separate pass: each server started under callgrind three times, each run opening one gRPC and one varlink connection and making {} calls on each, then {} more CheckPermission calls on one transport (or none: the baseline); the run's Ir minus the baseline's, ÷ {}, so start-up and connection costs cancel. The in-process row: `reapd-bench inprocess-check` with {} checks minus {}, ÷ {}. Brokers run with --no-seccomp under valgrind: valgrind cannot apply a seccomp filter to its guest (seccomp(2) is unknown to it), and the broker's allow-list would forbid valgrind's own syscalls",
         cg.version,
         cg.warm,
         cg.calls,
