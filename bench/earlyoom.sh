@@ -41,26 +41,16 @@ if [[ ${1:-} != --refresh && -x $BIN && -x $ROOT/usr/bin/lxcfs ]]; then
 fi
 [[ $(id -u) -eq 0 ]] || { echo "bench/earlyoom.sh: needs root (apt-get)" >&2; exit 1; }
 
-APT=$CACHE/apt
-mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/etc"
-for s in "$SUITE" "$HOST_SUITE"; do
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $s main"
-done >"$APT/etc/sources.list"
-# Only the Packages index: no translations, no DEP-11 metadata (tens of MB
-# that `apt-get download` never reads).
-OPT=(-o "Dir::Etc::sourcelist=$APT/etc/sources.list" -o "Dir::Etc::sourceparts=/dev/null"
-    -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" -o "APT::Sandbox::User=root"
-    -o "Acquire::Languages=none" -o "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false"
-    -o "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false"
-    -o "Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false"
-    -o "Acquire::IndexTargets::deb::DEP-11-icons-hidpi::DefaultEnabled=false")
-if ! apt-get "${OPT[@]}" update -qq >"$CACHE/apt.log" 2>&1; then
+# shellcheck source=bench/private-apt.sh
+. "$(dirname "$0")/private-apt.sh"
+private_apt "$CACHE/apt" "$SUITE" "$HOST_SUITE"
+if ! apt-get "${PRIVATE_APT[@]}" update -qq >"$CACHE/apt.log" 2>&1; then
     echo "bench/earlyoom.sh: apt-get update of $SUITE failed (see $CACHE/apt.log)" >&2
     [[ -x $BIN ]] && { echo "$ROOT"; exit 0; }
     exit 1
 fi
 rm -f "$CACHE"/*.deb
-if ! (cd "$CACHE" && apt-get "${OPT[@]}" download "earlyoom/$SUITE" "lxcfs/$HOST_SUITE" "libfuse3-3/$HOST_SUITE" \
+if ! (cd "$CACHE" && apt-get "${PRIVATE_APT[@]}" download "earlyoom/$SUITE" "lxcfs/$HOST_SUITE" "libfuse3-3/$HOST_SUITE" \
     >>"$CACHE/apt.log" 2>&1); then
     echo "bench/earlyoom.sh: apt-get download failed (see $CACHE/apt.log)" >&2
     [[ -x $BIN ]] && { echo "$ROOT"; exit 0; }

@@ -5,7 +5,8 @@
 # debug), runs the low-memory killers side by side (reapd-lmk, earlyoom, the
 # kernel OOM killer alone; bench/lmk_side_by_side.py, about a minute,
 # fetching earlyoom once with bench/earlyoom.sh), then every other benchmark
-# (about 15-20 minutes on 2 cores). Needs root. Extra arguments go to `reapd-bench run` (e.g. --reps 3;
+# (about 15-20 minutes on 2 cores; the floor's instruction counts run under
+# a valgrind that bench/valgrind.sh fetches once from Debian trixie). Needs root. Extra arguments go to `reapd-bench run` (e.g. --reps 3;
 # --compare before=/path/to/old/reapd adds an older broker to the floor
 # section, measured in the same run). LMK_REPS (default 10) sets the side by
 # side's repetitions per killer.

@@ -44,6 +44,13 @@ pub struct Broker {
 /// anyone may check.
 const DEFAULT_POLICY: &str = "[defaults]\nkill-rule = true\ncheck = \"anyone\"\n";
 
+/// Writes the built-in default policy for broker `name` into `dir`.
+pub fn default_policy(dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let file = dir.join(format!("{name}.policy.toml"));
+    std::fs::write(&file, DEFAULT_POLICY)?;
+    Ok(file)
+}
+
 impl Broker {
     pub async fn start(reapd: &Path, dir: &Path, name: &str, extra: &[String]) -> anyhow::Result<Broker> {
         let socket = dir.join(format!("{name}.sock"));
@@ -53,9 +60,7 @@ impl Broker {
         // kill(2) rule, as built in), never the host's /etc/reapd one.
         let mut policy = Vec::new();
         if !extra.iter().any(|a| a == "--policy") {
-            let file = dir.join(format!("{name}.policy.toml"));
-            std::fs::write(&file, DEFAULT_POLICY)?;
-            policy = vec!["--policy".into(), file.into_os_string()];
+            policy = vec!["--policy".into(), default_policy(dir, name)?.into_os_string()];
         }
         let started = Instant::now();
         let child = Command::new(reapd)

@@ -79,6 +79,32 @@ fn quick_run_writes_a_report() {
         five.is_some_and(|at| report.find("## Notes").is_none_or(|notes| at < notes)),
         "section 5 missing or after the notes:\n{report}"
     );
+    // Instructions per call (section 0, callgrind under the valgrind that
+    // bench/valgrind.sh fetches): counted for the in-process check and
+    // every server, or a counted skip that says why not.
+    let section0 = report.split("## Headline").next().unwrap_or_default();
+    if let Some(note) = section0
+        .lines()
+        .filter_map(|l| l.strip_prefix("- "))
+        .find(|n| n.contains("no instruction counts"))
+    {
+        skip(note);
+    } else {
+        let rows: Vec<&str> = section0
+            .lines()
+            .skip_while(|l| !l.starts_with("| server | transport | CPU µs/call"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        assert!(rows.len() >= 5, "no cost table in section 0:\n{section0}");
+        for row in rows {
+            let ir = row.trim_end_matches(" |").rsplit("| ").next().unwrap_or_default();
+            assert!(
+                ir.parse::<f64>().is_ok(),
+                "no instruction count in {row:?}:\n{section0}"
+            );
+        }
+    }
     // A part of the run the benchmark left out (no v1 freezer, no font for
     // the plots) is a note in its report, not a failure of the run: each
     // is a visible, counted skip here, never a silent pass.
