@@ -781,3 +781,92 @@ fn fd_links(pid: i32) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Kills that hold their threads (frozen victims, a long wait for exit) are
+/// capped broker-wide: past the cap a kill is refused as rate-limited at
+/// once, and while the capped ones hang another uid's check on a new
+/// connection is answered on both transports. Without the cap, kills in
+/// place would take the blocking pool's last threads, and with them the
+/// workers' hand-off and caller identification at accept: every caller
+/// would stall.
+#[test]
+fn kills_stuck_on_frozen_victims_are_capped_and_never_stall_other_callers() {
+    const CAP: usize = 48; // reapd::engine::limits::MAX_KILLS_IN_FLIGHT
+    const OVER: usize = 2;
+    const WAIT: Duration = Duration::from_secs(10);
+    // The per-uid limits out of the way: only the broker-wide cap is tested.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[defaults]\nkill-rule = true\ncheck = \"anyone\"\n\n[limits]\nkills = 1000\nburst = 1000\nmax-in-flight = 100\n",
+    )
+    .unwrap();
+    let broker = start(&["--policy", policy.to_str().unwrap()]);
+    let victims: Vec<Victim> = (0..CAP + OVER).map(|_| victim(Creds::uid(A), MIB)).collect();
+    let bystander = victim(Creds::uid(B), 0);
+    let freezer = reapd_e2e::Freezer::new("reapd-varlink-stuck");
+    for v in &victims {
+        freezer.freeze(v.pid);
+    }
+    let calls: Vec<_> = victims
+        .iter()
+        .map(|v| {
+            let (pid, path) = (v.pid, socket(&broker));
+            std::thread::spawn(move || {
+                Client::connect(path)
+                    .unwrap()
+                    .kill_and_reap(Target::pid(pid), Some(WAIT))
+            })
+        })
+        .collect();
+    let in_flight = |m: &[Value]| reapd_e2e::metric(m, "kills_in_flight", &[]);
+    reapd_e2e::wait_for_metrics(&broker, Creds::ROOT, "the cap of kills in flight", WAIT / 2, |m| {
+        in_flight(m) == CAP as f64
+    });
+    // The ones over the cap are answered at once, refused.
+    assert!(
+        reapd_e2e::wait_until(WAIT / 2, || calls.iter().filter(|t| t.is_finished()).count() == OVER),
+        "{} calls returned while {CAP} kills hang",
+        calls.iter().filter(|t| t.is_finished()).count()
+    );
+    // Another uid, new connections, both transports: answered while the
+    // capped kills all still hang.
+    let mut command = Command::new(bin("reapctl"));
+    command
+        .args(["--varlink", "--socket"])
+        .arg(socket(&broker))
+        .args(["check", &bystander.pid.to_string()]);
+    let out = run_as(Creds::uid(B), &mut command);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = broker.reapctl(Creds::uid(B), &["check", &bystander.pid.to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let after = reapd_e2e::metrics_within(&broker, Creds::ROOT, WAIT / 2).expect("metrics answered");
+    assert_eq!(
+        in_flight(&after),
+        CAP as f64,
+        "a capped kill ended before the checks were answered"
+    );
+
+    freezer.thaw();
+    let (mut reaped, mut refused) = (0, 0);
+    for t in calls {
+        match t.join().unwrap() {
+            Ok(report) => {
+                assert!(report.exited, "{report:?}");
+                reaped += 1;
+            }
+            Err(Error::Reply { name, parameters }) if name == "io.reapd.Reaper.RateLimited" => {
+                assert!(parameters.to_string().contains("all callers"), "{parameters}");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!((reaped, refused), (CAP, OVER));
+    assert!(
+        broker.log_text().matches("all callers").count() >= OVER,
+        "the refusals over the cap are audited"
+    );
+    drop(victims);
+}
