@@ -784,13 +784,11 @@ static void test_pinned_reader(const char *name, enum pin_reader kind)
 	    uffd_register(uffd, r.buf, psize(), true, false, false)) {
 		ksft_test_result_skip("%s: userfaultfd registration: %s\n", name,
 				      strerror(errno));
-		close(uffd);
-		return;
+		goto out_uffd;
 	}
 	if (pipe(done)) {
 		ksft_test_result_fail("%s: pipe: %s\n", name, strerror(errno));
-		close(uffd);
-		return;
+		goto out_uffd;
 	}
 	r.done = done[1];
 	parent = spawn_parent_and_victim(MB(64), &victim, &pid);
@@ -872,8 +870,10 @@ out_reader:
 out_pipe:
 	close(done[0]);
 	close(done[1]);
+out_uffd:
 	close(uffd);
-	munmap(r.buf, psize());
+	if (r.buf != MAP_FAILED)
+		munmap(r.buf, psize());
 }
 
 /* The cmdline reader, which any user may run against any process */

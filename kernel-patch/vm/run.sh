@@ -186,7 +186,7 @@ prefix_builds() {
 			fi
 		fi
 		t=$(date +%s)
-		if ! nice -n 15 make ARCH=x86_64 O="$out" -C "$src" -j"$JOBS" W=1 bzImage >>"$log" 2>&1 ||
+		if ! nice -n 10 make ARCH=x86_64 O="$out" -C "$src" -j"$JOBS" W=1 bzImage >>"$log" 2>&1 ||
 			! grep -q 'bzImage is ready' "$log"; then
 			grep -E 'error|Error' "$log" | head -20
 			fail "prefix ${k/#0/stock}: make W=1 bzImage failed (see $log)"
