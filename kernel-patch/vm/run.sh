@@ -156,6 +156,7 @@ prefix_builds() {
 	# stock source even where a previous run left patched objects behind
 	# (and the stock tree's own files keep their timestamps).
 	rm -rf "$src" && cp -al "$CACHE/src-stock" "$src" || die "prefixes: copy tree"
+	rm -f "$CACHE"/prefix-[0-9]*.log
 	for f in $(sed -n 's|^+++ b/||p' "${patches[@]}" | sort -u); do
 		[[ -f $CACHE/src-stock/$f ]] && cp --remove-destination "$CACHE/src-stock/$f" "$src/$f"
 	done
