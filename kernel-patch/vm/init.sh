@@ -25,29 +25,34 @@ cpus=$(grep -c '^processor' /proc/cpuinfo)
 if [ "$cpus" = 2 ]; then pass "smp: 2 CPUs online"; else fail "smp: $cpus CPUs online, want 2"; fi
 
 # 1. the selftest, as root and as an unprivileged uid (no passwd entry
-# needed). The plan is 11 cases either way. As root the pinned_mm case runs:
-# it passes on the patched kernel and reports the pin as a skip on stock.
-# Unprivileged, userfaultfd may not handle kernel faults, so it skips.
-selftest() { # label expected-totals expected-skip-text command...
-	label=$1 totals=$2 skiptext=$3
-	shift 3
+# needed). The plan is 13 cases either way. As root the three pinned-mm
+# cases (a cmdline, a PAGEMAP_SCAN and a process_vm_readv() reader) run:
+# they pass on the patched kernel and report the pin as a skip on stock.
+# Unprivileged, userfaultfd may not handle kernel faults, so they skip.
+PLAN=13
+selftest() { # label pass-count skip-count skip-reason command...
+	label=$1 npass=$2 nskip=$3 skiptext=$4
+	shift 4
 	"$@" >/tmp/selftest.log 2>&1
 	rc=$?
 	sed "s/^/  selftest $label| /" /tmp/selftest.log
-	if [ $rc -eq 0 ] && grep -q "^1\.\.11\$" /tmp/selftest.log &&
-		grep -q "^# Totals: $totals xfail:0 xpass:0 .*error:0" /tmp/selftest.log &&
-		{ [ -z "$skiptext" ] || grep -q "SKIP $skiptext" /tmp/selftest.log; }; then
-		pass "selftest $label: mrelease_test plan 1..11, $totals${skiptext:+ (skip: $skiptext)}"
+	# every skip must be one of the expected kind, with the expected reason
+	skips=$(grep -c '^ok [0-9]* # SKIP ' /tmp/selftest.log)
+	wrong=$(grep '^ok [0-9]* # SKIP ' /tmp/selftest.log | grep -vc -e "SKIP pinned_mm[a-z_]*: $skiptext")
+	if [ $rc -eq 0 ] && grep -q "^1\.\.$PLAN\$" /tmp/selftest.log &&
+		grep -q "^# Totals: pass:$npass fail:0 xfail:0 xpass:0 skip:$nskip error:0\$" /tmp/selftest.log &&
+		[ "$skips" = "$nskip" ] && [ "$wrong" = 0 ]; then
+		pass "selftest $label: mrelease_test plan 1..$PLAN, pass:$npass skip:$nskip${skiptext:+ (pinned_mm*: $skiptext)}"
 	else
 		fail "selftest $label: mrelease_test exit $rc: $(grep -E '^not ok|Totals|Bail|SKIP' /tmp/selftest.log | tr '\n' ' ')"
 	fi
 }
 if [ "$mode" = patched ]; then
-	selftest root "pass:11 fail:0" "" /tests/mrelease_test
+	selftest root 13 0 "" /tests/mrelease_test
 else
-	selftest root "pass:10 fail:0" "pinned_mm: a stalled reader pinned the memory" /tests/mrelease_test
+	selftest root 10 3 "a stalled reader pinned the memory" /tests/mrelease_test
 fi
-selftest uid61000 "pass:10 fail:0" "pinned_mm: userfaultfd" /tests/mrelease_bench runas 61000 /tests/mrelease_test
+selftest uid61000 10 3 "userfaultfd" /tests/mrelease_bench runas 61000 /tests/mrelease_test
 
 # 2. the broker, end to end over its gRPC socket
 R=/opt/reapd

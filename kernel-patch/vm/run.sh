@@ -5,7 +5,7 @@
 # (TCG, 2 vCPUs) with an initramfs holding the selftest, a race counter and
 # the broker, and report one line per check and `N passed, N failed`.
 #
-#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug|--debug-only]
+#   bash kernel-patch/vm/run.sh [--keep-cache] [--cycles N] [--debug|--debug-only|--prefixes]
 #
 # --debug also builds the patched series with config/debug.config (lockdep,
 # KASAN, DEBUG_VM, DEBUG_ATOMIC_SLEEP, audit, Yama) and boots it with the
@@ -14,6 +14,13 @@
 # $CACHE/dmesg-debug.txt. Heavy (a KASAN+lockdep build and a slow boot
 # under TCG): not part of scripts/test.sh. --debug-only builds and boots
 # the debug kernel alone (no stock/patched comparison).
+#
+# --prefixes proves that each patch builds: on a copy of the stock tree it
+# links a bzImage with `make W=1` (the baseline), then applies the series
+# one patch at a time and after each links the bzImage again with W=1,
+# incrementally (only what the patch touches is recompiled), and compiles
+# the selftest with the kselftest mm flags. Any warning the baseline does
+# not have, or a failed build, fails that prefix. No VM is booted.
 #
 # Environment:
 #   REAPD_KERNEL_CACHE  work directory (default /var/cache/reapd-kernel/harness)
@@ -39,6 +46,7 @@ RUNS=${BENCH_RUNS:-5}
 JOBS=${JOBS:-$(nproc)}
 DEBUG=0
 NORMAL=1	# build and boot the stock and patched kernels
+PREFIXES=0
 PKG=linux-source-7.3
 QEMU_TIMEOUT=${QEMU_TIMEOUT:-900}
 STRESS=${STRESS_ITERATIONS:-300}
@@ -50,7 +58,8 @@ while [[ $# -gt 0 ]]; do
 	--cycles) CYCLES=$2; shift ;;
 	--debug) DEBUG=1 ;;
 	--debug-only) DEBUG=1 NORMAL=0 ;;
-	*) echo "usage: $0 [--keep-cache] [--cycles N] [--debug|--debug-only]" >&2; exit 2 ;;
+	--prefixes) PREFIXES=1 NORMAL=0 ;;
+	*) echo "usage: $0 [--keep-cache] [--cycles N] [--debug|--debug-only|--prefixes]" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -133,6 +142,80 @@ fi
 grep -q PROCESS_MRELEASE_REAP_KILL "$CACHE/src-stock/include/uapi/linux/mman.h" &&
 	die "series: the stock tree was modified (hardlinked copy broken)"
 pass "series: $(ls "$KP"/series/[0-9]*.patch | grep -vc '/0000-') patches apply to $PKG with --forward"
+
+# --- each prefix of the series builds (--prefixes) --------------------------
+# Warnings are compared without their line and column numbers, which the
+# patches shift.
+warnings_of() { grep -E ': (warning|error):' "$1" | sed -E 's/:[0-9]+:[0-9]+: /: /' | sort -u; }
+prefix_builds() {
+	local src=$CACHE/src-prefix out=$CACHE/build-prefix t k p f new log objs
+	local base=$CACHE/prefix-baseline.txt
+	local patches=($(ls "$KP"/series/[0-9]*.patch | grep -v '/0000-'))
+	# A fresh copy of the stock tree. The files the series touches get
+	# new inodes with a new mtime, so that make recompiles them from the
+	# stock source even where a previous run left patched objects behind
+	# (and the stock tree's own files keep their timestamps).
+	rm -rf "$src" && cp -al "$CACHE/src-stock" "$src" || die "prefixes: copy tree"
+	rm -f "$CACHE"/prefix-[0-9]*.log
+	for f in $(sed -n 's|^+++ b/||p' "${patches[@]}" | sort -u); do
+		[[ -f $CACHE/src-stock/$f ]] && cp --remove-destination "$CACHE/src-stock/$f" "$src/$f"
+	done
+	if [[ ! -f $out/.reapd-w1-$STAMP_stock ]]; then
+		rm -rf "$out" && mkdir -p "$out"
+		(cd "$src" && make -s ARCH=x86_64 O="$out" tinyconfig >/dev/null &&
+			scripts/kconfig/merge_config.sh -m -O "$out" "$out/.config" "$KP/config/reapd.config" >/dev/null &&
+			make -s ARCH=x86_64 O="$out" olddefconfig >/dev/null) >"$CACHE/prefix-0.log" 2>&1 ||
+			die "prefixes: configuration (see $CACHE/prefix-0.log)"
+	fi
+	# The kselftest mm flags (tools/testing/selftests/mm/Makefile)
+	selftest_cc() {
+		(cd "$src" && make -s ARCH=x86_64 O="$out" headers >/dev/null 2>&1) || return 1
+		gcc -Wall -O2 -Wunreachable-code -U_FORTIFY_SOURCE -I "$src/tools/testing/selftests" \
+			-isystem "$out/usr/include" -I "$src/tools/include" -o "$out/mrelease_test" \
+			"$src/tools/testing/selftests/mm/mrelease_test.c" "$src/tools/testing/selftests/mm/vm_util.c" \
+			-lrt -lpthread -lm
+	}
+	# k = 0 is the stock tree: the baseline, linked in full on a cold run
+	for ((k = 0; k <= ${#patches[@]}; k++)); do
+		log=$CACHE/prefix-$k.log
+		if ((k > 0)); then
+			p=${patches[k - 1]}
+			if ! (cd "$src" && patch -p1 --forward --batch --no-backup-if-mismatch -r - <"$p") >"$log" 2>&1; then
+				sed 's/^/    /' "$log"
+				fail "prefix 1-$k: $(basename "$p") does not apply"
+				return
+			fi
+		fi
+		t=$(date +%s)
+		if ! nice -n 10 make ARCH=x86_64 O="$out" -C "$src" -j"$JOBS" W=1 bzImage >>"$log" 2>&1 ||
+			! grep -q 'bzImage is ready' "$log"; then
+			grep -E 'error|Error' "$log" | head -20
+			fail "prefix ${k/#0/stock}: make W=1 bzImage failed (see $log)"
+			return
+		fi
+		{ selftest_cc >>"$log" 2>&1 || echo "selftest: error: gcc failed"; } >>"$log"
+		t=$(($(date +%s) - t))
+		objs=$(grep -cE '^  CC ' "$log")
+		if ((k == 0)); then
+			touch "$out/.reapd-w1-$STAMP_stock"
+			warnings_of "$log" >"$base"
+			pass "prefix stock: bzImage linked with W=1 in $t s ($objs objects compiled), selftest compiled; baseline $(wc -l <"$base") warnings"
+			continue
+		fi
+		new=$(warnings_of "$log" | comm -23 - "$base")
+		if [[ -n $new ]]; then
+			echo "$new" | sed 's/^/    /'
+			fail "prefix 1-$k: $(echo "$new" | wc -l) new warnings with W=1 (see $log)"
+		else
+			pass "prefix 1-$k: bzImage linked with W=1 in $t s ($objs objects recompiled: $(sed -n 's/^  CC  *//p' "$log" | tr '\n' ' ')), selftest compiled; new warnings: 0"
+		fi
+	done
+}
+if [[ $PREFIXES = 1 ]]; then
+	prefix_builds
+	echo "harness wall time: $(($(date +%s) - T0)) s"
+	finish
+fi
 
 # --- build both kernels ----------------------------------------------------
 build() { # stock|patched|debug: debug is the patched tree with debug.config
