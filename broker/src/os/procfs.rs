@@ -411,7 +411,9 @@ mod tests {
         std::fs::write(&dir, &long).unwrap();
         assert_eq!(read_proc(dir.to_str().unwrap()).unwrap(), long);
         std::fs::remove_file(&dir).unwrap();
-        assert!(read_proc("/proc/self/stat").unwrap().starts_with(std::process::id().to_string().as_bytes()));
+        assert!(read_proc("/proc/self/stat")
+            .unwrap()
+            .starts_with(std::process::id().to_string().as_bytes()));
     }
 
     #[test]
