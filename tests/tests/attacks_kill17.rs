@@ -18,6 +18,7 @@ use reapd_e2e::{bin, run_as, spawn_as, unsafe_kill, Broker, Creds, Freezer, Valu
 
 const VICTIMS: u32 = 61701;
 const BYSTANDER: u32 = 61702;
+const GROUP: u32 = 61703;
 const MIB: usize = 1 << 20;
 
 /// No per-uid limit gets in the way: only what is under attack counts.
@@ -68,7 +69,9 @@ fn raw_kill(broker: &Broker, pid: i32, extra: &str) -> UnixStream {
 fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome() {
     const DELAYS_MS: [u64; 7] = [0, 1, 3, 10, 30, 100, 300];
     let broker = start(OPEN_POLICY);
-    let victims: Vec<Victim> = (0..DELAYS_MS.len() * 3).map(|_| Victim::spawn(Creds::uid(VICTIMS), MIB)).collect();
+    let victims: Vec<Victim> = (0..DELAYS_MS.len() * 3)
+        .map(|_| Victim::spawn(Creds::uid(VICTIMS), MIB))
+        .collect();
     let freezer = Freezer::new("reapd-kill17-hangup");
     for v in &victims {
         freezer.freeze(v.pid);
@@ -81,14 +84,21 @@ fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome()
         let stream = raw_kill(&broker, trio[0].pid, r#","waitForExitMs":3000"#);
         // gRPC: the client process is killed `delay` after it started.
         let mut ctl = Command::new(bin("reapctl"));
-        ctl.arg("--socket").arg(&broker.grpc).args(["kill", &trio[1].pid.to_string(), "--wait", "3000"]);
+        ctl.arg("--socket")
+            .arg(&broker.grpc)
+            .args(["kill", &trio[1].pid.to_string(), "--wait", "3000"]);
         ctl.stdout(Stdio::null()).stderr(Stdio::null());
         let mut killed = spawn_as(Creds::uid(VICTIMS), &[], &mut ctl);
         // gRPC: a 1 s deadline (grpc-timeout, then RST_STREAM) on a 3 s wait.
         let mut ctl = Command::new(bin("reapctl"));
-        ctl.arg("--socket")
-            .arg(&broker.grpc)
-            .args(["--timeout", "1", "kill", &trio[2].pid.to_string(), "--wait", "3000"]);
+        ctl.arg("--socket").arg(&broker.grpc).args([
+            "--timeout",
+            "1",
+            "kill",
+            &trio[2].pid.to_string(),
+            "--wait",
+            "3000",
+        ]);
         ctl.stdout(Stdio::null()).stderr(Stdio::null());
         let timed_out = spawn_as(Creds::uid(VICTIMS), &[], &mut ctl);
         std::thread::sleep(delay);
@@ -104,14 +114,22 @@ fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome()
     // let them all end.
     std::thread::sleep(Duration::from_millis(1500));
     freezer.thaw();
-    reapd_e2e::wait_for_metrics(&broker, Creds::ROOT, "no kill in flight", Duration::from_secs(15), |m| {
-        in_flight(m) == 0.0
-    });
+    reapd_e2e::wait_for_metrics(
+        &broker,
+        Creds::ROOT,
+        "no kill in flight",
+        Duration::from_secs(15),
+        |m| in_flight(m) == 0.0,
+    );
     let log = broker.log_text();
     let (mut killed, mut untouched) = (0, 0);
     for v in &victims {
         let (decisions, outcomes) = (records(&log, "decision", v.pid), records(&log, "outcome", v.pid));
-        assert!(decisions <= 1 && decisions == outcomes, "pid {}: {decisions} decisions, {outcomes} outcomes\n{log}", v.pid);
+        assert!(
+            decisions <= 1 && decisions == outcomes,
+            "pid {}: {decisions} decisions, {outcomes} outcomes\n{log}",
+            v.pid
+        );
         if v.running() {
             assert_eq!(decisions, 0, "pid {} decided but alive", v.pid);
             untouched += 1;
@@ -119,7 +137,9 @@ fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome()
             killed += 1;
         }
     }
-    eprintln!("client gone mid-kill: {killed} killed with 1 decision + 1 outcome each, {untouched} never reached a decision");
+    eprintln!(
+        "client gone mid-kill: {killed} killed with 1 decision + 1 outcome each, {untouched} never reached a decision"
+    );
 }
 
 /// SIGTERM while kills are in their SIGTERM grace, reap delay and wait for
@@ -160,7 +180,10 @@ fn sigterm_during_long_paced_kills_still_writes_every_outcome() {
         if let Ok(Some(status)) = broker.child.try_wait() {
             break status;
         }
-        assert!(t.elapsed() < Duration::from_secs(25), "broker still running 25 s after SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(25),
+            "broker still running 25 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let stop = t.elapsed();
@@ -172,18 +195,22 @@ fn sigterm_during_long_paced_kills_still_writes_every_outcome() {
         .filter(|pid| records(&log, "outcome", *pid) != 1)
         .collect();
     eprintln!("SIGTERM with {KILLS} paced kills: exit {status:?} after {stop:?}; outcomes missing for {missing:?}");
-    assert!(missing.is_empty(), "kills cut off by the stop without an outcome record: {missing:?}\n{log}");
+    assert!(
+        missing.is_empty(),
+        "kills cut off by the stop without an outcome record: {missing:?}\n{log}"
+    );
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(stop < Duration::from_secs(13), "stop took {stop:?}");
     freezer.thaw();
 }
 
 /// More than the cap of stuck kills from several uids, each its own
-/// victims, while another uid floods ListCandidates (unbounded work on the
-/// blocking pool the kills' hand-offs share): new connections of a
-/// bystander uid are still identified and answered on both transports.
+/// victims; a group kill (KillCgroup) on top, refused at once on both
+/// transports; then a ListCandidates flood (work on the blocking pool the
+/// kills' hand-offs share, not capped by the kill cap): new connections of
+/// a bystander uid are still identified and answered on both transports.
 #[test]
-fn stuck_kills_from_several_uids_over_the_cap_and_a_listing_flood_stall_no_new_caller() {
+fn stuck_kills_from_several_uids_over_the_cap_a_group_kill_and_a_listing_flood_stall_no_new_caller() {
     const UIDS: [u32; 4] = [61711, 61712, 61713, 61714];
     const PER_UID: usize = 13; // 52 kills: 4 over the cap of 48
     const CAP: f64 = 48.0;
@@ -212,9 +239,36 @@ fn stuck_kills_from_several_uids_over_the_cap_and_a_listing_flood_stall_no_new_c
             spawn_as(Creds::uid(*uid), &[], &mut ctl)
         })
         .collect();
-    reapd_e2e::wait_for_metrics(&broker, Creds::ROOT, "the cap of kills in flight", Duration::from_secs(8), |m| {
-        in_flight(m) == CAP
-    });
+    reapd_e2e::wait_for_metrics(
+        &broker,
+        Creds::ROOT,
+        "the cap of kills in flight",
+        Duration::from_secs(8),
+        |m| in_flight(m) == CAP,
+    );
+    // A group kill is one more kill in flight: over the cap it is refused
+    // at once, on both transports, and its member lives.
+    let tree = reapd_e2e::CgroupTree::new(&reapd_e2e::top("kill17"));
+    let group = reapd_e2e::TestCgroup::new(&format!("{}/g.scope", reapd_e2e::top("kill17")));
+    let member = Victim::spawn(Creds::uid(GROUP), 0);
+    group.add(member.pid);
+    let path = format!("/{}/g.scope", reapd_e2e::top("kill17"));
+    for transport in [&["--varlink", "--socket"][..], &["--socket"][..]] {
+        let sock = if transport.len() == 2 { &socket } else { &broker.grpc };
+        let mut command = Command::new(bin("reapctl"));
+        command
+            .args(transport)
+            .arg(sock)
+            .args(["--timeout", "5", "kill", "--cgroup", &path]);
+        let out = run_as(Creds::uid(GROUP), &mut command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(0) && stderr.contains("all callers"),
+            "{transport:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+    assert!(member.running());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood: Vec<_> = (0..FLOOD)
         .map(|_| {
@@ -243,8 +297,16 @@ fn stuck_kills_from_several_uids_over_the_cap_and_a_listing_flood_stall_no_new_c
             .arg(&socket)
             .args(["check", &bystander.pid.to_string()]);
         let out = run_as(Creds::uid(BYSTANDER), &mut command);
-        assert_eq!(out.status.code(), Some(0), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
-        let r = broker.reapctl(Creds::uid(BYSTANDER), &["--timeout", "5", "check", &bystander.pid.to_string()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = broker.reapctl(
+            Creds::uid(BYSTANDER),
+            &["--timeout", "5", "check", &bystander.pid.to_string()],
+        );
         assert_eq!(r.code, 0, "round {round}: {r:?}");
         worst = worst.max(t.elapsed());
     }
@@ -264,6 +326,13 @@ fn stuck_kills_from_several_uids_over_the_cap_and_a_listing_flood_stall_no_new_c
             refused += 1;
         }
     }
-    assert_eq!(refused, victims.len() - CAP as usize, "kills over the cap are refused, the rest succeed");
-    assert!(worst < Duration::from_secs(1), "a bystander's two checks took {worst:?}");
+    assert_eq!(
+        refused,
+        victims.len() - CAP as usize,
+        "kills over the cap are refused, the rest succeed"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a bystander's two checks took {worst:?}"
+    );
 }
