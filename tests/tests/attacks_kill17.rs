@@ -335,4 +335,8 @@ fn stuck_kills_from_several_uids_over_the_cap_a_group_kill_and_a_listing_flood_s
         worst < Duration::from_secs(1),
         "a bystander's two checks took {worst:?}"
     );
+    // The member first, then its cgroup, then the test's tree.
+    drop(member);
+    drop(group);
+    drop(tree);
 }
