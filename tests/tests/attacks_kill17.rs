@@ -340,3 +340,59 @@ fn stuck_kills_from_several_uids_over_the_cap_a_group_kill_and_a_listing_flood_s
     drop(group);
     drop(tree);
 }
+
+/// Kills stuck on frozen victims and a check multiplexed on one HTTP/2
+/// connection: the kills block their threads in place, and the check on
+/// another stream of the same connection is still answered at once (each
+/// stream is its own task, so `block_in_place` holds only its own).
+#[test]
+fn stuck_kills_on_one_grpc_connection_do_not_stall_its_other_streams() {
+    const STUCK: usize = 8;
+    let broker = start(OPEN_POLICY);
+    let victims: Vec<Victim> = (0..STUCK).map(|_| Victim::spawn(Creds::uid(VICTIMS), MIB)).collect();
+    let bystander = Victim::spawn(Creds::uid(BYSTANDER), 0);
+    let freezer = Freezer::new("reapd-kill17-h2");
+    for v in &victims {
+        freezer.freeze(v.pid);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime
+        .block_on(reapd_client::Client::connect(&broker.grpc))
+        .expect("gRPC connect");
+    let kills: Vec<_> = victims
+        .iter()
+        .map(|v| {
+            let mut client = client.clone();
+            let pid = v.pid;
+            runtime.spawn(async move {
+                client
+                    .kill_and_reap(reapd_client::Target::pid(pid), Some(Duration::from_secs(5)))
+                    .await
+            })
+        })
+        .collect();
+    reapd_e2e::wait_for_metrics(&broker, Creds::ROOT, "the stuck kills", Duration::from_secs(5), |m| {
+        in_flight(m) == STUCK as f64
+    });
+    let mut checker = client.clone();
+    let t = Instant::now();
+    let checked = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            checker.check_permission(reapd_client::Target::pid(bystander.pid)),
+        )
+        .await
+    });
+    let took = t.elapsed();
+    eprintln!("check on the connection of {STUCK} stuck kills: {took:?}");
+    assert!(matches!(checked, Ok(Ok(_))), "{checked:?} after {took:?}");
+    assert!(took < Duration::from_secs(1), "check took {took:?}");
+    freezer.thaw();
+    for k in kills {
+        let report = runtime.block_on(k).unwrap().expect("kill");
+        assert!(report.exited, "{report:?}");
+    }
+}
