@@ -303,8 +303,12 @@ impl Engine {
 
     /// Waits until every kill task in flight has written its outcome record,
     /// or `timeout` passes; true if none is left. Called at shutdown after
-    /// the transports stopped accepting calls.
+    /// the transports stopped accepting calls; from then on no kill waits
+    /// on its victim any more.
     pub async fn drain_kills(&self, timeout: Duration) -> bool {
+        // Kills in their grace, reap delay or wait for exit go straight on
+        // to their end and outcome record (see `target::stop_waiting`).
+        target::stop_waiting();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.kills.done.notified();

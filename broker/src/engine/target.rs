@@ -22,6 +22,7 @@
 //! whole process while the decision would have looked at one thread.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
@@ -104,17 +105,42 @@ pub fn is_running(pidfd: BorrowedFd<'_>) -> bool {
     !wait_for_exit(pidfd, std::time::Duration::ZERO)
 }
 
-/// Blocks until the pidfd's process exits (true) or `timeout` passes (false).
+/// Set when the broker stops: see [`stop_waiting`].
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// How long one poll of [`wait_for_exit`] may sleep before it looks at
+/// [`STOPPING`] again.
+const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Ends every wait on a victim early, now and later: called when the broker
+/// stops. A kill's SIGTERM grace, reap delay and wait for exit can add up to
+/// about 30 s, longer than shutdown drains kills (`SHUTDOWN_GRACE`, 12 s),
+/// so without this a kill decided and audited before the stop would be cut
+/// off by the exit with no outcome record (and a victim in its grace period
+/// left with SIGTERM only). With it each such kill goes straight on to its
+/// SIGKILL, reap and outcome record.
+pub fn stop_waiting() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
+/// Blocks until the pidfd's process exits (true) or `timeout` passes
+/// (false); when the broker is stopping ([`stop_waiting`]), at once.
 pub fn wait_for_exit(pidfd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut left = deadline.saturating_duration_since(std::time::Instant::now());
+        if STOPPING.load(Ordering::SeqCst) {
+            left = std::time::Duration::ZERO;
+        }
+        // Long waits sleep in slices, so that a stop is seen within one.
+        let slice = left.min(STOP_CHECK);
         let timespec = Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: left.subsec_nanos() as i64,
+            tv_sec: slice.as_secs() as i64,
+            tv_nsec: slice.subsec_nanos() as i64,
         };
         let mut fds = [PollFd::from_borrowed_fd(pidfd, PollFlags::IN)];
         match poll(&mut fds, Some(&timespec)) {
+            Ok(0) if slice < left => continue,
             Ok(0) => return false,
             Ok(_) => return true,
             Err(rustix::io::Errno::INTR) => continue,

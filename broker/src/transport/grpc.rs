@@ -249,7 +249,8 @@ pub async fn serve(
     // close. A client that never does (a blocking client whose runtime is
     // not running between calls) is bounded by the caller: main stops
     // waiting after its grace period. A kill in flight is not lost either
-    // way: it runs in its own task, which main waits for.
+    // way: it runs to its end whatever happens to its request, and main waits
+    // for it.
     // Under socket activation nothing is lost: connections not yet accepted
     // stay in the socket, which systemd keeps.
     tokio::spawn(async move {
