@@ -16,7 +16,7 @@ cargo build --release -p reapd -p reapctl -p reapd-bench -p reapd-lmk
 # The workload's hog needs no speed: debug, as the tests build it.
 cargo build -p reapd-e2e --bin lmk-hog
 mkdir -p target/reapd-bench
-REAPD_BIN_DIR=target/release REAPD_HOG_DIR=target/debug python3 bench/lmk_side_by_side.py --reps "${LMK_REPS:-10}" \
+REAPD_BIN_DIR="$PWD/target/release" REAPD_HOG_DIR="$PWD/target/debug" python3 bench/lmk_side_by_side.py --reps "${LMK_REPS:-10}" \
     --json target/reapd-bench/lmk_side_by_side.json --markdown docs/lmk_side_by_side.md
 target/release/reapd-bench lmk-plot --json target/reapd-bench/lmk_side_by_side.json --out docs/lmk_side_by_side.png
 exec target/release/reapd-bench run --reapd target/release/reapd --out docs --command-line "bench/run.sh${*:+ $*}" "$@"
