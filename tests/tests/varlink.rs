@@ -243,30 +243,46 @@ fn a_passed_fd_that_is_not_a_pidfd_is_an_invalid_parameter() {
     assert!(victim.running());
 }
 
+/// A KillAndReap running on its own thread.
+type KillCall = std::thread::JoinHandle<Result<reapd_client::KillReport, Error>>;
+
+/// `n` victims of uid A holding `bytes`, frozen (v1 freezer: a killed
+/// victim cannot exit), and a KillAndReap of each waiting up to `wait` for
+/// the exit, one connection and thread each: each call stays in flight
+/// until the test thaws the freezer.
+fn kills_on_frozen_victims(
+    broker: &Broker,
+    freezer: &str,
+    n: usize,
+    bytes: usize,
+    wait: Duration,
+) -> (Vec<Victim>, reapd_e2e::Freezer, Vec<KillCall>) {
+    let victims: Vec<Victim> = (0..n).map(|_| victim(Creds::uid(A), bytes)).collect();
+    let freezer = reapd_e2e::Freezer::new(freezer);
+    for v in &victims {
+        freezer.freeze(v.pid);
+    }
+    let calls = victims
+        .iter()
+        .map(|v| {
+            let (pid, path) = (v.pid, socket(broker));
+            std::thread::spawn(move || {
+                Client::connect(path)
+                    .unwrap()
+                    .kill_and_reap(Target::pid(pid), Some(wait))
+            })
+        })
+        .collect();
+    (victims, freezer, calls)
+}
+
 #[test]
 fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
     let broker = start(&[]);
     const SLOW: usize = 10;
     const WAIT: Duration = Duration::from_secs(10);
-    let victims: Vec<Victim> = (0..SLOW).map(|_| victim(Creds::uid(A), 64 * MIB)).collect();
     let bystander = victim(Creds::uid(A), 0);
-    // Frozen (v1 freezer), a killed victim cannot exit, so each KillAndReap
-    // (reaped, then waiting up to WAIT for the exit) stays in flight until
-    // the test thaws them: ten slow calls for as long as the test needs.
-    let freezer = reapd_e2e::Freezer::new("reapd-varlink-slow");
-    for v in &victims {
-        freezer.freeze(v.pid);
-    }
-    let slow: Vec<_> = victims
-        .iter()
-        .map(|v| {
-            let (pid, path) = (v.pid, socket(&broker));
-            std::thread::spawn(move || {
-                let mut client = Client::connect(path).unwrap();
-                client.kill_and_reap(Target::pid(pid), Some(WAIT)).expect("slow kill")
-            })
-        })
-        .collect();
+    let (victims, freezer, slow) = kills_on_frozen_victims(&broker, "reapd-varlink-slow", SLOW, 64 * MIB, WAIT);
     // All ten in flight at once, as the broker counts them. Each metrics
     // read is a call on another connection: a server that serves one
     // connection (or one call) at a time answers none of them while the
@@ -292,7 +308,7 @@ fn a_check_on_an_eleventh_connection_is_not_delayed_by_ten_slow_reaps() {
 
     freezer.thaw();
     for t in slow {
-        let report = t.join().unwrap();
+        let report = t.join().unwrap().expect("slow kill");
         assert!(report.memory_before.anon_bytes >= 64 * MIB as u64, "{report:?}");
         assert!(report.exited, "{report:?}");
     }
@@ -803,23 +819,8 @@ fn kills_stuck_on_frozen_victims_are_capped_and_never_stall_other_callers() {
     )
     .unwrap();
     let broker = start(&["--policy", policy.to_str().unwrap()]);
-    let victims: Vec<Victim> = (0..CAP + OVER).map(|_| victim(Creds::uid(A), MIB)).collect();
     let bystander = victim(Creds::uid(B), 0);
-    let freezer = reapd_e2e::Freezer::new("reapd-varlink-stuck");
-    for v in &victims {
-        freezer.freeze(v.pid);
-    }
-    let calls: Vec<_> = victims
-        .iter()
-        .map(|v| {
-            let (pid, path) = (v.pid, socket(&broker));
-            std::thread::spawn(move || {
-                Client::connect(path)
-                    .unwrap()
-                    .kill_and_reap(Target::pid(pid), Some(WAIT))
-            })
-        })
-        .collect();
+    let (victims, freezer, calls) = kills_on_frozen_victims(&broker, "reapd-varlink-stuck", CAP + OVER, MIB, WAIT);
     let in_flight = |m: &[Value]| reapd_e2e::metric(m, "kills_in_flight", &[]);
     reapd_e2e::wait_for_metrics(&broker, Creds::ROOT, "the cap of kills in flight", WAIT / 2, |m| {
         in_flight(m) == CAP as f64
