@@ -77,6 +77,7 @@ fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome()
         freezer.freeze(v.pid);
     }
     let mut chunks = victims.chunks(3);
+    let mut deadline_clients = Vec::new();
     for delay in DELAYS_MS {
         let trio = chunks.next().unwrap();
         let delay = Duration::from_millis(delay);
@@ -105,14 +106,14 @@ fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome()
         drop(stream);
         let _ = killed.kill();
         let _ = killed.wait();
-        std::thread::spawn(move || {
-            let mut timed_out = timed_out;
-            let _ = timed_out.wait();
-        });
+        deadline_clients.push(timed_out);
     }
-    // Every kill that started is still running (frozen victims, 3 s waits);
-    // let them all end.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every kill that started is still running (frozen victims, 3 s waits).
+    // The deadline clients must have given up (their 1 s deadline passed,
+    // RST_STREAM sent) before the victims are let go.
+    for mut client in deadline_clients {
+        let _ = client.wait();
+    }
     freezer.thaw();
     reapd_e2e::wait_for_metrics(
         &broker,
@@ -270,9 +271,12 @@ fn stuck_kills_from_several_uids_over_the_cap_a_group_kill_and_a_listing_flood_s
     }
     assert!(member.running());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Flooders that have had at least one listing answered.
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let flood: Vec<_> = (0..FLOOD)
         .map(|_| {
             let (socket, stop) = (socket.clone(), std::sync::Arc::clone(&stop));
+            let flooding = std::sync::Arc::clone(&flooding);
             std::thread::spawn(move || {
                 let mut client = Client::connect(socket).unwrap();
                 let mut calls = 0u64;
@@ -282,12 +286,21 @@ fn stuck_kills_from_several_uids_over_the_cap_a_group_kill_and_a_listing_flood_s
                         ..Default::default()
                     });
                     calls += 1;
+                    if calls == 1 {
+                        flooding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                 }
                 calls
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // The whole flood is running before the bystander's rounds start.
+    assert!(
+        reapd_e2e::wait_until(Duration::from_secs(20), || {
+            flooding.load(std::sync::atomic::Ordering::SeqCst) == FLOOD
+        }),
+        "the flood never got going"
+    );
     let mut worst = Duration::ZERO;
     for round in 0..5 {
         let t = Instant::now();
