@@ -75,7 +75,7 @@ pub struct Server {
     pub label: String,
     pub grpc: Transport,
     pub varlink: Transport,
-    /// KillAndReap of a 1 MiB victim, µs (brokers only).
+    /// KillAndReap of a 1 MiB victim, µs (for the echoes: their answer, the floor).
     pub kill_grpc: Option<Summary>,
     pub kill_varlink: Option<Summary>,
     pub threads_idle: u64,
@@ -116,6 +116,9 @@ pub struct FloorResults {
     /// The KillAndReap victims were frozen (v1 freezer), not running.
     #[serde(default)]
     pub kill_frozen: bool,
+    /// KillAndReap calls each kill worker makes in a row.
+    #[serde(default)]
+    pub kills_per_caller: usize,
     /// The bare echo servers first, then each broker.
     pub servers: Vec<Server>,
     pub notes: Vec<String>,
@@ -262,9 +265,12 @@ struct Echo;
 impl pb::reaper_server::Reaper for Echo {
     async fn kill_and_reap(
         &self,
-        _: tonic::Request<pb::KillAndReapRequest>,
+        request: tonic::Request<pb::KillAndReapRequest>,
     ) -> Result<tonic::Response<pb::KillAndReapResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("floor"))
+        let target = request.into_inner().target.unwrap_or_default();
+        Ok(tonic::Response::new(
+            echo_kill_report(target.pid, target.start_time.unwrap_or_default()).into(),
+        ))
     }
     async fn check_permission(
         &self,
@@ -315,13 +321,52 @@ impl pb::reaper_server::Reaper for Echo {
     }
 }
 
+/// Both echoes' answer to KillAndReap: a reply shaped like reapd's for a
+/// reaped 1 MiB victim, so the floor of a kill call is measured with the
+/// same clients, reply size and decoding as the broker's (nothing is
+/// killed: the benchmark finishes its victims itself).
+fn echo_kill_report(pid: i32, start_time: u64) -> reapd_proto::model::KillReport {
+    use reapd_proto::model;
+    model::KillReport {
+        outcome: model::Outcome::Reaped,
+        kill_path: model::KillPath::KillThenMrelease,
+        target: model::ProcessInfo {
+            pid,
+            uid: VICTIM_UID,
+            euid: VICTIM_UID,
+            suid: VICTIM_UID,
+            gid: VICTIM_UID,
+            comm: "reapd-bench".into(),
+            start_time,
+            cgroup: "/user.slice/user-0.slice/session-1.scope".into(),
+        },
+        memory_before: model::MemoryUsage {
+            anon_bytes: 1 << 20,
+            ..Default::default()
+        },
+        bytes_released: 1 << 20,
+        kill_to_reap_ns: 40_000,
+        rule: "kill(2)".into(),
+        ..Default::default()
+    }
+}
+
 /// The JSON echo's reply to one NUL-terminated request.
 fn json_reply(request: &[u8]) -> Vec<u8> {
     let parsed: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
-    let pid = parsed
-        .pointer("/parameters/target/pid")
-        .and_then(serde_json::Value::as_i64)
-        .unwrap_or_default();
+    let field = |name: &str| {
+        parsed
+            .pointer(&format!("/parameters/{name}"))
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or_default()
+    };
+    let pid = field("pid");
+    if parsed.get("method").and_then(serde_json::Value::as_str) == Some("io.reapd.Reaper.KillAndReap") {
+        let report = echo_kill_report(pid as i32, field("startTime") as u64);
+        let mut reply = serde_json::to_vec(&serde_json::json!({ "parameters": report })).unwrap_or_default();
+        reply.push(0);
+        return reply;
+    }
     let mut reply = serde_json::to_vec(&serde_json::json!({ "parameters": {
         "allowed": true,
         "reason": "kill(2) allows it: same uid",
@@ -1039,7 +1084,9 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         workers * per_worker,
         freezer.as_ref(),
     )?);
-    for (s, server) in subjects.iter().zip(servers.iter_mut()).skip(1) {
+    // The echoes first: their KillAndReap answers are the transport floor
+    // of a kill call, measured with the same workers and victims.
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
         server.kill_grpc = Some(summarize(&crate::overhead::kill_grpc(
             &s.grpc,
             workers,
@@ -1132,6 +1179,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         callgrind: callgrind_run,
         inprocess_kill,
         kill_frozen: frozen,
+        kills_per_caller: per_worker,
         servers,
         notes,
     })
@@ -1241,29 +1289,33 @@ pub fn markdown(r: &FloorResults) -> String {
     }
     let _ = writeln!(
         md,
-        "\nKillAndReap of a {} 1 MiB victim, killed by a process that is not its parent (p50 µs; in-process, what the broker must do: pidfd_open, PIDFD_GET_INFO, one read() each of status, stat, oom_score_adj and cgroup, pidfd_send_signal(SIGKILL), process_mrelease: {:.0} µs):\n",
+        "\nKillAndReap of a {} 1 MiB victim, killed by a process that is not its parent, each caller a fresh unprivileged process making {} calls in a row over one connection (p50 µs; the transport floor is the bare echo's answer to the same calls from the same callers, with a reply shaped like reapd's; in-process, what the broker must do: pidfd_open, PIDFD_GET_INFO, one read() each of status, stat, oom_score_adj and cgroup, pidfd_send_signal(SIGKILL), process_mrelease: {:.0} µs):\n",
         if r.kill_frozen { "frozen (v1 freezer)" } else { "running" },
+        r.kills_per_caller,
         r.inprocess_kill.p50
     );
     let _ = writeln!(
         md,
-        "| broker | transport | p50 | p90 | ÷ (floor + in-process) |\n|---|---|---|---|---|"
+        "| server | transport | p50 | p90 | ÷ (floor + in-process) |\n|---|---|---|---|---|"
     );
-    for s in &r.servers[1..] {
+    for s in &r.servers {
         for (transport, k, floor) in [
-            ("gRPC", &s.kill_grpc, &echo.grpc),
-            ("varlink", &s.kill_varlink, &echo.varlink),
+            ("gRPC", &s.kill_grpc, &echo.kill_grpc),
+            ("varlink", &s.kill_varlink, &echo.kill_varlink),
         ] {
-            if let Some(k) = k {
-                let _ = writeln!(
-                    md,
-                    "| {} | {transport} | {:.0} | {:.0} | **{:.2}×** |",
-                    s.label,
-                    k.p50,
-                    k.p90,
-                    k.p50 / (floor.check.warm.p50 + r.inprocess_kill.p50)
-                );
-            }
+            let Some(k) = k else { continue };
+            // The echo's own row is the floor: no ratio.
+            let ratio = match floor {
+                Some(floor) if !std::ptr::eq(s, echo) => {
+                    format!("**{:.2}×**", k.p50 / (floor.p50 + r.inprocess_kill.p50))
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {transport} | {:.0} | {:.0} | {ratio} |",
+                s.label, k.p50, k.p90
+            );
         }
     }
     let _ = writeln!(
