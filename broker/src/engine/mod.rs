@@ -499,7 +499,11 @@ impl Engine {
         self.kills.running.fetch_add(1, Ordering::SeqCst);
         let tracked = KillGuard(Arc::clone(&self.kills));
         let wait = wait.unwrap_or(Duration::ZERO);
-        run_in_place(move || {
+        let small = wait.is_zero()
+            && options.grace.is_zero()
+            && options.reap_delay.is_zero()
+            && target.memory.is_some_and(|m| reap_work_bytes(&m) <= SMALL_REAP_BYTES);
+        run_kill(small, move || {
             let _in_flight = in_flight;
             // Dropped when the work ends, after its outcome record: shutdown
             // waits for it.
@@ -867,6 +871,66 @@ fn owned_namespace(caller: &Caller, proof: Option<&OwnedFd>) -> Result<Option<Ow
     }
 }
 
+/// Largest victim whose kill may run on the async worker itself: resident
+/// anon, file and shmem plus swap (`/proc/PID/status` at the pin), the
+/// pages `process_mrelease(2)` walks (`__oom_reap_task_mm()` unmaps every
+/// private mapping, mm/oom_kill.c). At ~10 MiB/ms that is about a
+/// millisecond of reap: less than the thread hand-off it saves is worth,
+/// which on this path is 80-170 µs for gRPC (hyper finishes the reply on
+/// another thread than the connection's, and they contend for its lock).
+pub const SMALL_REAP_BYTES: u64 = 16 << 20;
+
+fn reap_work_bytes(memory: &crate::os::procfs::Memory) -> u64 {
+    memory.anon_bytes + memory.file_bytes + memory.shmem_bytes + memory.swap_bytes
+}
+
+/// Held by the one kill running on an async worker (see [`run_kill`]).
+static KILL_IN_PLACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The right to run one kill on the calling async worker; released on drop.
+struct InPlaceSlot;
+
+impl InPlaceSlot {
+    /// The slot, if no other kill holds it and the runtime has another
+    /// worker to serve everyone else meanwhile.
+    fn take() -> Option<InPlaceSlot> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread || handle.metrics().num_workers() < 2 {
+            return None;
+        }
+        KILL_IN_PLACE
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| InPlaceSlot)
+    }
+}
+
+impl Drop for InPlaceSlot {
+    fn drop(&mut self) {
+        KILL_IN_PLACE.store(false, Ordering::Release);
+    }
+}
+
+/// Runs a kill's synchronous work. A `small` kill (no waits, a victim of
+/// at most [`SMALL_REAP_BYTES`]) runs right here on the async worker when
+/// the one in-place slot is free: it takes less time than handing the
+/// worker's other tasks to another thread would. Only one kill at a time
+/// may do so, so however long a reap takes (a victim can make
+/// `process_mrelease` wait on its mmap lock) the other worker keeps
+/// serving every other caller. Everything else goes through
+/// [`run_in_place`].
+async fn run_kill<T: Send + 'static>(
+    small: bool,
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    if small {
+        if let Some(_slot) = InPlaceSlot::take() {
+            return work();
+        }
+    }
+    run_in_place(work).await
+}
+
 /// Runs blocking work on the calling thread with
 /// [`tokio::task::block_in_place`]: the runtime hands this worker's other
 /// tasks to another thread first, so a slow reap stalls no other caller,
@@ -981,4 +1045,46 @@ fn audit_outcome_error(caller: &CallerSummary, target: &TargetProcess, err: &Eng
         error = %err,
         elapsed_us = started.elapsed().as_micros() as u64,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One kill at most holds the in-place slot, so the other worker is
+    /// always free; it is released when the kill ends; a runtime without a
+    /// second worker never lends its only one.
+    #[test]
+    fn only_one_kill_at_a_time_runs_on_an_async_worker() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let first = InPlaceSlot::take().expect("a free slot on a two-worker runtime");
+            assert!(InPlaceSlot::take().is_none(), "a second kill in place while one runs");
+            drop(first);
+            assert!(InPlaceSlot::take().is_some(), "the slot comes back when the kill ends");
+        });
+        let single = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        assert!(single.block_on(async { InPlaceSlot::take() }).is_none());
+        let current = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(current.block_on(async { InPlaceSlot::take() }).is_none());
+    }
+
+    /// What a reap walks: every resident page and swap entry of the mm.
+    #[test]
+    fn small_kills_are_judged_by_every_page_the_reap_walks() {
+        let memory = crate::os::procfs::Memory {
+            anon_bytes: 1 << 20,
+            file_bytes: 15 << 20,
+            shmem_bytes: 0,
+            swap_bytes: 1 << 20,
+            hugetlb_bytes: 0,
+        };
+        assert!(reap_work_bytes(&memory) > SMALL_REAP_BYTES);
+    }
 }
