@@ -68,6 +68,10 @@ pub struct Transport {
     pub throughput: Vec<(usize, f64)>,
     /// Latency at a fixed arrival rate, µs from the scheduled send.
     pub fixed_rate: Summary,
+    /// The same at [`FloorResults::busy_rate_per_sec`], a rate that keeps
+    /// the CPUs awake between calls.
+    #[serde(default)]
+    pub fixed_rate_busy: Option<Summary>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +108,8 @@ pub struct FloorResults {
     pub warm_calls: usize,
     pub idle_calls: usize,
     pub rate_per_sec: f64,
+    #[serde(default)]
+    pub busy_rate_per_sec: f64,
     pub inprocess_check: Pair,
     pub inprocess_syscalls: f64,
     /// Instructions per in-process check (callgrind); `None` if not run.
@@ -145,6 +151,7 @@ pub struct Config {
     pub clients: Vec<usize>,
     pub tput_duration: Duration,
     pub rate_per_sec: f64,
+    pub busy_rate_per_sec: f64,
     pub rate_duration: Duration,
     pub cost_calls: usize,
     pub soak_calls: usize,
@@ -164,6 +171,7 @@ impl Config {
                 clients: vec![1, 4],
                 tput_duration: Duration::from_millis(200),
                 rate_per_sec: 500.0,
+                busy_rate_per_sec: 2000.0,
                 rate_duration: Duration::from_millis(200),
                 cost_calls: 200,
                 soak_calls: 500,
@@ -179,6 +187,7 @@ impl Config {
                 clients: vec![1, 64],
                 tput_duration: Duration::from_secs(2),
                 rate_per_sec: 1000.0,
+                busy_rate_per_sec: 4000.0,
                 rate_duration: Duration::from_secs(3),
                 cost_calls: 2000,
                 soak_calls: 100_000,
@@ -1065,6 +1074,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
                 t.throughput.push((c, throughput(make, c, cfg.tput_duration)?));
             }
             t.fixed_rate = summarize(&fixed_rate(make, cfg.rate_per_sec, cfg.rate_duration)?);
+            t.fixed_rate_busy = Some(summarize(&fixed_rate(make, cfg.busy_rate_per_sec, cfg.rate_duration)?));
         }
     }
 
@@ -1173,6 +1183,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         warm_calls: cfg.warm_calls,
         idle_calls: cfg.idle_calls,
         rate_per_sec: cfg.rate_per_sec,
+        busy_rate_per_sec: cfg.busy_rate_per_sec,
         inprocess_check,
         inprocess_syscalls,
         inprocess_instructions,
@@ -1347,8 +1358,8 @@ pub fn markdown(r: &FloorResults) -> String {
     }
     let _ = writeln!(
         md,
-        "\nThroughput (closed loop, one connection per client thread, blocking clients; client and server share the 2 CPUs) and latency at a fixed arrival rate of {:.0} calls/s over 4 connections (µs from the scheduled send):\n",
-        r.rate_per_sec
+        "\nThroughput (closed loop, one connection per client thread, blocking clients; client and server share the 2 CPUs) and latency at a fixed arrival rate of {:.0} calls/s and of {:.0} calls/s over 4 connections (µs from the scheduled send; at the lower rate the CPUs go idle between calls and each call pays the VM's wake-up from idle, at the higher one they stay awake):\n",
+        r.rate_per_sec, r.busy_rate_per_sec
     );
     let clients: Vec<usize> = echo.grpc.throughput.iter().map(|(c, _)| *c).collect();
     let mut header = String::from("| server | transport |");
@@ -1359,8 +1370,12 @@ pub fn markdown(r: &FloorResults) -> String {
             if *c == 1 { "" } else { "s" }
         );
     }
-    header.push_str(" fixed rate p50 | p99 | p99 ÷ p50 |");
-    let _ = writeln!(md, "{header}\n|{}", "---|".repeat(clients.len() + 5));
+    let _ = write!(
+        header,
+        " {:.0}/s p50 | p99 | p99 ÷ p50 | {:.0}/s p50 | p99 | p99 ÷ p50 |",
+        r.rate_per_sec, r.busy_rate_per_sec
+    );
+    let _ = writeln!(md, "{header}\n|{}", "---|".repeat(clients.len() + 8));
     for s in &r.servers {
         for (transport, t) in [("gRPC", &s.grpc), ("varlink", &s.varlink)] {
             let mut row = format!("| {} | {transport} |", s.label);
@@ -1368,8 +1383,14 @@ pub fn markdown(r: &FloorResults) -> String {
                 let floor = echo.grpc.throughput.get(i).map_or(f64::NAN, |(_, f)| *f);
                 let _ = write!(row, " {cps:.0} ({:.2}×) |", cps / floor);
             }
-            let f = &t.fixed_rate;
-            let _ = write!(row, " {:.0} | {:.0} | {:.1} |", f.p50, f.p99, f.p99 / f.p50);
+            for f in [Some(&t.fixed_rate), t.fixed_rate_busy.as_ref()] {
+                match f {
+                    Some(f) => {
+                        let _ = write!(row, " {:.0} | {:.0} | {:.1} |", f.p50, f.p99, f.p99 / f.p50);
+                    }
+                    None => row.push_str(" – | – | – |"),
+                }
+            }
             let _ = writeln!(md, "{row}");
         }
     }
