@@ -169,6 +169,29 @@ pub fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
+/// Most malloc arenas the broker's threads share: the main one and one
+/// more, for a runtime of two async workers. glibc otherwise gives each new
+/// thread that meets a locked arena an arena of its own, up to eight per
+/// core (16 here); the blocking pool's short-lived threads (up to 64 under
+/// load) then leave a dozen arenas behind, each holding fragments that
+/// [`release_free_memory`] cannot give back (measured: after 100k checks
+/// over 16 connections, 13 arenas; settled RssAnon 1.46 MiB with them, 1.31
+/// with two). Two arenas still let both workers allocate without waiting on
+/// each other most of the time; the blocking threads do little allocation.
+const MALLOC_ARENAS: libc::c_int = 2;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`]. Call before the runtime
+/// starts any thread: arenas already made stay. Overrides
+/// `GLIBC_TUNABLES=glibc.malloc.arena_max`. A no-op on other C libraries.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter under the main
+    // arena's lock; it takes no pointer.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
 /// Hands the allocator's free memory back to the kernel: glibc's
 /// `malloc_trim(0)`, which releases whole free pages inside every arena
 /// (`madvise(MADV_DONTNEED)`) and the heap's free top (`brk`), both in the
