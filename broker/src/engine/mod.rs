@@ -502,7 +502,7 @@ impl Engine {
         let small = wait.is_zero()
             && options.grace.is_zero()
             && options.reap_delay.is_zero()
-            && target.memory.is_some_and(|m| reap_work_bytes(&m) <= SMALL_REAP_BYTES);
+            && target.memory.as_ref().is_some_and(small_reap);
         run_kill(small, move || {
             let _in_flight = in_flight;
             // Dropped when the work ends, after its outcome record: shutdown
@@ -880,8 +880,22 @@ fn owned_namespace(caller: &Caller, proof: Option<&OwnedFd>) -> Result<Option<Ow
 /// another thread than the connection's, and they contend for its lock).
 pub const SMALL_REAP_BYTES: u64 = 16 << 20;
 
+/// Largest page tables (`VmPTE`) of a victim killed on the async worker.
+/// The reap visits every entry, also those mapping the shared zero page
+/// that no Rss line counts: a process that reads 64 GiB it never writes
+/// shows ~2 MiB resident but 128 MiB of page tables, and held the worker
+/// 200-340 ms (attack pass, `attacks_inplace`). 512 KiB is 64k entries,
+/// about a millisecond; ordinary small processes have 40-100 KiB.
+pub const SMALL_PAGE_TABLE_BYTES: u64 = 512 << 10;
+
 fn reap_work_bytes(memory: &crate::os::procfs::Memory) -> u64 {
     memory.anon_bytes + memory.file_bytes + memory.shmem_bytes + memory.swap_bytes
+}
+
+/// Whether a kill of a process with this memory is quick enough to run on
+/// the async worker (see [`run_kill`]).
+fn small_reap(memory: &crate::os::procfs::Memory) -> bool {
+    reap_work_bytes(memory) <= SMALL_REAP_BYTES && memory.page_table_bytes <= SMALL_PAGE_TABLE_BYTES
 }
 
 /// Held by the one kill running on an async worker (see [`run_kill`]).
@@ -1075,16 +1089,30 @@ mod tests {
         assert!(current.block_on(async { InPlaceSlot::take() }).is_none());
     }
 
-    /// What a reap walks: every resident page and swap entry of the mm.
+    /// What a reap walks: every resident page and swap entry of the mm,
+    /// and every page-table entry (zero-page mappings count in no Rss).
     #[test]
-    fn small_kills_are_judged_by_every_page_the_reap_walks() {
-        let memory = crate::os::procfs::Memory {
+    fn small_kills_are_judged_by_every_page_and_entry_the_reap_walks() {
+        let small = crate::os::procfs::Memory {
             anon_bytes: 1 << 20,
-            file_bytes: 15 << 20,
-            shmem_bytes: 0,
-            swap_bytes: 1 << 20,
-            hugetlb_bytes: 0,
+            file_bytes: 4 << 20,
+            page_table_bytes: 52 << 10,
+            ..Default::default()
         };
-        assert!(reap_work_bytes(&memory) > SMALL_REAP_BYTES);
+        assert!(small_reap(&small), "a 1 MiB process with its binary mapped");
+        let files_and_swap = crate::os::procfs::Memory {
+            file_bytes: 15 << 20,
+            swap_bytes: 1 << 20,
+            ..small
+        };
+        assert!(!small_reap(&files_and_swap), "file pages and swap are walked too");
+        let zero_page_reader = crate::os::procfs::Memory {
+            page_table_bytes: 128 << 20,
+            ..small
+        };
+        assert!(
+            !small_reap(&zero_page_reader),
+            "page tables of zero-page mappings are walked too"
+        );
     }
 }

@@ -163,6 +163,10 @@ pub struct Memory {
     /// `HugetlbPages`: hugetlbfs pages mapped (the reaper skips them; they
     /// return to the hugetlb pool only when the last mapping goes).
     pub hugetlb_bytes: u64,
+    /// `VmPTE`: the mm's page tables, every level. The reap walks them all,
+    /// including entries that map only the shared zero page, which no Rss
+    /// line counts (mm/oom_kill.c `__oom_reap_task_mm()` → `unmap_page_range()`).
+    pub page_table_bytes: u64,
 }
 
 impl Memory {
@@ -217,6 +221,7 @@ pub fn parse_status(bytes: &[u8]) -> Option<Status> {
             "RssFile" => status.memory.file_bytes = kib()?,
             "RssShmem" => status.memory.shmem_bytes = kib()?,
             "VmSwap" => status.memory.swap_bytes = kib()?,
+            "VmPTE" => status.memory.page_table_bytes = kib()?,
             "NSpid" => {
                 status.ns_pids = value
                     .split_whitespace()
@@ -431,7 +436,7 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let text = b"Name:\t\xff\xfe\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nNSpid:\t900\t3\nCapEff:\t0000000000000020\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\nHugetlbPages:\t 2048 kB\n";
+        let text = b"Name:\t\xff\xfe\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nNSpid:\t900\t3\nCapEff:\t0000000000000020\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\nRssAnon:\t  100 kB\nRssFile:\t 2 kB\nRssShmem:\t0 kB\nVmSwap:\t3 kB\nVmPTE:\t   52 kB\nHugetlbPages:\t 2048 kB\n";
         let status = parse_status(text).unwrap();
         assert_eq!(status.uids, [1, 2, 3, 4]);
         assert_eq!(status.gids, [5, 6, 7, 8]);
@@ -442,6 +447,7 @@ mod tests {
         assert_eq!(status.memory.hugetlb_bytes, 2 << 20);
         assert_eq!(status.memory.anon_bytes, 100 * 1024);
         assert_eq!(status.memory.swap_bytes, 3 * 1024);
+        assert_eq!(status.memory.page_table_bytes, 52 * 1024);
         assert!(parse_status(b"Name: x\n").is_none());
     }
 }
