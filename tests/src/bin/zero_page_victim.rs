@@ -5,7 +5,9 @@
 //! the shared zero page, which no RSS counter includes (RssAnon stays
 //! ~100 kB), but the page tables are real (2 MiB per GiB) and
 //! `process_mrelease(2)` clears every one of those PTEs. Prints `ready`
-//! once populated, then sleeps until killed.
+//! once populated, then sleeps until killed. `zero-page-victim GIB MIB`
+//! also dirties MIB MiB of ordinary anonymous memory (MIB > 16: not small,
+//! so the kill goes through block_in_place; the control case).
 
 use std::io::Write;
 
@@ -16,7 +18,9 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .expect("usage: zero-page-victim GIB");
+    let dirty: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(0);
     let len = gib << 30;
+    let ballast = vec![1u8; dirty << 20];
     // SAFETY: a fresh anonymous mapping, never dereferenced here; the
     // kernel populates it.
     unsafe {
@@ -33,6 +37,7 @@ fn main() {
         assert_eq!(libc::madvise(m, len, libc::MADV_NOHUGEPAGE), 0);
         assert_eq!(libc::madvise(m, len, MADV_POPULATE_READ), 0, "MADV_POPULATE_READ");
     }
+    std::hint::black_box(&ballast);
     println!("ready");
     std::io::stdout().flush().unwrap();
     loop {
