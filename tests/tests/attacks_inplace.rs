@@ -7,7 +7,8 @@
 //! held for the whole reap; every other caller must still be served by the
 //! other worker, on both transports.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -243,4 +244,60 @@ fn slow_small_kills_leave_bystanders_served(count: usize, gib: usize, small: boo
         "a bystander stalled {worst:?} (unloaded {baseline:?}) while {count} kill(s) of {:?} ran",
         kill_end - kill_start
     );
+}
+
+/// A flood of small kills, each from a varlink client that hangs up right
+/// after sending it: they race each other for the one in-place slot and
+/// their connections' close. Every victim dies with exactly one decision
+/// and one outcome record; and the slot is given back (a last small kill,
+/// answered, proves the broker still kills).
+#[test]
+fn a_flood_of_small_kills_whose_clients_hang_up_loses_no_record() {
+    const FLOOD: usize = 24;
+    let broker = start();
+    let mut victims: Vec<Victim> = (0..FLOOD)
+        .map(|_| Victim::spawn(Creds::uid(VICTIMS), 1 << 20))
+        .collect();
+    let socket = reapd_e2e::varlink_socket(&broker);
+    let senders: Vec<_> = victims
+        .iter()
+        .map(|v| {
+            let (socket, pid) = (socket.clone(), v.pid);
+            std::thread::spawn(move || {
+                let mut stream = UnixStream::connect(socket).unwrap();
+                let call = format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid}}}}}"#);
+                stream.write_all(call.as_bytes()).unwrap();
+                stream.write_all(&[0]).unwrap();
+                // Dropped: the connection closes with the kill in flight.
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    for v in &mut victims {
+        assert_eq!(v.wait(), Some(libc::SIGKILL), "victim {} not SIGKILLed", v.pid);
+    }
+    wait_until("an outcome record per victim", || {
+        let log = broker.log_text();
+        victims
+            .iter()
+            .all(|v| reapd_e2e::audit_records(&log, "outcome", v.pid) >= 1)
+    });
+    let log = broker.log_text();
+    for v in &victims {
+        assert_eq!(
+            (
+                reapd_e2e::audit_records(&log, "decision", v.pid),
+                reapd_e2e::audit_records(&log, "outcome", v.pid)
+            ),
+            (1, 1),
+            "pid {}\n{log}",
+            v.pid
+        );
+    }
+    let mut last = Victim::spawn(Creds::uid(VICTIMS), 1 << 20);
+    let r = broker.reapctl(Creds::uid(VICTIMS), &["--timeout", "5", "kill", &last.pid.to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(last.wait(), Some(libc::SIGKILL));
 }
