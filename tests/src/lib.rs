@@ -1072,3 +1072,12 @@ pub mod probe {
         ret == 0
     }
 }
+
+/// Count of the broker log's audit lines of `event` ("decision"/"outcome") naming `pid` exactly.
+pub fn audit_records(log: &str, event: &str, pid: i32) -> usize {
+    let pid = format!("target_pid={pid}");
+    let event = format!("event=\"{event}\"");
+    log.lines()
+        .filter(|l| l.contains(&event) && l.split_whitespace().any(|w| w == pid))
+        .count()
+}

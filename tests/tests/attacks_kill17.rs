@@ -38,15 +38,6 @@ fn varlink(broker: &Broker) -> PathBuf {
     reapd_e2e::varlink_socket(broker)
 }
 
-/// Audit lines of `event` ("decision"/"outcome") naming `pid` exactly.
-fn records(log: &str, event: &str, pid: i32) -> usize {
-    let pid = format!("target_pid={pid}");
-    let event = format!("event=\"{event}\"");
-    log.lines()
-        .filter(|l| l.contains(&event) && l.split_whitespace().any(|w| w == pid))
-        .count()
-}
-
 fn in_flight(m: &[Value]) -> f64 {
     reapd_e2e::metric(m, "kills_in_flight", &[])
 }
@@ -125,7 +116,10 @@ fn a_kill_whose_client_goes_away_at_any_point_has_one_decision_and_one_outcome()
     let log = broker.log_text();
     let (mut killed, mut untouched) = (0, 0);
     for v in &victims {
-        let (decisions, outcomes) = (records(&log, "decision", v.pid), records(&log, "outcome", v.pid));
+        let (decisions, outcomes) = (
+            reapd_e2e::audit_records(&log, "decision", v.pid),
+            reapd_e2e::audit_records(&log, "outcome", v.pid),
+        );
         assert!(
             decisions <= 1 && decisions == outcomes,
             "pid {}: {decisions} decisions, {outcomes} outcomes\n{log}",
@@ -173,7 +167,9 @@ fn sigterm_during_long_paced_kills_still_writes_every_outcome() {
         .collect();
     assert!(reapd_e2e::wait_until(Duration::from_secs(5), || {
         let log = broker.log_text();
-        victims.iter().all(|v| records(&log, "decision", v.pid) == 1)
+        victims
+            .iter()
+            .all(|v| reapd_e2e::audit_records(&log, "decision", v.pid) == 1)
     }));
     let t = Instant::now();
     unsafe_kill(broker.pid(), libc::SIGTERM);
@@ -193,7 +189,7 @@ fn sigterm_during_long_paced_kills_still_writes_every_outcome() {
     let missing: Vec<i32> = victims
         .iter()
         .map(|v| v.pid)
-        .filter(|pid| records(&log, "outcome", *pid) != 1)
+        .filter(|pid| reapd_e2e::audit_records(&log, "outcome", *pid) != 1)
         .collect();
     eprintln!("SIGTERM with {KILLS} paced kills: exit {status:?} after {stop:?}; outcomes missing for {missing:?}");
     assert!(
