@@ -503,7 +503,7 @@ impl Engine {
             && options.grace.is_zero()
             && options.reap_delay.is_zero()
             && target.memory.as_ref().is_some_and(small_reap);
-        run_kill(small, move || {
+        run_kill(small, move |on_async_worker| {
             let _in_flight = in_flight;
             // Dropped when the work ends, after its outcome record: shutdown
             // waits for it.
@@ -524,7 +524,7 @@ impl Engine {
                 reap,
                 exited,
             };
-            audit_outcome(&audit_caller, &report, started);
+            audit_outcome(&audit_caller, &report, on_async_worker, started);
             metrics::get().killed(
                 Some(report.reap.outcome),
                 report.reap.kill_path,
@@ -925,8 +925,10 @@ impl Drop for InPlaceSlot {
     }
 }
 
-/// Runs a kill's synchronous work. A `small` kill (no waits, a victim of
-/// at most [`SMALL_REAP_BYTES`]) runs right here on the async worker when
+/// Runs a kill's synchronous work, telling it whether it runs on the async
+/// worker itself. A `small` kill (no waits, a victim of at most
+/// [`SMALL_REAP_BYTES`] and [`SMALL_PAGE_TABLE_BYTES`]) runs right here on
+/// the async worker when
 /// the one in-place slot is free: it takes less time than handing the
 /// worker's other tasks to another thread would. Only one kill at a time
 /// may do so, so however long a reap takes (a victim can make
@@ -935,14 +937,14 @@ impl Drop for InPlaceSlot {
 /// [`run_in_place`].
 async fn run_kill<T: Send + 'static>(
     small: bool,
-    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+    work: impl FnOnce(bool) -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, EngineError> {
     if small {
         if let Some(_slot) = InPlaceSlot::take() {
-            return work();
+            return work(true);
         }
     }
-    run_in_place(work).await
+    run_in_place(move || work(false)).await
 }
 
 /// Runs blocking work on the calling thread with
@@ -1005,7 +1007,7 @@ fn audit_refusal(action: &str, caller: &Caller, err: &EngineError, started: Inst
     );
 }
 
-fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) {
+fn audit_outcome(caller: &CallerSummary, report: &KillReport, on_async_worker: bool, started: Instant) {
     tracing::info!(
         target: AUDIT_TARGET,
         event = "outcome",
@@ -1023,6 +1025,7 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) 
         kill_to_reap_us = report.reap.kill_to_reap.as_micros() as u64,
         reap_retries = report.reap.reap_retries,
         exited = report.exited,
+        on_async_worker,
         elapsed_us = started.elapsed().as_micros() as u64,
     );
 }
