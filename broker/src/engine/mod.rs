@@ -928,13 +928,12 @@ impl Drop for InPlaceSlot {
 /// Runs a kill's synchronous work, telling it whether it runs on the async
 /// worker itself. A `small` kill (no waits, a victim of at most
 /// [`SMALL_REAP_BYTES`] and [`SMALL_PAGE_TABLE_BYTES`]) runs right here on
-/// the async worker when
-/// the one in-place slot is free: it takes less time than handing the
-/// worker's other tasks to another thread would. Only one kill at a time
-/// may do so, so however long a reap takes (a victim can make
-/// `process_mrelease` wait on its mmap lock) the other worker keeps
-/// serving every other caller. Everything else goes through
-/// [`run_in_place`].
+/// the async worker when the one in-place slot is free: it takes less time
+/// than handing the worker's other tasks to another thread would. Only one
+/// kill at a time may do so, so however long a reap takes (a victim can
+/// make `process_mrelease` wait on its mmap lock, docs/threats.md) the
+/// other worker keeps serving every other caller. Everything else goes
+/// through [`run_in_place`].
 async fn run_kill<T: Send + 'static>(
     small: bool,
     work: impl FnOnce(bool) -> Result<T, EngineError> + Send + 'static,

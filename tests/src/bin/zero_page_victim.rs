@@ -6,8 +6,7 @@
 //! ~100 kB), but the page tables are real (2 MiB per GiB) and
 //! `process_mrelease(2)` clears every one of those PTEs. Prints `ready`
 //! once populated, then sleeps until killed. `zero-page-victim GIB MIB`
-//! also dirties MIB MiB of ordinary anonymous memory (MIB > 16: not small,
-//! so the kill goes through block_in_place; the control case).
+//! also dirties MIB MiB of ordinary anonymous memory.
 
 use std::io::Write;
 
