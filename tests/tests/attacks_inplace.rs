@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reapd::engine::SMALL_REAP_BYTES;
 use reapd_e2e::{bin, run_as, spawn_as, Broker, Creds, Victim};
 
 const VICTIMS: u32 = 61801;
 const BYSTANDER: u32 = 61802;
-const SMALL_REAP_BYTES: u64 = 16 << 20;
 
 const OPEN_POLICY: &str =
     "[defaults]\nkill-rule = true\ncheck = \"anyone\"\n\n[limits]\nkills = 1000\nburst = 1000\nmax-in-flight = 100\n";
@@ -119,11 +119,10 @@ fn bystander_loop(
 }
 
 fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        reapd_e2e::wait_until(Duration::from_secs(30), cond),
+        "timed out waiting for {what}"
+    );
 }
 
 /// A victim with ~1 MiB resident but 16 GiB of zero-page PTEs (32 MiB of
