@@ -34,7 +34,7 @@ use reapd_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::Broker;
-use crate::stats::{summarize, Summary};
+use crate::stats::{median_ci, summarize, Median, Summary};
 use crate::victim::{Memory, Victim, VICTIM_UID};
 
 /// Idle gap before each "after idle" call.
@@ -72,6 +72,12 @@ pub struct Transport {
     /// the CPUs awake between calls.
     #[serde(default)]
     pub fixed_rate_busy: Option<Summary>,
+    /// A broker's own cost after an idle gap, µs: the median over the
+    /// idle rounds of (this call − the floor's − the in-process
+    /// syscalls'), all three made in the same round, so the VM's drift
+    /// between rounds cancels; with its 95 % interval. `None` for floors.
+    #[serde(default)]
+    pub idle_own: Option<Median>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -97,6 +103,12 @@ pub struct Server {
     pub anon_idle: u64,
     #[serde(default)]
     pub anon_settled: u64,
+    /// RSS and RssAnon at the end of the whole run, [`SETTLE`] after its
+    /// last call.
+    #[serde(default)]
+    pub rss_end: u64,
+    #[serde(default)]
+    pub anon_end: u64,
     pub calls_before_after: usize,
     pub binary_bytes: u64,
 }
@@ -183,7 +195,7 @@ impl Config {
                 quick,
                 reps: 3,
                 warm_calls: 3000,
-                idle_calls: 20,
+                idle_calls: 50,
                 clients: vec![1, 64],
                 tput_duration: Duration::from_secs(2),
                 rate_per_sec: 1000.0,
@@ -937,13 +949,13 @@ struct Subject {
     binary: Option<PathBuf>,
 }
 
-/// Runs the floor benchmark against the bare echoes and each broker binary
-/// in `brokers` (label, path), interleaved.
 /// How long after the footprint soak the settled figures are read: the
 /// broker gives memory back after 2 s without calls and lets idle blocking
 /// threads go after 2 s (broker/src/server.rs, `QUIET_TICK`).
 const SETTLE: Duration = Duration::from_secs(6);
 
+/// Runs the floor benchmark against the bare echoes and each broker binary
+/// in `brokers` (label, path), interleaved.
 pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::Result<FloorResults> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -997,6 +1009,28 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         server.anon_idle = crate::probe::status_bytes(s.pid, "RssAnon").unwrap_or(0);
     }
 
+    // The footprint criterion, on a broker that has done nothing
+    // else yet: 100k checks over 16 connections, then quiet.
+    eprintln!("floor: footprint after {} calls", cfg.soak_calls);
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        rt.block_on(crate::overhead::many_calls(&s.grpc, target.clone(), cfg.soak_calls, 16))?;
+        server.calls_before_after = cfg.soak_calls;
+    }
+    let soaked = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        server.threads_after = threads(s.pid);
+        server.rss_after = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+    }
+    // A measurement window, not a wait for an event: what the server holds
+    // once it has been quiet for a while.
+    std::thread::sleep(SETTLE.saturating_sub(soaked.elapsed()));
+    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
+        server.threads_settled = threads(s.pid);
+        server.rss_settled = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+        server.anon_settled = crate::probe::status_bytes(s.pid, "RssAnon").unwrap_or(0);
+    }
+
     // Latency, interleaved: every path's warm block in turn, repeated; then
     // after-idle calls, one path after another.
     eprintln!("floor: latency");
@@ -1024,9 +1058,19 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         idle: summarize(&idle[i]),
     };
     let inprocess_check = pair(0);
+    // Paired by round: path i's n-th idle call against the floor's and the
+    // in-process n-th, made within the same second.
+    let own = |i: usize, floor: usize| {
+        let rounds = idle[i].iter().zip(&idle[floor]).zip(&idle[0]);
+        median_ci(&rounds.map(|((b, f), s)| b - f - s).collect::<Vec<_>>())
+    };
     for (k, server) in servers.iter_mut().enumerate() {
         server.grpc.check = pair(1 + 2 * k);
         server.varlink.check = pair(2 + 2 * k);
+        if k > 0 {
+            server.grpc.idle_own = Some(own(1 + 2 * k, 1));
+            server.varlink.idle_own = Some(own(2 + 2 * k, 2));
+        }
     }
 
     eprintln!("floor: CPU and syscalls per call");
@@ -1116,24 +1160,12 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
     }
     drop(freezer);
 
-    eprintln!("floor: footprint after {} calls", cfg.soak_calls);
+    // The whole run's residue, for comparison: everything above (kills,
+    // 64-client throughput, the fixed-rate runs) also left its mark.
+    std::thread::sleep(SETTLE);
     for (s, server) in subjects.iter().zip(servers.iter_mut()) {
-        rt.block_on(crate::overhead::many_calls(&s.grpc, target.clone(), cfg.soak_calls, 16))?;
-        server.calls_before_after = cfg.soak_calls;
-    }
-    let soaked = Instant::now();
-    std::thread::sleep(Duration::from_millis(500));
-    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
-        server.threads_after = threads(s.pid);
-        server.rss_after = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
-    }
-    // A measurement window, not a wait for an event: what the server holds
-    // once it has been quiet for a while.
-    std::thread::sleep(SETTLE.saturating_sub(soaked.elapsed()));
-    for (s, server) in subjects.iter().zip(servers.iter_mut()) {
-        server.threads_settled = threads(s.pid);
-        server.rss_settled = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
-        server.anon_settled = crate::probe::status_bytes(s.pid, "RssAnon").unwrap_or(0);
+        server.rss_end = crate::probe::status_bytes(s.pid, "VmRSS").unwrap_or(0);
+        server.anon_end = crate::probe::status_bytes(s.pid, "RssAnon").unwrap_or(0);
     }
     drop(running);
     drop(floor);
@@ -1254,7 +1286,7 @@ pub fn markdown(r: &FloorResults) -> String {
     let _ = writeln!(md, "## 0. Against the floor\n");
     let _ = writeln!(
         md,
-        "What reapd costs above what any broker must cost: the **transport floor** (a bare tonic server of the same `reapd.v1.Reaper` service answering at once, same tonic/tokio versions and 2 worker threads; a bare NUL-delimited JSON echo for varlink; both reached by the same `reapd-client` clients) plus the **in-process syscalls** the broker must make per call (pidfd_open, PIDFD_GET_INFO, one read() each of /proc/PID/stat, oom_score_adj and cgroup, a poll of the pidfd; caller identification happens once per connection, at accept). Brokers: {}. p50 µs over {} repetitions of {} warm calls (one connection, sequential) and {} calls each after a {} ms idle gap; all paths interleaved in one run.\n",
+        "What reapd costs above what any broker must cost: the **transport floor** (a bare tonic server of the same `reapd.v1.Reaper` service answering at once, same tonic/tokio versions and 2 worker threads; a bare NUL-delimited JSON echo for varlink; both reached by the same `reapd-client` clients) plus the **in-process syscalls** the broker must make per call (pidfd_open, PIDFD_GET_INFO, one read() each of /proc/PID/stat, oom_score_adj and cgroup, a poll of the pidfd; caller identification happens once per connection, at accept). Brokers: {}. p50 µs over {} repetitions of {} warm calls (one connection, sequential) and {} calls each after a {} ms idle gap; all paths interleaved in one run. The own cost after idle is the median over the idle rounds of each round's (broker − floor − in-process), the three calls made within the same second, with its 95 % interval in brackets: the VM's wake-up from idle costs hundreds of µs and drifts, so an interval wider than the goal means this machine cannot tell.\n",
         r.servers[1..].iter().map(|s| format!("*{}*", s.label)).collect::<Vec<_>>().join(", "),
         r.reps,
         r.warm_calls,
@@ -1284,15 +1316,19 @@ pub fn markdown(r: &FloorResults) -> String {
         for (transport, t, floor) in [("gRPC", &s.grpc, &echo.grpc), ("varlink", &s.varlink, &echo.varlink)] {
             let base_w = floor.check.warm.p50 + inproc.warm.p50;
             let base_i = floor.check.idle.p50 + inproc.idle.p50;
+            // Older results have no paired figure: the difference of medians.
+            let idle_own = match t.idle_own {
+                Some(m) => format!("{:.0} [{:.0}, {:.0}]", m.p50, m.lo, m.hi),
+                None => format!("{:.0}", t.check.idle.p50 - base_i),
+            };
             let _ = writeln!(
                 md,
-                "| {} {transport} | {:.0} | {:.0} | {:.0} | **{:.0}** / {:.0} | {:.2}× / {:.2}× |",
+                "| {} {transport} | {:.0} | {:.0} | {:.0} | **{:.0}** / {idle_own} | {:.2}× / {:.2}× |",
                 s.label,
                 t.check.warm.p50,
                 t.check.warm.p99,
                 t.check.idle.p50,
                 t.check.warm.p50 - base_w,
-                t.check.idle.p50 - base_i,
                 t.check.warm.p50 / base_w,
                 t.check.idle.p50 / base_i,
             );
@@ -1396,18 +1432,19 @@ pub fn markdown(r: &FloorResults) -> String {
     }
     let _ = writeln!(
         md,
-        "\nFootprint: threads and RSS idle (after one call per transport), right after {} CheckPermission calls over 16 gRPC connections (plus everything above), and {} s after those calls (settled); anonymous memory (RssAnon) in brackets, the rest is file-backed (text of the binary and the C library):\n",
+        "\nFootprint: threads and RSS idle (after one call per transport), right after {} CheckPermission calls over 16 gRPC connections (made right after the idle reading, before anything else), and {} s after those calls (settled); then at the end of the whole run, {} s after its last call (kills, 64-client throughput and the fixed-rate runs included); anonymous memory (RssAnon) in brackets, the rest is file-backed (text of the binary and the C library):\n",
         r.servers.get(1).map_or(0, |s| s.calls_before_after),
+        SETTLE.as_secs(),
         SETTLE.as_secs()
     );
     let _ = writeln!(
         md,
-        "| server | threads idle / after / settled | RSS idle | RSS after | RSS settled | settled ÷ idle | binary |\n|---|---|---|---|---|---|---|"
+        "| server | threads idle / after / settled | RSS idle | RSS after | RSS settled | settled ÷ idle | RSS end of run | end ÷ idle | binary |\n|---|---|---|---|---|---|---|---|---|"
     );
     for s in &r.servers {
         let _ = writeln!(
             md,
-            "| {} | {} / {} / {} | {:.1} MiB ({:.1}) | {:.1} MiB | {:.1} MiB ({:.1}) | {:.2}× | {} |",
+            "| {} | {} / {} / {} | {:.1} MiB ({:.1}) | {:.1} MiB | {:.1} MiB ({:.1}) | {:.2}× | {:.1} MiB ({:.1}) | {:.2}× | {} |",
             s.label,
             s.threads_idle,
             s.threads_after,
@@ -1418,6 +1455,9 @@ pub fn markdown(r: &FloorResults) -> String {
             mib(s.rss_settled),
             mib(s.anon_settled),
             s.rss_settled as f64 / s.rss_idle.max(1) as f64,
+            mib(s.rss_end),
+            mib(s.anon_end),
+            s.rss_end as f64 / s.rss_idle.max(1) as f64,
             if s.binary_bytes > 0 {
                 format!("{:.1} MiB", mib(s.binary_bytes))
             } else {
