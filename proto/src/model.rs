@@ -118,6 +118,10 @@ wire_enum! {
         /// Another request of this broker is already killing it: nothing
         /// was sent, nothing counted as released by this call.
         AlreadyDying = "already_dying",
+        /// Killed; its reap had not ended when the broker answered (see
+        /// `not_reaped_reason`). The reap goes on; the audit log records
+        /// its end.
+        ReapPending = "reap_pending",
     }
 }
 
