@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reapd::engine::reap_pool::{MAX_STALLED_PER_UID, REAP_ANSWER_AFTER};
-use reapd_e2e::{bin, spawn_as, Broker, CtlResult, Creds, Victim};
+use reapd_e2e::{bin, spawn_as, Broker, Creds, CtlResult, Victim};
 
 /// The attacker: owns the stall-prone processes and the FUSE mount.
 const ATTACKER: u32 = 61911;
@@ -76,7 +76,10 @@ impl Stall {
                 && libc::chown(c_device.as_ptr(), ATTACKER, ATTACKER) == 0
         };
         if !made {
-            reapd_e2e::skip(test, &format!("no FUSE device node: {}", std::io::Error::last_os_error()));
+            reapd_e2e::skip(
+                test,
+                &format!("no FUSE device node: {}", std::io::Error::last_os_error()),
+            );
             return None;
         }
         let mut command = Command::new(bin("fuse-stall"));
@@ -268,10 +271,12 @@ fn a_reap_that_never_ends_holds_no_caller_slot_or_record() {
     });
     assert!(ended, "no reap_ended record\n{}", broker.log_text());
     assert_eq!(metric(&broker, "reaps_stalled"), 0.0);
-    for line in stall.victims[..stalled]
-        .iter()
-        .flat_map(|&pid| records(&broker.log_text(), "reap_ended", pid).into_iter().map(String::from).collect::<Vec<_>>())
-    {
+    for line in stall.victims[..stalled].iter().flat_map(|&pid| {
+        records(&broker.log_text(), "reap_ended", pid)
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    }) {
         eprintln!("follow-up: {line}");
     }
     let t = Instant::now();

@@ -298,7 +298,10 @@ mod tests {
     /// result reaches the follow-up when it ends, which lifts the count.
     #[test]
     fn stalled_reaps_are_answered_capped_and_followed_up() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
         runtime.block_on(async {
             let uid = 4_000_000_001;
             let quick = submit(of(uid), call(|| 7)).ok().unwrap();

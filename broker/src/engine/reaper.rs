@@ -292,7 +292,9 @@ impl ReapJob {
             Err(err) => {
                 report.outcome = Outcome::KilledNotReaped;
                 report.not_reaped_reason = match err.raw_os_error() {
-                    Some(libc::ENOSYS) => "the kernel has no process_mrelease; the process frees its memory on exit".into(),
+                    Some(libc::ENOSYS) => {
+                        "the kernel has no process_mrelease; the process frees its memory on exit".into()
+                    }
                     Some(libc::EAGAIN) => format!("the mmap lock stayed contended through {MAX_REAP_RETRIES} retries"),
                     Some(libc::EINVAL) => "its address space is shared with a process that is not being killed".into(),
                     errno => format!("process_mrelease failed: {}", errno_name(errno)),

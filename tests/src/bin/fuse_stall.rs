@@ -206,7 +206,10 @@ fn thread_states(pid: i32) -> Vec<char> {
 }
 
 fn write_file(path: &str, text: &str) -> std::io::Result<()> {
-    std::fs::OpenOptions::new().write(true).open(path)?.write_all(text.as_bytes())
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
 
 fn main() {
@@ -255,11 +258,7 @@ fn main() {
         Ok(dev) => dev,
         Err(err) => skip(&format!("cannot open {device} as uid {uid}: {err}")),
     };
-    let options = CString::new(format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0",
-        dev.as_raw_fd()
-    ))
-    .unwrap();
+    let options = CString::new(format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd())).unwrap();
     let target = CString::new(mountdir.as_str()).unwrap();
     let source = CString::new("reapd-stall").unwrap();
     let fstype = CString::new("fuse").unwrap();
@@ -296,7 +295,6 @@ fn main() {
     };
     // The kernel's dev_t, as /sys/fs/fuse/connections names it.
     let conn = (u64::from(libc::major(st_dev)) << 20) | u64::from(libc::minor(st_dev));
-
 
     let mut stdout = std::io::stdout();
     for i in 0..count {
