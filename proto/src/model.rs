@@ -235,7 +235,8 @@ pub struct KillReport {
     /// system's anon + swap use across the kill and reap, at most the
     /// target's own); copy-on-write pages a survivor maps do not count.
     pub bytes_released: u64,
-    /// From the SIGKILL to the end of the reap, in nanoseconds.
+    /// From the SIGKILL to the end of the reap, in nanoseconds
+    /// (`ReapPending`: to the answer).
     pub kill_to_reap_ns: u64,
     /// The process was seen gone (its pidfd readable) before the reply.
     pub exited: bool,

@@ -85,15 +85,7 @@ fn status_kib(pid: u32) -> (u64, u64) {
 /// One bystander call (CheckPermission on its own process) over `varlink`
 /// or gRPC, as a fresh reapctl; its wall time.
 fn check(broker: &Broker, varlink: bool, pid: i32) -> Duration {
-    let mut command = Command::new(bin("reapctl"));
-    if varlink {
-        command
-            .arg("--varlink")
-            .arg("--socket")
-            .arg(reapd_e2e::varlink_socket(broker));
-    } else {
-        command.arg("--socket").arg(&broker.grpc);
-    }
+    let mut command = reapd_e2e::reapctl_over(broker, varlink);
     command.args(["--timeout", "10", "check", &pid.to_string()]);
     let t = Instant::now();
     let out = run_as(Creds::uid(BYSTANDER), &mut command);

@@ -142,15 +142,7 @@ impl Drop for Stall {
 /// A KillAndReap by the killer over varlink or gRPC; its result and wall
 /// time.
 fn kill(broker: &Broker, varlink: bool, pid: i32) -> (CtlResult, Duration) {
-    let mut command = Command::new(bin("reapctl"));
-    if varlink {
-        command
-            .arg("--varlink")
-            .arg("--socket")
-            .arg(reapd_e2e::varlink_socket(broker));
-    } else {
-        command.arg("--socket").arg(&broker.grpc);
-    }
+    let mut command = reapd_e2e::reapctl_over(broker, varlink);
     command.args(["--json", "--timeout", "30", "kill", &pid.to_string()]);
     let started = Instant::now();
     let out = reapd_e2e::run_as(Creds::uid(LMK), &mut command);
@@ -247,15 +239,7 @@ fn a_reap_that_never_ends_holds_no_caller_slot_or_record() {
     }
     let bystander = Victim::spawn(Creds::uid(BYSTANDER), 0);
     for varlink in [false, true] {
-        let mut command = Command::new(bin("reapctl"));
-        if varlink {
-            command
-                .arg("--varlink")
-                .arg("--socket")
-                .arg(reapd_e2e::varlink_socket(&broker));
-        } else {
-            command.arg("--socket").arg(&broker.grpc);
-        }
+        let mut command = reapd_e2e::reapctl_over(&broker, varlink);
         command.args(["--timeout", "5", "check", &bystander.pid.to_string()]);
         let out = reapd_e2e::run_as(Creds::uid(BYSTANDER), &mut command);
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

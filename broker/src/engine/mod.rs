@@ -619,6 +619,7 @@ async fn reap(
         caller_uid: caller.uid,
     };
     let follow_up_of = of.clone();
+    let kill_started = job.started();
     let reap = match reap_pool::submit(of, job) {
         Ok(reap) => reap,
         Err(refused) => {
@@ -630,7 +631,10 @@ async fn reap(
     let follow_up = move |result: Result<ReapReport, EngineError>| audit_reap_ended(&follow_up_of, &result, started);
     match reap.wait(REAP_ANSWER_AFTER, follow_up).await {
         Ok(result) => result,
-        Err(reap_pool::Stalled) => Ok(pending),
+        Err(reap_pool::Stalled) => Ok(ReapReport {
+            kill_to_reap: kill_started.elapsed(),
+            ..pending
+        }),
     }
 }
 
@@ -1032,53 +1036,49 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) 
 /// The end of a reap whose caller was answered "reap pending": the
 /// follow-up of its outcome record (same caller and target fields).
 fn audit_reap_ended(of: &ReapOf, result: &Result<ReapReport, EngineError>, started: Instant) {
-    match result {
-        Ok(reap) => {
-            metrics::get().killed_bytes(reap.bytes_released);
-            tracing::info!(
-                target: AUDIT_TARGET,
-                event = "reap_ended",
-                caller_pid = of.caller_pid,
-                caller_uid = of.caller_uid,
-                target_pid = of.target_pid,
-                target_uid = of.target_uid,
-                target_comm = of.target_comm.as_str(),
-                outcome = reap.outcome.as_str(),
-                not_reaped_reason = %reap.not_reaped_reason,
-                kill_path = reap.kill_path.as_str(),
-                bytes_released = reap.bytes_released,
-                kill_to_reap_us = reap.kill_to_reap.as_micros() as u64,
-                reap_retries = reap.reap_retries,
-                elapsed_us = started.elapsed().as_micros() as u64,
-            );
-        }
-        Err(err) => tracing::warn!(
-            target: AUDIT_TARGET,
-            event = "reap_ended",
-            caller_pid = of.caller_pid,
-            caller_uid = of.caller_uid,
-            target_pid = of.target_pid,
-            target_uid = of.target_uid,
-            target_comm = of.target_comm.as_str(),
-            outcome = "failed",
-            error = %err,
-            elapsed_us = started.elapsed().as_micros() as u64,
-        ),
+    if let Ok(reap) = result {
+        metrics::get().killed_bytes(reap.bytes_released);
     }
+    let failed = result.as_ref().err().map(EngineError::to_string);
+    audit_reap(
+        "reap_ended",
+        of,
+        result.as_ref().ok(),
+        failed.as_deref(),
+        started.elapsed(),
+    );
 }
 
 /// A reap still stalled when the broker stops: it exits without its end
 /// (the thread dies with the process), so this is its last record.
 fn audit_reap_pending_at_shutdown(of: &ReapOf, pending_for: Duration) {
-    tracing::warn!(
+    audit_reap("reap_pending_at_shutdown", of, None, None, pending_for);
+}
+
+/// A record of a reap after its kill's outcome record: its result (`reap`),
+/// its error (`failed`), or neither (still pending).
+fn audit_reap(event: &str, of: &ReapOf, reap: Option<&ReapReport>, failed: Option<&str>, elapsed: Duration) {
+    let outcome = match (reap, failed) {
+        (Some(reap), _) => reap.outcome.as_str(),
+        (None, Some(_)) => "failed",
+        (None, None) => Outcome::ReapPending.as_str(),
+    };
+    tracing::info!(
         target: AUDIT_TARGET,
-        event = "reap_pending_at_shutdown",
+        event,
         caller_pid = of.caller_pid,
         caller_uid = of.caller_uid,
         target_pid = of.target_pid,
         target_uid = of.target_uid,
         target_comm = of.target_comm.as_str(),
-        pending_ms = pending_for.as_millis() as u64,
+        outcome,
+        not_reaped_reason = reap.map_or("", |r| r.not_reaped_reason.as_str()),
+        error = failed.unwrap_or_default(),
+        kill_path = reap.map_or("", |r| r.kill_path.as_str()),
+        bytes_released = reap.map_or(0, |r| r.bytes_released),
+        kill_to_reap_us = reap.map_or(0, |r| r.kill_to_reap.as_micros() as u64),
+        reap_retries = reap.map_or(0, |r| r.reap_retries),
+        elapsed_us = elapsed.as_micros() as u64,
     );
 }
 

@@ -205,6 +205,11 @@ impl crate::engine::reap_pool::Work for ReapJob {
 }
 
 impl ReapJob {
+    /// When the SIGKILL went (or, on the one-call path, goes) out.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// What the reply says of a reap still running: killed, reap pending.
     pub fn pending_report(&self, reason: String) -> ReapReport {
         ReapReport {

@@ -27,16 +27,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-const FUSE_LOOKUP: u32 = 1;
-const FUSE_FORGET: u32 = 2;
-const FUSE_GETATTR: u32 = 3;
-const FUSE_OPEN: u32 = 14;
-const FUSE_READ: u32 = 15;
-const FUSE_RELEASE: u32 = 18;
-const FUSE_FLUSH: u32 = 25;
-const FUSE_INIT: u32 = 26;
-const FUSE_INTERRUPT: u32 = 36;
-const FUSE_BATCH_FORGET: u32 = 42;
+use reapd_e2e::fuse::{self, Files};
 
 /// Each file's size: one mapping of it per victim.
 const FILE_BYTES: u64 = 1 << 20;
@@ -51,110 +42,36 @@ fn fail(what: &str) -> ! {
     std::process::exit(1);
 }
 
-fn attr(out: &mut Vec<u8>, ino: u64, mode: u32) {
-    let size = if ino == 1 { 0 } else { FILE_BYTES };
-    for v in [ino, size, 0, 0, 0, 0] {
-        out.extend_from_slice(&v.to_ne_bytes()); // ino size blocks atime mtime ctime
-    }
-    // nsecs, mode nlink uid gid (0: the namespace's root, the attacker) rdev blksize flags
-    for v in [0u32, 0, 0, mode, 1, 0, 0, 0, 4096, 0] {
-        out.extend_from_slice(&v.to_ne_bytes());
-    }
-}
-
-fn reply(dev: &std::fs::File, unique: u64, error: i32, body: &[u8]) {
-    let mut out = Vec::with_capacity(16 + body.len());
-    out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    out.extend_from_slice(&error.to_ne_bytes());
-    out.extend_from_slice(&unique.to_ne_bytes());
-    out.extend_from_slice(body);
-    let _ = (&*dev).write(&out);
-}
-
-fn u32_at(buf: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap())
-}
-
-/// Serves the filesystem; tells `reads` the node of each READ it leaves
-/// unanswered.
+/// Serves the filesystem (files `f0`… are nodes 2…, owned by the
+/// namespace's root, the attacker); tells `reads` the node of each READ it
+/// leaves unanswered.
 fn serve(dev: std::fs::File, mut reads: std::fs::File) -> ! {
+    let files = Files {
+        size: FILE_BYTES,
+        uid: 0,
+    };
     let mut buf = vec![0u8; (1 << 20) + 4096];
-    loop {
-        let n = match Read::read(&mut &dev, &mut buf) {
-            Ok(n) => n,
-            Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::ENOENT)) => continue,
-            Err(_) => std::process::exit(0),
-        };
-        if n < 40 {
-            continue;
-        }
-        let opcode = u32_at(&buf, 4);
-        let unique = u64::from_ne_bytes(buf[8..16].try_into().unwrap());
-        let nodeid = u64::from_ne_bytes(buf[16..24].try_into().unwrap());
-        let body = &buf[40..n];
-        match opcode {
-            FUSE_INIT => {
-                let max_readahead = u32_at(body, 8);
-                let mut out = Vec::new();
-                for v in [7u32, 31, max_readahead, 0] {
-                    out.extend_from_slice(&v.to_ne_bytes());
-                }
-                out.extend_from_slice(&16u16.to_ne_bytes()); // max_background
-                out.extend_from_slice(&12u16.to_ne_bytes()); // congestion_threshold
-                out.extend_from_slice(&4096u32.to_ne_bytes()); // max_write
-                out.extend_from_slice(&1u32.to_ne_bytes()); // time_gran
-                out.extend_from_slice(&1u16.to_ne_bytes()); // max_pages
-                out.extend_from_slice(&0u16.to_ne_bytes()); // map_alignment
-                out.resize(64, 0);
-                reply(&dev, unique, 0, &out);
-            }
-            FUSE_LOOKUP => {
-                let name = body.split(|&b| b == 0).next().unwrap_or_default();
-                let index = std::str::from_utf8(name)
+    while let Some(request) = fuse::next_request(&dev, &mut buf) {
+        match request.opcode {
+            fuse::LOOKUP => {
+                let index = std::str::from_utf8(fuse::lookup_name(&request))
                     .ok()
                     .and_then(|n| n.strip_prefix('f'))
                     .and_then(|i| i.parse::<u64>().ok());
                 match index {
-                    Some(i) => {
-                        let mut out = Vec::new();
-                        for v in [2 + i, 0, 3600, 3600] {
-                            out.extend_from_slice(&v.to_ne_bytes());
-                        }
-                        out.extend_from_slice(&[0u8; 8]);
-                        attr(&mut out, 2 + i, libc::S_IFREG | 0o644);
-                        reply(&dev, unique, 0, &out);
-                    }
-                    None => reply(&dev, unique, -libc::ENOENT, &[]),
+                    Some(i) => fuse::reply_entry(&dev, request.unique, 2 + i, files),
+                    None => fuse::reply(&dev, request.unique, -libc::ENOENT, &[]),
                 }
-            }
-            FUSE_GETATTR => {
-                let mut out = Vec::new();
-                out.extend_from_slice(&3600u64.to_ne_bytes());
-                out.extend_from_slice(&[0u8; 8]);
-                let mode = if nodeid == 1 {
-                    libc::S_IFDIR | 0o755
-                } else {
-                    libc::S_IFREG | 0o644
-                };
-                attr(&mut out, nodeid, mode);
-                reply(&dev, unique, 0, &out);
-            }
-            FUSE_OPEN => {
-                let mut out = Vec::new();
-                out.extend_from_slice(&1u64.to_ne_bytes());
-                out.extend_from_slice(&[0u8; 8]);
-                reply(&dev, unique, 0, &out);
             }
             // The point of this filesystem: the faulting reader waits
             // forever, holding its victim's mmap lock.
-            FUSE_READ => {
-                let _ = reads.write_all(&nodeid.to_ne_bytes());
+            fuse::READ => {
+                let _ = reads.write_all(&request.nodeid.to_ne_bytes());
             }
-            FUSE_FLUSH | FUSE_RELEASE => reply(&dev, unique, 0, &[]),
-            FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => {}
-            _ => reply(&dev, unique, -libc::ENOSYS, &[]),
+            _ => fuse::answer(&dev, &request, files),
         }
     }
+    std::process::exit(0)
 }
 
 fn pipe() -> (std::fs::File, std::fs::File) {
