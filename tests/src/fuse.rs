@@ -5,7 +5,9 @@
 //! what each helper answers to LOOKUP and to its withheld request is its
 //! own, everything else is answered here.
 
+use std::ffi::CString;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 
 pub const LOOKUP: u32 = 1;
 pub const FORGET: u32 = 2;
@@ -139,4 +141,53 @@ pub fn answer(dev: &std::fs::File, request: &Request<'_>, files: Files) {
 /// The name a LOOKUP asks for.
 pub fn lookup_name<'a>(request: &Request<'a>) -> &'a [u8] {
     request.body.split(|&b| b == 0).next().unwrap_or_default()
+}
+
+/// Makes this process's mount namespace (its own, unshared) private, so
+/// its mounts stay in it.
+pub fn make_mounts_private() -> std::io::Result<()> {
+    let root = CString::new("/").unwrap();
+    // SAFETY: valid C string, null optional arguments.
+    let done = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Mounts a FUSE filesystem served over `dev` on `mountdir`, its files
+/// owned by `owner` (a uid of the mounting user namespace).
+pub fn mount(dev: &std::fs::File, mountdir: &str, name: &str, owner: u32) -> std::io::Result<()> {
+    let options = CString::new(format!(
+        "fd={},rootmode=40000,user_id={owner},group_id={owner}",
+        dev.as_raw_fd()
+    ))
+    .unwrap();
+    let target = CString::new(mountdir).unwrap();
+    let source = CString::new(name).unwrap();
+    let fstype = CString::new("fuse").unwrap();
+    // SAFETY: valid C strings; the options name our open device fd.
+    let mounted = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr() as *const libc::c_void,
+        )
+    };
+    if mounted == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -12,7 +12,6 @@
 //! never FLUSH, until it is killed, which aborts the connection and ends
 //! every wait. Prints `SKIP: reason` and exits 77 if FUSE is unavailable.
 
-use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
@@ -119,47 +118,19 @@ fn main() {
     let (mountdir, socket) = (&args[1], &args[2]);
     let uid: u32 = args[3].parse().expect("uid");
     let calls: usize = args[4].parse().expect("calls");
-    // SAFETY: unshare and mount with valid C strings; single-threaded here.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            skip(&format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
-        }
-        let root = CString::new("/").unwrap();
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            skip(&format!("making / private: {}", std::io::Error::last_os_error()));
-        }
+    // SAFETY: unshare with a constant flag; single-threaded here.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        skip(&format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
+    }
+    if let Err(err) = fuse::make_mounts_private() {
+        skip(&format!("making / private: {err}"));
     }
     let dev = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
         Ok(dev) => dev,
         Err(err) => skip(&format!("cannot open /dev/fuse: {err}")),
     };
-    let options = CString::new(format!(
-        "fd={},rootmode=40000,user_id={uid},group_id={uid}",
-        dev.as_raw_fd()
-    ))
-    .unwrap();
-    let target = CString::new(mountdir.as_str()).unwrap();
-    let source = CString::new("reapd-noflush").unwrap();
-    let fstype = CString::new("fuse").unwrap();
-    // SAFETY: valid C strings; the options name our open /dev/fuse fd.
-    let mounted = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            options.as_ptr() as *const libc::c_void,
-        )
-    };
-    if mounted != 0 {
-        skip(&format!("mount -t fuse: {}", std::io::Error::last_os_error()));
+    if let Err(err) = fuse::mount(&dev, mountdir, "reapd-noflush", uid) {
+        skip(&format!("mount -t fuse: {err}"));
     }
     // SAFETY: fork from a single-threaded process.
     let pid = unsafe { libc::fork() };

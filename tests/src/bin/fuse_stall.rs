@@ -22,7 +22,6 @@
 //! every wait) and `ready`. Prints `SKIP: reason` and exits 77 when a
 //! precondition (user namespaces, FUSE) is missing.
 
-use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -155,19 +154,8 @@ fn main() {
             skip(&format!("{file}: {err}"));
         }
     }
-    let root = CString::new("/").unwrap();
-    // SAFETY: valid C string, null optional arguments.
-    let private = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if private != 0 {
-        skip(&format!("making / private: {}", std::io::Error::last_os_error()));
+    if let Err(err) = fuse::make_mounts_private() {
+        skip(&format!("making / private: {err}"));
     }
     // Opened inside the namespace: FUSE accepts only a device opened by
     // the mount's own user namespace.
@@ -175,25 +163,8 @@ fn main() {
         Ok(dev) => dev,
         Err(err) => skip(&format!("cannot open {device} as uid {uid}: {err}")),
     };
-    let options = CString::new(format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd())).unwrap();
-    let target = CString::new(mountdir.as_str()).unwrap();
-    let source = CString::new("reapd-stall").unwrap();
-    let fstype = CString::new("fuse").unwrap();
-    // SAFETY: valid C strings; the options name our open device fd.
-    let mounted = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            options.as_ptr() as *const libc::c_void,
-        )
-    };
-    if mounted != 0 {
-        skip(&format!(
-            "mount -t fuse in a user namespace: {}",
-            std::io::Error::last_os_error()
-        ));
+    if let Err(err) = fuse::mount(&dev, mountdir, "reapd-stall", 0) {
+        skip(&format!("mount -t fuse in a user namespace: {err}"));
     }
     let (mut reads, reads_tx) = pipe();
     let server = fork(|| serve(dev.try_clone().unwrap(), reads_tx.try_clone().unwrap()));
