@@ -294,8 +294,9 @@ mod tests {
 
     /// A reap that ends in time is answered with its result; one that does
     /// not is answered stalled, counts against its uid's cap (further
-    /// reaps of that uid are refused and get their work back), and its
-    /// result reaches the follow-up when it ends, which lifts the count.
+    /// reaps of that uid are refused and get their work back) and the
+    /// broker-wide one, and its result reaches the follow-up when it ends,
+    /// which lifts the count.
     #[test]
     fn stalled_reaps_are_answered_capped_and_followed_up() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -337,6 +338,36 @@ mod tests {
             }
             assert!(reapd_wait(|| !state().stalled_by_uid.contains_key(&uid)));
             assert!(submit(of(uid), call(|| 0)).is_ok(), "the cap lifts when the reaps end");
+
+            // Broker-wide: one stalled reap each of MAX_STALLED uids.
+            let mut answers = Vec::new();
+            for n in 0..MAX_STALLED {
+                let gate = Arc::clone(&release_rx);
+                let reap = submit(
+                    of(uid + 10 + n),
+                    call(move || {
+                        let _ = gate.lock().unwrap().recv();
+                        43
+                    }),
+                )
+                .ok()
+                .unwrap();
+                let late = late_tx.clone();
+                answers.push(
+                    reap.wait(Duration::from_millis(20), move |v| late.send(v).unwrap())
+                        .await,
+                );
+            }
+            assert!(answers.iter().all(Result::is_err));
+            let refused = submit(of(uid + 100), call(|| 0))
+                .err()
+                .expect("over the broker-wide cap");
+            assert!(refused.reason.contains("broker-wide"), "{}", refused.reason);
+            for _ in 0..MAX_STALLED {
+                release_tx.send(()).unwrap();
+                assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 43);
+            }
+            assert!(reapd_wait(|| stalled() == 0));
         });
     }
 
