@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reapd::engine::reap_pool::{MAX_STALLED_PER_UID, REAP_ANSWER_AFTER};
-use reapd_e2e::{bin, spawn_as, Broker, Creds, CtlResult, Victim};
+use reapd_e2e::{bin, spawn_as, Broker, CgroupTree, Creds, CtlResult, TestCgroup, Victim};
 
 /// The attacker: owns the stall-prone processes and the FUSE mount.
 const ATTACKER: u32 = 61911;
@@ -206,7 +206,11 @@ fn a_reap_that_never_ends_holds_no_caller_slot_or_record() {
             assert!(reason.contains("reap skipped"), "kill {i}: {reason}");
             assert!(took < REAP_ANSWER_AFTER, "a skipped reap waited {took:?}");
         }
-        assert!(exiting(pid), "victim {pid} was not SIGKILLed");
+        // The signal is sent; the victim acts on it when next scheduled.
+        assert!(
+            reapd_e2e::wait_until(Duration::from_secs(5), || exiting(pid)),
+            "victim {pid} was not SIGKILLed"
+        );
     }
     let log = broker.log_text();
     for (i, &pid) in stall.victims.iter().enumerate() {
@@ -292,4 +296,53 @@ fn sigterm_with_a_reap_stalled_stops_promptly_and_records_it_pending() {
     assert_eq!(pending.len(), 1, "{log}");
     eprintln!("{}", pending[0]);
     drop(stall);
+}
+
+/// The same attack through a whole-cgroup kill (what reapd-lmk sends for a
+/// cgroup): the group is answered within the bound, the stall-prone
+/// member `reap_pending`, the other member reaped, no slot held; the
+/// stalled reap counts until the attacker lets go.
+#[test]
+fn a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound() {
+    const TEST: &str = "attacks_reaphold::a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound";
+    let t = reapd_e2e::top("reaphold-group");
+    let _tree = CgroupTree::new(&t);
+    let cg = TestCgroup::new(&format!("{t}/stall.scope"));
+    let broker = start();
+    let Some(stall) = Stall::start(TEST, 1) else {
+        return;
+    };
+    let stuck = stall.victims[0];
+    let mut ordinary = Victim::spawn(Creds::uid(ATTACKER), 1 << 20);
+    cg.add(stuck);
+    cg.add(ordinary.pid);
+    let started = Instant::now();
+    let reply = reapd_e2e::varlink_call_as(
+        Creds::uid(LMK),
+        &reapd_e2e::varlink_socket(&broker),
+        &format!(r#"{{"method":"io.reapd.Reaper.KillCgroup","parameters":{{"cgroup":"/{t}/stall.scope"}}}}"#),
+        &[],
+    );
+    let took = started.elapsed();
+    eprintln!("group kill answered in {took:?}: {reply}");
+    assert!(took < REAP_ANSWER_AFTER + Duration::from_secs(2), "{took:?}");
+    let members = reply["parameters"]["members"].as_array().expect("members").clone();
+    let outcome_of = |pid: i32| {
+        members
+            .iter()
+            .find(|m| m["process"]["pid"] == pid)
+            .map(|m| m["outcome"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("member {pid} not in {reply}"))
+    };
+    assert_eq!(outcome_of(stuck), "reap_pending");
+    assert!(["reaped", "exited_before_reap"].contains(&outcome_of(ordinary.pid).as_str()));
+    assert_eq!(ordinary.wait(), Some(libc::SIGKILL));
+    assert!(reapd_e2e::wait_until(Duration::from_secs(5), || exiting(stuck)));
+    assert_eq!(metric(&broker, "kills_in_flight"), 0.0);
+    assert_eq!(metric(&broker, "reaps_stalled"), 1.0);
+    stall.abort();
+    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
+        &broker,
+        "reaps_stalled"
+    ) == 0.0));
 }

@@ -222,6 +222,25 @@ fn unstall(id: u64) {
     }
 }
 
+/// One stalled reap counted broker-wide that is not a [`Reap`] of this
+/// pool (a group kill's reaper thread, see `group::reap_members`);
+/// uncounted on drop, when that reap ends.
+pub struct StalledElsewhere(());
+
+impl StalledElsewhere {
+    pub fn count() -> StalledElsewhere {
+        state().stalled += 1;
+        StalledElsewhere(())
+    }
+}
+
+impl Drop for StalledElsewhere {
+    fn drop(&mut self) {
+        let mut state = state();
+        state.stalled = state.stalled.saturating_sub(1);
+    }
+}
+
 /// Stalled reaps now, all victim uids.
 pub fn stalled() -> u32 {
     state().stalled
