@@ -160,17 +160,21 @@ pub fn submit<W: Work>(of: ReapOf, work: W) -> Result<Reap<W::Output>, Refused<W
     let slot = Arc::new(Mutex::new(Slot::Waiting(tx)));
     let done = Arc::clone(&slot);
     state.queue.push_back(Box::new(move || {
-        let result = work.run();
+        // A panic (reported by the hook) ends this reap, not the thread,
+        // and never leaves it counted as stalled: its waiter finds the
+        // result gone and answers "pending", its follow-up is not written.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.run()));
         let taken = std::mem::replace(&mut *done.lock().unwrap_or_else(|p| p.into_inner()), Slot::Taken);
-        match taken {
-            Slot::Waiting(tx) => {
+        match (taken, result) {
+            (Slot::Waiting(tx), Ok(result)) => {
                 let _ = tx.send(result);
             }
-            Slot::Late(follow_up, id) => {
+            (Slot::Late(follow_up, id), Ok(result)) => {
                 unstall(id);
                 follow_up(result);
             }
-            Slot::Taken => {}
+            (Slot::Late(_, id), Err(_)) => unstall(id),
+            (Slot::Waiting(_) | Slot::Taken, _) => {}
         }
     }));
     drop(state);
