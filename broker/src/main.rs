@@ -41,7 +41,8 @@ const MANUAL: Manual<'static> = Manual {
             body: &[
                 Block::Para("Every decision and every kill is an audit record: a tracing event with target reapd::audit. Under systemd each is a structured journal entry whose fields are upper-cased and prefixed REAPD_ (journalctl -u reapd REAPD_EVENT=outcome); otherwise one line per event on stderr (--log-format json: one JSON object per line)."),
                 Block::Item("decision", "Once per KillAndReap or CheckPermission request: caller pid, uid and comm, target pid, uid, comm and start time, allowed, the deciding rule and the reason."),
-                Block::Item("outcome", "Once per allowed kill, after the kill, the reap and the wait, whether or not the client is still connected: outcome (reaped, exited_before_reap, killed_not_reaped or failed), kill path, bytes released, kill-to-reap time."),
+                Block::Item("outcome", "Once per allowed kill, after the kill, the reap (at most 2 s of it) and the wait, whether or not the client is still connected: outcome (reaped, exited_before_reap, killed_not_reaped, already_dying, reap_pending or failed), kill path, bytes released, kill-to-reap time."),
+                Block::Item("reap_ended, reap_pending_at_shutdown", "The end of a reap whose kill was recorded reap_pending (process_mrelease waited on the victim's mmap lock past 2 s), or, at shutdown, a reap still waiting."),
                 Block::Item("check_suppressed", "At most once a second per caller uid over the CheckPermission record limit (20 a second): how many checks went unrecorded. Kill records are never limited or dropped."),
                 Block::Para("The fields and guarantees are documented in /usr/share/doc/reapd/audit.md."),
             ],
@@ -50,7 +51,7 @@ const MANUAL: Manual<'static> = Manual {
             title: "SIGNALS",
             body: &[
                 Block::Item("SIGHUP", "Reload the policy file (see SYSTEMD)."),
-                Block::Item("SIGTERM, SIGINT", "Stop accepting calls, wait up to 12 s for the kills in flight and their outcome records, then exit."),
+                Block::Item("SIGTERM, SIGINT", "Stop accepting calls, wait up to 12 s for the kills in flight and their outcome records (a reap at most 2 s: then reap_pending), then exit."),
             ],
         },
         Section {

@@ -118,6 +118,10 @@ wire_enum! {
         /// Another request of this broker is already killing it: nothing
         /// was sent, nothing counted as released by this call.
         AlreadyDying = "already_dying",
+        /// Killed; its reap had not ended when the broker answered (see
+        /// `not_reaped_reason`). The reap goes on; the audit log records
+        /// its end.
+        ReapPending = "reap_pending",
     }
 }
 
@@ -231,7 +235,8 @@ pub struct KillReport {
     /// system's anon + swap use across the kill and reap, at most the
     /// target's own); copy-on-write pages a survivor maps do not count.
     pub bytes_released: u64,
-    /// From the SIGKILL to the end of the reap, in nanoseconds.
+    /// From the SIGKILL to the end of the reap, in nanoseconds
+    /// (`ReapPending`: to the answer).
     pub kill_to_reap_ns: u64,
     /// The process was seen gone (its pidfd readable) before the reply.
     pub exited: bool,

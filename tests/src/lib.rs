@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+pub mod fuse;
+
 /// Directory holding the workspace's built binaries (`cargo build` first).
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("REAPD_BIN_DIR") {
@@ -642,6 +644,18 @@ pub fn reapctl_in(broker: &Broker, cgroup: Option<&TestCgroup>, creds: Creds, ar
 /// The broker's varlink socket (beside its gRPC socket, the default).
 pub fn varlink_socket(broker: &Broker) -> PathBuf {
     broker.dir.path().join("io.reapd.Reaper")
+}
+
+/// A `reapctl` command aimed at `broker` over varlink or gRPC (its
+/// subcommand and options still to add).
+pub fn reapctl_over(broker: &Broker, varlink: bool) -> Command {
+    let mut command = Command::new(bin("reapctl"));
+    if varlink {
+        command.arg("--varlink").arg("--socket").arg(varlink_socket(broker));
+    } else {
+        command.arg("--socket").arg(&broker.grpc);
+    }
+    command
 }
 
 /// Waits (up to 10 s) for the varlink socket too: [`Broker::start`] probes

@@ -8,11 +8,11 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use reapd_e2e::{bin, policy_file, spawn_as, start_with_policy, varlink_socket, Broker, Creds, Victim};
+use reapd_e2e::{policy_file, spawn_as, start_with_policy, varlink_socket, Broker, Creds, Victim};
 use serde_json::Value;
 
 /// Owner of most victims.
@@ -37,12 +37,7 @@ impl Watcher {
     /// Starts `reapctl [--varlink] --json watch` as `creds` and returns once
     /// it is subscribed (it says so on stderr).
     fn start(broker: &Broker, name: &'static str, creds: Creds, varlink: bool) -> Watcher {
-        let mut command = Command::new(bin("reapctl"));
-        if varlink {
-            command.arg("--varlink").arg("--socket").arg(varlink_socket(broker));
-        } else {
-            command.arg("--socket").arg(&broker.grpc);
-        }
+        let mut command = reapd_e2e::reapctl_over(broker, varlink);
         command
             .args(["--json", "watch"])
             .stdout(Stdio::piped())

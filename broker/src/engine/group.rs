@@ -13,14 +13,16 @@
 //! next pass catches them.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{pidfd_send_signal, Signal};
 use serde::Serialize;
 
 use crate::engine::error::EngineError;
+use crate::engine::reap_pool::{self, REAP_ANSWER_AFTER};
 use crate::engine::reaper::{KillOptions, Outcome, MAX_REAP_RETRIES};
 use crate::engine::target::{self, Namespace, TargetProcess};
 use crate::os::cgroup;
@@ -335,26 +337,99 @@ pub fn kill_all(
     }
 }
 
-/// Reaps every killed member, on as many threads as there are CPUs (each
-/// reap is a walk of one address space; they do not contend).
-fn reap_parallel(killed: &[(TargetProcess, Memory)], features: &KernelFeatures) -> Vec<(Outcome, String)> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-    let chunk = killed.len().div_ceil(workers).max(1);
-    let mut out = Vec::with_capacity(killed.len());
-    std::thread::scope(|s| {
-        let handles: Vec<_> = killed
-            .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|(t, _)| reap_one(t, features)).collect::<Vec<_>>()))
-            .collect();
-        for h in handles {
-            out.extend(h.join().unwrap_or_default());
-        }
-    });
-    out
+/// A chunk of a group's reaps, on its own thread: whether it is done, and
+/// its count as a stalled reap once the group was answered without it.
+#[derive(Default)]
+struct Chunk {
+    done: bool,
+    stalled: Option<reap_pool::StalledElsewhere>,
 }
 
-fn reap_one(target: &TargetProcess, features: &KernelFeatures) -> (Outcome, String) {
-    if !features.process_mrelease {
+/// Reaps every killed member, on as many threads as there are CPUs (each
+/// reap is a walk of one address space; they do not contend), waiting at
+/// most [`REAP_ANSWER_AFTER`]: a member's reap can wait on its mmap lock
+/// indefinitely (docs/threats.md, "A reap that never ends"). Members whose
+/// reap had not ended by then are `ReapPending`; their thread goes on,
+/// counted as one stalled reap broker-wide until it ends; with
+/// [`reap_pool::MAX_STALLED`] stalled already, the group is killed only.
+fn reap_parallel(killed: &[(TargetProcess, Memory)], features: &KernelFeatures) -> Vec<(Outcome, String)> {
+    let stalled = reap_pool::stalled();
+    if stalled >= reap_pool::MAX_STALLED {
+        let reason = format!(
+            "reap skipped: {stalled} reaps are stalled broker-wide (limit {}); killed only, it frees its memory on its own exit path",
+            reap_pool::MAX_STALLED
+        );
+        return killed
+            .iter()
+            .map(|_| (Outcome::KilledNotReaped, reason.clone()))
+            .collect();
+    }
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let chunk = killed.len().div_ceil(workers).max(1);
+    let mut out: Vec<Option<(Outcome, String)>> = vec![None; killed.len()];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut chunks = Vec::new();
+    for (c, part) in killed.chunks(chunk).enumerate() {
+        let pidfds: Vec<_> = part.iter().map(|(t, _)| t.pidfd.try_clone()).collect();
+        let state = Arc::new(Mutex::new(Chunk::default()));
+        let (tx, mine, has_mrelease) = (tx.clone(), Arc::clone(&state), features.process_mrelease);
+        let spawned = std::thread::Builder::new()
+            .name("reapd-reap".into())
+            .stack_size(512 << 10)
+            .spawn(move || {
+                for (i, pidfd) in pidfds.into_iter().enumerate() {
+                    let result = match pidfd {
+                        Ok(pidfd) => reap_one(pidfd.as_fd(), has_mrelease),
+                        Err(err) => (Outcome::KilledNotReaped, format!("dup of its pidfd: {err}")),
+                    };
+                    let _ = tx.send((c * chunk + i, result));
+                }
+                let mut chunk = mine.lock().unwrap_or_else(|p| p.into_inner());
+                chunk.done = true;
+                chunk.stalled = None;
+            });
+        if let Err(err) = spawned {
+            for i in 0..part.len() {
+                out[c * chunk + i] = Some((
+                    Outcome::KilledNotReaped,
+                    format!("reap skipped: no reaper thread ({err})"),
+                ));
+            }
+            state.lock().unwrap_or_else(|p| p.into_inner()).done = true;
+        }
+        chunks.push(state);
+    }
+    drop(tx);
+    let deadline = Instant::now() + REAP_ANSWER_AFTER;
+    while out.iter().any(Option::is_none) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((i, result)) => out[i] = Some(result),
+            Err(_) => break,
+        }
+    }
+    for chunk in &chunks {
+        let mut chunk = chunk.lock().unwrap_or_else(|p| p.into_inner());
+        if !chunk.done {
+            chunk.stalled = Some(reap_pool::StalledElsewhere::count());
+        }
+    }
+    out.into_iter()
+        .map(|result| {
+            result.unwrap_or_else(|| {
+                (
+                    Outcome::ReapPending,
+                    format!(
+                        "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on",
+                        REAP_ANSWER_AFTER.as_secs()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+fn reap_one(pidfd: BorrowedFd<'_>, has_mrelease: bool) -> (Outcome, String) {
+    if !has_mrelease {
         return (
             Outcome::KilledNotReaped,
             "the kernel has no process_mrelease; the process frees its memory on exit".into(),
@@ -362,7 +437,7 @@ fn reap_one(target: &TargetProcess, features: &KernelFeatures) -> (Outcome, Stri
     }
     let mut retries = 0;
     loop {
-        match sys::process_mrelease(target.pidfd.as_fd(), 0) {
+        match sys::process_mrelease(pidfd, 0) {
             Ok(()) => return (Outcome::Reaped, String::new()),
             Err(err) if err.raw_os_error() == Some(libc::EAGAIN) && retries < MAX_REAP_RETRIES => {
                 retries += 1;

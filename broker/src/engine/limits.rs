@@ -32,13 +32,15 @@ impl Default for KillLimits {
     }
 }
 
-/// Kills in flight broker-wide, whatever their callers. Each holds a thread
-/// for as long as its reap and its wait for exit take (up to ~10 s), in
-/// place or on the blocking pool (64 threads, `server.rs`); the rest of the
-/// pool must stay free for the async workers' hand-off when a kill blocks
-/// in place and for caller identification at accept, so that kills stuck
-/// on victims that will not die never stall other callers. Beyond it a
-/// kill is refused as rate-limited (and audited as such).
+/// Kills in flight broker-wide, whatever their callers. Each holds its slot
+/// until its caller is answered: its grace, reap delay and wait for exit
+/// (up to ~10 s each, in place on the blocking pool's 64 threads,
+/// `server.rs`) and at most `reap_pool::REAP_ANSWER_AFTER` of its reap (a
+/// reap that outlasts it goes on on its reaper thread, holding no slot).
+/// The rest of the pool must stay free for the async workers' hand-off when
+/// a kill blocks in place and for caller identification at accept, so that
+/// kills of victims that will not die never stall other callers. Beyond it
+/// a kill is refused as rate-limited (and audited as such).
 pub const MAX_KILLS_IN_FLIGHT: u32 = 48;
 
 #[derive(Debug)]

@@ -46,12 +46,13 @@ impl Histogram {
     }
 }
 
-const OUTCOMES: [&str; 5] = [
+const OUTCOMES: [&str; 6] = [
     "reaped",
     "exited_before_reap",
     "killed_not_reaped",
     "already_dying",
     "failed",
+    "reap_pending",
 ];
 const PATHS: [&str; 3] = ["reap_kill", "kill_then_mrelease", "kill_only"];
 const KINDS: [DecisionKind; 7] = [
@@ -102,6 +103,7 @@ fn outcome_index(outcome: Option<Outcome>) -> usize {
         Some(Outcome::ExitedBeforeReap) => 1,
         Some(Outcome::KilledNotReaped) => 2,
         Some(Outcome::AlreadyDying) => 3,
+        Some(Outcome::ReapPending) => 5,
         // Unspecified is the wire's unknown value; the engine never
         // reports it.
         None | Some(Outcome::Unspecified) => 4,
@@ -320,6 +322,7 @@ pub const FAMILIES: &[(&str, MetricKind, &str)] = &[
     ("connections_open", MetricKind::Gauge, "Connections open now, both transports"),
     ("kills_in_flight", MetricKind::Gauge, "Kills started whose outcome is not yet recorded"),
     ("event_subscribers", MetricKind::Gauge, "Kill-event subscriptions open"),
+    ("reaps_stalled", MetricKind::Gauge, "Reaps still running after their caller was answered \"reap pending\" (process_mrelease waiting on a victim's mmap lock)"),
 ];
 
 /// The prefix of every metric name on the wire (`io.systemd.Metrics`

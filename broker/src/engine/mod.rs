@@ -14,6 +14,7 @@ pub mod group;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod reap_pool;
 pub mod reaper;
 pub mod reload;
 pub mod reply;
@@ -34,7 +35,8 @@ use self::events::{EventHub, KillKind, KillRecord, Pool, Subscription, VictimOut
 use self::group::{GroupReport, GroupSpec};
 use self::limits::{KillLimits, Limiter};
 use self::policy::{BrokerFacts, Decision, Policy};
-use self::reaper::{KillOptions, ReapReport};
+use self::reap_pool::{ReapOf, REAP_ANSWER_AFTER};
+use self::reaper::{KillOptions, Killed, Outcome, ReapJob, ReapReport};
 use self::target::{Namespace, TargetProcess, TargetSpec};
 use crate::os::features::{KernelFeatures, KillPath};
 use std::os::fd::{AsFd, OwnedFd};
@@ -293,6 +295,7 @@ impl Engine {
         Ok(metrics::get().snapshot(&[
             ("kills_in_flight", self.kills_in_flight() as u64),
             ("event_subscribers", self.event_subscribers() as u64),
+            ("reaps_stalled", u64::from(reap_pool::stalled())),
         ]))
     }
 
@@ -304,8 +307,19 @@ impl Engine {
     /// Waits until every kill task in flight has written its outcome record,
     /// or `timeout` passes; true if none is left. Called at shutdown after
     /// the transports stopped accepting calls; from then on no kill waits
-    /// on its victim any more.
+    /// on its victim any more. A reap still running is waited for at most
+    /// [`REAP_ANSWER_AFTER`] (its kill is then answered and recorded "reap
+    /// pending"); each reap stalled then gets a `reap_pending_at_shutdown`
+    /// record, as the broker exits without its end.
     pub async fn drain_kills(&self, timeout: Duration) -> bool {
+        let drained = self.drain_kill_tasks(timeout).await;
+        for (of, pending_for) in reap_pool::stalled_reaps_at_shutdown() {
+            audit_reap_pending_at_shutdown(&of, pending_for);
+        }
+        drained
+    }
+
+    async fn drain_kill_tasks(&self, timeout: Duration) -> bool {
         // Kills in their grace, reap delay or wait for exit go straight on
         // to their end and outcome record (see `target::stop_waiting`).
         target::stop_waiting();
@@ -481,9 +495,7 @@ impl Engine {
 
         // Past this point the kill happens and is audited even if the client
         // hangs up: everything from here to the outcome record is one
-        // synchronous closure, which a dropped request future cannot stop
-        // half way (it has no await point; on the blocking-pool fallback the
-        // closure runs to its end on its own).
+        // spawned task, which a dropped request future does not cancel.
         let path = self.features.kill_path();
         let options = KillOptions {
             grace: request.grace.unwrap_or_default().min(reaper::MAX_REAP_DELAY),
@@ -499,17 +511,30 @@ impl Engine {
         self.kills.running.fetch_add(1, Ordering::SeqCst);
         let tracked = KillGuard(Arc::clone(&self.kills));
         let wait = wait.unwrap_or(Duration::ZERO);
-        let small = wait.is_zero()
-            && options.grace.is_zero()
-            && options.reap_delay.is_zero()
-            && target.memory.as_ref().is_some_and(small_reap);
-        run_kill(small, move |on_async_worker| {
+        let work = tokio::spawn(async move {
+            // Both released when the caller is answered, a stalled reap or
+            // not: the reap holds neither (see `reap_pool`).
             let _in_flight = in_flight;
-            // Dropped when the work ends, after its outcome record: shutdown
-            // waits for it.
             let _tracked = tracked;
-            let reaped = reaper::kill_and_reap(&target, path, options);
-            let exited = reaped.is_ok() && target::wait_for_exit(target.pidfd.as_fd(), wait);
+            let (target, killed) = if options.grace.is_zero() && options.reap_delay.is_zero() {
+                // A SIGKILL (and a status read if the pin kept none): no
+                // wait, so right here on the async worker.
+                let killed = reaper::kill(&target, path, options);
+                (target, killed)
+            } else {
+                // SIGTERM and its grace, or the reap delay: waits of up to
+                // 10 s each, off the async workers.
+                run_in_place(move || {
+                    let killed = reaper::kill(&target, path, options);
+                    Ok((target, killed))
+                })
+                .await?
+            };
+            let reaped = match killed {
+                Ok(Killed::Done(report)) => Ok(report),
+                Ok(Killed::Reap(job)) => reap(job, &target, &audit_caller, started).await,
+                Err(err) => Err(err),
+            };
             let reap = match reaped {
                 Ok(report) => report,
                 Err(err) => {
@@ -518,13 +543,26 @@ impl Engine {
                     return Err(err);
                 }
             };
+            // A pending reap's victim cannot exit before it ends: answer now.
+            let exited = if wait.is_zero() || reap.outcome == Outcome::ReapPending {
+                false
+            } else {
+                let pidfd = target
+                    .pidfd
+                    .try_clone()
+                    .map_err(|err| EngineError::Internal(format!("dup of the target's pidfd: {err}")));
+                match pidfd {
+                    Ok(pidfd) => run_in_place(move || Ok(target::wait_for_exit(pidfd.as_fd(), wait))).await?,
+                    Err(_) => false,
+                }
+            };
             let report = KillReport {
                 target,
                 rule,
                 reap,
                 exited,
             };
-            audit_outcome(&audit_caller, &report, on_async_worker, started);
+            audit_outcome(&audit_caller, &report, started);
             metrics::get().killed(
                 Some(report.reap.outcome),
                 report.reap.kill_path,
@@ -553,8 +591,50 @@ impl Engine {
                 },
             );
             Ok(report)
-        })
-        .await
+        });
+        work.await
+            .unwrap_or_else(|join| Err(EngineError::Internal(format!("kill task failed: {join}"))))
+    }
+}
+
+/// Runs a killed process's reap on a reaper thread and waits for it at most
+/// [`REAP_ANSWER_AFTER`] (see [`reap_pool`]): its report, or "reap
+/// pending" with a follow-up record when it ends; or, over the caps on
+/// stalled reaps, no reap at all ("reap skipped", the SIGKILL alone).
+async fn reap(
+    job: ReapJob,
+    target: &TargetProcess,
+    caller: &CallerSummary,
+    started: Instant,
+) -> Result<ReapReport, EngineError> {
+    let pending = job.pending_report(format!(
+        "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on, and the audit record reap_ended follows when it ends",
+        REAP_ANSWER_AFTER.as_secs()
+    ));
+    let of = ReapOf {
+        target_pid: target.pid,
+        target_uid: target.ruid,
+        target_comm: target.comm.clone(),
+        caller_pid: caller.pid,
+        caller_uid: caller.uid,
+    };
+    let follow_up_of = of.clone();
+    let kill_started = job.started();
+    let reap = match reap_pool::submit(of, job) {
+        Ok(reap) => reap,
+        Err(refused) => {
+            // The job came back unrun: its SIGKILL (if not sent yet) and no
+            // reap. Quick (a signal and /proc/meminfo): in place.
+            return refused.work.skip(refused.reason);
+        }
+    };
+    let follow_up = move |result: Result<ReapReport, EngineError>| audit_reap_ended(&follow_up_of, &result, started);
+    match reap.wait(REAP_ANSWER_AFTER, follow_up).await {
+        Ok(result) => result,
+        Err(reap_pool::Stalled) => Ok(ReapReport {
+            kill_to_reap: kill_started.elapsed(),
+            ..pending
+        }),
     }
 }
 
@@ -871,81 +951,6 @@ fn owned_namespace(caller: &Caller, proof: Option<&OwnedFd>) -> Result<Option<Ow
     }
 }
 
-/// Largest victim whose kill may run on the async worker itself: resident
-/// anon, file and shmem plus swap (`/proc/PID/status` at the pin), the
-/// pages `process_mrelease(2)` walks (`__oom_reap_task_mm()` unmaps every
-/// private mapping, mm/oom_kill.c). At ~10 MiB/ms that is about a
-/// millisecond of reap: less than the thread hand-off it saves is worth,
-/// which on this path is 80-170 µs for gRPC (hyper finishes the reply on
-/// another thread than the connection's, and they contend for its lock).
-pub const SMALL_REAP_BYTES: u64 = 16 << 20;
-
-/// Largest page tables (`VmPTE`) of a victim killed on the async worker.
-/// The reap visits every entry, also those mapping the shared zero page
-/// that no Rss line counts: a process that reads 64 GiB it never writes
-/// shows ~2 MiB resident but 128 MiB of page tables, and held the worker
-/// 200-340 ms (attack pass, `attacks_inplace`). 512 KiB is 64k entries,
-/// about a millisecond; ordinary small processes have 40-100 KiB.
-pub const SMALL_PAGE_TABLE_BYTES: u64 = 512 << 10;
-
-fn reap_work_bytes(memory: &crate::os::procfs::Memory) -> u64 {
-    memory.anon_bytes + memory.file_bytes + memory.shmem_bytes + memory.swap_bytes
-}
-
-/// Whether a kill of a process with this memory is quick enough to run on
-/// the async worker (see [`run_kill`]).
-fn small_reap(memory: &crate::os::procfs::Memory) -> bool {
-    reap_work_bytes(memory) <= SMALL_REAP_BYTES && memory.page_table_bytes <= SMALL_PAGE_TABLE_BYTES
-}
-
-/// Held by the one kill running on an async worker (see [`run_kill`]).
-static KILL_IN_PLACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The right to run one kill on the calling async worker; released on drop.
-struct InPlaceSlot;
-
-impl InPlaceSlot {
-    /// The slot, if no other kill holds it and the runtime has another
-    /// worker to serve everyone else meanwhile.
-    fn take() -> Option<InPlaceSlot> {
-        let handle = tokio::runtime::Handle::try_current().ok()?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread || handle.metrics().num_workers() < 2 {
-            return None;
-        }
-        KILL_IN_PLACE
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .ok()
-            .map(|_| InPlaceSlot)
-    }
-}
-
-impl Drop for InPlaceSlot {
-    fn drop(&mut self) {
-        KILL_IN_PLACE.store(false, Ordering::Release);
-    }
-}
-
-/// Runs a kill's synchronous work, telling it whether it runs on the async
-/// worker itself. A `small` kill (no waits, a victim of at most
-/// [`SMALL_REAP_BYTES`] and [`SMALL_PAGE_TABLE_BYTES`]) runs right here on
-/// the async worker when the one in-place slot is free: it takes less time
-/// than handing the worker's other tasks to another thread would. Only one
-/// kill at a time may do so, so however long a reap takes (a victim can
-/// make `process_mrelease` wait on its mmap lock, docs/threats.md) the
-/// other worker keeps serving every other caller. Everything else goes
-/// through [`run_in_place`].
-async fn run_kill<T: Send + 'static>(
-    small: bool,
-    work: impl FnOnce(bool) -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, EngineError> {
-    if small {
-        if let Some(_slot) = InPlaceSlot::take() {
-            return work(true);
-        }
-    }
-    run_in_place(move || work(false)).await
-}
-
 /// Runs blocking work on the calling thread with
 /// [`tokio::task::block_in_place`]: the runtime hands this worker's other
 /// tasks to another thread first, so a slow reap stalls no other caller,
@@ -1006,7 +1011,7 @@ fn audit_refusal(action: &str, caller: &Caller, err: &EngineError, started: Inst
     );
 }
 
-fn audit_outcome(caller: &CallerSummary, report: &KillReport, on_async_worker: bool, started: Instant) {
+fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) {
     tracing::info!(
         target: AUDIT_TARGET,
         event = "outcome",
@@ -1024,8 +1029,56 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, on_async_worker: b
         kill_to_reap_us = report.reap.kill_to_reap.as_micros() as u64,
         reap_retries = report.reap.reap_retries,
         exited = report.exited,
-        on_async_worker,
         elapsed_us = started.elapsed().as_micros() as u64,
+    );
+}
+
+/// The end of a reap whose caller was answered "reap pending": the
+/// follow-up of its outcome record (same caller and target fields).
+fn audit_reap_ended(of: &ReapOf, result: &Result<ReapReport, EngineError>, started: Instant) {
+    if let Ok(reap) = result {
+        metrics::get().killed_bytes(reap.bytes_released);
+    }
+    let failed = result.as_ref().err().map(EngineError::to_string);
+    audit_reap(
+        "reap_ended",
+        of,
+        result.as_ref().ok(),
+        failed.as_deref(),
+        started.elapsed(),
+    );
+}
+
+/// A reap still stalled when the broker stops: it exits without its end
+/// (the thread dies with the process), so this is its last record.
+fn audit_reap_pending_at_shutdown(of: &ReapOf, pending_for: Duration) {
+    audit_reap("reap_pending_at_shutdown", of, None, None, pending_for);
+}
+
+/// A record of a reap after its kill's outcome record: its result (`reap`),
+/// its error (`failed`), or neither (still pending).
+fn audit_reap(event: &str, of: &ReapOf, reap: Option<&ReapReport>, failed: Option<&str>, elapsed: Duration) {
+    let outcome = match (reap, failed) {
+        (Some(reap), _) => reap.outcome.as_str(),
+        (None, Some(_)) => "failed",
+        (None, None) => Outcome::ReapPending.as_str(),
+    };
+    tracing::info!(
+        target: AUDIT_TARGET,
+        event,
+        caller_pid = of.caller_pid,
+        caller_uid = of.caller_uid,
+        target_pid = of.target_pid,
+        target_uid = of.target_uid,
+        target_comm = of.target_comm.as_str(),
+        outcome,
+        not_reaped_reason = reap.map_or("", |r| r.not_reaped_reason.as_str()),
+        error = failed.unwrap_or_default(),
+        kill_path = reap.map_or("", |r| r.kill_path.as_str()),
+        bytes_released = reap.map_or(0, |r| r.bytes_released),
+        kill_to_reap_us = reap.map_or(0, |r| r.kill_to_reap.as_micros() as u64),
+        reap_retries = reap.map_or(0, |r| r.reap_retries),
+        elapsed_us = elapsed.as_micros() as u64,
     );
 }
 
@@ -1061,60 +1114,4 @@ fn audit_outcome_error(caller: &CallerSummary, target: &TargetProcess, err: &Eng
         error = %err,
         elapsed_us = started.elapsed().as_micros() as u64,
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One kill at most holds the in-place slot, so the other worker is
-    /// always free; it is released when the kill ends; a runtime without a
-    /// second worker never lends its only one.
-    #[test]
-    fn only_one_kill_at_a_time_runs_on_an_async_worker() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let first = InPlaceSlot::take().expect("a free slot on a two-worker runtime");
-            assert!(InPlaceSlot::take().is_none(), "a second kill in place while one runs");
-            drop(first);
-            assert!(InPlaceSlot::take().is_some(), "the slot comes back when the kill ends");
-        });
-        let single = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        assert!(single.block_on(async { InPlaceSlot::take() }).is_none());
-        let current = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert!(current.block_on(async { InPlaceSlot::take() }).is_none());
-    }
-
-    /// What a reap walks: every resident page and swap entry of the mm,
-    /// and every page-table entry (zero-page mappings count in no Rss).
-    #[test]
-    fn small_kills_are_judged_by_every_page_and_entry_the_reap_walks() {
-        let small = crate::os::procfs::Memory {
-            anon_bytes: 1 << 20,
-            file_bytes: 4 << 20,
-            page_table_bytes: 52 << 10,
-            ..Default::default()
-        };
-        assert!(small_reap(&small), "a 1 MiB process with its binary mapped");
-        let files_and_swap = crate::os::procfs::Memory {
-            file_bytes: 15 << 20,
-            swap_bytes: 1 << 20,
-            ..small
-        };
-        assert!(!small_reap(&files_and_swap), "file pages and swap are walked too");
-        let zero_page_reader = crate::os::procfs::Memory {
-            page_table_bytes: 128 << 20,
-            ..small
-        };
-        assert!(
-            !small_reap(&zero_page_reader),
-            "page tables of zero-page mappings are walked too"
-        );
-    }
 }

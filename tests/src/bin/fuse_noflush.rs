@@ -12,118 +12,29 @@
 //! never FLUSH, until it is killed, which aborts the connection and ends
 //! every wait. Prints `SKIP: reason` and exits 77 if FUSE is unavailable.
 
-use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
-const FUSE_LOOKUP: u32 = 1;
-const FUSE_FORGET: u32 = 2;
-const FUSE_GETATTR: u32 = 3;
-const FUSE_OPEN: u32 = 14;
-const FUSE_RELEASE: u32 = 18;
-const FUSE_FLUSH: u32 = 25;
-const FUSE_INIT: u32 = 26;
-const FUSE_INTERRUPT: u32 = 36;
-const FUSE_BATCH_FORGET: u32 = 42;
+use reapd_e2e::fuse::{self, Files};
 
 fn skip(reason: &str) -> ! {
     println!("SKIP: {reason}");
     std::process::exit(77);
 }
 
-fn attr(out: &mut Vec<u8>, ino: u64, mode: u32, uid: u32) {
-    for v in [ino, 0u64, 0, 0, 0, 0] {
-        out.extend_from_slice(&v.to_ne_bytes()); // ino size blocks atime mtime ctime
-    }
-    for v in [0u32, 0, 0, mode, 1, uid, uid, 0, 4096, 0] {
-        out.extend_from_slice(&v.to_ne_bytes()); // nsecs, mode nlink uid gid rdev blksize flags
-    }
-}
-
-fn reply(dev: &std::fs::File, unique: u64, error: i32, body: &[u8]) {
-    let mut out = Vec::with_capacity(16 + body.len());
-    out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    out.extend_from_slice(&error.to_ne_bytes());
-    out.extend_from_slice(&unique.to_ne_bytes());
-    out.extend_from_slice(body);
-    let _ = (&*dev).write(&out);
-}
-
-fn u32_at(buf: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap())
-}
-
 fn serve(dev: std::fs::File, uid: u32) -> ! {
+    let files = Files { size: 0, uid };
     let mut buf = vec![0u8; (1 << 20) + 4096];
-    loop {
-        let n = match std::io::Read::read(&mut &dev, &mut buf) {
-            Ok(n) => n,
-            Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(_) => std::process::exit(0),
-        };
-        if n < 40 {
-            continue;
-        }
-        let opcode = u32_at(&buf, 4);
-        let unique = u64::from_ne_bytes(buf[8..16].try_into().unwrap());
-        let nodeid = u64::from_ne_bytes(buf[16..24].try_into().unwrap());
-        let body = &buf[40..n];
-        match opcode {
-            FUSE_INIT => {
-                let max_readahead = u32_at(body, 8);
-                let mut out = Vec::new();
-                for v in [7u32, 31, max_readahead, 0] {
-                    out.extend_from_slice(&v.to_ne_bytes());
-                }
-                out.extend_from_slice(&16u16.to_ne_bytes()); // max_background
-                out.extend_from_slice(&12u16.to_ne_bytes()); // congestion_threshold
-                out.extend_from_slice(&4096u32.to_ne_bytes()); // max_write
-                out.extend_from_slice(&1u32.to_ne_bytes()); // time_gran
-                out.extend_from_slice(&1u16.to_ne_bytes()); // max_pages
-                out.extend_from_slice(&0u16.to_ne_bytes()); // map_alignment
-                out.resize(64, 0);
-                reply(&dev, unique, 0, &out);
-            }
-            FUSE_LOOKUP => {
-                let name = body.split(|&b| b == 0).next().unwrap_or_default();
-                if name == b"f" {
-                    let mut out = Vec::new();
-                    for v in [2u64, 0, 3600, 3600] {
-                        out.extend_from_slice(&v.to_ne_bytes());
-                    }
-                    out.extend_from_slice(&[0u8; 8]);
-                    attr(&mut out, 2, libc::S_IFREG | 0o644, uid);
-                    reply(&dev, unique, 0, &out);
-                } else {
-                    reply(&dev, unique, -libc::ENOENT, &[]);
-                }
-            }
-            FUSE_GETATTR => {
-                let mut out = Vec::new();
-                out.extend_from_slice(&3600u64.to_ne_bytes());
-                out.extend_from_slice(&[0u8; 8]);
-                let mode = if nodeid == 1 {
-                    libc::S_IFDIR | 0o755
-                } else {
-                    libc::S_IFREG | 0o644
-                };
-                attr(&mut out, nodeid, mode, uid);
-                reply(&dev, unique, 0, &out);
-            }
-            FUSE_OPEN => {
-                let mut out = Vec::new();
-                out.extend_from_slice(&1u64.to_ne_bytes());
-                out.extend_from_slice(&[0u8; 8]);
-                reply(&dev, unique, 0, &out);
-            }
+    while let Some(request) = fuse::next_request(&dev, &mut buf) {
+        match request.opcode {
+            fuse::LOOKUP if fuse::lookup_name(&request) == b"f" => fuse::reply_entry(&dev, request.unique, 2, files),
+            fuse::LOOKUP => fuse::reply(&dev, request.unique, -libc::ENOENT, &[]),
             // The point of this filesystem.
-            FUSE_FLUSH => {}
-            FUSE_RELEASE => reply(&dev, unique, 0, &[]),
-            FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => {}
-            _ => reply(&dev, unique, -libc::ENOSYS, &[]),
+            fuse::FLUSH => {}
+            _ => fuse::answer(&dev, &request, files),
         }
     }
+    std::process::exit(0)
 }
 
 /// The sender: under `uid`, opens the file `calls` times and passes each fd.
@@ -207,47 +118,19 @@ fn main() {
     let (mountdir, socket) = (&args[1], &args[2]);
     let uid: u32 = args[3].parse().expect("uid");
     let calls: usize = args[4].parse().expect("calls");
-    // SAFETY: unshare and mount with valid C strings; single-threaded here.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            skip(&format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
-        }
-        let root = CString::new("/").unwrap();
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            skip(&format!("making / private: {}", std::io::Error::last_os_error()));
-        }
+    // SAFETY: unshare with a constant flag; single-threaded here.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        skip(&format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
+    }
+    if let Err(err) = fuse::make_mounts_private() {
+        skip(&format!("making / private: {err}"));
     }
     let dev = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
         Ok(dev) => dev,
         Err(err) => skip(&format!("cannot open /dev/fuse: {err}")),
     };
-    let options = CString::new(format!(
-        "fd={},rootmode=40000,user_id={uid},group_id={uid}",
-        dev.as_raw_fd()
-    ))
-    .unwrap();
-    let target = CString::new(mountdir.as_str()).unwrap();
-    let source = CString::new("reapd-noflush").unwrap();
-    let fstype = CString::new("fuse").unwrap();
-    // SAFETY: valid C strings; the options name our open /dev/fuse fd.
-    let mounted = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            options.as_ptr() as *const libc::c_void,
-        )
-    };
-    if mounted != 0 {
-        skip(&format!("mount -t fuse: {}", std::io::Error::last_os_error()));
+    if let Err(err) = fuse::mount(&dev, mountdir, "reapd-noflush", uid) {
+        skip(&format!("mount -t fuse: {err}"));
     }
     // SAFETY: fork from a single-threaded process.
     let pid = unsafe { libc::fork() };

@@ -1,0 +1,348 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! A reap that never ends (docs/threats.md): an unprivileged user makes its
+//! own processes stall-prone (tests/src/bin/fuse_stall.rs: a FUSE READ never
+//! answered while a reader holds the victim's mmap lock and a writer queues
+//! behind it), so that `process_mrelease(2)` of the killed victim waits
+//! forever. The low-memory killer (another uid, allowed by the policy) kills
+//! them through the broker. Before the reaper threads (engine::reap_pool)
+//! each such kill held its caller's answer, its per-uid in-flight slot (16)
+//! and its outcome record forever: after 16 of them the killer's uid could
+//! kill nothing more. Now the caller is answered "reap_pending" within the
+//! bound, its slots are released, the outcome is recorded, stalled reaps
+//! are capped (beyond: SIGKILL only, "reap skipped"), and shutdown does not
+//! wait for them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reapd::engine::reap_pool::{MAX_STALLED_PER_UID, REAP_ANSWER_AFTER};
+use reapd_e2e::{bin, spawn_as, Broker, CgroupTree, Creds, CtlResult, TestCgroup, Victim};
+
+/// The attacker: owns the stall-prone processes and the FUSE mount.
+const ATTACKER: u32 = 61911;
+/// The low-memory killer: another uid the policy lets kill both users.
+const LMK: u32 = 61912;
+/// An ordinary user whose processes the killer also kills.
+const ORDINARY: u32 = 61913;
+/// A bystander making its own calls meanwhile.
+const BYSTANDER: u32 = 61914;
+
+/// Default kill limits (16 in flight per uid): the point is that the
+/// killer's slots come back, not that the test raised them.
+fn policy() -> String {
+    format!(
+        "[defaults]\ncheck = \"anyone\"\n\n\
+         [[rule]]\nname = \"lmk\"\nactions = [\"kill-and-reap\"]\ncaller.uids = [{LMK}]\ntarget.uids = [{ATTACKER}, {ORDINARY}]\n"
+    )
+}
+
+fn start() -> Broker {
+    let file = reapd_e2e::policy_file(&policy());
+    let broker = Broker::start_with(&["--policy", file.path().to_str().unwrap()], &[]);
+    reapd_e2e::wait_for_varlink(&broker);
+    std::mem::forget(file);
+    broker
+}
+
+/// The attacker's stall-prone processes (fuse-stall run as ATTACKER), torn
+/// down on drop: the FUSE connection aborted (every wait ends, so nothing
+/// stays stuck), then every process of it killed.
+struct Stall {
+    helper: Child,
+    victims: Vec<i32>,
+    others: Vec<i32>,
+    conn: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Stall {
+    /// `count` stall-prone victims, or `None` (a counted SKIP) when this
+    /// machine lacks a precondition (unprivileged user namespaces, FUSE).
+    fn start(test: &str, count: usize) -> Option<Stall> {
+        let dir = tempfile::Builder::new().prefix("reaphold").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        // The FUSE device as distributions ship it (mode 0666: any user may
+        // mount FUSE in a user namespace of its own); this machine's
+        // /dev/fuse may be root's only, so a private node of it, the
+        // attacker's, instead of changing the host's.
+        let device = dir.path().join("fuse");
+        let c_device = std::ffi::CString::new(device.to_str().unwrap()).unwrap();
+        // SAFETY: mknod and chown of a path we just built.
+        let made = unsafe {
+            libc::mknod(c_device.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 229)) == 0
+                && libc::chown(c_device.as_ptr(), ATTACKER, ATTACKER) == 0
+        };
+        if !made {
+            reapd_e2e::skip(
+                test,
+                &format!("no FUSE device node: {}", std::io::Error::last_os_error()),
+            );
+            return None;
+        }
+        let mut command = Command::new(bin("fuse-stall"));
+        command
+            .arg(&device)
+            .arg(&mnt)
+            .arg(count.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut helper = spawn_as(Creds::uid(ATTACKER), &[], &mut command);
+        let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+        let mut stall = Stall {
+            helper,
+            victims: Vec::new(),
+            others: Vec::new(),
+            conn: String::new(),
+            _dir: dir,
+        };
+        loop {
+            let Some(Ok(line)) = lines.next() else {
+                panic!("fuse-stall ended before it was ready");
+            };
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["SKIP:", ..] => {
+                    reapd_e2e::skip(test, line.trim_start_matches("SKIP: "));
+                    return None;
+                }
+                ["victim", v, "reader", r, "writer", w] => {
+                    stall.victims.push(v.parse().unwrap());
+                    stall.others.push(r.parse().unwrap());
+                    stall.others.push(w.parse().unwrap());
+                }
+                ["server", s] => stall.others.push(s.parse().unwrap()),
+                ["conn", n] => stall.conn = n.to_string(),
+                ["ready"] => return Some(stall),
+                _ => panic!("fuse-stall said {line:?}"),
+            }
+        }
+    }
+
+    /// Ends every wait: aborts the FUSE connection.
+    fn abort(&self) {
+        let _ = std::fs::write(format!("/sys/fs/fuse/connections/{}/abort", self.conn), "1");
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.abort();
+        for pid in self.others.iter().chain(&self.victims) {
+            reapd_e2e::unsafe_kill(*pid, libc::SIGKILL);
+        }
+        let _ = self.helper.kill();
+        let _ = self.helper.wait();
+    }
+}
+
+/// A KillAndReap by the killer over varlink or gRPC; its result and wall
+/// time.
+fn kill(broker: &Broker, varlink: bool, pid: i32) -> (CtlResult, Duration) {
+    let mut command = reapd_e2e::reapctl_over(broker, varlink);
+    command.args(["--json", "--timeout", "30", "kill", &pid.to_string()]);
+    let started = Instant::now();
+    let out = reapd_e2e::run_as(Creds::uid(LMK), &mut command);
+    (CtlResult::from(out), started.elapsed())
+}
+
+/// The process is past SIGKILL, in its exit (PF_EXITING in
+/// /proc/PID/stat's flags), though it cannot finish it.
+fn exiting(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let flags: u64 = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0);
+    flags & 0x4 != 0
+}
+
+/// The audit lines of `event` naming `pid`.
+fn records<'a>(log: &'a str, event: &str, pid: i32) -> Vec<&'a str> {
+    let pid = format!("target_pid={pid}");
+    let event = format!("event=\"{event}\"");
+    log.lines()
+        .filter(|l| l.contains(&event) && l.split_whitespace().any(|w| w == pid))
+        .collect()
+}
+
+fn metric(broker: &Broker, name: &str) -> f64 {
+    let metrics = reapd_e2e::metrics_within(broker, Creds::ROOT, Duration::from_secs(5)).expect("metrics answered");
+    reapd_e2e::metric(&metrics, name, &[])
+}
+
+/// 18 stall-prone victims, more than the killer's 16 kills in flight: each
+/// kill is answered within the bound (the first two "reap_pending", the
+/// rest "reap skipped": killed only), with its outcome record, and leaves
+/// no slot held; the killer then kills 17 ordinary processes, a bystander
+/// is served throughout, and once the FUSE connection is aborted the two
+/// stalled reaps end with their follow-up records.
+#[test]
+fn a_reap_that_never_ends_holds_no_caller_slot_or_record() {
+    const TEST: &str = "attacks_reaphold::a_reap_that_never_ends_holds_no_caller_slot_or_record";
+    let mut broker = start();
+    let Some(stall) = Stall::start(TEST, 18) else {
+        return;
+    };
+    let bound = REAP_ANSWER_AFTER + Duration::from_secs(2);
+    let stalled = MAX_STALLED_PER_UID as usize;
+    for (i, &pid) in stall.victims.iter().enumerate() {
+        let (r, took) = kill(&broker, i % 2 == 1, pid);
+        eprintln!("kill {i} of stall-prone {pid}: {took:?} {}", r.json);
+        assert_eq!(r.code, 0, "kill {i} of {pid}: {r:?}");
+        assert!(took < bound, "kill {i} answered after {took:?} (bound {bound:?})");
+        let reason = r.json["not_reaped_reason"].as_str().unwrap_or_default();
+        if i < stalled {
+            assert_eq!(r.json["outcome"], "reap_pending", "kill {i}: {r:?}");
+            assert!(took >= REAP_ANSWER_AFTER, "pending before the bound: {took:?}");
+        } else {
+            assert_eq!(r.json["outcome"], "killed_not_reaped", "kill {i}: {r:?}");
+            assert!(reason.contains("reap skipped"), "kill {i}: {reason}");
+            assert!(took < REAP_ANSWER_AFTER, "a skipped reap waited {took:?}");
+        }
+        // The signal is sent; the victim acts on it when next scheduled.
+        assert!(
+            reapd_e2e::wait_until(Duration::from_secs(5), || exiting(pid)),
+            "victim {pid} was not SIGKILLed"
+        );
+    }
+    let log = broker.log_text();
+    for (i, &pid) in stall.victims.iter().enumerate() {
+        let outcome = records(&log, "outcome", pid);
+        assert_eq!(outcome.len(), 1, "one outcome record for {pid}\n{log}");
+        let want = if i < stalled {
+            "outcome=\"reap_pending\""
+        } else {
+            "outcome=\"killed_not_reaped\""
+        };
+        assert!(outcome[0].contains(want), "{}", outcome[0]);
+    }
+    assert_eq!(metric(&broker, "kills_in_flight"), 0.0, "kills still hold their slots");
+    assert_eq!(metric(&broker, "reaps_stalled"), stalled as f64);
+
+    // The killer's slots came back: 17 more kills (one more than its 16 in
+    // flight), reaped as usual; a bystander is served meanwhile.
+    for i in 0..17 {
+        let mut victim = Victim::spawn(Creds::uid(ORDINARY), 1 << 20);
+        let (r, took) = kill(&broker, i % 2 == 0, victim.pid);
+        assert_eq!(r.code, 0, "ordinary kill {i}: {r:?}");
+        // Reaped, or already freeing its memory itself when the reap came.
+        let outcome = r.json["outcome"].as_str().unwrap_or_default();
+        assert!(
+            ["reaped", "exited_before_reap"].contains(&outcome),
+            "ordinary kill {i}: {r:?}"
+        );
+        assert!(took < Duration::from_secs(2), "ordinary kill {i} took {took:?}");
+        assert_eq!(victim.wait(), Some(libc::SIGKILL));
+    }
+    let bystander = Victim::spawn(Creds::uid(BYSTANDER), 0);
+    for varlink in [false, true] {
+        let mut command = reapd_e2e::reapctl_over(&broker, varlink);
+        command.args(["--timeout", "5", "check", &bystander.pid.to_string()]);
+        let out = reapd_e2e::run_as(Creds::uid(BYSTANDER), &mut command);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The attacker lets go: the stalled reaps end, with their follow-up.
+    stall.abort();
+    let ended = reapd_e2e::wait_until(Duration::from_secs(30), || {
+        let log = broker.log_text();
+        stall.victims[..stalled]
+            .iter()
+            .all(|&pid| records(&log, "reap_ended", pid).len() == 1)
+    });
+    assert!(ended, "no reap_ended record\n{}", broker.log_text());
+    assert_eq!(metric(&broker, "reaps_stalled"), 0.0);
+    for line in stall.victims[..stalled].iter().flat_map(|&pid| {
+        records(&broker.log_text(), "reap_ended", pid)
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    }) {
+        eprintln!("follow-up: {line}");
+    }
+    let t = Instant::now();
+    assert_eq!(broker.stop(), Some(0));
+    eprintln!("stopped in {:?}", t.elapsed());
+}
+
+/// SIGTERM while a reap is stalled: the broker does not wait for it; it
+/// stops promptly and records the reap as pending at shutdown.
+#[test]
+fn sigterm_with_a_reap_stalled_stops_promptly_and_records_it_pending() {
+    const TEST: &str = "attacks_reaphold::sigterm_with_a_reap_stalled_stops_promptly_and_records_it_pending";
+    let mut broker = start();
+    let Some(stall) = Stall::start(TEST, 1) else {
+        return;
+    };
+    let pid = stall.victims[0];
+    let (r, took) = kill(&broker, true, pid);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json["outcome"], "reap_pending", "{r:?}");
+    assert!(took < REAP_ANSWER_AFTER + Duration::from_secs(2), "{took:?}");
+    let t = Instant::now();
+    assert_eq!(broker.stop(), Some(0), "the broker did not stop\n{}", broker.log_text());
+    let stopped = t.elapsed();
+    eprintln!("stopped in {stopped:?} with a reap stalled");
+    assert!(stopped < Duration::from_secs(3), "stop took {stopped:?}");
+    let log = broker.log_text();
+    let pending = records(&log, "reap_pending_at_shutdown", pid);
+    assert_eq!(pending.len(), 1, "{log}");
+    eprintln!("{}", pending[0]);
+    drop(stall);
+}
+
+/// The same attack through a whole-cgroup kill (what reapd-lmk sends for a
+/// cgroup): the group is answered within the bound, the stall-prone
+/// member `reap_pending`, the other member reaped, no slot held; the
+/// stalled reap counts until the attacker lets go.
+#[test]
+fn a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound() {
+    const TEST: &str = "attacks_reaphold::a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound";
+    let t = reapd_e2e::top("reaphold-group");
+    let _tree = CgroupTree::new(&t);
+    let cg = TestCgroup::new(&format!("{t}/stall.scope"));
+    let broker = start();
+    let Some(stall) = Stall::start(TEST, 1) else {
+        return;
+    };
+    let stuck = stall.victims[0];
+    let mut ordinary = Victim::spawn(Creds::uid(ATTACKER), 1 << 20);
+    cg.add(stuck);
+    cg.add(ordinary.pid);
+    let started = Instant::now();
+    let reply = reapd_e2e::varlink_call_as(
+        Creds::uid(LMK),
+        &reapd_e2e::varlink_socket(&broker),
+        &format!(r#"{{"method":"io.reapd.Reaper.KillCgroup","parameters":{{"cgroup":"/{t}/stall.scope"}}}}"#),
+        &[],
+    );
+    let took = started.elapsed();
+    eprintln!("group kill answered in {took:?}: {reply}");
+    assert!(took < REAP_ANSWER_AFTER + Duration::from_secs(2), "{took:?}");
+    let members = reply["parameters"]["members"].as_array().expect("members").clone();
+    let outcome_of = |pid: i32| {
+        members
+            .iter()
+            .find(|m| m["process"]["pid"] == pid)
+            .map(|m| m["outcome"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("member {pid} not in {reply}"))
+    };
+    assert_eq!(outcome_of(stuck), "reap_pending");
+    assert!(["reaped", "exited_before_reap"].contains(&outcome_of(ordinary.pid).as_str()));
+    assert_eq!(ordinary.wait(), Some(libc::SIGKILL));
+    assert!(reapd_e2e::wait_until(Duration::from_secs(5), || exiting(stuck)));
+    assert_eq!(metric(&broker, "kills_in_flight"), 0.0);
+    assert_eq!(metric(&broker, "reaps_stalled"), 1.0);
+    stall.abort();
+    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
+        &broker,
+        "reaps_stalled"
+    ) == 0.0));
+}
