@@ -18,6 +18,16 @@
 //!   once per connection at accept, not per call, so it is not in the
 //!   per-call floor. For a kill: pidfd_open, pidfd_send_signal(SIGKILL),
 //!   process_mrelease.
+//! - *joint floors*: the same two echoes making the in-process check's
+//!   syscalls on the requested target before answering a CheckPermission.
+//!   On this 2-vCPU VM the floor and the syscalls do not add up: a server
+//!   that works ~10 µs or more per call no longer shares a CPU with its
+//!   sequential client, and each hand-off then wakes an idle vCPU
+//!   (25-50 µs), while the bare echo answers fast enough to escape both
+//!   (the blocking gRPC client is woken once when the server reads the
+//!   request, for socket write space, and an echo's reply lands while that
+//!   vCPU is still awake). The joint floor pays what any broker doing the
+//!   work would pay, so reapd's cost above it is what reapd adds.
 //!
 //! Every path is measured warm (back-to-back calls on one connection) and
 //! after 100 ms idle gaps, interleaved, with repetitions.
@@ -78,6 +88,10 @@ pub struct Transport {
     /// between rounds cancels; with its 95 % interval. `None` for floors.
     #[serde(default)]
     pub idle_own: Option<Median>,
+    /// The same against the joint floor (this call − the joint floor's,
+    /// paired by round). `None` for floors and older results.
+    #[serde(default)]
+    pub idle_own_joint: Option<Median>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -123,6 +137,12 @@ pub struct FloorResults {
     #[serde(default)]
     pub busy_rate_per_sec: f64,
     pub inprocess_check: Pair,
+    /// The joint floors (the echoes making the in-process syscalls, see the
+    /// module docs), gRPC and varlink; `None` in older results.
+    #[serde(default)]
+    pub joint_grpc: Option<Pair>,
+    #[serde(default)]
+    pub joint_varlink: Option<Pair>,
     pub inprocess_syscalls: f64,
     /// Instructions per in-process check (callgrind); `None` if not run.
     #[serde(default)]
@@ -219,11 +239,18 @@ pub struct FloorServer {
 }
 
 impl FloorServer {
-    pub fn start(dir: &Path) -> anyhow::Result<FloorServer> {
-        let grpc = dir.join("floor.sock");
-        let varlink = dir.join("floor.varlink");
+    /// Starts the bare echoes, or with `syscalls` the joint floor (see
+    /// the module docs).
+    pub fn start(dir: &Path, syscalls: bool) -> anyhow::Result<FloorServer> {
+        let name = if syscalls { "floor-syscalls" } else { "floor" };
+        let grpc = dir.join(format!("{name}.sock"));
+        let varlink = dir.join(format!("{name}.varlink"));
+        let mut args = FloorServer::args(&grpc, &varlink);
+        if syscalls {
+            args.push("--syscalls".into());
+        }
         let child = Command::new(std::env::current_exe()?)
-            .args(FloorServer::args(&grpc, &varlink))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -279,8 +306,18 @@ impl Drop for FloorServer {
 }
 
 /// The bare tonic service: every CheckPermission answered at once with a
-/// reply shaped like reapd's.
-struct Echo;
+/// reply shaped like reapd's (with `syscalls`, after the in-process
+/// check's syscalls on its target).
+struct Echo {
+    syscalls: bool,
+}
+
+/// The joint floor's work for one CheckPermission of `pid`: the in-process
+/// check, paths included (the broker builds them per call too).
+fn joint_check(pid: i32) -> anyhow::Result<()> {
+    let paths = ["status", "stat", "oom_score_adj", "cgroup"].map(|f| format!("/proc/{pid}/{f}"));
+    inprocess_check_once(pid, &paths)
+}
 
 #[tonic::async_trait]
 impl pb::reaper_server::Reaper for Echo {
@@ -298,6 +335,9 @@ impl pb::reaper_server::Reaper for Echo {
         request: tonic::Request<pb::CheckPermissionRequest>,
     ) -> Result<tonic::Response<pb::CheckPermissionResponse>, tonic::Status> {
         let target = request.into_inner().target.unwrap_or_default();
+        if self.syscalls {
+            joint_check(target.pid).map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
+        }
         Ok(tonic::Response::new(pb::CheckPermissionResponse {
             allowed: true,
             reason: "kill(2) allows it: same uid".into(),
@@ -373,7 +413,9 @@ fn echo_kill_report(pid: i32, start_time: u64) -> reapd_proto::model::KillReport
 }
 
 /// The JSON echo's reply to one NUL-terminated request.
-fn json_reply(request: &[u8]) -> Vec<u8> {
+/// With `syscalls`, a CheckPermission is answered after the joint floor's
+/// work on its target (an error reply if that fails, so the run stops).
+fn json_reply(request: &[u8], syscalls: bool) -> Vec<u8> {
     let parsed: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
     let field = |name: &str| {
         parsed
@@ -388,6 +430,17 @@ fn json_reply(request: &[u8]) -> Vec<u8> {
         reply.push(0);
         return reply;
     }
+    if syscalls {
+        if let Err(e) = joint_check(pid as i32) {
+            let mut reply = serde_json::to_vec(&serde_json::json!({
+                "error": "org.varlink.service.InternalError",
+                "parameters": { "message": format!("{e:#}") },
+            }))
+            .unwrap_or_default();
+            reply.push(0);
+            return reply;
+        }
+    }
     let mut reply = serde_json::to_vec(&serde_json::json!({ "parameters": {
         "allowed": true,
         "reason": "kill(2) allows it: same uid",
@@ -401,7 +454,7 @@ fn json_reply(request: &[u8]) -> Vec<u8> {
     reply
 }
 
-async fn json_connection(mut stream: tokio::net::UnixStream) {
+async fn json_connection(mut stream: tokio::net::UnixStream, syscalls: bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
@@ -412,7 +465,7 @@ async fn json_connection(mut stream: tokio::net::UnixStream) {
         }
         buffer.extend_from_slice(&chunk[..n]);
         while let Some(end) = buffer.iter().position(|&b| b == 0) {
-            let reply = json_reply(&buffer[..end]);
+            let reply = json_reply(&buffer[..end], syscalls);
             buffer.drain(..=end);
             if stream.write_all(&reply).await.is_err() {
                 return;
@@ -421,8 +474,9 @@ async fn json_connection(mut stream: tokio::net::UnixStream) {
     }
 }
 
-/// The `floor-server` mode: serve both echoes until killed.
-pub fn server_main(grpc: &Path, varlink: &Path) -> anyhow::Result<()> {
+/// The `floor-server` mode: serve both echoes until killed (with
+/// `syscalls`, the joint floor).
+pub fn server_main(grpc: &Path, varlink: &Path, syscalls: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -440,13 +494,13 @@ pub fn server_main(grpc: &Path, varlink: &Path) -> anyhow::Result<()> {
         }
         tokio::spawn(async move {
             while let Ok((stream, _)) = json_listener.accept().await {
-                tokio::spawn(json_connection(stream));
+                tokio::spawn(json_connection(stream, syscalls));
             }
         });
         println!("ready");
         std::io::stdout().flush()?;
         tonic::transport::Server::builder()
-            .add_service(pb::reaper_server::ReaperServer::new(Echo))
+            .add_service(pb::reaper_server::ReaperServer::new(Echo { syscalls }))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(grpc_listener))
             .await?;
         anyhow::Ok(())
@@ -964,7 +1018,8 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
     let mut notes = Vec::new();
     let target_victim = Victim::spawn(&Memory::Anon(crate::overhead::TINY), Some(VICTIM_UID))?;
     let target = Target::pinned(target_victim.pid)?;
-    let floor = FloorServer::start(dir)?;
+    let floor = FloorServer::start(dir, false)?;
+    let joint = FloorServer::start(dir, true)?;
     let mut running = Vec::new();
     let mut subjects = vec![Subject {
         label: "bare echo".into(),
@@ -1039,6 +1094,10 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         callers.push(grpc_caller(&s.grpc, target.clone())?);
         callers.push(varlink_caller(&s.varlink, target.clone())?);
     }
+    // The joint floors last: indices `joint_at` (gRPC) and `joint_at + 1`.
+    let joint_at = callers.len();
+    callers.push(grpc_caller(&joint.grpc, target.clone())?);
+    callers.push(varlink_caller(&joint.varlink, target.clone())?);
     let mut warm: Vec<Vec<f64>> = vec![Vec::new(); callers.len()];
     let mut idle: Vec<Vec<f64>> = vec![Vec::new(); callers.len()];
     for _ in 0..cfg.reps {
@@ -1053,6 +1112,7 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         }
     }
     drop(callers);
+    drop(joint);
     let pair = |i: usize| Pair {
         warm: summarize(&warm[i]),
         idle: summarize(&idle[i]),
@@ -1064,14 +1124,21 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         let rounds = idle[i].iter().zip(&idle[floor]).zip(&idle[0]);
         median_ci(&rounds.map(|((b, f), s)| b - f - s).collect::<Vec<_>>())
     };
+    let own_joint = |i: usize, joint: usize| {
+        let rounds = idle[i].iter().zip(&idle[joint]);
+        median_ci(&rounds.map(|(b, f)| b - f).collect::<Vec<_>>())
+    };
     for (k, server) in servers.iter_mut().enumerate() {
         server.grpc.check = pair(1 + 2 * k);
         server.varlink.check = pair(2 + 2 * k);
         if k > 0 {
             server.grpc.idle_own = Some(own(1 + 2 * k, 1));
             server.varlink.idle_own = Some(own(2 + 2 * k, 2));
+            server.grpc.idle_own_joint = Some(own_joint(1 + 2 * k, joint_at));
+            server.varlink.idle_own_joint = Some(own_joint(2 + 2 * k, joint_at + 1));
         }
     }
+    let (joint_grpc, joint_varlink) = (pair(joint_at), pair(joint_at + 1));
 
     eprintln!("floor: CPU and syscalls per call");
     let have_strace = Command::new("strace").arg("-V").stdout(Stdio::null()).status().is_ok();
@@ -1217,6 +1284,8 @@ pub fn run(cfg: &Config, brokers: &[(String, PathBuf)], dir: &Path) -> anyhow::R
         rate_per_sec: cfg.rate_per_sec,
         busy_rate_per_sec: cfg.busy_rate_per_sec,
         inprocess_check,
+        joint_grpc: Some(joint_grpc),
+        joint_varlink: Some(joint_varlink),
         inprocess_syscalls,
         inprocess_instructions,
         callgrind: callgrind_run,
@@ -1286,7 +1355,7 @@ pub fn markdown(r: &FloorResults) -> String {
     let _ = writeln!(md, "## 0. Against the floor\n");
     let _ = writeln!(
         md,
-        "What reapd costs above what any broker must cost: the **transport floor** (a bare tonic server of the same `reapd.v1.Reaper` service answering at once, same tonic/tokio versions and 2 worker threads; a bare NUL-delimited JSON echo for varlink; both reached by the same `reapd-client` clients) plus the **in-process syscalls** the broker must make per call (pidfd_open, PIDFD_GET_INFO, one read() each of /proc/PID/stat, oom_score_adj and cgroup, a poll of the pidfd; caller identification happens once per connection, at accept). Brokers: {}. p50 µs over {} repetitions of {} warm calls (one connection, sequential) and {} calls each after a {} ms idle gap; all paths interleaved in one run. The own cost after idle is the median over the idle rounds of each round's (broker − floor − in-process), the three calls made within the same second, with its 95 % interval in brackets: the VM's wake-up from idle costs hundreds of µs and drifts, so an interval wider than the goal means this machine cannot tell.\n",
+        "What reapd costs above what any broker must cost: the **transport floor** (a bare tonic server of the same `reapd.v1.Reaper` service answering at once, same tonic/tokio versions and 2 worker threads; a bare NUL-delimited JSON echo for varlink; both reached by the same `reapd-client` clients) plus the **in-process syscalls** the broker must make per call (pidfd_open, PIDFD_GET_INFO, one read() each of /proc/PID/stat, oom_score_adj and cgroup, a poll of the pidfd; caller identification happens once per connection, at accept). Brokers: {}. p50 µs over {} repetitions of {} warm calls (one connection, sequential) and {} calls each after a {} ms idle gap; all paths interleaved in one run. The own cost after idle is the median over the idle rounds of each round's (broker − floor − in-process), the three calls made within the same second, with its 95 % interval in brackets: the VM's wake-up from idle costs hundreds of µs and drifts, so an interval wider than the goal means this machine cannot tell. The **joint floor** is the same echo making the in-process syscalls on the requested target before it answers: on this VM floor and syscalls do not add up (measured: the bare tonic echo spinning 10 µs per call answered 25-55 µs later, spinning 20 µs 65-75 µs later, because a server that works that long stops sharing a vCPU with its client and each hand-off then wakes an idle vCPU), so the cost above the joint floor is what reapd adds to what any broker doing the same work pays; its after-idle figure is paired by round like the others.\n",
         r.servers[1..].iter().map(|s| format!("*{}*", s.label)).collect::<Vec<_>>().join(", "),
         r.reps,
         r.warm_calls,
@@ -1295,25 +1364,37 @@ pub fn markdown(r: &FloorResults) -> String {
     );
     let _ = writeln!(
         md,
-        "| CheckPermission | warm p50 | warm p99 | after idle p50 | own cost above floor + syscalls (warm / idle) | ÷ (floor + syscalls) warm / idle |\n|---|---|---|---|---|---|"
+        "| CheckPermission | warm p50 | warm p99 | after idle p50 | own cost above floor + syscalls (warm / idle) | ÷ (floor + syscalls) warm / idle | own cost above the joint floor (warm / idle) |\n|---|---|---|---|---|---|---|"
     );
     let _ = writeln!(
         md,
-        "| in-process syscalls | {:.0} | {:.0} | {:.0} | | |",
+        "| in-process syscalls | {:.0} | {:.0} | {:.0} | | | |",
         inproc.warm.p50, inproc.warm.p99, inproc.idle.p50
     );
     for (name, floor) in [
-        ("tonic echo (gRPC floor)", &echo.grpc.check),
-        ("JSON echo (varlink floor)", &echo.varlink.check),
+        ("tonic echo (gRPC floor)", Some(&echo.grpc.check)),
+        ("JSON echo (varlink floor)", Some(&echo.varlink.check)),
+        (
+            "tonic echo making the syscalls (joint gRPC floor)",
+            r.joint_grpc.as_ref(),
+        ),
+        (
+            "JSON echo making the syscalls (joint varlink floor)",
+            r.joint_varlink.as_ref(),
+        ),
     ] {
+        let Some(floor) = floor else { continue };
         let _ = writeln!(
             md,
-            "| {name} | {:.0} | {:.0} | {:.0} | | |",
+            "| {name} | {:.0} | {:.0} | {:.0} | | | |",
             floor.warm.p50, floor.warm.p99, floor.idle.p50
         );
     }
     for s in &r.servers[1..] {
-        for (transport, t, floor) in [("gRPC", &s.grpc, &echo.grpc), ("varlink", &s.varlink, &echo.varlink)] {
+        for (transport, t, floor, joint) in [
+            ("gRPC", &s.grpc, &echo.grpc, &r.joint_grpc),
+            ("varlink", &s.varlink, &echo.varlink, &r.joint_varlink),
+        ] {
             let base_w = floor.check.warm.p50 + inproc.warm.p50;
             let base_i = floor.check.idle.p50 + inproc.idle.p50;
             // Older results have no paired figure: the difference of medians.
@@ -1321,9 +1402,19 @@ pub fn markdown(r: &FloorResults) -> String {
                 Some(m) => format!("{:.0} [{:.0}, {:.0}]", m.p50, m.lo, m.hi),
                 None => format!("{:.0}", t.check.idle.p50 - base_i),
             };
+            let own_joint = match (joint, t.idle_own_joint) {
+                (Some(j), Some(m)) => format!(
+                    "**{:.0}** / {:.0} [{:.0}, {:.0}]",
+                    t.check.warm.p50 - j.warm.p50,
+                    m.p50,
+                    m.lo,
+                    m.hi
+                ),
+                _ => "–".into(),
+            };
             let _ = writeln!(
                 md,
-                "| {} {transport} | {:.0} | {:.0} | {:.0} | **{:.0}** / {idle_own} | {:.2}× / {:.2}× |",
+                "| {} {transport} | {:.0} | {:.0} | {:.0} | **{:.0}** / {idle_own} | {:.2}× / {:.2}× | {own_joint} |",
                 s.label,
                 t.check.warm.p50,
                 t.check.warm.p99,

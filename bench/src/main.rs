@@ -88,6 +88,10 @@ enum Cmd {
         grpc: PathBuf,
         #[arg(long)]
         varlink: PathBuf,
+        /// Before answering a CheckPermission, make the in-process check's
+        /// syscalls on its target (the joint floor).
+        #[arg(long)]
+        syscalls: bool,
     },
     /// (internal) The floor's in-process check, `count` times (for strace).
     InprocessCheck {
@@ -177,7 +181,11 @@ fn main() -> std::process::ExitCode {
             quick,
             note,
         } => floor_only(&reapd, &out, &compare, quick, note),
-        Cmd::FloorServer { grpc, varlink } => floor::server_main(&grpc, &varlink),
+        Cmd::FloorServer {
+            grpc,
+            varlink,
+            syscalls,
+        } => floor::server_main(&grpc, &varlink, syscalls),
         Cmd::InprocessCheck { pid, count } => floor::inprocess_main(pid, count),
     };
     match result {

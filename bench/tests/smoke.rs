@@ -65,6 +65,8 @@ fn quick_run_writes_a_report() {
         "## 0. Against the floor",
         "tonic echo (gRPC floor)",
         "JSON echo (varlink floor)",
+        "(joint gRPC floor)",
+        "(joint varlink floor)",
         "reapd varlink",
         "## 1. Memory back",
         "KillAndReap, reapd gRPC",
