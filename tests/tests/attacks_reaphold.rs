@@ -346,3 +346,85 @@ fn a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound() {
         "reaps_stalled"
     ) == 0.0));
 }
+
+/// One uid alone against the broker-wide cap. The default policy's kill(2)
+/// rule lets the attacker kill its own processes through the broker; it
+/// sends 16 kills of its stall-prone processes at once (its whole in-flight
+/// allowance). Stalled reaps are counted only when their answer bound
+/// passes, so all 16 are admitted before the first is counted, and then
+/// 16 stalled reaps of one uid filled the broker-wide cap (8): every
+/// other caller's kill, the low-memory killer's of an innocent process
+/// included, skipped its reap for as long as the attacker kept its FUSE
+/// READ unanswered. A uid's stalled reaps count broker-wide only up to its
+/// own cap (MAX_STALLED_PER_UID), so it takes MAX_STALLED /
+/// MAX_STALLED_PER_UID colluding uids to reach that cap, not one.
+#[test]
+fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
+    const TEST: &str = "attacks_reaphold::one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps";
+    const BURST: usize = 16;
+    // The default policy's kill(2) rule, spelled out, plus the killer's rule.
+    let file = reapd_e2e::policy_file(&policy().replace("[defaults]\n", "[defaults]\nkill-rule = true\n"));
+    let mut broker = Broker::start_with(&["--policy", file.path().to_str().unwrap()], &[]);
+    reapd_e2e::wait_for_varlink(&broker);
+    let Some(stall) = Stall::start(TEST, BURST + 1) else {
+        return;
+    };
+    let started = Instant::now();
+    let answers: Vec<(CtlResult, Duration)> = std::thread::scope(|s| {
+        let kills: Vec<_> = stall.victims[..BURST]
+            .iter()
+            .enumerate()
+            .map(|(i, &pid)| {
+                let broker = &broker;
+                s.spawn(move || {
+                    let mut command = reapd_e2e::reapctl_over(broker, i % 2 == 0);
+                    command.args(["--json", "--timeout", "30", "kill", &pid.to_string()]);
+                    let out = reapd_e2e::run_as(Creds::uid(ATTACKER), &mut command);
+                    (CtlResult::from(out), started.elapsed())
+                })
+            })
+            .collect();
+        kills.into_iter().map(|k| k.join().unwrap()).collect()
+    });
+    for (i, (r, took)) in answers.iter().enumerate() {
+        eprintln!("own kill {i}: {took:?} {}", r.json);
+        assert_eq!(r.code, 0, "own kill {i}: {r:?}");
+        assert!(*took < REAP_ANSWER_AFTER + Duration::from_secs(3), "{took:?}");
+    }
+    let stalled_now = metric(&broker, "reaps_stalled");
+    let reapers = std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "reapd-reap"))
+                .count()
+        })
+        .unwrap_or(0);
+    eprintln!("after the burst: reaps_stalled {stalled_now}, reapd-reap threads {reapers}");
+
+    // The attacker's next kill of its own is SIGKILL only (its uid's cap).
+    let mut command = reapd_e2e::reapctl_over(&broker, true);
+    command.args(["--json", "--timeout", "30", "kill", &stall.victims[BURST].to_string()]);
+    let r = CtlResult::from(reapd_e2e::run_as(Creds::uid(ATTACKER), &mut command));
+    assert_eq!(r.json["outcome"], "killed_not_reaped", "{r:?}");
+
+    // The low-memory killer's kill of an innocent process is still reaped.
+    let mut victim = Victim::spawn(Creds::uid(ORDINARY), 1 << 20);
+    let (r, took) = kill(&broker, false, victim.pid);
+    eprintln!("innocent kill: {took:?} {}", r.json);
+    assert_eq!(r.code, 0, "{r:?}");
+    let outcome = r.json["outcome"].as_str().unwrap_or_default();
+    assert!(
+        ["reaped", "exited_before_reap"].contains(&outcome),
+        "one uid's burst of stalled reaps skipped an innocent victim's reap: {r:?}"
+    );
+    assert_eq!(victim.wait(), Some(libc::SIGKILL));
+
+    // Once the attacker lets go, every stalled reap ends and is uncounted.
+    stall.abort();
+    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
+        &broker,
+        "reaps_stalled"
+    ) == 0.0));
+    assert_eq!(broker.stop(), Some(0));
+    drop(file);
+}
