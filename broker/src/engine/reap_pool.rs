@@ -19,9 +19,12 @@
 //! broker-wide ([`MAX_STALLED`]); beyond either cap a kill is SIGKILL only
 //! (what the kernel does by default), and its reply says why. The caps
 //! bound the threads one uid's stall-prone processes can pin: at most
-//! [`MAX_STALLED`] plus the reaps admitted within one answer bound before
-//! any of them was seen stalled, which the in-flight limits bound
-//! (`limits::MAX_KILLS_IN_FLIGHT`).
+//! [`MAX_STALLED_PER_UID`] plus the reaps admitted within one answer bound
+//! before any of them was seen stalled, which the in-flight limits bound
+//! (`limits::MAX_KILLS_IN_FLIGHT`). Such a burst may leave one uid with
+//! more stalled reaps than its cap; broker-wide each uid counts only up to
+//! its cap, so one uid alone cannot fill [`MAX_STALLED`] and skip other
+//! victims' reaps: that takes `MAX_STALLED / MAX_STALLED_PER_UID` uids.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -131,12 +134,22 @@ pub fn submit<W: Work>(of: ReapOf, work: W) -> Result<Reap<W::Output>, Refused<W
             ),
         });
     }
-    if state.stalled >= MAX_STALLED {
+    // A uid's stalled reaps count broker-wide up to its own cap only: all
+    // the reaps one uid's burst of kills gets admitted within one answer
+    // bound (before any is seen stalled; up to its 16 in flight) may stall
+    // together, and would otherwise fill the broker-wide cap alone and skip
+    // every other victim's reap for as long as that uid keeps them stalled.
+    let over_uid_caps: u32 = state
+        .stalled_by_uid
+        .values()
+        .map(|n| n.saturating_sub(MAX_STALLED_PER_UID))
+        .sum();
+    let charged = state.stalled.saturating_sub(over_uid_caps);
+    if charged >= MAX_STALLED {
         return Err(Refused {
             work,
             reason: format!(
-                "reap skipped: {} reaps are stalled broker-wide (limit {MAX_STALLED}); killed only, it frees its memory on its own exit path",
-                state.stalled
+                "reap skipped: {charged} reaps are stalled broker-wide (limit {MAX_STALLED}, at most {MAX_STALLED_PER_UID} counted per victim uid); killed only, it frees its memory on its own exit path"
             ),
         });
     }
@@ -389,6 +402,45 @@ mod tests {
             for _ in 0..MAX_STALLED {
                 release_tx.send(()).unwrap();
                 assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 43);
+            }
+            assert!(reapd_wait(|| stalled() == 0));
+
+            // One uid's burst: more reaps admitted than the broker-wide cap
+            // before any was seen stalled. They all stall, its uid is over
+            // its cap, but broker-wide it counts as MAX_STALLED_PER_UID:
+            // another uid's reap still runs.
+            let burst_uid = uid + 200;
+            let mut reaps = Vec::new();
+            for _ in 0..=MAX_STALLED {
+                let gate = Arc::clone(&release_rx);
+                reaps.push(
+                    submit(
+                        of(burst_uid),
+                        call(move || {
+                            let _ = gate.lock().unwrap().recv();
+                            44
+                        }),
+                    )
+                    .ok()
+                    .unwrap(),
+                );
+            }
+            for reap in reaps {
+                let late = late_tx.clone();
+                assert!(reap
+                    .wait(Duration::from_millis(20), move |v| late.send(v).unwrap())
+                    .await
+                    .is_err());
+            }
+            assert_eq!(stalled(), MAX_STALLED + 1);
+            assert!(submit(of(burst_uid), call(|| 0)).is_err(), "over its own cap");
+            let other = submit(of(burst_uid + 1), call(|| 5))
+                .ok()
+                .expect("one uid fills no broker-wide cap");
+            assert_eq!(other.wait(Duration::from_secs(5), |_| {}).await.unwrap(), 5);
+            for _ in 0..=MAX_STALLED {
+                release_tx.send(()).unwrap();
+                assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 44);
             }
             assert!(reapd_wait(|| stalled() == 0));
         });
