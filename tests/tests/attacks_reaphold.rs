@@ -357,11 +357,15 @@ fn a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound() {
 /// included, skipped its reap for as long as the attacker kept its FUSE
 /// READ unanswered. A uid's stalled reaps count broker-wide only up to its
 /// own cap (MAX_STALLED_PER_UID), so it takes MAX_STALLED /
-/// MAX_STALLED_PER_UID colluding uids to reach that cap, not one.
+/// MAX_STALLED_PER_UID colluding uids to reach that cap, not one. The
+/// same for a whole-cgroup kill (its own check of the broker-wide cap).
 #[test]
 fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
     const TEST: &str = "attacks_reaphold::one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps";
     const BURST: usize = 16;
+    let t = reapd_e2e::top("reaphold-burst");
+    let _tree = CgroupTree::new(&t);
+    let cg = TestCgroup::new(&format!("{t}/innocent.scope"));
     // The default policy's kill(2) rule, spelled out, plus the killer's rule.
     let file = reapd_e2e::policy_file(&policy().replace("[defaults]\n", "[defaults]\nkill-rule = true\n"));
     let mut broker = Broker::start_with(&["--policy", file.path().to_str().unwrap()], &[]);
@@ -418,6 +422,25 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
         "one uid's burst of stalled reaps skipped an innocent victim's reap: {r:?}"
     );
     assert_eq!(victim.wait(), Some(libc::SIGKILL));
+
+    // And its whole-cgroup kill of innocent processes: the member reaped.
+    let mut member = Victim::spawn(Creds::uid(ORDINARY), 1 << 20);
+    cg.add(member.pid);
+    let reply = reapd_e2e::varlink_call_as(
+        Creds::uid(LMK),
+        &reapd_e2e::varlink_socket(&broker),
+        &format!(r#"{{"method":"io.reapd.Reaper.KillCgroup","parameters":{{"cgroup":"/{t}/innocent.scope"}}}}"#),
+        &[],
+    );
+    eprintln!("innocent group kill: {reply}");
+    let outcome = reply["parameters"]["members"][0]["outcome"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        ["reaped", "exited_before_reap"].contains(&outcome),
+        "one uid's burst of stalled reaps skipped an innocent group's reaps: {reply}"
+    );
+    assert_eq!(member.wait(), Some(libc::SIGKILL));
 
     // Once the attacker lets go, every stalled reap ends and is uncounted.
     stall.abort();

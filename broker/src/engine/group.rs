@@ -353,11 +353,14 @@ struct Chunk {
 /// counted as one stalled reap broker-wide until it ends; with
 /// [`reap_pool::MAX_STALLED`] stalled already, the group is killed only.
 fn reap_parallel(killed: &[(TargetProcess, Memory)], features: &KernelFeatures) -> Vec<(Outcome, String)> {
-    let stalled = reap_pool::stalled();
+    // Counted as single reaps are (each victim uid up to its own cap), so
+    // that one uid's burst of stalled reaps skips no other group's reaps.
+    let stalled = reap_pool::stalled_charged();
     if stalled >= reap_pool::MAX_STALLED {
         let reason = format!(
-            "reap skipped: {stalled} reaps are stalled broker-wide (limit {}); killed only, it frees its memory on its own exit path",
-            reap_pool::MAX_STALLED
+            "reap skipped: {stalled} reaps are stalled broker-wide (limit {}, at most {} counted per victim uid); killed only, it frees its memory on its own exit path",
+            reap_pool::MAX_STALLED,
+            reap_pool::MAX_STALLED_PER_UID
         );
         return killed
             .iter()

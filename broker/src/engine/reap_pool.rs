@@ -139,12 +139,7 @@ pub fn submit<W: Work>(of: ReapOf, work: W) -> Result<Reap<W::Output>, Refused<W
     // bound (before any is seen stalled; up to its 16 in flight) may stall
     // together, and would otherwise fill the broker-wide cap alone and skip
     // every other victim's reap for as long as that uid keeps them stalled.
-    let over_uid_caps: u32 = state
-        .stalled_by_uid
-        .values()
-        .map(|n| n.saturating_sub(MAX_STALLED_PER_UID))
-        .sum();
-    let charged = state.stalled.saturating_sub(over_uid_caps);
+    let charged = state.charged();
     if charged >= MAX_STALLED {
         return Err(Refused {
             work,
@@ -258,9 +253,28 @@ impl Drop for StalledElsewhere {
     }
 }
 
+impl State {
+    /// Stalled reaps as the broker-wide cap counts them: each victim uid's
+    /// up to [`MAX_STALLED_PER_UID`] (see [`submit`]), and group kills'.
+    fn charged(&self) -> u32 {
+        let over_uid_caps: u32 = self
+            .stalled_by_uid
+            .values()
+            .map(|n| n.saturating_sub(MAX_STALLED_PER_UID))
+            .sum();
+        self.stalled.saturating_sub(over_uid_caps)
+    }
+}
+
 /// Stalled reaps now, all victim uids.
 pub fn stalled() -> u32 {
     state().stalled
+}
+
+/// Stalled reaps counted against [`MAX_STALLED`]: what a group kill checks
+/// before its reaps, like [`submit`] does.
+pub fn stalled_charged() -> u32 {
+    state().charged()
 }
 
 /// The reaps stalled now and how long since they were answered pending,
@@ -434,6 +448,7 @@ mod tests {
             }
             assert_eq!(stalled(), MAX_STALLED + 1);
             assert!(submit(of(burst_uid), call(|| 0)).is_err(), "over its own cap");
+            assert_eq!(stalled_charged(), MAX_STALLED_PER_UID);
             let other = submit(of(burst_uid + 1), call(|| 5))
                 .ok()
                 .expect("one uid fills no broker-wide cap");
