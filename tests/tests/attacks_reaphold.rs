@@ -373,6 +373,8 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
     let Some(stall) = Stall::start(TEST, BURST + 1) else {
         return;
     };
+    let bystander = Victim::spawn(Creds::uid(BYSTANDER), 0);
+    let unloaded = check_latency(&broker, bystander.pid);
     let started = Instant::now();
     let answers: Vec<(CtlResult, Duration)> = std::thread::scope(|s| {
         let kills: Vec<_> = stall.victims[..BURST]
@@ -404,6 +406,14 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
         })
         .unwrap_or(0);
     eprintln!("after the burst: reaps_stalled {stalled_now}, reapd-reap threads {reapers}");
+
+    // Another uid's checks, both transports, with 16 reaps stalled: best
+    // of 3 within 100 ms of the unloaded best (stalled threads sleep).
+    let loaded = check_latency(&broker, bystander.pid);
+    eprintln!("bystander check (gRPC, varlink): unloaded {unloaded:?}, with 16 reaps stalled {loaded:?}");
+    for (u, l) in unloaded.iter().zip(&loaded) {
+        assert!(*l < *u + Duration::from_millis(100), "{loaded:?} vs {unloaded:?}");
+    }
 
     // The attacker's next kill of its own is SIGKILL only (its uid's cap).
     let mut command = reapd_e2e::reapctl_over(&broker, true);
@@ -448,6 +458,32 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
         &broker,
         "reaps_stalled"
     ) == 0.0));
+    // Its uid's cap lifted with them: its next kill is reaped again.
+    let mut own = Victim::spawn(Creds::uid(ATTACKER), 1 << 20);
+    let mut command = reapd_e2e::reapctl_over(&broker, false);
+    command.args(["--json", "--timeout", "30", "kill", &own.pid.to_string()]);
+    let r = CtlResult::from(reapd_e2e::run_as(Creds::uid(ATTACKER), &mut command));
+    let outcome = r.json["outcome"].as_str().unwrap_or_default();
+    assert!(["reaped", "exited_before_reap"].contains(&outcome), "{r:?}");
+    assert_eq!(own.wait(), Some(libc::SIGKILL));
     assert_eq!(broker.stop(), Some(0));
     drop(file);
+}
+
+/// The best of 3 CheckPermission calls by the bystander over gRPC and over
+/// varlink (each a reapctl run).
+fn check_latency(broker: &Broker, pid: i32) -> [Duration; 2] {
+    [false, true].map(|varlink| {
+        (0..3)
+            .map(|_| {
+                let mut command = reapd_e2e::reapctl_over(broker, varlink);
+                command.args(["--timeout", "5", "check", &pid.to_string()]);
+                let t = Instant::now();
+                let out = reapd_e2e::run_as(Creds::uid(BYSTANDER), &mut command);
+                assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+                t.elapsed()
+            })
+            .min()
+            .unwrap()
+    })
 }
