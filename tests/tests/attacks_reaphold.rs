@@ -487,3 +487,57 @@ fn check_latency(broker: &Broker, pid: i32) -> [Duration; 2] {
             .unwrap()
     })
 }
+
+/// A kill with --grace, --reap-delay and --wait of a stall-prone process
+/// (it never finishes its exit: its exit_mm waits on the same lock): its
+/// reap goes through the reaper threads and their caps like any other, and
+/// the caller is held only for what it asked for plus the answer bound.
+#[test]
+fn a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded() {
+    const TEST: &str = "attacks_reaphold::a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded";
+    let mut broker = start();
+    let Some(stall) = Stall::start(TEST, 1) else {
+        return;
+    };
+    let pid = stall.victims[0];
+    let mut command = reapd_e2e::reapctl_over(&broker, true);
+    command.args([
+        "--json",
+        "--timeout",
+        "30",
+        "kill",
+        "--grace",
+        "100",
+        "--reap-delay",
+        "100",
+        "--wait",
+        "1000",
+    ]);
+    command.arg(pid.to_string());
+    let started = Instant::now();
+    let r = CtlResult::from(reapd_e2e::run_as(Creds::uid(LMK), &mut command));
+    let took = started.elapsed();
+    eprintln!("kill with grace, reap delay and wait: {took:?} {}", r.json);
+    assert!(
+        took < Duration::from_millis(100 + 100 + 1000) + REAP_ANSWER_AFTER + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(reapd_e2e::wait_until(Duration::from_secs(5), || exiting(pid)));
+    assert_eq!(metric(&broker, "kills_in_flight"), 0.0);
+    assert_eq!(metric(&broker, "reaps_stalled"), 1.0, "{r:?}");
+    let log = broker.log_text();
+    assert_eq!(records(&log, "outcome", pid).len(), 1, "{log}");
+    stall.abort();
+    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
+        &broker,
+        "reaps_stalled"
+    ) == 0.0));
+    assert!(reapd_e2e::wait_until(Duration::from_secs(10), || records(
+        &broker.log_text(),
+        "reap_ended",
+        pid
+    )
+    .len()
+        == 1));
+    assert_eq!(broker.stop(), Some(0));
+}
