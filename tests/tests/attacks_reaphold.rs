@@ -163,6 +163,19 @@ fn exiting(pid: i32) -> bool {
     flags & 0x4 != 0
 }
 
+/// A broker and one stall-prone victim (`None`: a counted SKIP).
+fn one_stall_prone(test: &str) -> Option<(Broker, Stall, i32)> {
+    let broker = start();
+    let stall = Stall::start(test, 1)?;
+    let pid = stall.victims[0];
+    Some((broker, stall, pid))
+}
+
+/// Every stalled reap has ended (after the attacker let go), within 30 s.
+fn no_reap_stalled(broker: &Broker) -> bool {
+    reapd_e2e::wait_until(Duration::from_secs(30), || metric(broker, "reaps_stalled") == 0.0)
+}
+
 /// The audit lines of `event` naming `pid`.
 fn records<'a>(log: &'a str, event: &str, pid: i32) -> Vec<&'a str> {
     let pid = format!("target_pid={pid}");
@@ -277,11 +290,9 @@ fn a_reap_that_never_ends_holds_no_caller_slot_or_record() {
 #[test]
 fn sigterm_with_a_reap_stalled_stops_promptly_and_records_it_pending() {
     const TEST: &str = "attacks_reaphold::sigterm_with_a_reap_stalled_stops_promptly_and_records_it_pending";
-    let mut broker = start();
-    let Some(stall) = Stall::start(TEST, 1) else {
+    let Some((mut broker, stall, pid)) = one_stall_prone(TEST) else {
         return;
     };
-    let pid = stall.victims[0];
     let (r, took) = kill(&broker, true, pid);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json["outcome"], "reap_pending", "{r:?}");
@@ -341,10 +352,7 @@ fn a_group_kill_with_a_reap_that_never_ends_is_answered_within_the_bound() {
     assert_eq!(metric(&broker, "kills_in_flight"), 0.0);
     assert_eq!(metric(&broker, "reaps_stalled"), 1.0);
     stall.abort();
-    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
-        &broker,
-        "reaps_stalled"
-    ) == 0.0));
+    assert!(no_reap_stalled(&broker), "reaps still stalled after the abort");
 }
 
 /// One uid alone against the broker-wide cap. The default policy's kill(2)
@@ -454,10 +462,7 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
 
     // Once the attacker lets go, every stalled reap ends and is uncounted.
     stall.abort();
-    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
-        &broker,
-        "reaps_stalled"
-    ) == 0.0));
+    assert!(no_reap_stalled(&broker), "reaps still stalled after the abort");
     // Its uid's cap lifted with them: its next kill is reaped again.
     let mut own = Victim::spawn(Creds::uid(ATTACKER), 1 << 20);
     let mut command = reapd_e2e::reapctl_over(&broker, false);
@@ -495,11 +500,9 @@ fn check_latency(broker: &Broker, pid: i32) -> [Duration; 2] {
 #[test]
 fn a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded() {
     const TEST: &str = "attacks_reaphold::a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded";
-    let mut broker = start();
-    let Some(stall) = Stall::start(TEST, 1) else {
+    let Some((mut broker, stall, pid)) = one_stall_prone(TEST) else {
         return;
     };
-    let pid = stall.victims[0];
     let mut command = reapd_e2e::reapctl_over(&broker, true);
     command.args([
         "--json",
@@ -528,10 +531,7 @@ fn a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded() {
     let log = broker.log_text();
     assert_eq!(records(&log, "outcome", pid).len(), 1, "{log}");
     stall.abort();
-    assert!(reapd_e2e::wait_until(Duration::from_secs(30), || metric(
-        &broker,
-        "reaps_stalled"
-    ) == 0.0));
+    assert!(no_reap_stalled(&broker), "reaps still stalled after the abort");
     assert!(reapd_e2e::wait_until(Duration::from_secs(10), || records(
         &broker.log_text(),
         "reap_ended",
