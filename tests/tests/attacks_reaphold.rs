@@ -38,11 +38,21 @@ fn policy() -> String {
 }
 
 fn start() -> Broker {
-    let file = reapd_e2e::policy_file(&policy());
+    start_policy(&policy())
+}
+
+fn start_policy(text: &str) -> Broker {
+    let file = reapd_e2e::policy_file(text);
     let broker = Broker::start_with(&["--policy", file.path().to_str().unwrap()], &[]);
     reapd_e2e::wait_for_varlink(&broker);
     std::mem::forget(file);
     broker
+}
+
+/// A broker whose policy also has the default's kill(2) rule (spelled
+/// out): the attacker may kill its own processes through it.
+fn start_with_kill_rule() -> Broker {
+    start_policy(&policy().replace("[defaults]\n", "[defaults]\nkill-rule = true\n"))
 }
 
 /// The attacker's stall-prone processes (fuse-stall run as ATTACKER), torn
@@ -176,6 +186,16 @@ fn no_reap_stalled(broker: &Broker) -> bool {
     reapd_e2e::wait_until(Duration::from_secs(30), || metric(broker, "reaps_stalled") == 0.0)
 }
 
+/// SIGTERM: the broker exits 0 within 3 s; its log.
+fn stop_promptly(broker: &mut Broker, with: &str) -> String {
+    let t = Instant::now();
+    assert_eq!(broker.stop(), Some(0), "the broker did not stop\n{}", broker.log_text());
+    let stopped = t.elapsed();
+    eprintln!("stopped in {stopped:?} with {with}");
+    assert!(stopped < Duration::from_secs(3), "stop took {stopped:?}");
+    broker.log_text()
+}
+
 /// The audit lines of `event` naming `pid`.
 fn records<'a>(log: &'a str, event: &str, pid: i32) -> Vec<&'a str> {
     let pid = format!("target_pid={pid}");
@@ -297,12 +317,7 @@ fn sigterm_with_a_reap_stalled_stops_promptly_and_records_it_pending() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json["outcome"], "reap_pending", "{r:?}");
     assert!(took < REAP_ANSWER_AFTER + Duration::from_secs(2), "{took:?}");
-    let t = Instant::now();
-    assert_eq!(broker.stop(), Some(0), "the broker did not stop\n{}", broker.log_text());
-    let stopped = t.elapsed();
-    eprintln!("stopped in {stopped:?} with a reap stalled");
-    assert!(stopped < Duration::from_secs(3), "stop took {stopped:?}");
-    let log = broker.log_text();
+    let log = stop_promptly(&mut broker, "a reap stalled");
     let pending = records(&log, "reap_pending_at_shutdown", pid);
     assert_eq!(pending.len(), 1, "{log}");
     eprintln!("{}", pending[0]);
@@ -374,37 +389,13 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
     let t = reapd_e2e::top("reaphold-burst");
     let _tree = CgroupTree::new(&t);
     let cg = TestCgroup::new(&format!("{t}/innocent.scope"));
-    // The default policy's kill(2) rule, spelled out, plus the killer's rule.
-    let file = reapd_e2e::policy_file(&policy().replace("[defaults]\n", "[defaults]\nkill-rule = true\n"));
-    let mut broker = Broker::start_with(&["--policy", file.path().to_str().unwrap()], &[]);
-    reapd_e2e::wait_for_varlink(&broker);
+    let mut broker = start_with_kill_rule();
     let Some(stall) = Stall::start(TEST, BURST + 1) else {
         return;
     };
     let bystander = Victim::spawn(Creds::uid(BYSTANDER), 0);
     let unloaded = check_latency(&broker, bystander.pid);
-    let started = Instant::now();
-    let answers: Vec<(CtlResult, Duration)> = std::thread::scope(|s| {
-        let kills: Vec<_> = stall.victims[..BURST]
-            .iter()
-            .enumerate()
-            .map(|(i, &pid)| {
-                let broker = &broker;
-                s.spawn(move || {
-                    let mut command = reapd_e2e::reapctl_over(broker, i % 2 == 0);
-                    command.args(["--json", "--timeout", "30", "kill", &pid.to_string()]);
-                    let out = reapd_e2e::run_as(Creds::uid(ATTACKER), &mut command);
-                    (CtlResult::from(out), started.elapsed())
-                })
-            })
-            .collect();
-        kills.into_iter().map(|k| k.join().unwrap()).collect()
-    });
-    for (i, (r, took)) in answers.iter().enumerate() {
-        eprintln!("own kill {i}: {took:?} {}", r.json);
-        assert_eq!(r.code, 0, "own kill {i}: {r:?}");
-        assert!(*took < REAP_ANSWER_AFTER + Duration::from_secs(3), "{took:?}");
-    }
+    burst(&broker, &stall.victims[..BURST]);
     let stalled_now = metric(&broker, "reaps_stalled");
     let reapers = std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
         .map(|d| {
@@ -472,7 +463,32 @@ fn one_uids_burst_of_stalled_reaps_does_not_skip_other_victims_reaps() {
     assert!(["reaped", "exited_before_reap"].contains(&outcome), "{r:?}");
     assert_eq!(own.wait(), Some(libc::SIGKILL));
     assert_eq!(broker.stop(), Some(0));
-    drop(file);
+}
+
+/// The attacker kills `victims` (its own) at once, each call on a thread of
+/// its own, alternating transports: each answered within the bound.
+fn burst(broker: &Broker, victims: &[i32]) {
+    let started = Instant::now();
+    let answers: Vec<(CtlResult, Duration)> = std::thread::scope(|s| {
+        let kills: Vec<_> = victims
+            .iter()
+            .enumerate()
+            .map(|(i, &pid)| {
+                s.spawn(move || {
+                    let mut command = reapd_e2e::reapctl_over(broker, i % 2 == 0);
+                    command.args(["--json", "--timeout", "30", "kill", &pid.to_string()]);
+                    let out = reapd_e2e::run_as(Creds::uid(ATTACKER), &mut command);
+                    (CtlResult::from(out), started.elapsed())
+                })
+            })
+            .collect();
+        kills.into_iter().map(|k| k.join().unwrap()).collect()
+    });
+    for (i, (r, took)) in answers.iter().enumerate() {
+        eprintln!("own kill {i}: {took:?} {}", r.json);
+        assert_eq!(r.code, 0, "own kill {i}: {r:?}");
+        assert!(*took < REAP_ANSWER_AFTER + Duration::from_secs(3), "{took:?}");
+    }
 }
 
 /// The best of 3 CheckPermission calls by the bystander over gRPC and over
@@ -540,4 +556,23 @@ fn a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded() {
     .len()
         == 1));
     assert_eq!(broker.stop(), Some(0));
+}
+
+/// SIGTERM with one uid's burst of 16 reaps stalled: the broker stops
+/// promptly and writes one reap_pending_at_shutdown record for each.
+#[test]
+fn sigterm_with_a_burst_of_reaps_stalled_stops_promptly_and_records_each() {
+    const TEST: &str = "attacks_reaphold::sigterm_with_a_burst_of_reaps_stalled_stops_promptly_and_records_each";
+    const BURST: usize = 16;
+    let mut broker = start_with_kill_rule();
+    let Some(stall) = Stall::start(TEST, BURST) else {
+        return;
+    };
+    burst(&broker, &stall.victims);
+    assert_eq!(metric(&broker, "reaps_stalled"), BURST as f64);
+    let log = stop_promptly(&mut broker, &format!("{BURST} reaps stalled"));
+    for &pid in &stall.victims {
+        assert_eq!(records(&log, "reap_pending_at_shutdown", pid).len(), 1, "{pid}\n{log}");
+    }
+    drop(stall);
 }
