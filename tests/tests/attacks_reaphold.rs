@@ -196,6 +196,18 @@ fn stop_promptly(broker: &mut Broker, with: &str) -> String {
     broker.log_text()
 }
 
+/// The attacker lets go: the stalled reap of `pid` ends, uncounted, with
+/// its reap_ended record; then the broker stops.
+fn let_go_and_see_it_end(broker: &mut Broker, stall: &Stall, pid: i32) {
+    stall.abort();
+    assert!(no_reap_stalled(broker), "reaps still stalled after the abort");
+    let ended = reapd_e2e::wait_until(Duration::from_secs(10), || {
+        records(&broker.log_text(), "reap_ended", pid).len() == 1
+    });
+    assert!(ended, "no reap_ended record for {pid}\n{}", broker.log_text());
+    assert_eq!(broker.stop(), Some(0));
+}
+
 /// The audit lines of `event` naming `pid`.
 fn records<'a>(log: &'a str, event: &str, pid: i32) -> Vec<&'a str> {
     let pid = format!("target_pid={pid}");
@@ -546,16 +558,7 @@ fn a_kill_with_grace_delay_and_wait_of_a_stall_prone_victim_is_bounded() {
     assert_eq!(metric(&broker, "reaps_stalled"), 1.0, "{r:?}");
     let log = broker.log_text();
     assert_eq!(records(&log, "outcome", pid).len(), 1, "{log}");
-    stall.abort();
-    assert!(no_reap_stalled(&broker), "reaps still stalled after the abort");
-    assert!(reapd_e2e::wait_until(Duration::from_secs(10), || records(
-        &broker.log_text(),
-        "reap_ended",
-        pid
-    )
-    .len()
-        == 1));
-    assert_eq!(broker.stop(), Some(0));
+    let_go_and_see_it_end(&mut broker, &stall, pid);
 }
 
 /// SIGTERM with one uid's burst of 16 reaps stalled: the broker stops
@@ -575,4 +578,41 @@ fn sigterm_with_a_burst_of_reaps_stalled_stops_promptly_and_records_each() {
         assert_eq!(records(&log, "reap_pending_at_shutdown", pid).len(), 1, "{pid}\n{log}");
     }
     drop(stall);
+}
+
+/// The caller hangs up right after its call (a raw varlink connection,
+/// closed unanswered): the kill runs on to its answer regardless (a task
+/// of its own), so the reap is still counted stalled, the outcome
+/// recorded, the slot released; a caller cannot pin uncounted reaper
+/// threads (beyond the caps) by hanging up before the answer bound.
+#[test]
+fn a_caller_hanging_up_before_the_bound_still_has_its_reap_counted() {
+    const TEST: &str = "attacks_reaphold::a_caller_hanging_up_before_the_bound_still_has_its_reap_counted";
+    let Some((mut broker, stall, pid)) = one_stall_prone(TEST) else {
+        return;
+    };
+    {
+        use std::io::Write;
+        let mut conn = std::os::unix::net::UnixStream::connect(reapd_e2e::varlink_socket(&broker)).unwrap();
+        conn.write_all(
+            format!(r#"{{"method":"io.reapd.Reaper.KillAndReap","parameters":{{"pid":{pid}}}}}"#).as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(b"\0").unwrap();
+        // Hung up once the kill is under way: the victim acts on SIGKILL.
+        assert!(reapd_e2e::wait_until(Duration::from_secs(5), || exiting(pid)));
+    }
+    assert!(reapd_e2e::wait_until(Duration::from_secs(10), || metric(
+        &broker,
+        "reaps_stalled"
+    ) == 1.0));
+    assert!(reapd_e2e::wait_until(Duration::from_secs(10), || records(
+        &broker.log_text(),
+        "outcome",
+        pid
+    )
+    .len()
+        == 1));
+    assert_eq!(metric(&broker, "kills_in_flight"), 0.0);
+    let_go_and_see_it_end(&mut broker, &stall, pid);
 }
