@@ -98,6 +98,7 @@ fn target(uid: u32, cgroup: &str) -> TargetProcess {
         is_kernel_thread: false,
         oom_score_adj: 0,
         memory: None,
+        namespaced: None,
     }
 }
 

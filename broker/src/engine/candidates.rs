@@ -115,7 +115,7 @@ pub fn list(
             continue;
         };
         // Invisible to the caller, exited, a kernel thread: not listed.
-        let Ok(target) = target::pin_member(pid, ns, features) else {
+        let Ok(target) = target::pin_member(pid, ns, features, false) else {
             continue;
         };
         // Not the caller itself: a manager that lists itself first would

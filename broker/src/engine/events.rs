@@ -367,6 +367,7 @@ mod tests {
             is_kernel_thread: false,
             oom_score_adj: 0,
             memory: None,
+            namespaced: None,
         }
     }
 

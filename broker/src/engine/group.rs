@@ -15,18 +15,17 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{pidfd_send_signal, Signal};
 use serde::Serialize;
 
 use crate::engine::error::EngineError;
-use crate::engine::reap_pool::{self, REAP_ANSWER_AFTER};
-use crate::engine::reaper::{KillOptions, Outcome, MAX_REAP_RETRIES};
+use crate::engine::reap_pool::{self, Ended, ReapOf, REAP_ANSWER_AFTER};
+use crate::engine::reaper::{KillOptions, Outcome, ReapReport, MAX_REAP_RETRIES};
 use crate::engine::target::{self, Namespace, TargetProcess};
 use crate::os::cgroup;
-use crate::os::features::KernelFeatures;
+use crate::os::features::{KernelFeatures, KillPath};
 use crate::os::procfs::{self, Memory};
 use crate::os::sys;
 
@@ -224,7 +223,7 @@ pub fn pin_members(
     }
     let mut pinned = Vec::with_capacity(pids.len());
     for pid in pids {
-        match target::pin_member(pid, ns, features) {
+        match target::pin_member(pid, ns, features, true) {
             Ok(t) => pinned.push(t),
             Err(EngineError::NotFound(msg)) if msg.contains("has exited") => {}
             Err(EngineError::NotFound(_)) => {
@@ -243,6 +242,7 @@ pub fn pin_members(
 /// Kills the checked `members` of `dir`, then any newcomer `allowed`
 /// accepts (newcomers it refuses are left alive and reported), and reaps
 /// them all.
+#[allow(clippy::too_many_arguments)]
 pub fn kill_all(
     cgroup_path: String,
     dir: &Path,
@@ -251,6 +251,7 @@ pub fn kill_all(
     features: &KernelFeatures,
     options: KillOptions,
     allowed: impl Fn(&TargetProcess) -> bool,
+    requester: Requester,
 ) -> GroupReport {
     let system_before = procfs::system_anon_and_swap().ok();
     let started = Instant::now();
@@ -275,7 +276,7 @@ pub fn kill_all(
         // Newcomers: members not seen before (or a reused pid).
         let mut next = Vec::new();
         for pid in member_pids(dir) {
-            let Ok(t) = target::pin_member(pid, ns, features) else {
+            let Ok(t) = target::pin_member(pid, ns, features, true) else {
                 continue;
             };
             if seen.get(&t.pid) == Some(&t.start_time) {
@@ -302,7 +303,7 @@ pub fn kill_all(
             target::wait_for_exit(t.pidfd.as_fd(), deadline.saturating_duration_since(Instant::now()));
         }
     }
-    let outcomes = reap_parallel(&killed, features);
+    let outcomes = reap_members(&killed, features, &requester);
     let kill_to_reap = started.elapsed();
     let before: u64 = killed.iter().map(|(_, m)| m.reapable_bytes()).sum();
     // Members freeing their own memory finish it (see the single kill).
@@ -337,107 +338,106 @@ pub fn kill_all(
     }
 }
 
-/// A chunk of a group's reaps, on its own thread: whether it is done, and
-/// its count as a stalled reap once the group was answered without it.
-#[derive(Default)]
-struct Chunk {
-    done: bool,
-    stalled: Option<reap_pool::StalledElsewhere>,
+/// Who asked for a group kill, for its members' reap records.
+pub struct Requester {
+    pub caller_pid: i32,
+    pub caller_uid: u32,
+    /// When the request came: the follow-up records' `elapsed_us`.
+    pub started: Instant,
 }
 
-/// Reaps every killed member, on as many threads as there are CPUs (each
-/// reap is a walk of one address space; they do not contend), waiting at
-/// most [`REAP_ANSWER_AFTER`]: a member's reap can wait on its mmap lock
-/// indefinitely (docs/threats.md, "A reap that never ends"). Members whose
-/// reap had not ended by then are `ReapPending`; their thread goes on,
-/// counted as one stalled reap broker-wide until it ends; with
-/// [`reap_pool::MAX_STALLED`] stalled already, the group is killed only.
-fn reap_parallel(killed: &[(TargetProcess, Memory)], features: &KernelFeatures) -> Vec<(Outcome, String)> {
-    // Counted as single reaps are (each victim uid up to its own cap), so
-    // that one uid's burst of stalled reaps skips no other group's reaps.
-    let stalled = reap_pool::stalled_charged();
-    if stalled >= reap_pool::MAX_STALLED {
-        let reason = format!(
-            "reap skipped: {stalled} reaps are stalled broker-wide (limit {}, at most {} counted per victim uid); killed only, it frees its memory on its own exit path",
-            reap_pool::MAX_STALLED,
-            reap_pool::MAX_STALLED_PER_UID
-        );
+/// A member's reap, for a reaper thread.
+struct MemberReap(std::os::fd::OwnedFd);
+
+impl reap_pool::Work for MemberReap {
+    type Output = (Outcome, String);
+    fn run(self) -> (Outcome, String) {
+        reap_one(self.0.as_fd())
+    }
+}
+
+/// Reaps every killed member on the reaper threads, as single kills'
+/// reaps are (each member counted against its uid's and, in another user
+/// namespace, the namespaces' limits), waiting at most
+/// [`REAP_ANSWER_AFTER`] for all of them: a member's reap can wait on its
+/// mmap lock indefinitely (docs/threats.md, "A reap that never ends").
+/// Members whose reap had not ended by then are `ReapPending` (a
+/// `reap_ended` record follows when it ends); those whose reap never got a
+/// thread in time are killed only.
+fn reap_members(
+    killed: &[(TargetProcess, Memory)],
+    features: &KernelFeatures,
+    requester: &Requester,
+) -> Vec<(Outcome, String)> {
+    if !features.process_mrelease {
+        let reason = "the kernel has no process_mrelease; the process frees its memory on exit";
         return killed
             .iter()
-            .map(|_| (Outcome::KilledNotReaped, reason.clone()))
+            .map(|_| (Outcome::KilledNotReaped, reason.to_owned()))
             .collect();
     }
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-    let chunk = killed.len().div_ceil(workers).max(1);
-    let mut out: Vec<Option<(Outcome, String)>> = vec![None; killed.len()];
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut chunks = Vec::new();
-    for (c, part) in killed.chunks(chunk).enumerate() {
-        let pidfds: Vec<_> = part.iter().map(|(t, _)| t.pidfd.try_clone()).collect();
-        let state = Arc::new(Mutex::new(Chunk::default()));
-        let (tx, mine, has_mrelease) = (tx.clone(), Arc::clone(&state), features.process_mrelease);
-        let spawned = std::thread::Builder::new()
-            .name("reapd-reap".into())
-            .stack_size(512 << 10)
-            .spawn(move || {
-                for (i, pidfd) in pidfds.into_iter().enumerate() {
-                    let result = match pidfd {
-                        Ok(pidfd) => reap_one(pidfd.as_fd(), has_mrelease),
-                        Err(err) => (Outcome::KilledNotReaped, format!("dup of its pidfd: {err}")),
-                    };
-                    let _ = tx.send((c * chunk + i, result));
-                }
-                let mut chunk = mine.lock().unwrap_or_else(|p| p.into_inner());
-                chunk.done = true;
-                chunk.stalled = None;
-            });
-        if let Err(err) = spawned {
-            for i in 0..part.len() {
-                out[c * chunk + i] = Some((
-                    Outcome::KilledNotReaped,
-                    format!("reap skipped: no reaper thread ({err})"),
-                ));
-            }
-            state.lock().unwrap_or_else(|p| p.into_inner()).done = true;
-        }
-        chunks.push(state);
-    }
-    drop(tx);
     let deadline = Instant::now() + REAP_ANSWER_AFTER;
-    while out.iter().any(Option::is_none) {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((i, result)) => out[i] = Some(result),
-            Err(_) => break,
+    let mut out: Vec<Option<(Outcome, String)>> = vec![None; killed.len()];
+    let mut reaps = Vec::with_capacity(killed.len());
+    for (i, (t, memory)) in killed.iter().enumerate() {
+        let pidfd = match t.pidfd.try_clone() {
+            Ok(pidfd) => pidfd,
+            Err(err) => {
+                out[i] = Some((Outcome::KilledNotReaped, format!("dup of its pidfd: {err}")));
+                continue;
+            }
+        };
+        let of = ReapOf {
+            target_pid: t.pid,
+            target_uid: t.ruid,
+            target_comm: t.comm.clone(),
+            namespaced: t.namespaced.unwrap_or(true),
+            caller_pid: requester.caller_pid,
+            caller_uid: requester.caller_uid,
+        };
+        match reap_pool::submit(of.clone(), MemberReap(pidfd)) {
+            Ok(reap) => reaps.push((i, of, *memory, reap)),
+            Err(refused) => out[i] = Some((Outcome::KilledNotReaped, refused.reason)),
         }
     }
-    for chunk in &chunks {
-        let mut chunk = chunk.lock().unwrap_or_else(|p| p.into_inner());
-        if !chunk.done {
-            chunk.stalled = Some(reap_pool::StalledElsewhere::count());
-        }
+    for (i, of, memory_before, reap) in reaps {
+        let started = requester.started;
+        let follow_up = move |(outcome, not_reaped_reason): (Outcome, String)| {
+            let report = ReapReport {
+                outcome,
+                not_reaped_reason,
+                kill_path: KillPath::KillThenMrelease,
+                memory_before,
+                // Per member not measured (the group's figure is the
+                // system's drop); the record says how it ended.
+                bytes_released: 0,
+                kill_to_reap: started.elapsed(),
+                reap_retries: 0,
+            };
+            crate::engine::audit_reap_ended(&of, &Ok(report), started);
+        };
+        out[i] = Some(match reap.wait_blocking(deadline, follow_up) {
+            Ok(result) => result,
+            Err(Ended::NotStarted(refused)) => (Outcome::KilledNotReaped, refused.reason),
+            Err(Ended::Stalled(_)) => (
+                Outcome::ReapPending,
+                format!(
+                    "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on, and the audit record reap_ended follows when it ends",
+                    REAP_ANSWER_AFTER.as_secs()
+                ),
+            ),
+            Err(Ended::Panicked) => (
+                Outcome::KilledNotReaped,
+                "the reap failed: a broker bug, reported in its log".into(),
+            ),
+        });
     }
     out.into_iter()
-        .map(|result| {
-            result.unwrap_or_else(|| {
-                (
-                    Outcome::ReapPending,
-                    format!(
-                        "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on",
-                        REAP_ANSWER_AFTER.as_secs()
-                    ),
-                )
-            })
-        })
+        .map(|result| result.unwrap_or((Outcome::KilledNotReaped, String::new())))
         .collect()
 }
 
-fn reap_one(pidfd: BorrowedFd<'_>, has_mrelease: bool) -> (Outcome, String) {
-    if !has_mrelease {
-        return (
-            Outcome::KilledNotReaped,
-            "the kernel has no process_mrelease; the process frees its memory on exit".into(),
-        );
-    }
+fn reap_one(pidfd: BorrowedFd<'_>) -> (Outcome, String) {
     let mut retries = 0;
     loop {
         match sys::process_mrelease(pidfd, 0) {

@@ -35,7 +35,7 @@ use self::events::{EventHub, KillKind, KillRecord, Pool, Subscription, VictimOut
 use self::group::{GroupReport, GroupSpec};
 use self::limits::{KillLimits, Limiter};
 use self::policy::{BrokerFacts, Decision, Policy};
-use self::reap_pool::{ReapOf, REAP_ANSWER_AFTER};
+use self::reap_pool::{Ended, ReapOf, REAP_ANSWER_AFTER};
 use self::reaper::{KillOptions, Killed, Outcome, ReapJob, ReapReport};
 use self::target::{Namespace, TargetProcess, TargetSpec};
 use crate::os::features::{KernelFeatures, KillPath};
@@ -296,6 +296,8 @@ impl Engine {
             ("kills_in_flight", self.kills_in_flight() as u64),
             ("event_subscribers", self.event_subscribers() as u64),
             ("reaps_stalled", u64::from(reap_pool::stalled())),
+            ("reaps_running", u64::from(reap_pool::running())),
+            ("reaps_waiting", u64::from(reap_pool::waiting())),
         ]))
     }
 
@@ -598,9 +600,10 @@ impl Engine {
 }
 
 /// Runs a killed process's reap on a reaper thread and waits for it at most
-/// [`REAP_ANSWER_AFTER`] (see [`reap_pool`]): its report, or "reap
-/// pending" with a follow-up record when it ends; or, over the caps on
-/// stalled reaps, no reap at all ("reap skipped", the SIGKILL alone).
+/// [`REAP_ANSWER_AFTER`] (see [`reap_pool`]), queueing for a thread
+/// included: its report; or "reap pending" with a follow-up record when it
+/// ends; or, not started in time (or at once, behind stalled reaps only),
+/// no reap at all ("reap skipped", the SIGKILL alone).
 async fn reap(
     job: ReapJob,
     target: &TargetProcess,
@@ -615,24 +618,30 @@ async fn reap(
         target_pid: target.pid,
         target_uid: target.ruid,
         target_comm: target.comm.clone(),
+        namespaced: target.namespaced.unwrap_or(true),
         caller_pid: caller.pid,
         caller_uid: caller.uid,
     };
     let follow_up_of = of.clone();
     let kill_started = job.started();
+    let deadline = Instant::now() + REAP_ANSWER_AFTER;
     let reap = match reap_pool::submit(of, job) {
         Ok(reap) => reap,
-        Err(refused) => {
-            // The job came back unrun: its SIGKILL (if not sent yet) and no
-            // reap. Quick (a signal and /proc/meminfo): in place.
-            return refused.work.skip(refused.reason);
-        }
+        // The job came back unrun: its SIGKILL (if not sent yet) and no
+        // reap. Quick (a signal and /proc/meminfo): in place.
+        Err(refused) => return refused.work.skip(refused.reason),
     };
     let follow_up = move |result: Result<ReapReport, EngineError>| audit_reap_ended(&follow_up_of, &result, started);
-    match reap.wait(REAP_ANSWER_AFTER, follow_up).await {
+    match reap.wait(deadline, follow_up).await {
         Ok(result) => result,
-        Err(reap_pool::Stalled) => Ok(ReapReport {
+        Err(Ended::NotStarted(refused)) => refused.work.skip(refused.reason),
+        Err(Ended::Stalled(_)) => Ok(ReapReport {
             kill_to_reap: kill_started.elapsed(),
+            ..pending
+        }),
+        Err(Ended::Panicked) => Ok(ReapReport {
+            outcome: Outcome::KilledNotReaped,
+            not_reaped_reason: "the reap failed: a broker bug, reported in its log".into(),
             ..pending
         }),
     }
@@ -787,6 +796,11 @@ impl Engine {
                     &features,
                     options,
                     |newcomer| policy.decide(&caller, newcomer, broker).allowed,
+                    group::Requester {
+                        caller_pid: caller.pid,
+                        caller_uid: caller.uid,
+                        started,
+                    },
                 ))
             })
             .await?;
@@ -1035,7 +1049,7 @@ fn audit_outcome(caller: &CallerSummary, report: &KillReport, started: Instant) 
 
 /// The end of a reap whose caller was answered "reap pending": the
 /// follow-up of its outcome record (same caller and target fields).
-fn audit_reap_ended(of: &ReapOf, result: &Result<ReapReport, EngineError>, started: Instant) {
+pub(crate) fn audit_reap_ended(of: &ReapOf, result: &Result<ReapReport, EngineError>, started: Instant) {
     if let Ok(reap) = result {
         metrics::get().killed_bytes(reap.bytes_released);
     }

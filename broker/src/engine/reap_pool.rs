@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Reaper threads: where every single-process reap (`process_mrelease` and
-//! the release figure after it) runs, so that a reap the kernel never ends
-//! holds neither the request nor anything the request holds.
+//! Reaper threads: where every reap (`process_mrelease` and the release
+//! figure after it), of a single kill or of a cgroup's member, runs, so that
+//! a reap the kernel never ends holds neither the request nor anything the
+//! request holds.
 //!
 //! `process_mrelease(2)` takes the victim's mmap lock with
 //! `mmap_read_lock_killable()`: another process of the victim's uid can keep
@@ -12,77 +13,233 @@
 //! [`REAP_ANSWER_AFTER`]; after that the caller is answered "reap pending",
 //! its in-flight slots are released and its outcome record written, and
 //! the thread stays with the reap (a follow-up record when it ends). A
-//! stalled thread is never reused: the next reap finds no idle thread and
-//! starts a new one.
+//! stalled thread is never reused.
 //!
-//! Stalled reaps are capped per victim uid ([`MAX_STALLED_PER_UID`]) and
-//! broker-wide ([`MAX_STALLED`]); beyond either cap a kill is SIGKILL only
-//! (what the kernel does by default), and its reply says why. The caps
-//! bound the threads one uid's stall-prone processes can pin: at most
-//! [`MAX_STALLED_PER_UID`] plus the reaps admitted within one answer bound
-//! before any of them was seen stalled, which the in-flight limits bound
-//! (`limits::MAX_KILLS_IN_FLIGHT`). Such a burst may leave one uid with
-//! more stalled reaps than its cap; broker-wide each uid counts only up to
-//! its cap, so one uid alone cannot fill [`MAX_STALLED`] and skip other
-//! victims' reaps: that takes `MAX_STALLED / MAX_STALLED_PER_UID` uids.
+//! Admission is counted in reaps *running* (started and not ended, stalled
+//! ones included), so it bounds threads, not only stalls:
+//! - per victim uid, [`MAX_RUNNING_PER_UID`]: one uid's stall-prone
+//!   processes pin at most that many threads, however many kills of them
+//!   arrive at once;
+//! - for victims in a user namespace other than the broker's, all together,
+//!   [`MAX_RUNNING_NAMESPACED`]: such a namespace can hold a whole range of
+//!   host uids (a container, a user's subordinate uids), each a uid of its
+//!   own above; together they take at most this share;
+//! - broker-wide, [`MAX_RUNNING`]: the reaper threads (plus
+//!   `IDLE_THREADS` idle).
+//!
+//! A reap over a limit waits, in order, for one to end, until its request's
+//! answer bound; then (or at once, when every reap holding that limit is
+//! stalled) it is not run: the kill is SIGKILL only (what the kernel does
+//! by default) and its reply says which limit. Honest reaps of one uid's
+//! processes thus run two at a time rather than being skipped; to skip
+//! other victims' reaps, stall-prone processes are needed under
+//! `MAX_RUNNING / MAX_RUNNING_PER_UID` uids of the broker's own user
+//! namespace (distinct users: a namespace's uids share one budget).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
-/// Longest a kill's caller waits for its reap before it is answered
-/// "reap pending". The kernel's own OOM reaper waits 2 s
-/// (`OOM_REAPER_DELAY`) before it reaps; an OOM manager's decision loop
-/// needs its answer sooner than the seconds a stalled lock can last. An
-/// honest reap is ~10 MiB/ms: 2 s covers ~20 GiB; a bigger victim's reply
-/// says "reap pending" (its memory figure is in the follow-up record) but
-/// loses nothing else.
+/// Longest a kill's caller waits for its reap, queueing for a thread
+/// included, before it is answered "reap pending" (or, never started, "reap
+/// skipped"). The kernel's own OOM reaper waits 2 s (`OOM_REAPER_DELAY`)
+/// before it reaps; an OOM manager's decision loop needs its answer sooner
+/// than the seconds a stalled lock can last. An honest reap is ~10 MiB/ms:
+/// 2 s covers ~20 GiB; a bigger victim's reply says "reap pending" (its
+/// memory figure is in the follow-up record) but loses nothing else.
 pub const REAP_ANSWER_AFTER: Duration = Duration::from_secs(2);
 
-/// Stalled reaps (running past [`REAP_ANSWER_AFTER`]) of one victim uid's
-/// processes beyond which its further kills skip the reap.
-pub const MAX_STALLED_PER_UID: u32 = 2;
+/// Reaps of one victim uid's processes running at once; more wait.
+pub const MAX_RUNNING_PER_UID: u32 = 2;
 
-/// Stalled reaps, all victim uids, beyond which every kill skips the reap.
-pub const MAX_STALLED: u32 = 8;
+/// Reaps of processes in user namespaces other than the broker's (all such
+/// namespaces and uids together) running at once; more wait.
+pub const MAX_RUNNING_NAMESPACED: u32 = 8;
+
+/// Reaps running at once, broker-wide: the busy reaper threads.
+pub const MAX_RUNNING: u32 = 32;
 
 /// Idle reaper threads kept for the next kill; more exit after
 /// [`IDLE_KEEP`] without work.
 const IDLE_THREADS: usize = 2;
 const IDLE_KEEP: Duration = Duration::from_secs(10);
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Who a reap is for: to count it against its victim uid's cap, and to
-/// name it in the record written at shutdown while it is still stalled.
+/// Who a reap is for: to count it against its victim's limits, and to name
+/// it in the records written after its kill's outcome.
 #[derive(Debug, Clone)]
 pub struct ReapOf {
     pub target_pid: i32,
     pub target_uid: u32,
     pub target_comm: String,
+    /// The victim is in a user namespace other than the broker's, or that
+    /// could not be read (counted as if it were: the smaller budget).
+    pub namespaced: bool,
     pub caller_pid: i32,
     pub caller_uid: u32,
+}
+
+/// Work for a reaper thread, which comes back unrun when it is not started.
+pub trait Work: Send + 'static {
+    type Output: Send + 'static;
+    fn run(self) -> Self::Output;
+    /// Called once if the work must wait for a thread: whatever may not
+    /// wait (the SIGKILL of a one-call kill-and-reap) happens here.
+    fn before_waiting(&mut self) {}
+}
+
+/// Why a reap was not started, and its work back.
+#[derive(Debug)]
+pub struct Refused<F> {
+    pub work: F,
+    pub reason: String,
+}
+
+/// The reap outlived its answer bound: it goes on, counted stalled.
+#[derive(Debug)]
+pub struct Stalled;
+
+type Job = Box<dyn FnOnce() + Send>;
+type FollowUp<T> = Box<dyn FnOnce(T) + Send>;
+
+/// A reap not started yet, in submission order.
+struct Waiting {
+    of: ReapOf,
+    /// Set when its request stopped waiting: never started then.
+    given_up: Arc<AtomicBool>,
+    job: Job,
 }
 
 #[derive(Default)]
 struct Pool {
     state: Mutex<State>,
+    /// A thread's next job is ready.
     work: Condvar,
 }
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Job>,
+    waiting: VecDeque<Waiting>,
+    /// Admitted (counted running), for the next idle thread.
+    ready: VecDeque<Job>,
     /// Threads waiting for a job.
     idle: usize,
-    /// Stalled reaps by victim uid, and all together.
-    stalled_by_uid: HashMap<u32, u32>,
-    stalled: u32,
+    running: Counts,
+    stalled: Counts,
     /// The stalled reaps themselves, for the shutdown record.
     stalled_reaps: HashMap<u64, (ReapOf, Instant, bool)>,
     next_id: u64,
+}
+
+/// Reaps by victim uid, in user namespaces, and all together.
+#[derive(Default)]
+struct Counts {
+    by_uid: HashMap<u32, u32>,
+    namespaced: u32,
+    all: u32,
+}
+
+impl Counts {
+    fn of_uid(&self, uid: u32) -> u32 {
+        self.by_uid.get(&uid).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, of: &ReapOf) {
+        *self.by_uid.entry(of.target_uid).or_default() += 1;
+        self.namespaced += u32::from(of.namespaced);
+        self.all += 1;
+    }
+
+    fn remove(&mut self, of: &ReapOf) {
+        if let Some(n) = self.by_uid.get_mut(&of.target_uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_uid.remove(&of.target_uid);
+            }
+        }
+        self.namespaced -= u32::from(of.namespaced);
+        self.all -= 1;
+    }
+}
+
+/// The limit a reap waits for: what it says, and whether every reap
+/// holding it is stalled (then waiting is pointless).
+struct Full {
+    reason: String,
+    all_stalled: bool,
+}
+
+impl State {
+    /// The first limit keeping `of` from starting now, if any.
+    fn full(&self, of: &ReapOf) -> Option<Full> {
+        let uid = of.target_uid;
+        let running = self.running.of_uid(uid);
+        if running >= MAX_RUNNING_PER_UID {
+            return Some(Full {
+                reason: format!(
+                    "{running} reaps of uid {uid}'s processes are running (limit {MAX_RUNNING_PER_UID} per victim uid)"
+                ),
+                all_stalled: self.stalled.of_uid(uid) >= running,
+            });
+        }
+        if of.namespaced && self.running.namespaced >= MAX_RUNNING_NAMESPACED {
+            return Some(Full {
+                reason: format!(
+                    "{} reaps of processes in other user namespaces are running (limit {MAX_RUNNING_NAMESPACED})",
+                    self.running.namespaced
+                ),
+                all_stalled: self.stalled.namespaced >= self.running.namespaced,
+            });
+        }
+        if self.running.all >= MAX_RUNNING {
+            return Some(Full {
+                reason: format!(
+                    "{} reaps are running broker-wide (limit {MAX_RUNNING})",
+                    self.running.all
+                ),
+                all_stalled: self.stalled.all >= self.running.all,
+            });
+        }
+        None
+    }
+
+    /// Starts every waiting reap no limit holds back, in order (one held
+    /// back does not hold back another uid's), and a thread for each one
+    /// no idle thread will take.
+    fn schedule(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].given_up.load(Ordering::Acquire) {
+                self.waiting.remove(i);
+                continue;
+            }
+            if self.full(&self.waiting[i].of).is_some() {
+                i += 1;
+                continue;
+            }
+            let Some(next) = self.waiting.remove(i) else { break };
+            self.running.add(&next.of);
+            self.ready.push_back(next.job);
+        }
+        while self.idle < self.ready.len() {
+            let spawned = std::thread::Builder::new()
+                .name("reapd-reap".into())
+                .stack_size(512 << 10)
+                .spawn(reaper_thread);
+            match spawned {
+                // Counted idle until it takes a job.
+                Ok(_) => self.idle += 1,
+                // The job waits for a thread that ends its reap; its request
+                // gives up at its bound (the job then ends unrun).
+                Err(err) => {
+                    tracing::warn!(error = %err, "no reaper thread could be started");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 static POOL: std::sync::LazyLock<Pool> = std::sync::LazyLock::new(Pool::default);
@@ -91,190 +248,256 @@ fn state() -> MutexGuard<'static, State> {
     POOL.state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where a finished reap's result goes: to the request while it waits, to
-/// the follow-up once it has been answered "pending".
-enum Slot<T> {
-    Waiting(oneshot::Sender<T>),
-    Late(Box<dyn FnOnce(T) + Send>, u64),
-    Taken,
+/// A submitted reap's progress, shared by its job and its request.
+enum Slot<W: Work> {
+    /// Not started: the work, to take back if the request gives up.
+    Waiting(W),
+    Running,
+    Done(W::Output),
+    /// Answered pending: the follow-up gets the result, `id` is its
+    /// stalled entry.
+    Late(FollowUp<W::Output>, u64),
+    /// Given up before it started, or its result taken.
+    Gone,
 }
 
-/// A reap submitted to a reaper thread; [`Reap::wait`] for its result.
-pub struct Reap<T> {
-    slot: Arc<Mutex<Slot<T>>>,
-    result: oneshot::Receiver<T>,
+impl<W: Work> Slot<W> {
+    /// Nothing more to wait for: a result, or a panic's nothing.
+    fn finished(&self) -> bool {
+        matches!(self, Slot::Done(_) | Slot::Gone)
+    }
+}
+
+struct Shared<W: Work> {
+    slot: Mutex<Slot<W>>,
+    /// For a request waiting on a thread (a group kill's).
+    done: Condvar,
+    /// For a request waiting on the runtime.
+    done_async: Notify,
+}
+
+impl<W: Work> Shared<W> {
+    fn slot(&self) -> MutexGuard<'_, Slot<W>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A submitted reap; [`Reap::wait`] (or [`Reap::wait_blocking`]) for it.
+pub struct Reap<W: Work> {
+    shared: Arc<Shared<W>>,
+    given_up: Arc<AtomicBool>,
     of: ReapOf,
 }
 
-/// Work for a reaper thread, which comes back unrun when refused.
-pub trait Work: Send + 'static {
-    type Output: Send + 'static;
-    fn run(self) -> Self::Output;
-}
-
-/// Why a reap was not started: too many reaps stalled, or no thread.
-#[derive(Debug)]
-pub struct Refused<F> {
-    pub work: F,
-    pub reason: String,
-}
-
-/// Runs `work` (a reap) on a reaper thread, unless [`MAX_STALLED_PER_UID`]
-/// or [`MAX_STALLED`] reaps are stalled already or no thread can be
-/// started: then `work` comes back with the reason.
-pub fn submit<W: Work>(of: ReapOf, work: W) -> Result<Reap<W::Output>, Refused<W>> {
+/// Submits `work` (a reap) for a reaper thread: started at once if no
+/// limit holds it back, otherwise after [`Work::before_waiting`] it waits
+/// for one, in order; refused at once (its work back, with the reason)
+/// when every reap holding that limit is stalled.
+pub fn submit<W: Work>(of: ReapOf, mut work: W) -> Result<Reap<W>, Refused<W>> {
     let mut state = state();
-    let by_uid = state.stalled_by_uid.get(&of.target_uid).copied().unwrap_or(0);
-    if by_uid >= MAX_STALLED_PER_UID {
-        return Err(Refused {
-            work,
-            reason: format!(
-                "reap skipped: {by_uid} reaps of uid {}'s processes are stalled (limit {MAX_STALLED_PER_UID}); killed only, it frees its memory on its own exit path",
-                of.target_uid
-            ),
-        });
-    }
-    // A uid's stalled reaps count broker-wide up to its own cap only: all
-    // the reaps one uid's burst of kills gets admitted within one answer
-    // bound (before any is seen stalled; up to its 16 in flight) may stall
-    // together, and would otherwise fill the broker-wide cap alone and skip
-    // every other victim's reap for as long as that uid keeps them stalled.
-    let charged = state.charged();
-    if charged >= MAX_STALLED {
-        return Err(Refused {
-            work,
-            reason: format!(
-                "reap skipped: {charged} reaps are stalled broker-wide (limit {MAX_STALLED}, at most {MAX_STALLED_PER_UID} counted per victim uid); killed only, it frees its memory on its own exit path"
-            ),
-        });
-    }
-    if state.idle <= state.queue.len() {
-        // Every thread is busy (or stalled): one more, which stays for
-        // later reaps while fewer than IDLE_THREADS wait.
-        let spawned = std::thread::Builder::new()
-            .name("reapd-reap".into())
-            .stack_size(512 << 10)
-            .spawn(reaper_thread);
-        if let Err(err) = spawned {
+    if let Some(full) = state.full(&of) {
+        if full.all_stalled {
             return Err(Refused {
                 work,
-                reason: format!("reap skipped: no reaper thread could be started ({err}); killed only"),
+                reason: format!(
+                    "reap skipped: {}, all stalled; killed only, it frees its memory on its own exit path",
+                    full.reason
+                ),
             });
         }
-        // Counted idle until it takes a job (it takes this one).
-        state.idle += 1;
+        work.before_waiting();
     }
-    let (tx, rx) = oneshot::channel();
-    let slot = Arc::new(Mutex::new(Slot::Waiting(tx)));
-    let done = Arc::clone(&slot);
-    state.queue.push_back(Box::new(move || {
-        // A panic (reported by the hook) ends this reap, not the thread,
-        // and never leaves it counted as stalled: its waiter finds the
-        // result gone and answers "pending", its follow-up is not written.
+    let shared = Arc::new(Shared {
+        slot: Mutex::new(Slot::Waiting(work)),
+        done: Condvar::new(),
+        done_async: Notify::new(),
+    });
+    let given_up = Arc::new(AtomicBool::new(false));
+    let job_shared = Arc::clone(&shared);
+    let job_of = of.clone();
+    let job: Job = Box::new(move || run_job(&job_shared, &job_of));
+    state.waiting.push_back(Waiting {
+        of: of.clone(),
+        given_up: Arc::clone(&given_up),
+        job,
+    });
+    state.schedule();
+    drop(state);
+    POOL.work.notify_all();
+    Ok(Reap { shared, given_up, of })
+}
+
+/// A reaper thread's run of one job: the work unless its request gave up,
+/// its result to the request or the follow-up, and the limits it held
+/// released. A panic (reported by the hook) ends this reap, not the thread,
+/// and never leaves it counted: the request gets [`Ended::Panicked`] (or,
+/// answered pending already, no follow-up is written).
+fn run_job<W: Work>(shared: &Shared<W>, of: &ReapOf) {
+    let work = {
+        let mut slot = shared.slot();
+        match std::mem::replace(&mut *slot, Slot::Gone) {
+            Slot::Waiting(work) => {
+                *slot = Slot::Running;
+                Some(work)
+            }
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    };
+    if let Some(work) = work {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.run()));
-        let taken = std::mem::replace(&mut *done.lock().unwrap_or_else(|p| p.into_inner()), Slot::Taken);
-        match (taken, result) {
-            (Slot::Waiting(tx), Ok(result)) => {
-                let _ = tx.send(result);
+        let mut slot = shared.slot();
+        match (std::mem::replace(&mut *slot, Slot::Gone), result) {
+            (Slot::Running, result) => {
+                // A panic leaves it Gone: the request answers at once.
+                if let Ok(result) = result {
+                    *slot = Slot::Done(result);
+                }
+                drop(slot);
+                shared.done.notify_all();
+                shared.done_async.notify_one();
             }
             (Slot::Late(follow_up, id), Ok(result)) => {
+                drop(slot);
                 unstall(id);
                 follow_up(result);
             }
-            (Slot::Late(_, id), Err(_)) => unstall(id),
-            (Slot::Waiting(_) | Slot::Taken, _) => {}
+            (Slot::Late(_, id), Err(_)) => {
+                drop(slot);
+                unstall(id);
+            }
+            (other, _) => *slot = other,
         }
-    }));
+    }
+    let mut state = state();
+    state.running.remove(of);
+    state.schedule();
     drop(state);
-    POOL.work.notify_one();
-    Ok(Reap { slot, result: rx, of })
+    POOL.work.notify_all();
 }
 
-impl<T: Send + 'static> Reap<T> {
-    /// The reap's result if it ends within `bound`; otherwise `Err`, the
-    /// reap counts as stalled from now, and `follow_up` gets its result
-    /// when (if ever) it ends.
-    pub async fn wait(mut self, bound: Duration, follow_up: impl FnOnce(T) + Send + 'static) -> Result<T, Stalled> {
-        if let Ok(Ok(result)) = tokio::time::timeout(bound, &mut self.result).await {
-            return Ok(result);
+impl<W: Work> Reap<W> {
+    /// The reap's result if it ends by `deadline`; otherwise, if it never
+    /// started, its work back ([`Refused`], the reason names the limit it
+    /// waited for); if it started, `Stalled`: it counts as stalled from now
+    /// and `follow_up` gets its result when (if ever) it ends.
+    pub async fn wait(
+        self,
+        deadline: Instant,
+        follow_up: impl FnOnce(W::Output) + Send + 'static,
+    ) -> Result<W::Output, Ended<W>> {
+        let until = tokio::time::Instant::from_std(deadline);
+        loop {
+            let notified = self.shared.done_async.notified();
+            if self.shared.slot().finished() {
+                break;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                break;
+            }
         }
-        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        match std::mem::replace(&mut *slot, Slot::Taken) {
-            Slot::Waiting(_) => {
+        self.end(follow_up)
+    }
+
+    /// As [`Reap::wait`], blocking this thread (a blocking-pool thread).
+    pub fn wait_blocking(
+        self,
+        deadline: Instant,
+        follow_up: impl FnOnce(W::Output) + Send + 'static,
+    ) -> Result<W::Output, Ended<W>> {
+        {
+            let mut slot = self.shared.slot();
+            while !slot.finished() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                slot = self
+                    .shared
+                    .done
+                    .wait_timeout(slot, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        self.end(follow_up)
+    }
+
+    /// The request stops waiting: the result, the work of a reap never
+    /// started, or the reap counted stalled with its follow-up.
+    fn end(self, follow_up: impl FnOnce(W::Output) + Send + 'static) -> Result<W::Output, Ended<W>> {
+        let mut slot = self.shared.slot();
+        match std::mem::replace(&mut *slot, Slot::Gone) {
+            Slot::Done(result) => Ok(result),
+            Slot::Waiting(work) => {
+                self.given_up.store(true, Ordering::Release);
+                drop(slot);
+                // Its place in the queue is dropped at the next schedule.
+                let reason = state()
+                    .full(&self.of)
+                    .map_or_else(|| "no reaper thread could be started".to_owned(), |full| full.reason);
+                Err(Ended::NotStarted(Refused {
+                    work,
+                    reason: format!(
+                        "reap skipped: after {} s {reason}; killed only, it frees its memory on its own exit path",
+                        REAP_ANSWER_AFTER.as_secs()
+                    ),
+                }))
+            }
+            Slot::Running => {
                 let mut state = state();
                 let id = state.next_id;
                 state.next_id += 1;
-                *state.stalled_by_uid.entry(self.of.target_uid).or_default() += 1;
-                state.stalled += 1;
-                let since = Instant::now();
-                state.stalled_reaps.insert(id, (self.of, since, false));
+                state.stalled.add(&self.of);
+                state.stalled_reaps.insert(id, (self.of, Instant::now(), false));
                 *slot = Slot::Late(Box::new(follow_up), id);
-                Err(Stalled)
+                Err(Ended::Stalled(Stalled))
             }
-            // It ended between the timeout and the lock: the result is sent.
-            _ => self.result.try_recv().map_err(|_| Stalled),
+            // Its reap panicked: no result, nothing counted.
+            Slot::Gone | Slot::Late(..) => Err(Ended::Panicked),
         }
     }
 }
 
-/// The reap outlived the answer bound.
+/// How a reap ended for its request when it gave no result in time.
 #[derive(Debug)]
-pub struct Stalled;
+pub enum Ended<W> {
+    /// Never started: no thread within the bound (the reason says which
+    /// limit); the work comes back unrun.
+    NotStarted(Refused<W>),
+    /// Started and still running: answered "pending".
+    Stalled(Stalled),
+    /// The reap panicked (a broker bug; the panic hook logged it).
+    Panicked,
+}
 
 fn unstall(id: u64) {
     let mut state = state();
     if let Some((of, _, _)) = state.stalled_reaps.remove(&id) {
-        state.stalled -= 1;
-        if let Some(n) = state.stalled_by_uid.get_mut(&of.target_uid) {
-            *n -= 1;
-            if *n == 0 {
-                state.stalled_by_uid.remove(&of.target_uid);
-            }
-        }
+        state.stalled.remove(&of);
     }
 }
 
-/// One stalled reap counted broker-wide that is not a [`Reap`] of this
-/// pool (a group kill's reaper thread, see `group::reap_members`);
-/// uncounted on drop, when that reap ends.
-pub struct StalledElsewhere(());
-
-impl StalledElsewhere {
-    pub fn count() -> StalledElsewhere {
-        state().stalled += 1;
-        StalledElsewhere(())
-    }
-}
-
-impl Drop for StalledElsewhere {
-    fn drop(&mut self) {
-        let mut state = state();
-        state.stalled = state.stalled.saturating_sub(1);
-    }
-}
-
-impl State {
-    /// Stalled reaps as the broker-wide cap counts them: each victim uid's
-    /// up to [`MAX_STALLED_PER_UID`] (see [`submit`]), and group kills'.
-    fn charged(&self) -> u32 {
-        let over_uid_caps: u32 = self
-            .stalled_by_uid
-            .values()
-            .map(|n| n.saturating_sub(MAX_STALLED_PER_UID))
-            .sum();
-        self.stalled.saturating_sub(over_uid_caps)
-    }
-}
-
-/// Stalled reaps now, all victim uids.
+/// Stalled reaps now (answered pending, still running), all victims.
 pub fn stalled() -> u32 {
-    state().stalled
+    state().stalled.all
 }
 
-/// Stalled reaps counted against [`MAX_STALLED`]: what a group kill checks
-/// before its reaps, like [`submit`] does.
-pub fn stalled_charged() -> u32 {
-    state().charged()
+/// Reaps running now (on a thread, stalled ones included), all victims.
+pub fn running() -> u32 {
+    state().running.all
+}
+
+/// Reaps waiting for a thread now.
+pub fn waiting() -> u32 {
+    let state = state();
+    state
+        .waiting
+        .iter()
+        .filter(|w| !w.given_up.load(Ordering::Acquire))
+        .count() as u32
 }
 
 /// The reaps stalled now and how long since they were answered pending,
@@ -295,7 +518,7 @@ pub fn stalled_reaps_at_shutdown() -> Vec<(ReapOf, Duration)> {
 fn reaper_thread() {
     let mut state = state();
     loop {
-        if let Some(job) = state.queue.pop_front() {
+        if let Some(job) = state.ready.pop_front() {
             state.idle -= 1;
             drop(state);
             job();
@@ -308,7 +531,7 @@ fn reaper_thread() {
             .wait_timeout(state, IDLE_KEEP)
             .unwrap_or_else(|p| p.into_inner());
         state = next;
-        if timeout.timed_out() && state.queue.is_empty() && state.idle > IDLE_THREADS {
+        if timeout.timed_out() && state.ready.is_empty() && state.idle > IDLE_THREADS {
             state.idle -= 1;
             return;
         }
@@ -319,150 +542,77 @@ fn reaper_thread() {
 mod tests {
     use super::*;
 
-    struct Call<T>(Box<dyn FnOnce() -> T + Send>);
+    struct Call<T>(Box<dyn FnOnce() -> T + Send>, Arc<AtomicBool>);
 
     impl<T: Send + 'static> Work for Call<T> {
         type Output = T;
         fn run(self) -> T {
             (self.0)()
         }
+        fn before_waiting(&mut self) {
+            self.1.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl<T> std::fmt::Debug for Call<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Call")
+        }
     }
 
     fn call<T>(f: impl FnOnce() -> T + Send + 'static) -> Call<T> {
-        Call(Box::new(f))
+        Call(Box::new(f), Arc::new(AtomicBool::new(false)))
     }
 
-    fn of(uid: u32) -> ReapOf {
+    fn of(uid: u32, namespaced: bool) -> ReapOf {
         ReapOf {
             target_pid: 1,
             target_uid: uid,
             target_comm: String::new(),
+            namespaced,
             caller_pid: 1,
             caller_uid: 0,
         }
     }
 
-    /// A reap that ends in time is answered with its result; one that does
-    /// not is answered stalled, counts against its uid's cap (further
-    /// reaps of that uid are refused and get their work back) and the
-    /// broker-wide one, and its result reaches the follow-up when it ends,
-    /// which lifts the count.
-    #[test]
-    fn stalled_reaps_are_answered_capped_and_followed_up() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let uid = 4_000_000_001;
-            let quick = submit(of(uid), call(|| 7)).ok().unwrap();
-            assert_eq!(quick.wait(Duration::from_secs(5), |_| {}).await.unwrap(), 7);
-
-            let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-            let release_rx = Arc::new(Mutex::new(release_rx));
-            let (late_tx, late_rx) = std::sync::mpsc::channel();
-            for _ in 0..MAX_STALLED_PER_UID {
-                let gate = Arc::clone(&release_rx);
-                let reap = submit(
-                    of(uid),
-                    call(move || {
-                        let _ = gate.lock().unwrap().recv();
-                        42
-                    }),
-                )
-                .ok()
-                .unwrap();
-                let late = late_tx.clone();
-                assert!(reap
-                    .wait(Duration::from_millis(20), move |v| late.send(v).unwrap())
-                    .await
-                    .is_err());
-            }
-            let refused = submit(of(uid), call(|| 0)).err().expect("over the per-uid cap");
-            assert!(refused.reason.contains("stalled"), "{}", refused.reason);
-            assert_eq!(refused.work.run(), 0);
-            assert!(submit(of(uid + 1), call(|| 1)).is_ok(), "another uid is not capped");
-            for _ in 0..MAX_STALLED_PER_UID {
-                release_tx.send(()).unwrap();
-                assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 42);
-            }
-            assert!(reapd_wait(|| !state().stalled_by_uid.contains_key(&uid)));
-            assert!(submit(of(uid), call(|| 0)).is_ok(), "the cap lifts when the reaps end");
-
-            // Broker-wide: one stalled reap each of MAX_STALLED uids.
-            let mut answers = Vec::new();
-            for n in 0..MAX_STALLED {
-                let gate = Arc::clone(&release_rx);
-                let reap = submit(
-                    of(uid + 10 + n),
-                    call(move || {
-                        let _ = gate.lock().unwrap().recv();
-                        43
-                    }),
-                )
-                .ok()
-                .unwrap();
-                let late = late_tx.clone();
-                answers.push(
-                    reap.wait(Duration::from_millis(20), move |v| late.send(v).unwrap())
-                        .await,
-                );
-            }
-            assert!(answers.iter().all(Result::is_err));
-            let refused = submit(of(uid + 100), call(|| 0))
-                .err()
-                .expect("over the broker-wide cap");
-            assert!(refused.reason.contains("broker-wide"), "{}", refused.reason);
-            for _ in 0..MAX_STALLED {
-                release_tx.send(()).unwrap();
-                assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 43);
-            }
-            assert!(reapd_wait(|| stalled() == 0));
-
-            // One uid's burst: more reaps admitted than the broker-wide cap
-            // before any was seen stalled. They all stall, its uid is over
-            // its cap, but broker-wide it counts as MAX_STALLED_PER_UID:
-            // another uid's reap still runs.
-            let burst_uid = uid + 200;
-            let mut reaps = Vec::new();
-            for _ in 0..=MAX_STALLED {
-                let gate = Arc::clone(&release_rx);
-                reaps.push(
-                    submit(
-                        of(burst_uid),
-                        call(move || {
-                            let _ = gate.lock().unwrap().recv();
-                            44
-                        }),
-                    )
-                    .ok()
-                    .unwrap(),
-                );
-            }
-            for reap in reaps {
-                let late = late_tx.clone();
-                assert!(reap
-                    .wait(Duration::from_millis(20), move |v| late.send(v).unwrap())
-                    .await
-                    .is_err());
-            }
-            assert_eq!(stalled(), MAX_STALLED + 1);
-            assert!(submit(of(burst_uid), call(|| 0)).is_err(), "over its own cap");
-            assert_eq!(stalled_charged(), MAX_STALLED_PER_UID);
-            let other = submit(of(burst_uid + 1), call(|| 5))
-                .ok()
-                .expect("one uid fills no broker-wide cap");
-            assert_eq!(other.wait(Duration::from_secs(5), |_| {}).await.unwrap(), 5);
-            for _ in 0..=MAX_STALLED {
-                release_tx.send(()).unwrap();
-                assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 44);
-            }
-            assert!(reapd_wait(|| stalled() == 0));
-        });
+    /// Reaps gated by a channel: each `release` lets one end.
+    struct Gate {
+        open: std::sync::mpsc::Sender<()>,
+        gate: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
     }
 
-    fn reapd_wait(cond: impl Fn() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    impl Gate {
+        fn new() -> Gate {
+            let (open, gate) = std::sync::mpsc::channel();
+            Gate {
+                open,
+                gate: Arc::new(Mutex::new(gate)),
+            }
+        }
+        fn held(&self, value: u32) -> Call<u32> {
+            let gate = Arc::clone(&self.gate);
+            call(move || {
+                let _ = gate.lock().unwrap().recv();
+                value
+            })
+        }
+        fn release(&self, n: u32) {
+            for _ in 0..n {
+                self.open.send(()).unwrap();
+            }
+        }
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_millis(30)
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    fn until(cond: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if cond() {
                 return true;
@@ -470,5 +620,150 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         false
+    }
+
+    /// One test, as the pool is one per process: every case in turn, each
+    /// leaving nothing running.
+    #[test]
+    fn reaps_are_bounded_per_uid_namespace_and_broker_and_followed_up() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let gate = Gate::new();
+            let uid = 4_000_000_001;
+
+            // In time: the result.
+            let quick = submit(of(uid, false), call(|| 7)).ok().unwrap();
+            assert_eq!(quick.wait(later(), |_| {}).await.unwrap(), 7);
+
+            // Per uid: two run, a third of that uid waits (its
+            // before_waiting runs) and starts when one ends; another uid's
+            // does not wait.
+            let a = submit(of(uid, false), gate.held(1)).ok().unwrap();
+            let b = submit(of(uid, false), gate.held(2)).ok().unwrap();
+            let third = call(|| 3);
+            let waited = Arc::clone(&third.1);
+            let c = submit(of(uid, false), third).ok().unwrap();
+            assert!(waited.load(Ordering::SeqCst), "before_waiting ran");
+            assert_eq!(waiting(), 1);
+            let other = submit(of(uid + 1, false), call(|| 4)).ok().unwrap();
+            assert_eq!(other.wait(later(), |_| {}).await.unwrap(), 4);
+            gate.release(1);
+            assert_eq!(c.wait(later(), |_| {}).await.unwrap(), 3);
+            gate.release(1);
+            assert_eq!(
+                a.wait(later(), |_| {}).await.unwrap() + b.wait(later(), |_| {}).await.unwrap(),
+                3
+            );
+            assert!(until(|| running() == 0));
+
+            // Stalled: answered Stalled, counted, followed up; then a reap of
+            // that uid is refused at once (every reap holding its limit is
+            // stalled), with its work back.
+            let (late_tx, late_rx) = std::sync::mpsc::channel();
+            for n in 0..MAX_RUNNING_PER_UID {
+                let late = late_tx.clone();
+                let reap = submit(of(uid, false), gate.held(10 + n)).ok().unwrap();
+                let ended = reap.wait(soon(), move |v| late.send(v).unwrap()).await;
+                assert!(matches!(ended, Err(Ended::Stalled(_))), "{ended:?}");
+            }
+            assert_eq!(stalled(), MAX_RUNNING_PER_UID);
+            let refused = submit(of(uid, false), call(|| 0)).err().expect("refused at once");
+            assert!(refused.reason.contains("all stalled"), "{}", refused.reason);
+            assert_eq!(refused.work.run(), 0);
+            gate.release(MAX_RUNNING_PER_UID);
+            let mut ended: Vec<u32> = (0..MAX_RUNNING_PER_UID)
+                .map(|_| late_rx.recv_timeout(Duration::from_secs(5)).unwrap())
+                .collect();
+            ended.sort_unstable();
+            assert_eq!(ended, [10, 11]);
+            assert!(until(|| stalled() == 0 && running() == 0));
+
+            // A burst of one uid, more than the broker-wide limit: only
+            // MAX_RUNNING_PER_UID start; the others wait and, the bound
+            // passed, come back unrun. Threads stay bounded.
+            let burst: Vec<_> = (0..=MAX_RUNNING)
+                .map(|n| submit(of(uid, false), gate.held(n)).ok().unwrap())
+                .collect();
+            assert_eq!(running(), MAX_RUNNING_PER_UID);
+            let deadline = soon();
+            let mut not_started = 0;
+            for reap in burst {
+                match reap.wait(deadline, |_| {}).await {
+                    Err(Ended::NotStarted(refused)) => {
+                        assert!(refused.reason.contains("per victim uid"), "{}", refused.reason);
+                        not_started += 1;
+                    }
+                    Err(Ended::Stalled(_)) => {}
+                    other => panic!("a gated reap ended: {other:?}"),
+                }
+            }
+            assert_eq!(not_started, MAX_RUNNING + 1 - MAX_RUNNING_PER_UID);
+            assert_eq!(waiting(), 0);
+            gate.release(MAX_RUNNING_PER_UID);
+            assert!(until(|| stalled() == 0 && running() == 0));
+
+            // Namespaced: many uids, one budget; a reap in the broker's own
+            // namespace still starts.
+            let held: Vec<_> = (0..MAX_RUNNING_NAMESPACED)
+                .map(|n| submit(of(uid + 100 + n, true), gate.held(n)).ok().unwrap())
+                .collect();
+            let over = submit(of(uid + 200, true), call(|| 0)).ok().unwrap();
+            let host = submit(of(uid + 201, false), call(|| 5)).ok().unwrap();
+            assert_eq!(host.wait(later(), |_| {}).await.unwrap(), 5);
+            match over.wait(soon(), |_| {}).await {
+                Err(Ended::NotStarted(refused)) => {
+                    assert!(refused.reason.contains("user namespaces"), "{}", refused.reason)
+                }
+                other => panic!("{other:?}"),
+            }
+            gate.release(MAX_RUNNING_NAMESPACED);
+            for reap in held {
+                reap.wait(later(), |_| {}).await.unwrap();
+            }
+
+            // Broker-wide: MAX_RUNNING uids, one reap each; the next waits,
+            // and once they are stalled is refused at once.
+            let held: Vec<_> = (0..MAX_RUNNING)
+                .map(|n| submit(of(uid + 300 + n, false), gate.held(n)).ok().unwrap())
+                .collect();
+            let (late_tx, late_rx) = std::sync::mpsc::channel();
+            let deadline = soon();
+            for reap in held {
+                let late = late_tx.clone();
+                assert!(matches!(
+                    reap.wait(deadline, move |v| late.send(v).unwrap()).await,
+                    Err(Ended::Stalled(_))
+                ));
+            }
+            let refused = submit(of(uid + 400, false), call(|| 0)).err().expect("refused at once");
+            assert!(refused.reason.contains("broker-wide"), "{}", refused.reason);
+            gate.release(MAX_RUNNING);
+            for _ in 0..MAX_RUNNING {
+                late_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            }
+            assert!(until(|| stalled() == 0 && running() == 0));
+
+            // From a blocking thread (a group kill): the same.
+            let reap = submit(of(uid, false), call(|| 9)).ok().unwrap();
+            let got = std::thread::spawn(move || reap.wait_blocking(later(), |_| {}).unwrap())
+                .join()
+                .unwrap();
+            assert_eq!(got, 9);
+
+            // A panicking reap is answered, counted nowhere, and the thread
+            // goes on.
+            let reap = submit(of(uid, false), call(|| -> u32 { panic!("test panic") }))
+                .ok()
+                .unwrap();
+            let asked = Instant::now();
+            assert!(matches!(reap.wait(later(), |_| {}).await, Err(Ended::Panicked)));
+            assert!(asked.elapsed() < Duration::from_secs(5), "answered when it panicked");
+            assert!(until(|| stalled() == 0 && running() == 0));
+            let reap = submit(of(uid, false), call(|| 11)).ok().unwrap();
+            assert_eq!(reap.wait(later(), |_| {}).await.unwrap(), 11);
+        });
     }
 }

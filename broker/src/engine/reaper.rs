@@ -119,6 +119,9 @@ pub struct ReapJob {
     started: Instant,
     /// Set when the process already exited in its reap delay: no reap.
     exited_in_delay: bool,
+    /// The SIGKILL sent before waiting for a reaper thread failed: the
+    /// answer, whatever happens to the reap.
+    kill_failed: Option<EngineError>,
     /// Held until the reap ends: a second kill of the same process says
     /// `AlreadyDying` instead of starting a second reap behind the first.
     _claim: Claim,
@@ -193,6 +196,7 @@ pub fn kill(target: &TargetProcess, path: KillPath, options: KillOptions) -> Res
         system_before,
         started,
         exited_in_delay,
+        kill_failed: None,
         _claim: claim,
     }))
 }
@@ -201,6 +205,23 @@ impl crate::engine::reap_pool::Work for ReapJob {
     type Output = Result<ReapReport, EngineError>;
     fn run(self) -> Self::Output {
         ReapJob::run(self)
+    }
+
+    /// The one-call path's SIGKILL is the reap's own syscall; waiting for
+    /// a reaper thread, it would wait too: it goes now, and the reap is
+    /// the two-call one.
+    fn before_waiting(&mut self) {
+        if self.path != KillPath::ReapKill {
+            return;
+        }
+        self.started = Instant::now();
+        match send_kill(self.pidfd.as_fd(), self.caller_pid) {
+            Ok(()) => {
+                self.path = KillPath::KillThenMrelease;
+                self.report.kill_path = KillPath::KillThenMrelease;
+            }
+            Err(err) => self.kill_failed = Some(err),
+        }
     }
 }
 
@@ -225,6 +246,9 @@ impl ReapJob {
     /// stalled, `reason` says), sent here if the one-call path had not
     /// sent it yet.
     pub fn skip(self, reason: String) -> Result<ReapReport, EngineError> {
+        if let Some(err) = self.kill_failed {
+            return Err(err);
+        }
         if self.path == KillPath::ReapKill {
             send_kill(self.pidfd.as_fd(), self.caller_pid)?;
         }
@@ -248,8 +272,12 @@ impl ReapJob {
             system_before,
             started,
             exited_in_delay,
+            kill_failed,
             _claim,
         } = self;
+        if let Some(err) = kill_failed {
+            return Err(err);
+        }
         let reaped = match path {
             KillPath::ReapKill => match sys::process_mrelease(pidfd.as_fd(), sys::PROCESS_MRELEASE_REAP_KILL) {
                 Ok(()) => Ok(()),
@@ -378,6 +406,7 @@ mod tests {
             is_kernel_thread: false,
             oom_score_adj: 0,
             memory: None,
+            namespaced: None,
         }
     }
 

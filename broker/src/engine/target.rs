@@ -72,6 +72,11 @@ pub struct TargetProcess {
     /// kill's `memory_before`, read with the rest instead of again.
     #[serde(skip)]
     pub memory: Option<procfs::Memory>,
+    /// Whether it is in a user namespace other than the broker's
+    /// (`procfs::in_own_user_namespace`): read for a kill only (`None`
+    /// otherwise), `Some(true)` when unreadable. Its reap counts against the
+    /// budget such namespaces share (`reap_pool::MAX_RUNNING_NAMESPACED`).
+    pub namespaced: Option<bool>,
 }
 
 impl TargetProcess {
@@ -320,7 +325,15 @@ fn pin_named(
         }
     };
 
-    identify(pidfd, pid, caller_pid, expected_start, features, with_memory)
+    identify(
+        pidfd,
+        pid,
+        caller_pid,
+        expected_start,
+        features,
+        with_memory,
+        with_memory,
+    )
 }
 
 /// Pins a process known by its pid in the broker's own namespace (a member
@@ -330,6 +343,7 @@ pub(crate) fn pin_member(
     host_pid: i32,
     ns: Namespace<'_>,
     features: &KernelFeatures,
+    for_kill: bool,
 ) -> Result<TargetProcess, EngineError> {
     let not_found = || EngineError::NotFound(format!("member {host_pid} has exited"));
     let raw = Pid::from_raw(host_pid).ok_or_else(not_found)?;
@@ -343,12 +357,12 @@ pub(crate) fn pin_member(
         Namespace::Child(ns) => sys::pidns_translate(ns, PidnsTranslation::TgidInNs, host_pid)
             .map_err(|_| EngineError::NotFound("a member is not in the caller's pid namespace".into()))?,
     };
-    identify(pidfd, host_pid, caller_pid, None, features, false)
+    identify(pidfd, host_pid, caller_pid, None, features, false, for_kill)
 }
 
 /// Reads who the process behind `pidfd` (pid `pid` in the broker's
 /// namespace, `caller_pid` in the caller's) is, re-validated against the
-/// pidfd.
+/// pidfd; with its memory, and its user namespace (`for_kill`), for a kill.
 fn identify(
     pidfd: OwnedFd,
     pid: i32,
@@ -356,6 +370,7 @@ fn identify(
     expected_start: Option<u64>,
     features: &KernelFeatures,
     with_memory: bool,
+    for_kill: bool,
 ) -> Result<TargetProcess, EngineError> {
     let not_running = || EngineError::NotFound(format!("process {caller_pid} has exited"));
     // A read that fails is "exited" only if the pidfd says so; otherwise the
@@ -380,6 +395,8 @@ fn identify(
     let oom_score_adj =
         procfs::read_oom_score_adj(pid).map_err(|e| read_failed("/proc/PID/oom_score_adj", e, pidfd.as_fd()))?;
     let cgroup = procfs::read_cgroup_bytes(pid).ok().and_then(CgroupFacts::of);
+    // Unreadable counts as namespaced: the smaller reap budget.
+    let namespaced = for_kill.then(|| !procfs::in_own_user_namespace(pid).unwrap_or(false));
 
     // Credentials: from the pidfd itself where the kernel can say (6.13+);
     // otherwise from /proc, trusted through the re-validation below. Both
@@ -429,6 +446,7 @@ fn identify(
         is_kernel_thread,
         oom_score_adj,
         memory: status.filter(|s| with_memory && s.has_mm).map(|s| s.memory),
+        namespaced,
     })
 }
 

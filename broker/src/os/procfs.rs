@@ -339,6 +339,24 @@ pub fn read_cgroup_bytes(pid: i32) -> io::Result<Vec<u8>> {
         .to_vec())
 }
 
+/// Whether process `pid` is in the broker's own user namespace: its
+/// `/proc/PID/uid_map` (world-readable, no ptrace check:
+/// fs/proc/base.c `proc_id_map_open`; shown relative to the reader's
+/// namespace, kernel/user_namespace.c `uid_m_show`) is the same as the
+/// broker's own `/proc/self/uid_map`. A process in a namespace of its own
+/// shows that namespace's map; only a namespace's creator with privilege
+/// over the whole range could give it the broker's. Like every read by
+/// pid, trusted only once the caller re-validates the pid by its pidfd.
+pub fn in_own_user_namespace(pid: i32) -> io::Result<bool> {
+    static OWN: std::sync::LazyLock<Option<Vec<u8>>> =
+        std::sync::LazyLock::new(|| read_proc("/proc/self/uid_map").ok());
+    let theirs = read_proc(&format!("/proc/{pid}/uid_map"))?;
+    match &*OWN {
+        Some(own) => Ok(*own == theirs),
+        None => Err(io::Error::other("the broker's own /proc/self/uid_map is unreadable")),
+    }
+}
+
 /// [`read_cgroup_bytes`], invalid UTF-8 escaped ([`escape_invalid_utf8`]).
 pub fn read_cgroup(pid: i32) -> io::Result<String> {
     read_cgroup_bytes(pid).map(|bytes| escape_invalid_utf8(&bytes))

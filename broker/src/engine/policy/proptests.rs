@@ -88,6 +88,7 @@ fn target_in(ruid: u32, euid: u32, suid: u32, cgroup: Option<CgroupFacts>, oom: 
         is_kernel_thread: false,
         oom_score_adj: oom,
         memory: None,
+        namespaced: None,
     }
 }
 
