@@ -287,6 +287,8 @@ pub struct Reap<W: Work> {
     shared: Arc<Shared<W>>,
     given_up: Arc<AtomicBool>,
     of: ReapOf,
+    /// A limit held it back at submission: it waits for a thread.
+    queued: bool,
 }
 
 /// Submits `work` (a reap) for a reaper thread: started at once if no
@@ -295,7 +297,9 @@ pub struct Reap<W: Work> {
 /// when every reap holding that limit is stalled.
 pub fn submit<W: Work>(of: ReapOf, mut work: W) -> Result<Reap<W>, Refused<W>> {
     let mut state = state();
-    if let Some(full) = state.full(&of) {
+    let full = state.full(&of);
+    let queued = full.is_some();
+    if let Some(full) = full {
         if full.all_stalled {
             return Err(Refused {
                 work,
@@ -324,7 +328,12 @@ pub fn submit<W: Work>(of: ReapOf, mut work: W) -> Result<Reap<W>, Refused<W>> {
     state.schedule();
     drop(state);
     POOL.work.notify_all();
-    Ok(Reap { shared, given_up, of })
+    Ok(Reap {
+        shared,
+        given_up,
+        of,
+        queued,
+    })
 }
 
 /// A reaper thread's run of one job: the work unless its request gave up,
@@ -399,6 +408,28 @@ impl<W: Work> Reap<W> {
             }
         }
         self.end(follow_up)
+    }
+
+    /// Waits on this thread, yielding it, for at most `bound`: whether the
+    /// reap ended (or panicked). For a reap expected to be shorter than a
+    /// thread wake-up: the reaper thread often runs on this CPU (the
+    /// scheduler's wake-affine choice) while this one yields, and no wake
+    /// of a parked thread is needed for the answer.
+    /// A reap that waits for a thread is not spun for.
+    pub fn spin_for(&self, bound: Duration) -> bool {
+        if self.queued {
+            return false;
+        }
+        let until = Instant::now() + bound;
+        loop {
+            if self.shared.slot().finished() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// As [`Reap::wait`], blocking this thread (a blocking-pool thread).
@@ -637,6 +668,13 @@ mod tests {
             // In time: the result.
             let quick = submit(of(uid, false), call(|| 7)).ok().unwrap();
             assert_eq!(quick.wait(later(), |_| {}).await.unwrap(), 7);
+            // Spun for: ended when the spin returns.
+            let quick = submit(of(uid, false), call(|| 8)).ok().unwrap();
+            assert!(
+                quick.spin_for(Duration::from_secs(5)),
+                "a quick reap ended within the spin"
+            );
+            assert_eq!(quick.wait(Instant::now(), |_| {}).await.unwrap(), 8);
 
             // Per uid: two run, a third of that uid waits (its
             // before_waiting runs) and starts when one ends; another uid's
@@ -647,6 +685,9 @@ mod tests {
             let waited = Arc::clone(&third.1);
             let c = submit(of(uid, false), third).ok().unwrap();
             assert!(waited.load(Ordering::SeqCst), "before_waiting ran");
+            let spun = Instant::now();
+            assert!(!c.spin_for(Duration::from_secs(5)), "a queued reap is not spun for");
+            assert!(spun.elapsed() < Duration::from_secs(1));
             assert_eq!(waiting(), 1);
             let other = submit(of(uid + 1, false), call(|| 4)).ok().unwrap();
             assert_eq!(other.wait(later(), |_| {}).await.unwrap(), 4);
