@@ -121,7 +121,13 @@ struct Pool {
 
 #[derive(Default)]
 struct State {
-    waiting: VecDeque<Waiting>,
+    /// Reaps waiting for a thread, a queue per victim uid and namespace
+    /// flag (so that a big group kill of one uid is one queue, not a scan
+    /// of all its members at every reap's end)...
+    queues: HashMap<Key, VecDeque<Waiting>>,
+    /// ...and those keys, host victims' and namespaced victims' apart, in
+    /// the order their first waiting reap came.
+    order: [VecDeque<Key>; 2],
     /// Admitted (counted running), for the next idle thread.
     ready: VecDeque<Job>,
     /// Threads waiting for a job.
@@ -131,6 +137,13 @@ struct State {
     /// The stalled reaps themselves, for the shutdown record.
     stalled_reaps: HashMap<u64, (ReapOf, Instant, bool)>,
     next_id: u64,
+}
+
+/// Which queue a waiting reap is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    uid: u32,
+    namespaced: bool,
 }
 
 /// Reaps by victim uid, in user namespaces, and all together.
@@ -205,23 +218,44 @@ impl State {
         None
     }
 
-    /// Starts every waiting reap no limit holds back, in order (one held
-    /// back does not hold back another uid's), and a thread for each one
-    /// no idle thread will take.
+    /// Starts every waiting reap no limit holds back, each queue in order,
+    /// the queues in the order they came (one uid held back does not hold
+    /// back another's), and a thread for each one no idle thread will take.
+    /// Visits at most the queues whose uid is at its limit (at most
+    /// `MAX_RUNNING / MAX_RUNNING_PER_UID` uids) besides those it starts
+    /// reaps from or empties.
     fn schedule(&mut self) {
-        let mut i = 0;
-        while i < self.waiting.len() {
-            if self.waiting[i].given_up.load(Ordering::Acquire) {
-                self.waiting.remove(i);
-                continue;
+        'kinds: for namespaced in [false, true] {
+            let order = usize::from(namespaced);
+            let mut i = 0;
+            while i < self.order[order].len() {
+                if self.running.all >= MAX_RUNNING {
+                    break 'kinds;
+                }
+                if namespaced && self.running.namespaced >= MAX_RUNNING_NAMESPACED {
+                    break;
+                }
+                let key = self.order[order][i];
+                let mut queue = self.queues.remove(&key).unwrap_or_default();
+                while let Some(next) = queue.front() {
+                    if next.given_up.load(Ordering::Acquire) {
+                        queue.pop_front();
+                        continue;
+                    }
+                    if self.full(&next.of).is_some() {
+                        break;
+                    }
+                    let Some(next) = queue.pop_front() else { break };
+                    self.running.add(&next.of);
+                    self.ready.push_back(next.job);
+                }
+                if queue.is_empty() {
+                    self.order[order].remove(i);
+                } else {
+                    self.queues.insert(key, queue);
+                    i += 1;
+                }
             }
-            if self.full(&self.waiting[i].of).is_some() {
-                i += 1;
-                continue;
-            }
-            let Some(next) = self.waiting.remove(i) else { break };
-            self.running.add(&next.of);
-            self.ready.push_back(next.job);
         }
         while self.idle < self.ready.len() {
             let spawned = std::thread::Builder::new()
@@ -320,7 +354,16 @@ pub fn submit<W: Work>(of: ReapOf, mut work: W) -> Result<Reap<W>, Refused<W>> {
     let job_shared = Arc::clone(&shared);
     let job_of = of.clone();
     let job: Job = Box::new(move || run_job(&job_shared, &job_of));
-    state.waiting.push_back(Waiting {
+    let key = Key {
+        uid: of.target_uid,
+        namespaced: of.namespaced,
+    };
+    let pool = &mut *state;
+    let queue = pool.queues.entry(key).or_default();
+    if queue.is_empty() {
+        pool.order[usize::from(key.namespaced)].push_back(key);
+    }
+    queue.push_back(Waiting {
         of: of.clone(),
         given_up: Arc::clone(&given_up),
         job,
@@ -525,8 +568,9 @@ pub fn running() -> u32 {
 pub fn waiting() -> u32 {
     let state = state();
     state
-        .waiting
-        .iter()
+        .queues
+        .values()
+        .flatten()
         .filter(|w| !w.given_up.load(Ordering::Acquire))
         .count() as u32
 }
@@ -805,6 +849,25 @@ mod tests {
             assert!(until(|| stalled() == 0 && running() == 0));
             let reap = submit(of(uid, false), call(|| 11)).ok().unwrap();
             assert_eq!(reap.wait(later(), |_| {}).await.unwrap(), 11);
+
+            // A big group of one uid (a fork bomb's cgroup): one queue, so
+            // each reap's end does not scan every member still waiting.
+            const MEMBERS: u32 = 20_000;
+            let started = Instant::now();
+            let reaps: Vec<_> = (0..MEMBERS)
+                .map(|n| submit(of(uid, false), call(move || n)).ok().unwrap())
+                .collect();
+            let mut sum = 0u64;
+            for reap in reaps {
+                sum += u64::from(reap.wait(later(), |_| {}).await.unwrap());
+            }
+            assert_eq!(sum, u64::from(MEMBERS) * u64::from(MEMBERS - 1) / 2);
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(5),
+                "{MEMBERS} reaps of one uid took {took:?}"
+            );
+            assert!(until(|| running() == 0 && waiting() == 0));
         });
     }
 }
