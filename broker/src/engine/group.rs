@@ -419,17 +419,8 @@ fn reap_members(
         out[i] = Some(match reap.wait_blocking(deadline, follow_up) {
             Ok(result) => result,
             Err(Ended::NotStarted(refused)) => (Outcome::KilledNotReaped, refused.reason),
-            Err(Ended::Stalled(_)) => (
-                Outcome::ReapPending,
-                format!(
-                    "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on, and the audit record reap_ended follows when it ends",
-                    REAP_ANSWER_AFTER.as_secs()
-                ),
-            ),
-            Err(Ended::Panicked) => (
-                Outcome::KilledNotReaped,
-                "the reap failed: a broker bug, reported in its log".into(),
-            ),
+            Err(Ended::Stalled(_)) => (Outcome::ReapPending, reap_pool::pending_reason()),
+            Err(Ended::Panicked) => (Outcome::KilledNotReaped, reap_pool::PANICKED_REASON.into()),
         });
     }
     out.into_iter()

@@ -623,10 +623,7 @@ async fn reap(
     caller: &CallerSummary,
     started: Instant,
 ) -> Result<ReapReport, EngineError> {
-    let pending = job.pending_report(format!(
-        "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on, and the audit record reap_ended follows when it ends",
-        REAP_ANSWER_AFTER.as_secs()
-    ));
+    let pending = job.pending_report(reap_pool::pending_reason());
     let of = ReapOf {
         target_pid: target.pid,
         target_uid: target.ruid,
@@ -658,7 +655,7 @@ async fn reap(
         }),
         Err(Ended::Panicked) => Ok(ReapReport {
             outcome: Outcome::KilledNotReaped,
-            not_reaped_reason: "the reap failed: a broker bug, reported in its log".into(),
+            not_reaped_reason: reap_pool::PANICKED_REASON.into(),
             ..pending
         }),
     }

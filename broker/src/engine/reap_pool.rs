@@ -97,6 +97,17 @@ pub struct Refused<F> {
     pub reason: String,
 }
 
+/// What a reply says of a reap answered pending (`Ended::Stalled`).
+pub fn pending_reason() -> String {
+    format!(
+        "the reap had not ended after {} s (process_mrelease waits for the victim's mmap lock, which someone else holds); it goes on, and the audit record reap_ended follows when it ends",
+        REAP_ANSWER_AFTER.as_secs()
+    )
+}
+
+/// What a reply says of a reap that panicked (`Ended::Panicked`).
+pub const PANICKED_REASON: &str = "the reap failed: a broker bug, reported in its log";
+
 /// The reap outlived its answer bound: it goes on, counted stalled.
 #[derive(Debug)]
 pub struct Stalled;
