@@ -229,6 +229,25 @@ impl State {
         None
     }
 
+    /// Drops the given-up reaps at the front of `key`'s queue, and the queue
+    /// once empty. Called as each request gives up, so that those of a big
+    /// group kill (which give up in submission order) do not stay queued
+    /// while stalled reaps keep [`State::schedule`] from reaching them;
+    /// one given up behind a live one goes when that one starts.
+    fn drop_given_up(&mut self, key: Key) {
+        let Some(queue) = self.queues.get_mut(&key) else { return };
+        while queue.front().is_some_and(|w| w.given_up.load(Ordering::Acquire)) {
+            queue.pop_front();
+        }
+        if queue.is_empty() {
+            self.queues.remove(&key);
+            let order = &mut self.order[usize::from(key.namespaced)];
+            if let Some(i) = order.iter().position(|k| *k == key) {
+                order.remove(i);
+            }
+        }
+    }
+
     /// Starts every waiting reap no limit holds back, each queue in order,
     /// the queues in the order they came (one uid held back does not hold
     /// back another's), and a thread for each one no idle thread will take.
@@ -519,10 +538,15 @@ impl<W: Work> Reap<W> {
             Slot::Waiting(work) => {
                 self.given_up.store(true, Ordering::Release);
                 drop(slot);
-                // Its place in the queue is dropped at the next schedule.
-                let reason = state()
+                let mut state = state();
+                state.drop_given_up(Key {
+                    uid: self.of.target_uid,
+                    namespaced: self.of.namespaced,
+                });
+                let reason = state
                     .full(&self.of)
                     .map_or_else(|| "no reaper thread could be started".to_owned(), |full| full.reason);
+                drop(state);
                 Err(Ended::NotStarted(Refused {
                     work,
                     reason: format!(
@@ -798,6 +822,9 @@ mod tests {
             }
             assert_eq!(not_started, MAX_RUNNING + 1 - MAX_RUNNING_PER_UID);
             assert_eq!(waiting(), 0);
+            // Gone from the queue too, with the two stalled reaps still
+            // holding the uid's limit (no schedule reaches them).
+            assert!(state().queues.is_empty() && state().order.iter().all(VecDeque::is_empty));
             gate.release(MAX_RUNNING_PER_UID);
             assert!(until(|| stalled() == 0 && running() == 0));
 
