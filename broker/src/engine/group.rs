@@ -402,7 +402,9 @@ fn reap_members(
     }
     for (i, of, memory_before, reap) in reaps {
         let started = requester.started;
-        let follow_up = move |(outcome, not_reaped_reason): (Outcome, String)| {
+        let follow_up = move |result: Option<(Outcome, String)>| {
+            let (outcome, not_reaped_reason) =
+                result.unwrap_or_else(|| (Outcome::KilledNotReaped, reap_pool::PANICKED_REASON.into()));
             let report = ReapReport {
                 outcome,
                 not_reaped_reason,

@@ -642,7 +642,10 @@ async fn reap(
         // reap. Quick (a signal and /proc/meminfo): in place.
         Err(refused) => return refused.work.skip(refused.reason),
     };
-    let follow_up = move |result: Result<ReapReport, EngineError>| audit_reap_ended(&follow_up_of, &result, started);
+    let follow_up = move |result: Option<Result<ReapReport, EngineError>>| {
+        let result = result.unwrap_or_else(|| Err(EngineError::Internal(reap_pool::PANICKED_REASON.into())));
+        audit_reap_ended(&follow_up_of, &result, started);
+    };
     if small {
         reap.spin_for(SMALL_REAP_SPIN);
     }

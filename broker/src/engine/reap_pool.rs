@@ -113,7 +113,8 @@ pub const PANICKED_REASON: &str = "the reap failed: a broker bug, reported in it
 pub struct Stalled;
 
 type Job = Box<dyn FnOnce() + Send>;
-type FollowUp<T> = Box<dyn FnOnce(T) + Send>;
+/// Gets a pending reap's result when it ends, `None` if it panicked.
+type FollowUp<T> = Box<dyn FnOnce(Option<T>) + Send>;
 
 /// A reap not started yet, in submission order.
 struct Waiting {
@@ -412,8 +413,8 @@ pub fn submit<W: Work>(of: ReapOf, mut work: W) -> Result<Reap<W>, Refused<W>> {
 /// A reaper thread's run of one job: the work unless its request gave up,
 /// its result to the request or the follow-up, and the limits it held
 /// released. A panic (reported by the hook) ends this reap, not the thread,
-/// and never leaves it counted: the request gets [`Ended::Panicked`] (or,
-/// answered pending already, no follow-up is written).
+/// and never leaves it counted: the request gets [`Ended::Panicked`], or,
+/// answered pending already, the follow-up gets `None`.
 fn run_job<W: Work>(shared: &Shared<W>, of: &ReapOf) {
     let work = {
         let mut slot = shared.slot();
@@ -441,14 +442,10 @@ fn run_job<W: Work>(shared: &Shared<W>, of: &ReapOf) {
                 shared.done.notify_all();
                 shared.done_async.notify_one();
             }
-            (Slot::Late(follow_up, id), Ok(result)) => {
+            (Slot::Late(follow_up, id), result) => {
                 drop(slot);
                 unstall(id);
-                follow_up(result);
-            }
-            (Slot::Late(_, id), Err(_)) => {
-                drop(slot);
-                unstall(id);
+                follow_up(result.ok());
             }
             (other, _) => *slot = other,
         }
@@ -464,11 +461,12 @@ impl<W: Work> Reap<W> {
     /// The reap's result if it ends by `deadline`; otherwise, if it never
     /// started, its work back ([`Refused`], the reason names the limit it
     /// waited for); if it started, `Stalled`: it counts as stalled from now
-    /// and `follow_up` gets its result when (if ever) it ends.
+    /// and `follow_up` gets its result when (if ever) it ends (`None`: it
+    /// panicked).
     pub async fn wait(
         self,
         deadline: Instant,
-        follow_up: impl FnOnce(W::Output) + Send + 'static,
+        follow_up: impl FnOnce(Option<W::Output>) + Send + 'static,
     ) -> Result<W::Output, Ended<W>> {
         let until = tokio::time::Instant::from_std(deadline);
         loop {
@@ -509,7 +507,7 @@ impl<W: Work> Reap<W> {
     pub fn wait_blocking(
         self,
         deadline: Instant,
-        follow_up: impl FnOnce(W::Output) + Send + 'static,
+        follow_up: impl FnOnce(Option<W::Output>) + Send + 'static,
     ) -> Result<W::Output, Ended<W>> {
         {
             let mut slot = self.shared.slot();
@@ -531,7 +529,7 @@ impl<W: Work> Reap<W> {
 
     /// The request stops waiting: the result, the work of a reap never
     /// started, or the reap counted stalled with its follow-up.
-    fn end(self, follow_up: impl FnOnce(W::Output) + Send + 'static) -> Result<W::Output, Ended<W>> {
+    fn end(self, follow_up: impl FnOnce(Option<W::Output>) + Send + 'static) -> Result<W::Output, Ended<W>> {
         let mut slot = self.shared.slot();
         match std::mem::replace(&mut *slot, Slot::Gone) {
             Slot::Done(result) => Ok(result),
@@ -786,7 +784,9 @@ mod tests {
             for n in 0..MAX_RUNNING_PER_UID {
                 let late = late_tx.clone();
                 let reap = submit(of(uid, false), gate.held(10 + n)).ok().unwrap();
-                let ended = reap.wait(soon(), move |v| late.send(v).unwrap()).await;
+                let ended = reap
+                    .wait(soon(), move |v: Option<u32>| late.send(v.unwrap()).unwrap())
+                    .await;
                 assert!(matches!(ended, Err(Ended::Stalled(_))), "{ended:?}");
             }
             assert_eq!(stalled(), MAX_RUNNING_PER_UID);
@@ -857,7 +857,8 @@ mod tests {
             for reap in held {
                 let late = late_tx.clone();
                 assert!(matches!(
-                    reap.wait(deadline, move |v| late.send(v).unwrap()).await,
+                    reap.wait(deadline, move |v: Option<u32>| late.send(v.unwrap()).unwrap())
+                        .await,
                     Err(Ended::Stalled(_))
                 ));
             }
@@ -887,6 +888,24 @@ mod tests {
             assert!(until(|| stalled() == 0 && running() == 0));
             let reap = submit(of(uid, false), call(|| 11)).ok().unwrap();
             assert_eq!(reap.wait(later(), |_| {}).await.unwrap(), 11);
+            // One panicking after it was answered pending: its follow-up
+            // still comes (None), and nothing stays counted.
+            let gate_rx = Arc::clone(&gate.gate);
+            let reap = submit(
+                of(uid, false),
+                call(move || -> u32 {
+                    let _ = gate_rx.lock().unwrap().recv();
+                    panic!("test panic after pending")
+                }),
+            )
+            .ok()
+            .unwrap();
+            let (late_tx, late_rx) = std::sync::mpsc::channel();
+            let ended = reap.wait(soon(), move |v: Option<u32>| late_tx.send(v).unwrap()).await;
+            assert!(matches!(ended, Err(Ended::Stalled(_))), "{ended:?}");
+            gate.release(1);
+            assert_eq!(late_rx.recv_timeout(Duration::from_secs(5)).unwrap(), None);
+            assert!(until(|| stalled() == 0 && running() == 0));
 
             // A big group of one uid (a fork bomb's cgroup): one queue, so
             // each reap's end does not scan every member still waiting.
