@@ -493,6 +493,14 @@ impl Engine {
                 return Err(err);
             }
         };
+        // A small kill with no waits will want a reaper thread right after
+        // its decision record and SIGKILL: wake one now (see
+        // `reap_pool::expect`).
+        let no_waits =
+            request.grace.unwrap_or_default().is_zero() && request.reap_delay.unwrap_or(policy_reap_delay).is_zero();
+        if no_waits && target.memory.is_some_and(|m| m.reapable_bytes() <= SMALL_REAP_BYTES) {
+            reap_pool::expect();
+        }
         audit_decision("kill", caller, &target, &decision, started);
 
         // Past this point the kill happens and is audited even if the client
