@@ -431,8 +431,15 @@ fn run_job<W: Work>(shared: &Shared<W>, of: &ReapOf) {
             }
         }
     };
-    if let Some(work) = work {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.run()));
+    let Some(work) = work else {
+        release(of);
+        return;
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.run()));
+    // The limits first: when its request sees the result, the reap no
+    // longer counts (the request's next reap of that uid finds its lane).
+    release(of);
+    {
         let mut slot = shared.slot();
         match (std::mem::replace(&mut *slot, Slot::Gone), result) {
             (Slot::Running, result) => {
@@ -452,6 +459,10 @@ fn run_job<W: Work>(shared: &Shared<W>, of: &ReapOf) {
             (other, _) => *slot = other,
         }
     }
+}
+
+/// A reap ended (or never ran): its limits go to the next waiting reaps.
+fn release(of: &ReapOf) {
     let mut state = state();
     state.running.remove(of);
     state.schedule();
@@ -789,6 +800,9 @@ mod tests {
             );
             assert_eq!(quick.wait(Instant::now(), |_| {}).await.unwrap(), 8);
 
+            // A reap's thread releases its count just after its result:
+            // every case starts from none running.
+            assert!(until(|| running() == 0));
             // Per uid: two run, a third of that uid waits (its
             // before_waiting runs) and starts when one ends; another uid's
             // does not wait.
@@ -813,6 +827,9 @@ mod tests {
             );
             assert!(until(|| running() == 0));
 
+            // A reap's thread releases its count just after its result:
+            // every case starts from none running.
+            assert!(until(|| running() == 0));
             // Stalled: answered Stalled, counted, followed up; then a reap of
             // that uid is refused at once (every reap holding its limit is
             // stalled), with its work back.
@@ -837,6 +854,9 @@ mod tests {
             assert_eq!(ended, [10, 11]);
             assert!(until(|| stalled() == 0 && running() == 0));
 
+            // A reap's thread releases its count just after its result:
+            // every case starts from none running.
+            assert!(until(|| running() == 0));
             // A burst of one uid, more than the broker-wide limit: only
             // MAX_RUNNING_PER_UID start; the others wait and, the bound
             // passed, come back unrun. Threads stay bounded.
@@ -864,6 +884,9 @@ mod tests {
             gate.release(MAX_RUNNING_PER_UID);
             assert!(until(|| stalled() == 0 && running() == 0));
 
+            // A reap's thread releases its count just after its result:
+            // every case starts from none running.
+            assert!(until(|| running() == 0));
             // Namespaced: many uids, one budget; a reap in the broker's own
             // namespace still starts.
             let held: Vec<_> = (0..MAX_RUNNING_NAMESPACED)
@@ -883,6 +906,9 @@ mod tests {
                 reap.wait(later(), |_| {}).await.unwrap();
             }
 
+            // A reap's thread releases its count just after its result:
+            // every case starts from none running.
+            assert!(until(|| running() == 0));
             // Broker-wide: MAX_RUNNING uids, one reap each; the next waits,
             // and once they are stalled is refused at once.
             let held: Vec<_> = (0..MAX_RUNNING)
