@@ -493,19 +493,6 @@ impl Engine {
                 return Err(err);
             }
         };
-        // A small kill with no waits will want a reaper thread right after
-        // its decision record and SIGKILL: wake one now (see
-        // `reap_pool::expect`).
-        let no_waits =
-            request.grace.unwrap_or_default().is_zero() && request.reap_delay.unwrap_or(policy_reap_delay).is_zero();
-        if no_waits && target.memory.is_some_and(|m| m.reapable_bytes() <= SMALL_REAP_BYTES) {
-            reap_pool::expect();
-        }
-        audit_decision("kill", caller, &target, &decision, started);
-
-        // Past this point the kill happens and is audited even if the client
-        // hangs up: everything from here to the outcome record is one
-        // spawned task, which a dropped request future does not cancel.
         let path = self.features.kill_path();
         let options = KillOptions {
             grace: request.grace.unwrap_or_default().min(reaper::MAX_REAP_DELAY),
@@ -514,6 +501,17 @@ impl Engine {
                 .unwrap_or(policy_reap_delay)
                 .min(reaper::MAX_REAP_DELAY),
         };
+        // A small kill with no waits will want a reaper thread right after
+        // its decision record and SIGKILL: wake one now (see
+        // `reap_pool::expect`).
+        if options.grace.is_zero() && options.reap_delay.is_zero() && is_small_reap(&target) {
+            reap_pool::expect();
+        }
+        audit_decision("kill", caller, &target, &decision, started);
+
+        // Past this point the kill happens and is audited even if the client
+        // hangs up: everything from here to the outcome record is one
+        // spawned task, which a dropped request future does not cancel.
         let audit_caller = CallerSummary::of(caller);
         let requester = events::requester_of(caller);
         let events = Arc::clone(&self.events);
@@ -620,6 +618,12 @@ impl Engine {
 const SMALL_REAP_BYTES: u64 = 4 << 20;
 const SMALL_REAP_SPIN: Duration = Duration::from_micros(500);
 
+/// At most [`SMALL_REAP_BYTES`] of anon + swap at the pin (unknown: not
+/// small): its reap is expected to end within a thread wake-up or two.
+fn is_small_reap(target: &TargetProcess) -> bool {
+    target.memory.is_some_and(|m| m.reapable_bytes() <= SMALL_REAP_BYTES)
+}
+
 /// Runs a killed process's reap on a reaper thread and waits for it at most
 /// [`REAP_ANSWER_AFTER`] (see [`reap_pool`]), queueing for a thread
 /// included: its report; or "reap pending" with a follow-up record when it
@@ -642,7 +646,7 @@ async fn reap(
     };
     let follow_up_of = of.clone();
     let kill_started = job.started();
-    let small = target.memory.is_some_and(|m| m.reapable_bytes() <= SMALL_REAP_BYTES);
+    let small = is_small_reap(target);
     let deadline = Instant::now() + REAP_ANSWER_AFTER;
     let reap = match reap_pool::submit(of, job) {
         Ok(reap) => reap,
